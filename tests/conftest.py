@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny random BERT checkpoint and tiny task files written per test.
+
+The tiny encoder (hidden 32, 2 layers, a 60-word vocabulary) and the toy data
+make a full multitask run take about a second on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mtbert.config import build_config
+from mtbert.encoder import BertConfig, BertEncoder, to_hf_state_dict
+
+# Tiny models gain nothing from threads, and 2 threads per test process oversubscribe
+# a 2-core machine as soon as anything else runs.
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cs224n-qqp16k"
+
+WORDS = ("good great fine fun bad awful dull poor movie film plot actor scene story "
+         "man woman dog cat plays runs eats sings guitar piano food fast slow big small "
+         "what how why is are the a an do does can you i it").split()
+TINY = dict(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)
+
+
+def write_tiny_encoder(directory: Path, seed: int = 0, **overrides) -> Path:
+    """A random BERT checkpoint in Hugging Face format: config.json, weights, vocab.txt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = BertConfig(**{**TINY, **overrides})
+    model = BertEncoder(config)
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    save_file(to_hf_state_dict(model), str(directory / "model.safetensors"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return directory
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_task_files(directory: Path, n_train: int = 48, n_dev: int = 24, seed: int = 0) -> Path:
+    """Tiny SST/QQP/STS train and dev files in the CS224N format, with a learnable signal."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        sst = ["\tid\tsentence\tsentiment"]
+        qqp = ["\tid\tsentence1\tsentence2\tis_duplicate"]
+        sts = ["\tid\tsentence1\tsentence2\tsimilarity"]
+        for i in range(n):
+            label = i % 5
+            mood = ["awful", "bad", "fine", "good", "great"][label]
+            sst.append(f"{i}\tsst{split}{i}\t{mood} {_sentence(rng, rng.randint(2, 6))}\t{label}")
+            a = _sentence(rng, rng.randint(3, 7))
+            dup = i % 2
+            b = a if dup else _sentence(rng, rng.randint(3, 7))
+            qqp.append(f"{i}\tqqp{split}{i}\t{a}\t{b}\t{float(dup)}")
+            score = round(rng.uniform(0, 5), 1)
+            c = a if score > 2.5 else _sentence(rng, 4)
+            sts.append(f"{i}\tsts{split}{i}\t{a}\t{c}\t{score}")
+        (directory / f"ids-sst-{split}.csv").write_text("\n".join(sst) + "\n")
+        (directory / f"quora-{split}.csv").write_text("\n".join(qqp) + "\n")
+        (directory / f"sts-{split}.csv").write_text("\n".join(sts) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return write_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def task_dir(tmp_path) -> Path:
+    return write_task_files(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_config(tiny_encoder, task_dir, tmp_path):
+    """A run config over the tiny encoder and data: 2 epochs of 6 steps."""
+    def make(**sections):
+        data = {
+            "model": {"encoder": str(tiny_encoder), "max_length": 32},
+            "data": {"dir": str(task_dir), "cache_dir": str(tmp_path / "cache")},
+            "train": {"epochs": 2, "steps_per_epoch": 6, "batch_size": 8, "lr": 1e-3,
+                      "eval_batch_size": 16, "log_every": 2},
+        }
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        return build_config(data)
+    return make
