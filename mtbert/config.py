@@ -1,0 +1,376 @@
+"""The one typed run configuration: every key, its default and its meaning.
+
+Configs are nested dataclasses. `load_config` merges, in order, the defaults,
+a YAML file and `--set KEY=VALUE` overrides, then checks every key and value:
+an unknown key or a bad value raises `ConfigError` naming it and what would be
+valid. The resolved config is written next to every result (`config.yaml`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtbert.errors import ConfigError
+from mtbert.tasks import METRIC_KEYS, TASKS
+
+
+def _opt(default: Any, help: str, **checks: Any) -> Any:
+    """A config field with its documentation and value checks."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = _opt("minilm-l6", "Encoder checkpoint: 'minilm-l6' (offline default), a local "
+                        "Hugging Face BERT directory, or a Hub id such as bert-base-uncased.")
+    pooling: Literal["cls", "mean"] = _opt("cls", "Sentence embedding: the [CLS] vector or the "
+                                           "mean of the token vectors.")
+    pooler: Literal["shared", "per_task", "none"] = _opt(
+        "shared", "Dense+tanh pooler on the embedding: BERT's own (shared by all heads), one "
+        "per task head (initialised from BERT's), or none.")
+    head_hidden: int = _opt(0, "Units of a hidden ReLU layer in each head (0 = linear head).",
+                            min=0)
+    dropout: float = _opt(0.1, "Dropout before each head layer.", min=0.0, max=0.99)
+    pair_encoding: Literal["concat", "siamese"] = _opt(
+        "concat", "Pairs: one pass over '[CLS] a [SEP] b [SEP]' (concat) or one pass per "
+        "sentence with features u, v, |u-v|, u*v (siamese).")
+    siamese_cosine: bool = _opt(False, "Siamese only: add cos(u, v) to the pair features.")
+    sts_output: Literal["raw", "clamp", "sigmoid"] = _opt(
+        "sigmoid", "STS score: the raw output, clamped to [0, 5], or 5*sigmoid.")
+    max_length: int = _opt(128, "Longest token sequence (pairs are truncated longest-first).",
+                           min=8, max=512)
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = _opt(None, "Directory of the task files; else $MTBERT_DATA_DIR, else "
+                           "~/.cache/mtbert/data.")
+    tasks: list[str] = _opt(list(TASKS), "Tasks to train and evaluate (one task = single-task "
+                            "training).", choices=tuple(TASKS))
+    files: dict[str, dict[str, str]] = _opt(
+        {name: dict(task.files) for name, task in TASKS.items()},
+        "File name per task and split, relative to data.dir.")
+    max_train_examples: int = _opt(0, "Cap on training examples per task, a seeded random "
+                                   "sample (0 = all).", min=0)
+    max_eval_examples: int = _opt(0, "Cap on dev examples per task, a seeded random sample "
+                                  "(0 = all).", min=0)
+    cache_dir: str | None = _opt(None, "Token cache; else $MTBERT_CACHE_DIR, else "
+                                 "~/.cache/mtbert/tokens.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(3, "Training epochs (an evaluation on dev after each).", min=1)
+    steps_per_epoch: int = _opt(0, "Optimizer steps per epoch; 0 = one pass over all "
+                                "training examples.", min=0)
+    batch_size: int = _opt(32, "Examples per batch (one task per batch).", min=1)
+    eval_batch_size: int = _opt(128, "Examples per batch at evaluation.", min=1)
+    lr: float = _opt(5e-5, "Peak learning rate of the encoder's top layer and the heads.",
+                     min=0.0)
+    seed: int = _opt(0, "Seed of sampling, shuffling, dropout and initialisation.")
+    schedule: str = _opt("round_robin_batch", "Task-sampling schedule.",
+                         choices="schedules")
+    alpha: float = _opt(1.0, "proportional: p_i proportional to N_i^alpha (1 = by size, "
+                        "0 = uniform).", min=0.0)
+    alpha_start: float = _opt(1.0, "annealed: alpha at the first epoch.", min=0.0)
+    alpha_end: float = _opt(0.2, "annealed: alpha at the last epoch.", min=0.0)
+    grad_accum: int = _opt(1, "Batches accumulated per optimizer step.", min=1)
+    patience: int = _opt(0, "Stop after this many evaluations without improvement "
+                         "(0 = never).", min=0)
+    select_metric: str = _opt("overall/geometric", "Metric that picks the best checkpoint.",
+                              choices=METRIC_KEYS)
+    log_every: int = _opt(10, "Optimizer steps between loss readings (progress bar).", min=1)
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not on biases and LayerNorms).",
+                               min=0.0)
+    warmup: float = _opt(0.1, "Fraction of all steps with linear warm-up, then linear decay "
+                         "to 0.", min=0.0, max=1.0)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", min=0.0)
+    layer_decay: float = _opt(1.0, "Layer-wise LR decay xi: layer l gets lr*xi^(L-l), "
+                              "embeddings lr*xi^L (layers 1..L); 1.0 = off.", min=0.0, max=1.0)
+
+
+@dataclass
+class LossConfig:
+    method: str = _opt("sum", "How task losses combine.", choices="losses")
+    weights: dict[str, float] = _opt({name: 1.0 for name in TASKS},
+                                     "weighted: weight of each task's loss.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _registry_choices(name: str) -> tuple[str, ...]:
+    # Imported here: the registries live with their implementations.
+    if name == "schedules":
+        from mtbert.schedules import SCHEDULES
+        return tuple(SCHEDULES)
+    from mtbert.balancing import LOSS_METHODS
+    return tuple(LOSS_METHODS)
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
+    """`value` as type `tp`, or a ConfigError naming key, value and what is valid."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)), meta)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"bad value {value!r} for {key}; valid: {', '.join(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"bad value {value!r} for {key}; expected a list")
+        items = [_coerce(key, v, args[0], {}) for v in value]
+        choices = meta.get("choices")
+        for item in items:
+            if choices and item not in choices:
+                raise ConfigError(f"bad value {item!r} in {key}; valid: {', '.join(choices)}")
+        if not items:
+            raise ConfigError(f"{key} is empty; valid: {', '.join(choices or ())}")
+        return items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"bad value {value!r} for {key}; expected a mapping")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1], {}) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"bad value {value!r} for {key}; expected true or false")
+        return value
+    if tp in (int, float):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if tp is float else _as_int(value)
+        except (TypeError, ValueError):
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(f"bad value {value!r} for {key}; expected {kind}") from None
+        low, high = meta.get("min"), meta.get("max")
+        if (low is not None and number < low) or (high is not None and number > high):
+            bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            raise ConfigError(f"bad value {value!r} for {key}; valid range: {bounds}")
+        return number
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"bad value {value!r} for {key}; expected a string")
+        value = str(value)
+        choices = meta.get("choices")
+        if isinstance(choices, str):
+            choices = _registry_choices(choices)
+        if choices and value not in choices:
+            raise ConfigError(f"bad value {value!r} for {key}; valid: {', '.join(choices)}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+
+
+def _as_int(value: Any) -> int:
+    number = float(value)
+    if number != int(number):
+        raise ValueError
+    return int(number)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            valid = ", ".join(f"{prefix}{name}" for name in fields)
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys: {valid}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{prefix}{key}' must be a mapping of keys under it")
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp, dict(fields[key].metadata))
+    return cls(**kwargs)
+
+
+def _check(config: RunConfig) -> None:
+    """Checks that span several keys."""
+    for name, splits in config.data.files.items():
+        if name not in TASKS:
+            raise ConfigError(f"unknown task '{name}' in data.files; valid: {', '.join(TASKS)}")
+        for split in splits:
+            if split not in TASKS[name].files:
+                raise ConfigError(f"unknown split 'data.files.{name}.{split}'; valid: "
+                                  f"{', '.join(TASKS[name].files)}")
+    for name in config.loss.weights:
+        if name not in TASKS:
+            raise ConfigError(f"unknown task '{name}' in loss.weights; valid: {', '.join(TASKS)}")
+    for name, weight in config.loss.weights.items():
+        if weight < 0:
+            raise ConfigError(f"bad value {weight!r} for loss.weights.{name}; must be >= 0")
+    task = config.train.select_metric.split("/")[0]
+    if task in TASKS and task not in config.data.tasks:
+        raise ConfigError(f"train.select_metric {config.train.select_metric} names a task not "
+                          f"in data.tasks ({', '.join(config.data.tasks)})")
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=2e-5' -> (['train', 'lr'], '2e-5'); values are YAML scalars or lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad --set {item!r}; expected KEY=VALUE, e.g. train.lr=2e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def overrides_to_dict(items: list[str]) -> dict[str, Any]:
+    """`--set` items as one nested mapping; for a repeated key the last value wins."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        path, value = parse_override(item)
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"bad --set {item!r}: {part} is not a mapping")
+        node[path[-1]] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys")
+    return data
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    """A checked RunConfig from a (partial) nested mapping over the defaults."""
+    merged = _deep_merge(RunConfig().to_dict(), data)
+    config = _build(RunConfig, merged)
+    _check(config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < YAML file < `extra` < `--set` overrides, checked."""
+    data = read_yaml(path) if path else {}
+    data = _deep_merge(data, extra or {})
+    data = _deep_merge(data, overrides_to_dict(overrides or []))
+    return build_config(data)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """Every config key as (dotted key, default, meaning), for `mtbert config --show`."""
+    rows: list[tuple[str, str, str]] = []
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        section_value = getattr(defaults, section.name)
+        for f in dataclasses.fields(section_value):
+            key = f"{section.name}.{f.name}"
+            value = getattr(section_value, f.name)
+            help_text = f.metadata["help"]
+            choices = f.metadata.get("choices")
+            if isinstance(choices, str):
+                choices = _registry_choices(choices)
+            if choices:
+                help_text += f" One of: {', '.join(choices)}."
+            hint = typing.get_type_hints(type(section_value))[f.name]
+            if typing.get_origin(hint) is Literal:
+                help_text += f" One of: {', '.join(typing.get_args(hint))}."
+            if isinstance(value, dict):
+                for sub, sub_value in _flatten(value, key):
+                    rows.append((sub, _show(sub_value), help_text))
+            else:
+                rows.append((key, _show(value), help_text))
+    return rows
+
+
+def _flatten(value: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    items = []
+    for key, sub in value.items():
+        if isinstance(sub, dict):
+            items += _flatten(sub, f"{prefix}.{key}")
+        else:
+            items.append((f"{prefix}.{key}", sub))
+    return items
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def data_dir(config: RunConfig) -> Path:
+    """data.dir, else $MTBERT_DATA_DIR, else ~/.cache/mtbert/data."""
+    if config.data.dir:
+        return Path(config.data.dir).expanduser()
+    if os.environ.get("MTBERT_DATA_DIR"):
+        return Path(os.environ["MTBERT_DATA_DIR"]).expanduser()
+    return Path.home() / ".cache" / "mtbert" / "data"
+
+
+def cache_dir(config: RunConfig) -> Path:
+    """data.cache_dir, else $MTBERT_CACHE_DIR, else ~/.cache/mtbert/tokens."""
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir).expanduser()
+    if os.environ.get("MTBERT_CACHE_DIR"):
+        return Path(os.environ["MTBERT_CACHE_DIR"]).expanduser()
+    return Path.home() / ".cache" / "mtbert" / "tokens"
