@@ -1,0 +1,102 @@
+"""Task heads on the shared encoder, and the multitask model that routes batches.
+
+Choices (all `model.*` config keys): pooling `cls` | `mean`; BERT's shared
+pooler, one pooler per task, or none; an optional hidden ReLU layer of
+`head_hidden` units; dropout; pairs as one `concat` pass or two `siamese`
+passes with features u, v, |u-v|, u*v (+ cosine, Reimers & Gurevych 2019);
+STS output raw, clamped to [low, high] or low + (high-low)*sigmoid.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtbert.config import ModelConfig
+from mtbert.data import Batch
+from mtbert.encoder import BertEncoder
+from mtbert.tasks import RegressionTask, Task
+
+
+class TaskHead(nn.Module):
+    """dropout -> [Linear -> ReLU -> dropout] -> Linear(num_outputs) -> output transform."""
+
+    def __init__(self, task: Task, in_features: int, *, hidden: int, dropout: float,
+                 sts_output: str):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Dropout(dropout)]
+        if hidden > 0:
+            layers += [nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            in_features = hidden
+        layers.append(nn.Linear(in_features, task.num_outputs))
+        self.mlp = nn.Sequential(*layers)
+        self.bounds = (task.low, task.high) if isinstance(task, RegressionTask) else None
+        self.output = sts_output
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(features)  # (B, num_outputs)
+        if self.bounds is None or self.output == "raw":
+            return out
+        low, high = self.bounds
+        if self.output == "clamp":
+            return out.clamp(low, high)
+        return low + (high - low) * torch.sigmoid(out)
+
+
+class MultitaskModel(nn.Module):
+    def __init__(self, encoder: BertEncoder, tasks: list[Task], config: ModelConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.config = config
+        d = encoder.config.hidden_size
+        self.poolers = nn.ModuleDict()
+        if config.pooler == "per_task":
+            # Each task starts from BERT's pre-trained pooler and then drifts its own way.
+            self.poolers.update({t.name: copy.deepcopy(encoder.pooler) for t in tasks})
+        self.heads = nn.ModuleDict()
+        for task in tasks:
+            siamese = task.is_pair and config.pair_encoding == "siamese"
+            in_features = (4 * d + int(config.siamese_cosine)) if siamese else d
+            self.heads[task.name] = TaskHead(task, in_features, hidden=config.head_hidden,
+                                             dropout=config.dropout,
+                                             sts_output=config.sts_output)
+
+    def embed(self, task: str, ids: torch.Tensor, mask: torch.Tensor,
+              types: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings (B, d) of token ids (B, T) for `task`'s head."""
+        hidden = self.encoder(ids, mask, types)  # (B, T, d)
+        if self.config.pooling == "cls":
+            pooled = hidden[:, 0]  # (B, d)
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, d)
+        if self.config.pooler == "shared":
+            return torch.tanh(self.encoder.pooler(pooled))
+        if self.config.pooler == "per_task":
+            return torch.tanh(self.poolers[task](pooled))
+        return pooled
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The head's output (B, num_outputs) for a batch of one task."""
+        if len(batch.views) == 1:
+            features = self.embed(batch.task, *batch.views[0])
+        else:
+            features = self._siamese_features(batch)
+        return self.heads[batch.task](features)
+
+    def _siamese_features(self, batch: Batch) -> torch.Tensor:
+        (ids_a, mask_a, types_a), (ids_b, mask_b, types_b) = batch.views
+        B, T = ids_a.shape[0], max(ids_a.shape[1], ids_b.shape[1])
+        # Both sentences in one encoder pass: pad to a common length, stack on the batch.
+        pad = lambda t: F.pad(t, (0, T - t.shape[1]))  # noqa: E731
+        emb = self.embed(batch.task, torch.cat([pad(ids_a), pad(ids_b)]),
+                         torch.cat([pad(mask_a), pad(mask_b)]),
+                         torch.cat([pad(types_a), pad(types_b)]))  # (2B, d)
+        u, v = emb[:B], emb[B:]
+        parts = [u, v, (u - v).abs(), u * v]
+        if self.config.siamese_cosine:
+            parts.append(F.cosine_similarity(u, v, dim=-1).unsqueeze(-1))
+        return torch.cat(parts, dim=-1)  # (B, 4d [+1])
