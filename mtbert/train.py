@@ -1,0 +1,284 @@
+"""The one training loop: every schedule and loss method plugs into it.
+
+setup (data, model, optimizer) -> epochs of optimizer steps, each step one
+or more batches chosen by the task schedule -> evaluation on dev after every
+epoch -> the best model directory by `train.select_metric`, the resume state
+of the last epoch, metrics.jsonl and summary.json in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import mtbert
+from mtbert.balancing import make_loss_combiner
+from mtbert.config import RunConfig, cache_dir, data_dir, save_config
+from mtbert.data import EncodedSet, TaskSampler, read_examples, sample_indices, tokenize_cached
+from mtbert.encoder import load_pretrained
+from mtbert.errors import DataError, TrainingError
+from mtbert.evaluate import autocast, evaluate
+from mtbert.export import save_model_dir
+from mtbert.heads import MultitaskModel
+from mtbert.optim import make_optimizer, linear_schedule
+from mtbert.schedules import make_schedule, optimizer_steps, total_batches
+from mtbert.tasks import get_task
+from mtbert.tokenize import Tokenizer
+
+log = logging.getLogger("mtbert")
+
+RESUME_FILE = "resume.pt"
+EvalCallback = Callable[[int, int, dict[str, float]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass
+class TaskData:
+    train: dict[str, EncodedSet]
+    dev: dict[str, EncodedSet]
+    provenance: dict[str, dict]
+
+
+def load_task_data(config: RunConfig, tokenizer: Tokenizer) -> TaskData:
+    """Train and dev sets of every task: read, capped by seeded samples, tokenized once."""
+    root, cache = data_dir(config), cache_dir(config)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist; run `mtbert data download "
+                        f"--data-dir {root}` or pass --data-dir")
+    splits = {"train": config.data.max_train_examples, "dev": config.data.max_eval_examples}
+    sets: dict[str, dict[str, EncodedSet]] = {"train": {}, "dev": {}}
+    provenance = {}
+    siamese = config.model.pair_encoding == "siamese"
+    for name in config.data.tasks:
+        task = get_task(name)
+        for split, cap in splits.items():
+            examples = read_examples(root / config.data.files[name][split], task)
+            keep = sample_indices(len(examples.ids), cap, seed=config.train.seed,
+                                  key=f"{name}/{split}")
+            columns = tokenize_cached(examples, tokenizer, cache)
+            sets[split][name] = EncodedSet(examples, columns, tokenizer, indices=keep,
+                                           max_length=config.model.max_length, siamese=siamese)
+            provenance[f"{name}/{split}"] = {**examples.stats.to_json(), "used": len(keep)}
+            if len(keep) == 0:
+                raise DataError(f"{examples.stats.file} has no valid rows for {name}/{split}")
+    return TaskData(sets["train"], sets["dev"], provenance)
+
+
+def environment(device: torch.device) -> dict[str, str | None]:
+    return {"mtbert": mtbert.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "git": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: bool = False,
+          progress: bool = True, on_eval: EvalCallback | None = None) -> dict:
+    """Train one multitask run into `run_dir`; returns summary.json's content.
+
+    `on_eval(epoch, step, metrics)` is called after every evaluation (a sweep
+    reports to Optuna there and may raise to prune). With `resume`, training
+    continues from the last finished epoch saved in `run_dir`.
+    """
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    torch.manual_seed(config.train.seed)
+
+    encoder, encoder_dir = load_pretrained(config.model.encoder)
+    tokenizer = Tokenizer(encoder_dir)
+    data = load_task_data(config, tokenizer)
+    tasks = config.data.tasks
+    model = MultitaskModel(encoder, [get_task(t) for t in tasks], config.model).to(dev)
+    combiner = make_loss_combiner(config.loss, tasks).to(dev)
+
+    t = config.train
+    samplers = {name: TaskSampler(len(data.train[name]), t.batch_size, seed=t.seed, task=name)
+                for name in tasks}
+    schedule = make_schedule(t, {n: s.batches_per_pass for n, s in samplers.items()},
+                             {n: len(data.train[n]) for n in tasks})
+    n_batches = total_batches(schedule, t.steps_per_epoch, t.grad_accum)
+    steps_per_epoch = optimizer_steps(n_batches, t.grad_accum)
+    optimizer = make_optimizer(model, lr=t.lr, config=config.optim, device=dev)
+    if any(True for _ in combiner.parameters()):
+        optimizer.add_param_group({"params": list(combiner.parameters()), "lr": t.lr,
+                                   "weight_decay": 0.0, "names": ["loss"]})
+    scheduler = linear_schedule(optimizer, warmup=config.optim.warmup,
+                                total_steps=steps_per_epoch * t.epochs)
+
+    state = {"epoch": -1, "step": 0, "best": None, "history": [], "bad_evals": 0,
+             "train_time": 0.0, "train_examples": 0, "finished": False}
+    resume_path = run_dir / RESUME_FILE
+    if resume and resume_path.exists():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        combiner.load_state_dict(saved["combiner"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        for name, sampler_state in saved["samplers"].items():
+            samplers[name].restore(sampler_state)
+        torch.set_rng_state(saved["rng"])
+        state = saved["state"]
+        log.info("resuming %s after epoch %d of %d", run_dir, state["epoch"] + 1, t.epochs)
+    elif resume:
+        log.warning("%s has no resume state yet; starting the run from the beginning", run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    # The killed run may have logged an evaluation after its last saved state.
+    _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
+
+    env = environment(dev)
+    log.info("training %s on %s: %s, %d steps per epoch x %d epochs", ", ".join(tasks), dev,
+             t.schedule, steps_per_epoch, t.epochs)
+    select = t.select_metric
+    try:
+        for epoch in range(state["epoch"] + 1, t.epochs):
+            if state["finished"]:
+                break
+            plan = schedule.plan(epoch, t.steps_per_epoch * t.grad_accum or None)
+            tic = time.perf_counter()
+            epoch_loss, seen = _train_epoch(
+                model, combiner, data, samplers, plan, optimizer, scheduler, dev, config,
+                state, desc=f"epoch {epoch + 1}/{t.epochs}", progress=progress)
+            state["train_time"] += time.perf_counter() - tic
+            state["train_examples"] += seen
+            metrics = evaluate(model, data.dev, batch_size=t.eval_batch_size, device=dev)
+            record = {"step": state["step"], "epoch": epoch + 1, **metrics,
+                      "train/loss": epoch_loss}
+            state["history"].append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d/%d: %s", epoch + 1, t.epochs,
+                     "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            best = state["best"]
+            if best is None or metrics[select] > best["metrics"][select]:
+                state["best"] = {"step": state["step"], "epoch": epoch + 1, "metrics": metrics}
+                state["bad_evals"] = 0
+                save_model_dir(run_dir / "model", model=model, config=config,
+                               tokenizer=tokenizer, metrics=metrics,
+                               card={"source": {"run": str(run_dir.resolve()),
+                                                "epoch": epoch + 1, "step": state["step"]},
+                                     "data": data.provenance, "env": env})
+            else:
+                state["bad_evals"] += 1
+            if t.patience and state["bad_evals"] >= t.patience:
+                log.info("no improvement of %s for %d evaluations: stopping early",
+                         select, t.patience)
+                state["finished"] = True
+            state["epoch"] = epoch
+            _save_resume_state(resume_path, model, combiner, optimizer, scheduler, samplers,
+                               state)
+            if on_eval is not None:
+                on_eval(epoch, state["step"], metrics)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingError(f"out of GPU memory at step {state['step']}; lower "
+                            "train.batch_size or model.max_length") from None
+
+    summary = {
+        "selection_metric": select,
+        "best": state["best"],
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "train_time_s": round(state["train_time"], 2),
+        "examples_per_s": round(state["train_examples"] / max(state["train_time"], 1e-9), 2),
+        "steps": state["step"],
+        "epochs_completed": state["epoch"] + 1,
+        "stopped_early": state["finished"],
+        "env": env,
+        "data": data.provenance,
+    }
+    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _train_epoch(model, combiner, data: TaskData, samplers, plan: list[str], optimizer,
+                 scheduler, device: torch.device, config: RunConfig, state: dict, *,
+                 desc: str, progress: bool) -> tuple[float, int]:
+    """One epoch of optimizer steps; returns (mean loss, examples seen)."""
+    t = config.train
+    model.train()
+    n_steps = optimizer_steps(len(plan), t.grad_accum)
+    running = torch.zeros((), device=device)
+    window_start, window_examples = time.perf_counter(), 0
+    total_loss, seen, readings = 0.0, 0, 0
+    bar = tqdm(total=n_steps, desc=desc, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0, leave=False)
+    for i in range(n_steps):
+        micro = plan[i * t.grad_accum:(i + 1) * t.grad_accum]
+        optimizer.zero_grad(set_to_none=True)
+        for task in micro:
+            batch = data.train[task].batch(samplers[task].next()).to(device)
+            with autocast(device):
+                output = model(batch)
+            task_loss = data.train[task].task.loss(output, batch.labels)
+            loss = combiner({task: task_loss}) / len(micro)
+            loss.backward()
+            running += loss.detach()
+            seen += len(batch)
+            window_examples += len(batch)
+        if config.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        bar.update(1)
+        # The loss is read (a host-device sync) only every log_every steps.
+        if (i + 1) % t.log_every == 0 or i + 1 == n_steps:
+            steps_in_window = (i % t.log_every) + 1
+            value = running.item() / steps_in_window
+            if not math.isfinite(value):
+                raise TrainingError(f"the training loss became {value} at step {state['step']}; "
+                                    "lower train.lr or check the data")
+            total_loss += value * steps_in_window
+            readings += steps_in_window
+            rate = window_examples / max(time.perf_counter() - window_start, 1e-9)
+            bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{rate:.0f}")
+            running.zero_()
+            window_start, window_examples = time.perf_counter(), 0
+    bar.close()
+    return total_loss / max(readings, 1), seen
+
+
+def _save_resume_state(path: Path, model, combiner, optimizer, scheduler, samplers,
+                       state: dict) -> None:
+    payload = {"model": model.state_dict(), "combiner": combiner.state_dict(),
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "samplers": {n: s.state() for n, s in samplers.items()},
+               "rng": torch.get_rng_state(), "state": state}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+

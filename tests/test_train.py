@@ -1,0 +1,138 @@
+"""The training loop end to end on a tiny random model: files, determinism, resume."""
+
+import json
+
+import pytest
+import torch
+
+import mtbert
+from mtbert.balancing import LOSS_METHODS
+from mtbert.errors import TrainingError
+from mtbert.schedules import SCHEDULES
+from mtbert.tasks import METRIC_KEYS
+from mtbert.train import train
+
+
+class Killed(Exception):
+    pass
+
+
+def test_run_directory_files(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config(), run_dir=run, device="cpu", progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 6), (2, 12)]
+    assert all(key in records[0] for key in METRIC_KEYS)
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["selection_metric"] == "overall/geometric"
+    assert set(on_disk["best"]["metrics"]) == set(METRIC_KEYS)
+    assert on_disk["best"]["epoch"] in (1, 2)
+    assert on_disk["data"]["qqp/train"]["rows"] == 48
+    assert on_disk["env"]["device"] == "cpu" and on_disk["env"]["mtbert"] == mtbert.__version__
+    assert on_disk["examples_per_s"] > 0 and summary == on_disk
+    for name in ("config.yaml", "encoder_config.json", "model.safetensors", "vocab.txt",
+                 "metrics.json", "README.md"):
+        assert (run / "model" / name).exists(), name
+    best = json.loads((run / "model" / "metrics.json").read_text())
+    assert best == on_disk["best"]["metrics"]
+    assert "## Dev metrics" in (run / "model" / "README.md").read_text()
+
+
+def test_same_seed_same_metrics_other_seed_differs(tiny_config, tmp_path):
+    a = train(tiny_config(), run_dir=tmp_path / "a", device="cpu", progress=False)
+    b = train(tiny_config(), run_dir=tmp_path / "b", device="cpu", progress=False)
+    c = train(tiny_config(train={"seed": 1}), run_dir=tmp_path / "c", device="cpu",
+              progress=False)
+    assert a["best"] == b["best"]
+    assert a["best"]["metrics"] != c["best"]["metrics"]
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tiny_config, tmp_path):
+    config = tiny_config(train={"epochs": 3})
+    full = train(config, run_dir=tmp_path / "full", device="cpu", progress=False)
+
+    def kill_after_first_epoch(epoch, step, metrics):
+        if epoch == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
+              on_eval=kill_after_first_epoch)
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    resumed = train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
+                    resume=True)
+    assert resumed["best"] == full["best"]
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_single_task_training(tiny_config, tmp_path):
+    summary = train(tiny_config(data={"tasks": ["sts"]}, train={"select_metric": "sts/pearson"}),
+                    run_dir=tmp_path / "sts", device="cpu", progress=False)
+    assert set(summary["best"]["metrics"]) == {"sts/pearson", "overall/arithmetic",
+                                               "overall/geometric"}
+
+
+def test_training_learns_the_toy_tasks(tiny_config, tmp_path):
+    config = tiny_config(model={"pooling": "mean"},
+                         train={"epochs": 4, "steps_per_epoch": 30, "lr": 1e-3})
+    summary = train(config, run_dir=tmp_path / "learn", device="cpu", progress=False)
+    best = summary["best"]["metrics"]
+    # Chance is 0.2 and 0.5; the label word is in every SST sentence, duplicates are copies.
+    assert best["sst/acc"] >= 0.4 and best["qqp/acc"] >= 0.7
+
+
+def test_patience_stops_early(tiny_config, tmp_path):
+    config = tiny_config(train={"epochs": 6, "patience": 1, "lr": 0.0})
+    summary = train(config, run_dir=tmp_path / "p", device="cpu", progress=False)
+    assert summary["stopped_early"] and summary["epochs_completed"] == 2
+
+
+def test_one_pass_epochs_and_grad_accum(tiny_config, tmp_path):
+    config = tiny_config(train={"epochs": 1, "steps_per_epoch": 0, "grad_accum": 2})
+    summary = train(config, run_dir=tmp_path / "pass", device="cpu", progress=False)
+    assert summary["steps"] == 9  # 3 tasks x 6 batches of 8 = 18 batches, 2 per step
+
+
+def test_nan_loss_is_a_training_error(tiny_config, tmp_path):
+    config = tiny_config(train={"lr": 1e30, "log_every": 1}, optim={"max_grad_norm": 0.0})
+    with pytest.raises(TrainingError, match="loss became"):
+        train(config, run_dir=tmp_path / "nan", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_every_schedule_trains_with_its_defaults(tiny_config, tmp_path, schedule):
+    summary = train(tiny_config(train={"schedule": schedule, "epochs": 1}),
+                    run_dir=tmp_path / schedule, device="cpu", progress=False)
+    assert summary["steps"] == 6
+
+
+@pytest.mark.parametrize("method", list(LOSS_METHODS))
+def test_every_loss_method_trains_with_its_defaults(tiny_config, tmp_path, method):
+    summary = train(tiny_config(loss={"method": method}, train={"epochs": 1}),
+                    run_dir=tmp_path / method, device="cpu", progress=False)
+    assert 0.0 <= summary["best"]["metrics"]["overall/geometric"] <= 1.0
+
+
+def test_weighted_loss_scales_the_task_loss():
+    from mtbert.balancing import make_loss_combiner
+    from mtbert.config import LossConfig
+    combiner = make_loss_combiner(LossConfig(method="weighted",
+                                             weights={"sst": 2.0, "qqp": 1.0, "sts": 0.5}),
+                                  ["sst", "qqp", "sts"])
+    losses = {"sst": torch.tensor(1.0), "sts": torch.tensor(4.0)}
+    assert combiner(losses).item() == pytest.approx(4.0)
+    assert make_loss_combiner(LossConfig(), ["sst"])(losses).item() == pytest.approx(5.0)
+
+
+def test_exported_model_predicts_through_the_python_api(tiny_config, tmp_path):
+    train(tiny_config(train={"epochs": 1}), run_dir=tmp_path / "r", device="cpu", progress=False)
+    model = mtbert.load(tmp_path / "r" / "model")
+    sst = model.predict("sst", ["good movie", "awful plot"])
+    sts = model.predict("sts", [("a man plays", "a woman plays")])
+    qqp = model.predict("qqp", [("what is it", "what is it")])
+    assert all(isinstance(x, int) and 0 <= x < 5 for x in sst) and len(sst) == 2
+    assert isinstance(sts[0], float) and 0.0 <= sts[0] <= 5.0
+    assert qqp[0] in (0, 1)
+    with pytest.raises(mtbert.errors.MtbertError, match="takes 2 text"):
+        model.predict("qqp", ["only one"])
