@@ -1,0 +1,263 @@
+"""The `mtbert` command line: thin commands over the library.
+
+stdout carries results only (tables, JSON); logs, warnings, skip counts and
+progress bars go to stderr. Exit codes: 0 success, 1 a run that failed,
+2 bad input, with one line saying what and what would be valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+import mtbert
+from mtbert.errors import MtbertError
+
+app = typer.Typer(
+    help="Multitask BERT (SST-5, QQP, STS-B): train, sweep and compare multitask strategies.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Task data: download the official CS224N files.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("mtbert")
+_options = {"quiet": False}
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines on stderr that do not tear through a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(f"mtbert: {self.format(record)}", file=sys.stderr)
+
+
+def _setup_logging(quiet: bool) -> None:
+    log.handlers[:] = [_TqdmHandler()]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def handle_errors(func):
+    """Domain errors become one line on stderr and their exit code, never a traceback."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MtbertError as err:
+            typer.echo(f"mtbert: error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("mtbert: interrupted", err=True)
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mtbert {mtbert.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                        help="Only warnings and errors on stderr; no "
+                                             "progress bars.")] = False,
+) -> None:
+    _options["quiet"] = quiet
+    _setup_logging(quiet)
+
+
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a config key, e.g. --set train.lr=2e-5 (repeatable; see "
+                  "`mtbert config --show`).")]
+DataDirOption = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="Task files directory (same as --set data.dir=DIR).")]
+DeviceOption = Annotated[Device, typer.Option("--device", help="Where to run.")]
+
+
+@app.command()
+@handle_errors
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config keys.")] = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Run directory (default ./mtbert-runs/train-<timestamp>).")] = None,
+    device: DeviceOption = Device.auto,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue a killed run from its last finished epoch.")] = None,
+) -> None:
+    """Train one multitask model; writes config, metrics, summary and the best model."""
+    from mtbert.config import load_config
+    from mtbert.train import train as run_training
+
+    if resume is not None:
+        if not (resume / "config.yaml").exists():
+            raise MtbertError(f"--resume {resume}: not a run directory (no config.yaml)")
+        if config or set_ or data_dir:
+            log.warning("--resume uses the config saved in %s; CONFIG, --set and --data-dir "
+                        "are ignored", resume)
+        run_config = load_config(resume / "config.yaml")
+        run_dir = resume
+    else:
+        extra = {"data": {"dir": str(data_dir)}} if data_dir else None
+        run_config = load_config(config, set_ or [], extra=extra)
+        run_dir = out or Path("mtbert-runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
+    summary = run_training(run_config, run_dir=run_dir, device=device.value,
+                           resume=resume is not None, progress=not _options["quiet"])
+    best = summary["best"]
+    typer.echo(f"run: {run_dir}")
+    typer.echo(f"best: epoch {best['epoch']} step {best['step']} (by {summary['selection_metric']})")
+    for key, value in best["metrics"].items():
+        typer.echo(f"  {key:<20} {value:.4f}")
+    typer.echo(f"model: {run_dir / 'model'}")
+
+
+def _data_root(data_dir: Optional[Path], config) -> Path:
+    from mtbert.config import data_dir as default_data_dir
+
+    return data_dir if data_dir is not None else default_data_dir(config)
+
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="An exported model directory.")],
+    data_dir: DataDirOption = None,
+    task: Annotated[Optional[str], typer.Option(
+        "--task", help="Score one file of this task (with --file).")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        "--file", help="A labelled file of --task's format.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    device: DeviceOption = Device.auto,
+) -> None:
+    """Score a model on the dev files of its tasks, or on one labelled file."""
+    from mtbert.data import read_examples
+    from mtbert.export import load
+    from mtbert.tasks import overall_scores
+    from mtbert.train import resolve_device
+
+    if (task is None) != (file is None):
+        raise MtbertError("--task and --file go together (e.g. --task qqp --file pairs.csv)")
+    model = load(model_dir, resolve_device(device.value))
+    if task is not None:
+        files = {task: file}
+        model.task(task)
+    else:
+        root = _data_root(data_dir, model.config)
+        files = {name: root / model.config.data.files[name]["dev"] for name in model.tasks}
+    metrics = {}
+    for name, path in files.items():
+        spec = model.task(name)
+        examples = read_examples(path, spec)
+        if not examples.ids:
+            raise MtbertError(f"{path} has no valid {name} rows to score")
+        predictions = model.predict_examples(examples)
+        metrics[spec.metric_key] = spec.score(predictions, examples.labels)
+        log.info("%s: %d examples scored, %d rows skipped", path, len(examples.ids),
+                 examples.stats.skipped)
+    if task is None:
+        metrics.update(overall_scores(metrics))
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            typer.echo(f"{key:<20} {value:.4f}")
+
+
+@app.command()
+@handle_errors
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="An exported model directory.")],
+    task: Annotated[str, typer.Option("--task", help="Task of the input file.")],
+    input: Annotated[Path, typer.Option("--input", help="File of the task's format "
+                                        "(labels not needed).")],
+    output: Annotated[Path, typer.Option("--output", help="Where to write predictions.")],
+    device: DeviceOption = Device.auto,
+) -> None:
+    """Write predictions in the CS224N format: header, then id<TAB>prediction."""
+    from mtbert.data import read_examples
+    from mtbert.evaluate import write_predictions
+    from mtbert.export import load
+    from mtbert.train import resolve_device
+
+    model = load(model_dir, resolve_device(device.value))
+    spec = model.task(task)
+    examples = read_examples(input, spec, labelled=False)
+    predictions = model.predict_examples(examples)
+    write_predictions(output, spec, examples.ids, predictions)
+    log.info("%d predictions written to %s (%d rows skipped)", len(examples.ids), output,
+             examples.stats.skipped)
+
+
+@app.command("config")
+@handle_errors
+def config_(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config keys.")] = None,
+    set_: SetOption = None,
+    show: Annotated[bool, typer.Option("--show", help="List every key, its default and "
+                                       "meaning.")] = False,
+) -> None:
+    """Print the resolved config as YAML, or with --show every key, default and meaning."""
+    import yaml
+
+    from mtbert.config import describe, load_config
+
+    if show:
+        rows = describe()
+        width = max(len(key) for key, _, _ in rows)
+        default_width = min(max(len(d) for _, d, _ in rows), 22)
+        for key, default, meaning in rows:
+            typer.echo(f"{key:<{width}}  {default:<{default_width}}  {meaning}")
+        return
+    typer.echo(yaml.safe_dump(load_config(config, set_ or []).to_dict(), sort_keys=False),
+               nl=False)
+
+
+@data_app.command("download")
+@handle_errors
+def data_download(
+    data_dir: DataDirOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Download again even files that "
+                                        "verify.")] = False,
+    url: Annotated[Optional[str], typer.Option(
+        "--url", help="Base URL of the files (default: the CS224N starter repository; "
+                      "also $MTBERT_DATA_URL).")] = None,
+) -> None:
+    """Fetch the official task files, each verified by its git blob id."""
+    from mtbert.config import RunConfig
+    from mtbert.download import download_data
+
+    root = _data_root(data_dir, RunConfig())
+    results = download_data(root, base_url=url, force=force, progress=not _options["quiet"])
+    failed = [r for r in results if r.status == "failed"]
+    for r in results:
+        typer.echo(f"{r.status:<10} {r.name}" + (f"  ({r.detail})" if r.status == "failed" else ""))
+    if failed:
+        typer.echo(f"mtbert: error: {len(failed)} of {len(results)} files failed; "
+                   f"the others are in {root}", err=True)
+        raise typer.Exit(1)
+    log.info("all %d files verified in %s", len(results), root)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

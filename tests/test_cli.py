@@ -1,0 +1,153 @@
+"""The CLI end to end on a tiny random model: exit codes, stdout, files."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mtbert.cli import app
+
+runner = CliRunner()
+
+
+def _train_args(tiny_encoder, task_dir, tmp_path):
+    return ["train", "--data-dir", str(task_dir), "--out", str(tmp_path / "run"),
+            "--device", "cpu", "--set", f"model.encoder={tiny_encoder}",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.epochs=1",
+            "--set", "train.steps_per_epoch=4", "--set", "train.batch_size=8",
+            "--set", "model.max_length=32"]
+
+
+@pytest.fixture
+def trained(tiny_encoder, task_dir, tmp_path):
+    result = runner.invoke(app, ["-q", *_train_args(tiny_encoder, task_dir, tmp_path)])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "run"
+
+
+def test_train_writes_the_run_and_prints_the_best_metrics(trained):
+    assert (trained / "summary.json").exists() and (trained / "model" / "model.safetensors").exists()
+    config = (trained / "config.yaml").read_text()
+    assert "steps_per_epoch: 4" in config
+
+
+def test_eval_json_on_an_unseen_file_and_skip_counts(trained, tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("\tid\tsentence1\tsentence2\tis_duplicate\n"
+                    "0\ta\tgood movie\tgood movie\t1.0\n1\tb\tbad plot\tthe cat\t0.0\n"
+                    "2\tc\tthe dog\tthe dog\t\n")
+    result = runner.invoke(app, ["eval", str(trained / "model"), "--task", "qqp", "--file",
+                                 str(path), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert list(metrics) == ["qqp/acc"] and metrics["qqp/acc"] in (0.0, 0.5, 1.0)
+    assert "skipped 1 of 3 rows (1 empty label)" in result.stderr
+
+
+def test_eval_on_the_dev_files(trained, task_dir):
+    result = runner.invoke(app, ["eval", str(trained / "model"), "--data-dir", str(task_dir),
+                                 "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)) == {"sst/acc", "qqp/acc", "sts/pearson",
+                                              "overall/arithmetic", "overall/geometric"}
+
+
+def test_eval_missing_column_is_one_line_exit_2(trained, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("\tid\tsentence1\tsentence2\n0\ta\tx\ty\n")
+    result = runner.invoke(app, ["eval", str(trained / "model"), "--task", "qqp", "--file",
+                                 str(path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"mtbert: error: {path}: missing column 'is_duplicate' "
+                                     "(found: id, sentence1, sentence2); qqp needs id, "
+                                     "sentence1, sentence2, is_duplicate")
+
+
+def test_predict_writes_the_cs224n_format(trained, tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text("\tid\tsentence1\tsentence2\n0\tx1\tgood movie\tthe plot\n"
+                    "1\tx2\tthe cat\tthe dog\n")
+    out = tmp_path / "pred.csv"
+    result = runner.invoke(app, ["predict", str(trained / "model"), "--task", "sts",
+                                 "--input", str(path), "--output", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "id\tPredicted_Similarity"
+    assert [line.split("\t")[0] for line in lines[1:]] == ["x1", "x2"]
+    assert all(0.0 <= float(line.split("\t")[1]) <= 5.0 for line in lines[1:])
+
+
+def test_unknown_task_for_model(trained, tmp_path):
+    result = runner.invoke(app, ["predict", str(trained / "model"), "--task", "mnli",
+                                 "--input", "x", "--output", "y"])
+    assert result.exit_code == 2
+    assert "no 'mnli' head; its tasks: sst, qqp, sts" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--set", "train.lrr=1"], "unknown config key 'train.lrr'; valid keys:"),
+    (["train", "--set", "train.epochs=-1"], "bad value -1 for train.epochs"),
+    (["config", "--set", "loss.method=magic"], "bad value 'magic' for loss.method; valid: sum"),
+    (["train", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["eval", "/nonexistent/model"], "is not an mtbert model directory"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_missing_data_dir_is_one_line(tiny_encoder, tmp_path):
+    result = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "none"),
+                                 "--set", f"model.encoder={tiny_encoder}",
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "data directory" in result.stderr and "mtbert data download" in result.stderr
+
+
+def test_resume_a_finished_run_changes_nothing(trained):
+    before = (trained / "metrics.jsonl").read_text()
+    result = runner.invoke(app, ["-q", "train", "--resume", str(trained), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (trained / "metrics.jsonl").read_text() == before
+    assert "best: epoch 1 step 4" in result.stdout
+
+
+def test_config_show_and_version():
+    result = runner.invoke(app, ["config", "--show"])
+    assert result.exit_code == 0
+    assert any(line.startswith("train.schedule ") and "annealed" in line
+               for line in result.stdout.splitlines())
+    resolved = runner.invoke(app, ["config", "--set", "train.lr=3e-5"])
+    assert "lr: 3.0e-05" in resolved.stdout
+    assert runner.invoke(app, ["--version"]).stdout.strip() == "mtbert 0.1.0"
+
+
+def test_data_download_from_a_local_server(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "ok.csv").write_bytes(b"x\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    import mtbert.download as download
+    from mtbert.download import git_blob_id
+    monkeypatch.setattr(download, "OFFICIAL_FILES",
+                        {"ok.csv": git_blob_id(b"x\n"), "gone.csv": "0" * 40})
+    try:
+        result = runner.invoke(app, ["-q", "data", "download", "--data-dir",
+                                     str(tmp_path / "d"), "--url",
+                                     f"http://127.0.0.1:{server.server_port}/"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 1
+    assert "downloaded ok.csv" in result.stdout and "failed     gone.csv" in result.stdout
+    assert (tmp_path / "d" / "ok.csv").read_bytes() == b"x\n"
+    assert not (tmp_path / "d" / "gone.csv").exists()
