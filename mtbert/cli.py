@@ -258,6 +258,195 @@ def data_download(
     log.info("all %d files verified in %s", len(results), root)
 
 
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+OutParent = Annotated[Path, typer.Option(
+    "--out", help="Parent of the study storage (mtbert.db) and the trial run directories.")]
+StorageOption = Annotated[Optional[str], typer.Option(
+    "--storage", help="Optuna storage URL (default sqlite:///<out>/mtbert.db); "
+                      "postgresql://... lets many workers share one study.")]
+StudyOption = Annotated[Optional[str], typer.Option(
+    "--study", help="Study name (default: the spec's name for sweep; the storage's only "
+                    "study otherwise).")]
+
+
+@app.command()
+@handle_errors
+def sweep(
+    spec: Annotated[Optional[str], typer.Argument(
+        help="A shipped spec (see --list) or a path to a spec YAML file.")] = None,
+    trials: Annotated[Optional[int], typer.Option(
+        "--trials", min=1, help="Trials to run now (added to the study's earlier ones).")] = 10,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", help="Stop starting new trials after this many seconds.")] = None,
+    study: StudyOption = None,
+    storage: StorageOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    out: OutParent = Path("mtbert-runs"),
+    wandb_mode: Annotated[Optional[WandbMode], typer.Option(
+        "--wandb-mode", help="W&B logging (default: online with an API key, else offline).")]
+    = None,
+    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")] = "mtbert",
+    keep_top: Annotated[int, typer.Option(
+        "--keep-top", min=0, help="Keep the model directories of this many best trials.")] = 3,
+    heartbeat: Annotated[int, typer.Option(
+        "--heartbeat", min=1, help="Seconds between a running trial's heartbeats.")] = 10,
+    grace: Annotated[int, typer.Option(
+        "--grace", min=1, help="Seconds without heartbeat before a trial counts as dead "
+                               "(FAIL, retried once).")] = 30,
+    device: DeviceOption = Device.auto,
+    print_spec: Annotated[bool, typer.Option(
+        "--print", help="Print the resolved spec and exit.")] = False,
+    list_specs: Annotated[bool, typer.Option("--list", help="List the shipped specs.")] = False,
+) -> None:
+    """Run an Optuna study over a sweep spec: each trial a multitask training run."""
+    from mtbert.spec import load_spec, shipped_specs, spec_yaml
+    from mtbert.sweep import SweepOptions, run_sweep, trials_table
+    from mtbert.tracking import resolve_mode
+
+    if list_specs:
+        for name, path in sorted(shipped_specs().items()):
+            typer.echo(f"{name:<14} {load_spec(str(path)).description}")
+        return
+    if spec is None:
+        raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
+                          "(see `mtbert sweep --list`)")
+    overrides = list(set_ or [])
+    if data_dir is not None:
+        overrides.insert(0, f"data.dir={data_dir}")
+    resolved = load_spec(spec, overrides)
+    if print_spec:
+        typer.echo(spec_yaml(resolved), nl=False)
+        return
+    options = SweepOptions(trials=trials, timeout=timeout, study=study, storage=storage,
+                           out=out, wandb_mode=resolve_mode(wandb_mode.value if wandb_mode
+                                                            else None),
+                           wandb_project=wandb_project, keep_top=keep_top, heartbeat=heartbeat,
+                           grace=grace, device=device.value)
+    result = run_sweep(resolved, options)
+    states = _state_counts(result)
+    log.info("study %s: %s", result.study_name,
+             ", ".join(f"{n} {s.lower()}" for s, n in states.items()))
+    if states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 0:
+        typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
+                   f"{out / result.study_name}", err=True)
+        raise typer.Exit(1)
+    for row in trials_table(result):
+        typer.echo(row)
+
+
+def _state_counts(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def _open_study(storage: Optional[str], out: Path, study: Optional[str]):
+    import optuna
+
+    from mtbert.sweep import default_storage, open_storage, select_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage or default_storage(out)
+    rdb = open_storage(url, must_exist=True)
+    return optuna.load_study(study_name=select_study(rdb, study), storage=rdb), url
+
+
+@app.command()
+@handle_errors
+def best(
+    study: StudyOption = None,
+    storage: StorageOption = None,
+    out: OutParent = Path("mtbert-runs"),
+    metric: Annotated[Optional[str], typer.Option(
+        "--metric", help="Rank by this metric key instead of the study objective.")] = None,
+    export: Annotated[Optional[Path], typer.Option(
+        "--export", help="Copy the best trial's model into this directory.")] = None,
+    trial: Annotated[Optional[int], typer.Option(
+        "--trial", help="Use this trial number (needed to export from a multi-objective "
+                        "study).")] = None,
+) -> None:
+    """Print the best trial of a study (or its Pareto front); --export its model."""
+    from optuna.trial import TrialState
+
+    from mtbert.export import export_trial
+    from mtbert.sweep import mask_url, trials_table
+    from mtbert.tasks import METRIC_KEYS
+
+    if metric is not None and metric not in METRIC_KEYS:
+        raise MtbertError(f"unknown metric '{metric}'; valid: {', '.join(METRIC_KEYS)}")
+    loaded, url = _open_study(storage, out, study)
+    done = loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        raise MtbertError(f"study {loaded.study_name} has no COMPLETE trial yet")
+    multi = len(loaded.directions) > 1
+    if trial is not None:
+        chosen = next((t for t in loaded.get_trials(deepcopy=False) if t.number == trial), None)
+        if chosen is None:
+            raise MtbertError(f"study {loaded.study_name} has no trial {trial}")
+    elif metric is not None:
+        chosen = max((t for t in done if metric in t.user_attrs),
+                     key=lambda t: t.user_attrs[metric])
+    elif multi:
+        chosen = None
+    else:
+        chosen = loaded.best_trial
+    if chosen is None:
+        typer.echo(f"study {loaded.study_name}: Pareto front of {len(loaded.best_trials)} trials")
+        for row in trials_table(loaded, limit=len(loaded.best_trials)):
+            typer.echo(row)
+        if export is not None:
+            raise MtbertError("a multi-objective study has no single best trial; pick one "
+                              "from the front with --trial N")
+        return
+    typer.echo(f"study {loaded.study_name}: best trial {chosen.number}"
+               + (f" by {metric}" if metric else ""))
+    for key, value in chosen.params.items():
+        typer.echo(f"  param  {key:<22} {value}")
+    for key in METRIC_KEYS:
+        if key in chosen.user_attrs:
+            typer.echo(f"  metric {key:<22} {chosen.user_attrs[key]:.4f}")
+    typer.echo(f"  run    {chosen.user_attrs.get('run_dir', '?')}")
+    if export is not None:
+        path = export_trial(chosen, study=loaded.study_name, storage=mask_url(url), dest=export)
+        typer.echo(f"exported: {path}")
+
+
+@app.command()
+@handle_errors
+def studies(
+    storage: StorageOption = None,
+    out: OutParent = Path("mtbert-runs"),
+) -> None:
+    """List the studies of a storage: trials by state and best values."""
+    import optuna
+
+    from mtbert.sweep import default_storage, open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = open_storage(storage or default_storage(out), must_exist=True)
+    names = optuna.study.get_all_study_names(rdb)
+    typer.echo(f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
+               f"{'running':>7}  best")
+    for name in names:
+        loaded = optuna.load_study(study_name=name, storage=rdb)
+        counts = _state_counts(loaded)
+        try:
+            bests = (f"{loaded.best_value:.4f} (trial {loaded.best_trial.number})"
+                     if len(loaded.directions) == 1 else f"{len(loaded.best_trials)} on the front")
+        except ValueError:
+            bests = "-"
+        typer.echo(f"{name:<24} {sum(counts.values()):>6} {counts.get('COMPLETE', 0):>8} "
+                   f"{counts.get('PRUNED', 0):>6} {counts.get('FAIL', 0):>4} "
+                   f"{counts.get('RUNNING', 0):>7}  {bests}")
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

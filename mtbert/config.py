@@ -240,11 +240,11 @@ def _check(config: RunConfig) -> None:
                           f"in data.tasks ({', '.join(config.data.tasks)})")
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -295,7 +295,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(data: dict[str, Any]) -> RunConfig:
     """A checked RunConfig from a (partial) nested mapping over the defaults."""
-    merged = _deep_merge(RunConfig().to_dict(), data)
+    merged = deep_merge(RunConfig().to_dict(), data)
     config = _build(RunConfig, merged)
     _check(config)
     return config
@@ -305,8 +305,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 extra: dict[str, Any] | None = None) -> RunConfig:
     """Defaults < YAML file < `extra` < `--set` overrides, checked."""
     data = read_yaml(path) if path else {}
-    data = _deep_merge(data, extra or {})
-    data = _deep_merge(data, overrides_to_dict(overrides or []))
+    data = deep_merge(data, extra or {})
+    data = deep_merge(data, overrides_to_dict(overrides or []))
     return build_config(data)
 
 
@@ -333,21 +333,22 @@ def describe() -> list[tuple[str, str, str]]:
             if typing.get_origin(hint) is Literal:
                 help_text += f" One of: {', '.join(typing.get_args(hint))}."
             if isinstance(value, dict):
-                for sub, sub_value in _flatten(value, key):
+                for sub, sub_value in flatten(value, f"{key}.").items():
                     rows.append((sub, _show(sub_value), help_text))
             else:
                 rows.append((key, _show(value), help_text))
     return rows
 
 
-def _flatten(value: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
-    items = []
-    for key, sub in value.items():
-        if isinstance(sub, dict):
-            items += _flatten(sub, f"{prefix}.{key}")
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            items.append((f"{prefix}.{key}", sub))
-    return items
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _show(value: Any) -> str:

@@ -87,6 +87,28 @@ def model_card(config: RunConfig, metrics: dict[str, float], card: dict[str, Any
     return "\n".join(lines)
 
 
+def export_trial(trial, *, study: str, storage: str, dest: Path) -> Path:
+    """Copy a trial's best checkpoint into `dest`, with a model card naming its source."""
+    checkpoint = Path(trial.user_attrs.get("checkpoint", ""))
+    if not (checkpoint / WEIGHTS).exists():
+        raise MtbertError(f"trial {trial.number} has no checkpoint at {checkpoint} (only the "
+                          "top --keep-top trials keep theirs; was it run on another machine?)")
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise MtbertError(f"{dest} exists and is not empty; export into a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoint, dest, dirs_exist_ok=True)
+    config = build_config(yaml.safe_load((dest / "config.yaml").read_text()))
+    metrics = json.loads((dest / "metrics.json").read_text())
+    summary_file = checkpoint.parent / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    card = {"source": {"study": study, "trial": trial.number, "storage": storage,
+                       "run": str(checkpoint.parent)},
+            "params": trial.params, "data": summary.get("data"), "env": summary.get("env")}
+    (dest / "README.md").write_text(model_card(config, metrics, card))
+    return dest
+
+
 class MultitaskPredictor:
     """A loaded model directory: `predict(task, texts)` and dataset helpers."""
 

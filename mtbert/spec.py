@@ -1,0 +1,311 @@
+"""Sweep specs: a base run config, a search space, objectives, sampler and pruner.
+
+A spec is YAML (schema in DESIGN.md). Every key is checked against the run
+config schema before any trial runs; a bad spec is one `ConfigError` naming
+the spec, the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtbert.config import (RunConfig, build_config, deep_merge, flatten, overrides_to_dict,
+                           read_yaml)
+from mtbert.errors import ConfigError
+from mtbert.tasks import METRIC_KEYS
+
+SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
+             "sampler", "pruner", "enqueue")
+PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
+SAMPLERS = ("tpe", "random", "nsga2")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass
+class Param:
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] = field(default_factory=list)
+    when: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    description: str
+    base: dict[str, Any]
+    space: dict[str, Param]
+    objectives: list[str]
+    directions: list[str]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    enqueue: list[dict[str, Any]]
+    source: str
+    base_values: dict[str, Any]  # every run config key under the base, dotted
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        space = {}
+        for key, p in self.space.items():
+            entry: dict[str, Any] = {"type": p.type}
+            if p.type == "categorical":
+                entry["choices"] = p.choices
+            else:
+                entry.update(low=p.low, high=p.high)
+                if p.log:
+                    entry["log"] = True
+                if p.step is not None:
+                    entry["step"] = p.step
+            if p.when:
+                entry["when"] = p.when
+            space[key] = entry
+        objective = self.objectives[0] if len(self.objectives) == 1 else self.objectives
+        directions = ({"direction": self.directions[0]} if len(self.directions) == 1
+                      else {"directions": self.directions})
+        return {"name": self.name, "description": self.description, "base": self.base,
+                "space": space, "objective": objective, **directions, "sampler": self.sampler,
+                "pruner": self.pruner, **({"enqueue": self.enqueue} if self.enqueue else {})}
+
+
+def shipped_specs() -> dict[str, Path]:
+    """The specs shipped in the package's `sweeps/` folder, by name."""
+    folder = importlib.resources.files("mtbert.sweeps")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir()
+            if p.name.endswith(".yaml")}
+
+
+def find_spec(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"sweep spec {path} does not exist")
+        return path
+    specs = shipped_specs()
+    if name_or_path not in specs:
+        raise ConfigError(f"unknown sweep '{name_or_path}'; shipped: {', '.join(sorted(specs))}, "
+                          "or a path to a YAML file")
+    return specs[name_or_path]
+
+
+def _nested(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Run config keys given dotted (`train.lr: 1e-4`) or nested, as one nested mapping."""
+    nested: dict[str, Any] = {}
+    for key, value in mapping.items():
+        nested = _set_key(nested, str(key), value) if "." in str(key) else \
+            deep_merge(nested, {key: value})
+    return nested
+
+
+def _set_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `data` with dotted `key` set to `value`."""
+    out = deep_merge(data, {})
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def load_spec(name_or_path: str, overrides: list[str] | None = None) -> SweepSpec:
+    """Read and check a spec; `overrides` (`--set`) change its base."""
+    path = find_spec(name_or_path)
+    raw = read_yaml(path)
+    where = f"sweep spec {path.name if path.parent.name == 'sweeps' else path}"
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{where}: {message}")
+
+    for key in raw:
+        if key not in SPEC_KEYS:
+            raise fail(f"unknown key '{key}'; valid: {', '.join(SPEC_KEYS)}")
+    base_raw = raw.get("base") or {}
+    if not isinstance(base_raw, dict):
+        raise fail("base must be a mapping of run config keys")
+    base = deep_merge(_nested(base_raw), overrides_to_dict(overrides or []))
+    try:
+        base_config = build_config(base)
+    except ConfigError as err:
+        raise fail(f"base: {err}") from None
+    base_values = flatten(base_config.to_dict())
+    leaves = set(base_values)
+
+    space_raw = raw.get("space") or {}
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise fail("space must map run config keys to distributions")
+    space = {}
+    for key, entry in space_raw.items():
+        space[key] = _check_param(key, entry, base, leaves, fail)
+    for key, param in space.items():
+        for cond_key in param.when:
+            if cond_key not in space and cond_key not in leaves:
+                raise fail(f"space.{key}.when: unknown key '{cond_key}'")
+
+    objective = raw.get("objective", "overall/geometric")
+    objectives = objective if isinstance(objective, list) else [objective]
+    for name in objectives:
+        if name not in METRIC_KEYS:
+            raise fail(f"objective '{name}' is not a metric; valid: {', '.join(METRIC_KEYS)}")
+    if "directions" in raw:
+        directions = raw["directions"]
+        if not isinstance(directions, list):
+            raise fail("directions must be a list, one per objective")
+    else:
+        directions = [raw.get("direction", "maximize")] * len(objectives)
+    if len(directions) != len(objectives):
+        raise fail(f"{len(directions)} directions for {len(objectives)} objectives")
+    for direction in directions:
+        if direction not in ("maximize", "minimize"):
+            raise fail(f"direction '{direction}'; valid: maximize, minimize")
+
+    sampler = dict(raw.get("sampler") or {"name": "tpe", "seed": 0})
+    if sampler.get("name", "tpe") not in SAMPLERS:
+        raise fail(f"sampler '{sampler.get('name')}'; valid: {', '.join(SAMPLERS)}")
+    sampler.setdefault("name", "tpe")
+    pruner = dict(raw.get("pruner") or {"name": "median"})
+    if pruner.get("name", "median") not in PRUNERS:
+        raise fail(f"pruner '{pruner.get('name')}'; valid: {', '.join(PRUNERS)}")
+    pruner.setdefault("name", "median")
+    if len(objectives) > 1 and pruner["name"] != "none":
+        pruner = {"name": "none"}  # Optuna prunes single-objective studies only
+    enqueue = raw.get("enqueue") or []
+    if not isinstance(enqueue, list) or not all(isinstance(e, dict) for e in enqueue):
+        raise fail("enqueue must be a list of mappings of space keys to values")
+    for item in enqueue:
+        for key in item:
+            if key not in space:
+                raise fail(f"enqueue: '{key}' is not a key of the space")
+    spec = SweepSpec(name=str(raw.get("name") or path.stem), base_values=base_values,
+                     description=str(raw.get("description") or ""), base=base, space=space,
+                     objectives=objectives, directions=directions, sampler=sampler,
+                     pruner=pruner, enqueue=enqueue, source=str(path))
+    try:  # constructor arguments checked before any trial
+        make_sampler(sampler)
+        make_pruner(pruner)
+    except ConfigError as err:
+        raise fail(str(err)) from None
+    return spec
+
+
+def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], fail) -> Param:
+    if key not in leaves:
+        close = sorted(k for k in leaves if k.split(".")[0] == key.split(".")[0])
+        raise fail(f"space: unknown config key '{key}'; valid keys include: "
+                   f"{', '.join(close or sorted(leaves)[:12])}")
+    if not isinstance(entry, dict):
+        raise fail(f"space.{key} must be a mapping with a type")
+    for k in entry:
+        if k not in PARAM_KEYS:
+            raise fail(f"space.{key}: unknown field '{k}'; valid: {', '.join(PARAM_KEYS)}")
+    kind = entry.get("type")
+    if kind not in ("float", "int", "categorical"):
+        raise fail(f"space.{key}: type '{kind}'; valid: float, int, categorical")
+    when = entry.get("when") or {}
+    if not isinstance(when, dict):
+        raise fail(f"space.{key}.when must map keys to values")
+    if kind == "categorical":
+        choices = entry.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise fail(f"space.{key}: categorical needs a non-empty list of choices")
+        values = choices
+        param = Param(key, kind, choices=choices, when=when)
+    else:
+        if "low" not in entry or "high" not in entry:
+            raise fail(f"space.{key}: {kind} needs low and high")
+        try:
+            low, high = float(entry["low"]), float(entry["high"])
+            step = float(entry["step"]) if entry.get("step") is not None else None
+        except (TypeError, ValueError):
+            raise fail(f"space.{key}: low, high and step must be numbers") from None
+        if low > high:
+            raise fail(f"space.{key}: low {entry['low']} > high {entry['high']}")
+        log = bool(entry.get("log", False))
+        if log and low <= 0:
+            raise fail(f"space.{key}: a log distribution needs low > 0, got {entry['low']}")
+        if step is not None and step <= 0:
+            raise fail(f"space.{key}: step must be > 0, got {entry['step']}")
+        if log and step is not None:
+            raise fail(f"space.{key}: log and step cannot be combined")
+        if kind == "int":
+            low, high = int(low), int(high)
+            step = int(step) if step is not None else None
+        values = [low, high]
+        param = Param(key, kind, low=low, high=high, log=log, step=step, when=when)
+    for value in values:
+        try:
+            build_config(_set_key(base, key, value))
+        except ConfigError as err:
+            raise fail(f"space.{key}: value {value!r} is invalid ({err})") from None
+    return param
+
+
+def make_sampler(options: dict[str, Any]):
+    """An Optuna sampler from a spec's `sampler: {name: ..., **arguments}`."""
+    import optuna
+
+    classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+               "nsga2": optuna.samplers.NSGAIISampler}
+    return _construct("sampler", classes, options)
+
+
+def make_pruner(options: dict[str, Any]):
+    """An Optuna pruner from a spec's `pruner: {name: ..., **arguments}`."""
+    import optuna
+
+    classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+               "none": optuna.pruners.NopPruner}
+    return _construct("pruner", classes, options)
+
+
+def _construct(kind: str, classes: dict[str, type], options: dict[str, Any]):
+    name = options.get("name")
+    arguments = {k: v for k, v in options.items() if k != "name"}
+    if name not in classes:
+        raise ConfigError(f"{kind} '{name}'; valid: {', '.join(classes)}")
+    try:
+        return classes[name](**arguments)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{kind} {name}: {err}") from None
+
+
+def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
+    """Sample the spec's space for `trial`; conditional parameters only when their `when` holds."""
+    params: dict[str, Any] = {}
+    for key, p in spec.space.items():
+        if any(params.get(k, spec.base_values.get(k)) != v for k, v in p.when.items()):
+            continue
+        if p.type == "categorical":
+            params[key] = trial.suggest_categorical(key, p.choices)
+        elif p.type == "int":
+            params[key] = trial.suggest_int(key, int(p.low), int(p.high), step=p.step or 1,
+                                            log=p.log)
+        else:
+            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return params
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any]) -> RunConfig:
+    data = spec.base
+    for key, value in params.items():
+        data = _set_key(data, key, value)
+    if not spec.multi_objective:
+        data = _set_key(data, "train.select_metric", spec.objectives[0])
+    return build_config(data)
+
+
+def spec_yaml(spec: SweepSpec) -> str:
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)

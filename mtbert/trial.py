@@ -1,0 +1,81 @@
+"""One sweep trial, run in its own process: `python -m mtbert.trial RUN_DIR`.
+
+The sweep worker writes RUN_DIR/config.yaml and RUN_DIR/job.json, passes the
+storage URL in $MTBERT_STORAGE_URL (never on disk or a command line, where a
+password would leak) and waits. This process trains, reports every evaluation
+to Optuna for pruning, logs to W&B, and exits 0 (complete), 3 (pruned) or 1
+(failed, the reason on its last stderr line). A fresh process per trial
+carries no GPU memory from one trial to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_PRUNED = 3
+STORAGE_ENV = "MTBERT_STORAGE_URL"
+
+
+def run(run_dir: Path) -> int:
+    import optuna
+
+    from mtbert.config import load_config
+    from mtbert.errors import MtbertError
+    from mtbert.spec import make_pruner
+    from mtbert.tracking import Tracker
+    from mtbert.train import train
+
+    job = json.loads((run_dir / "job.json").read_text())
+    config = load_config(run_dir / "config.yaml")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=job["study"], storage=os.environ[STORAGE_ENV],
+                              pruner=make_pruner(job["pruner"]))
+    trial = optuna.trial.Trial(study, job["trial_id"])
+    objective = job["objectives"][0]
+    tracker = Tracker(
+        mode=job["wandb"]["mode"], project=job["wandb"]["project"], group=job["study"],
+        job_type=job["spec"], name=f"{job['study']}-trial-{job['number']}",
+        config={**config.to_dict(), "params": job["params"], "study": job["study"],
+                "trial": job["number"]},
+        tags=[config.train.schedule, config.loss.method], directory=Path(job["wandb"]["dir"]))
+    (run_dir / "trial.json").write_text(json.dumps({"wandb_run_id": tracker.run_id}))
+
+    def on_eval(epoch: int, step: int, metrics: dict[str, float]) -> None:
+        tracker.log({**metrics, "epoch": epoch + 1}, step)
+        if job["prune"]:
+            trial.report(metrics[objective], epoch + 1)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {objective} "
+                                         f"{metrics[objective]:.4f}")
+
+    code = 1
+    try:
+        summary = train(config, run_dir=run_dir, device=job["device"], progress=False,
+                        on_eval=on_eval)
+        code = 0
+        tracker.finish(0, {f"best/{k}": v for k, v in summary["best"]["metrics"].items()})
+    except optuna.TrialPruned as err:
+        code = EXIT_PRUNED
+        print(str(err), file=sys.stderr)
+        tracker.finish(0)
+    except MtbertError as err:
+        print(f"error: {err}", file=sys.stderr)
+        tracker.finish(1)
+    return code
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if len(sys.argv) != 2 or STORAGE_ENV not in os.environ:
+        print("usage: MTBERT_STORAGE_URL=... python -m mtbert.trial RUN_DIR (started by "
+              "`mtbert sweep`)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(Path(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()

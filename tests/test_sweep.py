@@ -1,0 +1,184 @@
+"""Sweeps on a tiny random model: every shipped spec, failures, best/export, studies."""
+
+import json
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from mtbert.cli import app
+from mtbert.spec import shipped_specs
+
+runner = CliRunner()
+
+
+def _sweep_args(spec, tiny_encoder, task_dir, out, *extra):
+    return ["-q", "sweep", spec, "--trials", "2", "--out", str(out), "--data-dir", str(task_dir),
+            "--wandb-mode", "disabled", "--device", "cpu",
+            "--set", f"model.encoder={tiny_encoder}", "--set", f"data.cache_dir={out}/cache",
+            "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0",
+            "--set", "train.steps_per_epoch=3", "--set", "train.batch_size=8",
+            "--set", "model.max_length=32", *extra]
+
+
+def _trials(out, study):
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{out}/mtbert.db").trials
+
+
+@pytest.mark.parametrize("spec", sorted(shipped_specs()))
+def test_every_shipped_spec_runs_two_trials(spec, tiny_encoder, task_dir, tmp_path):
+    out = tmp_path / "runs"
+    result = runner.invoke(app, _sweep_args(spec, tiny_encoder, task_dir, out))
+    assert result.exit_code == 0, result.output
+    trials = _trials(out, spec)
+    assert len(trials) == 2
+    for t in trials:
+        assert t.state.name in ("COMPLETE", "PRUNED"), t.user_attrs.get("fail_reason")
+        for key in ("sst/acc", "qqp/acc", "sts/pearson", "overall/arithmetic",
+                    "overall/geometric"):
+            assert 0.0 <= t.user_attrs[key] <= 1.0 or key == "sts/pearson"
+        assert (out / spec / f"trial-{t.number:04d}" / "summary.json").exists() or \
+            t.state.name == "PRUNED"
+        assert t.user_attrs["run_dir"].startswith(str(out.resolve()))
+    assert result.stdout.splitlines()[0].startswith("trial ")
+
+
+def test_failed_trials_do_not_stop_the_study_and_no_finish_exits_1(tiny_encoder, task_dir,
+                                                                    tmp_path):
+    out = tmp_path / "runs"
+    spec = tmp_path / "nan.yaml"
+    spec.write_text("name: nan\nbase:\n  train.lr: 1.0e+30\n  optim.max_grad_norm: 0\n"
+                    "  train.log_every: 1\nspace:\n  model.dropout: {type: float, low: 0.0, "
+                    "high: 0.2}\npruner: {name: none}\n")
+    result = runner.invoke(app, _sweep_args(str(spec), tiny_encoder, task_dir, out))
+    assert result.exit_code == 1
+    assert "no trial could finish" in result.stderr
+    trials = _trials(out, "nan")
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert "loss became nan" in trials[0].user_attrs["fail_reason"].lower()
+
+
+def test_second_sweep_adds_trials_best_exports_and_eval_scores(tiny_encoder, task_dir, tmp_path):
+    out = tmp_path / "runs"
+    for _ in range(2):
+        result = runner.invoke(app, _sweep_args("hidden-size", tiny_encoder, task_dir, out,
+                                                "--keep-top", "1"))
+        assert result.exit_code == 0, result.output
+    trials = _trials(out, "hidden-size")
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    kept = [t.number for t in trials if (out / "hidden-size" / f"trial-{t.number:04d}" /
+                                         "model").exists()]
+    assert len(kept) == 1
+
+    listed = runner.invoke(app, ["studies", "--out", str(out)])
+    assert listed.exit_code == 0
+    assert listed.stdout.splitlines()[1].split()[:2] == ["hidden-size", "4"]
+
+    export = tmp_path / "best-model"
+    best = runner.invoke(app, ["best", "--out", str(out), "--export", str(export)])
+    assert best.exit_code == 0, best.output
+    assert f"best trial {kept[0]}" in best.stdout
+    card = (export / "README.md").read_text()
+    assert "study: hidden-size" in card and f"trial: {kept[0]}" in card
+    assert "model.head_hidden" in card
+    scored = runner.invoke(app, ["eval", str(export), "--task", "qqp", "--file",
+                                 str(task_dir / "quora-dev.csv"), "--json", "--device", "cpu"])
+    assert scored.exit_code == 0, scored.output
+    assert 0.0 <= json.loads(scored.stdout)["qqp/acc"] <= 1.0
+    again = runner.invoke(app, ["best", "--out", str(out), "--export", str(export)])
+    assert again.exit_code == 2 and "not empty" in again.stderr
+
+
+def test_wandb_offline_runs_one_per_trial(tiny_encoder, task_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    out = tmp_path / "runs"
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = _sweep_args("loss-weights", tiny_encoder, task_dir, out)
+    args[args.index("--wandb-mode") + 1] = "offline"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    runs = sorted((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {t.user_attrs["wandb_run_id"] for t in _trials(out, "loss-weights")}
+    assert {r.name.rsplit("-", 1)[1] for r in runs} == ids
+
+
+@pytest.mark.parametrize("body, message", [
+    ("space:\n  train.lrr: {type: float, low: 1, high: 2}\n",
+     "space: unknown config key 'train.lrr'"),
+    ("space:\n  train.lr: {type: float, low: 2, high: 1}\n", "space.train.lr: low 2 > high 1"),
+    ("space:\n  train.lr: {type: beta, low: 1, high: 2}\n",
+     "space.train.lr: type 'beta'; valid: float, int, categorical"),
+    ("space:\n  train.lr: {type: float, low: 0, high: 1, log: true}\n",
+     "a log distribution needs low > 0"),
+    ("space:\n  train.schedule: {type: categorical, choices: [zigzag]}\n",
+     "space.train.schedule: value 'zigzag' is invalid"),
+    ("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\nobjective: sst/f1\n",
+     "objective 'sst/f1' is not a metric"),
+    ("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\npruner: {name: magic}\n",
+     "pruner 'magic'; valid: median, hyperband, none"),
+    ("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\nsampler: {name: tpe, "
+     "n_startup: 3}\n", "sampler tpe:"),
+    ("spaces: {}\n", "unknown key 'spaces'; valid: name, description, base, space"),
+    ("base:\n  train.epochs: 0\nspace:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\n",
+     "base: bad value 0 for train.epochs"),
+])
+def test_bad_specs_exit_2_before_any_trial(tmp_path, body, message):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(body)
+    result = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "runs"),
+                                 "--wandb-mode", "disabled"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "mtbert.db").exists()
+
+
+def test_unknown_spec_name_lists_the_shipped_ones():
+    result = runner.invoke(app, ["sweep", "nope"])
+    assert result.exit_code == 2
+    assert "unknown sweep 'nope'; shipped: alpha, default, hidden-size, loss-weights" in \
+        result.stderr
+
+
+def test_print_shows_the_resolved_spec_without_running(tmp_path):
+    result = runner.invoke(app, ["sweep", "alpha", "--print", "--set", "train.epochs=7",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0
+    assert "epochs: 7" in result.stdout and "when:" in result.stdout
+    assert not (tmp_path / "mtbert.db").exists()
+
+
+def test_unreachable_storage_exits_1_with_masked_password(tmp_path):
+    result = runner.invoke(app, ["sweep", "alpha", "--wandb-mode", "disabled", "--storage",
+                                 "postgresql://mtbert:s3cret@127.0.0.1:1/none", "--out",
+                                 str(tmp_path)])
+    assert result.exit_code == 1
+    assert "cannot reach the study storage postgresql://mtbert:***@127.0.0.1:1/none" in \
+        result.stderr
+    assert "s3cret" not in result.output
+
+
+def test_wandb_mode_without_wandb_installed_exits_2(monkeypatch, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    result = runner.invoke(app, ["sweep", "alpha", "--wandb-mode", "offline", "--out",
+                                 str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("mtbert: error: --wandb-mode offline needs the wandb "
+                                     "package: pip install wandb (or --wandb-mode disabled)")
+
+
+def test_best_with_several_studies_asks_for_one(tmp_path):
+    storage = f"sqlite:///{tmp_path}/mtbert.db"
+    for name in ("a", "b"):
+        optuna.create_study(study_name=name, storage=storage)
+    result = runner.invoke(app, ["best", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "holds 2 studies, pick one with --study: a, b" in result.stderr
+    missing = runner.invoke(app, ["best", "--out", str(tmp_path / "empty")])
+    assert missing.exit_code == 2 and "no study storage at" in missing.stderr
