@@ -49,6 +49,21 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def with_driver(url: str) -> str:
+    """`postgresql://` through psycopg2 (a core dependency) when psycopg 3 is absent.
+
+    SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; users write the
+    bare form, and it must work with the driver mtbert installs.
+    """
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres") and \
+            importlib.util.find_spec("psycopg") is None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
 def default_storage(out: Path) -> str:
     return f"sqlite:///{(Path(out) / STORAGE_FILE).resolve()}"
 
@@ -77,7 +92,7 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
         # Workers on one machine wait for SQLite's lock instead of failing at once.
         engine = {"connect_args": {"timeout": 60}}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+        return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine, **kwargs)
     except sqlalchemy.exc.ArgumentError:
         raise ConfigError(f"bad storage URL {mask_url(url)}; e.g. sqlite:///runs/mtbert.db or "
                           "postgresql://user:password@host:5432/db") from None
@@ -172,7 +187,7 @@ class TrialRunner:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("checkpoint", str(run_dir / "model"))
         log_path = run_dir / "trial.log"
-        env = {**os.environ, STORAGE_ENV: self.url}
+        env = {**os.environ, STORAGE_ENV: with_driver(self.url)}
         with open(log_path, "w") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "mtbert.trial", str(run_dir)],
                                     stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -259,7 +274,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> Any:
     """Create or resume the study and run `options.trials` more trials; returns the study."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # mtbert prints one line per trial itself; Optuna's would add tracebacks of failures.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     options.out.mkdir(parents=True, exist_ok=True)
     url = options.storage or default_storage(options.out)
     storage = open_storage(url, heartbeat=options.heartbeat, grace=options.grace)

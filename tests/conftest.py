@@ -96,3 +96,13 @@ def tiny_config(tiny_encoder, task_dir, tmp_path):
             data.setdefault(section, {}).update(values)
         return build_config(data)
     return make
+
+
+@pytest.fixture(autouse=True)
+def _reset_mtbert_logger():
+    """CLI tests install mtbert's stderr handler; later tests read logs through caplog."""
+    import logging
+    logger = logging.getLogger("mtbert")
+    state = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = state[0], state[1], state[2]

@@ -182,3 +182,27 @@ def test_best_with_several_studies_asks_for_one(tmp_path):
     assert "holds 2 studies, pick one with --study: a, b" in result.stderr
     missing = runner.invoke(app, ["best", "--out", str(tmp_path / "empty")])
     assert missing.exit_code == 2 and "no study storage at" in missing.stderr
+
+
+def test_sigterm_ends_the_running_trial_as_fail(tiny_encoder, task_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    args = _sweep_args("alpha", tiny_encoder, task_dir, out, "--set", "train.steps_per_epoch=5000")
+    worker = subprocess.Popen([sys.executable, "-m", "mtbert", *args], stderr=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "alpha" / "trial-0000" / "trial.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not log.exists():
+        time.sleep(0.5)
+    time.sleep(3)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert [t.state.name for t in _trials(out, "alpha")] == ["FAIL"]
