@@ -359,19 +359,17 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _directory(value: str | None, env: str, default: str) -> Path:
+    """A directory setting: the config value, else $env, else ~/.cache/mtbert/<default>."""
+    chosen = value or os.environ.get(env)
+    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "mtbert" / default
+
+
 def data_dir(config: RunConfig) -> Path:
     """data.dir, else $MTBERT_DATA_DIR, else ~/.cache/mtbert/data."""
-    if config.data.dir:
-        return Path(config.data.dir).expanduser()
-    if os.environ.get("MTBERT_DATA_DIR"):
-        return Path(os.environ["MTBERT_DATA_DIR"]).expanduser()
-    return Path.home() / ".cache" / "mtbert" / "data"
+    return _directory(config.data.dir, "MTBERT_DATA_DIR", "data")
 
 
 def cache_dir(config: RunConfig) -> Path:
     """data.cache_dir, else $MTBERT_CACHE_DIR, else ~/.cache/mtbert/tokens."""
-    if config.data.cache_dir:
-        return Path(config.data.cache_dir).expanduser()
-    if os.environ.get("MTBERT_CACHE_DIR"):
-        return Path(os.environ["MTBERT_CACHE_DIR"]).expanduser()
-    return Path.home() / ".cache" / "mtbert" / "tokens"
+    return _directory(config.data.cache_dir, "MTBERT_CACHE_DIR", "tokens")

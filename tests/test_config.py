@@ -1,5 +1,7 @@
 """The typed config: defaults, overrides, and one-line errors naming what is valid."""
 
+from pathlib import Path
+
 import pytest
 
 from mtbert.config import describe, load_config, overrides_to_dict
@@ -72,3 +74,23 @@ def test_describe_lists_every_key_the_issues_name():
 
 def test_overrides_nest():
     assert overrides_to_dict(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_directories_from_config_then_environment_then_home(monkeypatch, tmp_path):
+    from mtbert.config import cache_dir, data_dir
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("MTBERT_DATA_DIR", raising=False)
+    monkeypatch.delenv("MTBERT_CACHE_DIR", raising=False)
+    config = load_config()
+    assert data_dir(config) == tmp_path / ".cache" / "mtbert" / "data"
+    assert cache_dir(config) == tmp_path / ".cache" / "mtbert" / "tokens"
+    monkeypatch.setenv("MTBERT_DATA_DIR", "/env/data")
+    assert data_dir(config) == Path("/env/data")
+    assert data_dir(load_config(None, ["data.dir=/cfg/data"])) == Path("/cfg/data")
+
+
+def test_quickstart_example_config_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "examples" / "quickstart.yaml")
+    assert (config.model.encoder, config.train.lr, config.data.max_train_examples,
+            config.train.steps_per_epoch) == ("minilm-l6", 1e-4, 2000, 100)

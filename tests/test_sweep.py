@@ -206,3 +206,23 @@ def test_sigterm_ends_the_running_trial_as_fail(tiny_encoder, task_dir, tmp_path
     assert worker.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     assert [t.state.name for t in _trials(out, "alpha")] == ["FAIL"]
+
+
+def test_multi_objective_study_lists_the_front_and_exports_by_trial(tiny_encoder, task_dir,
+                                                                     tmp_path):
+    spec = tmp_path / "mo.yaml"
+    spec.write_text("name: mo\nspace:\n  model.dropout: {type: float, low: 0.0, high: 0.3}\n"
+                    "objective: [sst/acc, qqp/acc]\ndirections: [maximize, maximize]\n"
+                    "sampler: {name: nsga2, seed: 0}\n")
+    out = tmp_path / "runs"
+    result = runner.invoke(app, _sweep_args(str(spec), tiny_encoder, task_dir, out))
+    assert result.exit_code == 0, result.output
+    best = runner.invoke(app, ["best", "--out", str(out)])
+    assert best.exit_code == 0 and "Pareto front of" in best.stdout
+    refused = runner.invoke(app, ["best", "--out", str(out), "--export", str(tmp_path / "m")])
+    assert refused.exit_code == 2 and "pick one from the front with --trial N" in refused.stderr
+    front = optuna.load_study(study_name="mo", storage=f"sqlite:///{out}/mtbert.db").best_trials
+    exported = runner.invoke(app, ["best", "--out", str(out), "--trial", str(front[0].number),
+                                   "--export", str(tmp_path / "m")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "m" / "model.safetensors").exists()
