@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from datetime import datetime
 from enum import Enum
@@ -61,6 +62,10 @@ def handle_errors(func):
         except MtbertError as err:
             typer.echo(f"mtbert: error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
+        except OSError as err:  # a path that cannot be read or written: bad input
+            where = f": {err.filename}" if err.filename else ""
+            typer.echo(f"mtbert: error: {err.strerror or err}{where}", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("mtbert: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -162,7 +167,9 @@ def eval_(
         files = {task: file}
         model.task(task)
     else:
-        root = _data_root(data_dir, model.config)
+        # A model may come from another machine: its saved data.dir is the last resort.
+        root = data_dir or (Path(os.environ["MTBERT_DATA_DIR"]) if os.environ.get(
+            "MTBERT_DATA_DIR") else _data_root(None, model.config))
         files = {name: root / model.config.data.files[name]["dev"] for name in model.tasks}
     metrics = {}
     for name, path in files.items():
@@ -280,7 +287,8 @@ def sweep(
     spec: Annotated[Optional[str], typer.Argument(
         help="A shipped spec (see --list) or a path to a spec YAML file.")] = None,
     trials: Annotated[Optional[int], typer.Option(
-        "--trials", min=1, help="Trials to run now (added to the study's earlier ones).")] = 10,
+        "--trials", min=1, help="Trials to run now, added to the study's earlier ones "
+                                "(default 10, or unlimited with --timeout).")] = None,
     timeout: Annotated[Optional[float], typer.Option(
         "--timeout", help="Stop starting new trials after this many seconds.")] = None,
     study: StudyOption = None,
@@ -323,16 +331,20 @@ def sweep(
     if print_spec:
         typer.echo(spec_yaml(resolved), nl=False)
         return
+    if trials is None and timeout is None:
+        trials = 10
     options = SweepOptions(trials=trials, timeout=timeout, study=study, storage=storage,
                            out=out, wandb_mode=resolve_mode(wandb_mode.value if wandb_mode
                                                             else None),
                            wandb_project=wandb_project, keep_top=keep_top, heartbeat=heartbeat,
                            grace=grace, device=device.value)
-    result = run_sweep(resolved, options)
+    result, before = run_sweep(resolved, options)
     states = _state_counts(result)
     log.info("study %s: %s", result.study_name,
              ", ".join(f"{n} {s.lower()}" for s, n in states.items()))
-    if states.get("COMPLETE", 0) + states.get("PRUNED", 0) == 0:
+    finished = [t for t in result.get_trials(deepcopy=False) if t.number >= before
+                and t.state.name in ("COMPLETE", "PRUNED")]
+    if not finished:
         typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
                    f"{out / result.study_name}", err=True)
         raise typer.Exit(1)
@@ -447,6 +459,29 @@ def studies(
                    f"{counts.get('RUNNING', 0):>7}  {bests}")
 
 
+def _click_exceptions():
+    try:
+        from typer._click import exceptions  # Typer 0.2x vendors its own Click
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def run() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors are one line too (exit 2)."""
+    exceptions = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)
+    except exceptions.NoArgsIsHelpError as err:
+        if err.format_message():  # Rich prints the help itself; plain Click returns it
+            typer.echo(err.format_message())
+        sys.exit(0)
+    except exceptions.ClickException as err:
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"mtbert: error: {err.format_message()}{hint}", err=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        typer.echo("mtbert: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -67,7 +68,9 @@ def read_examples(path: Path, task: Task, *, labelled: bool = True) -> Examples:
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     text = raw.decode("utf-8", errors="replace")
-    reader = csv.DictReader(text.splitlines(), delimiter="\t")
+    # newline="" keeps line breaks inside quoted fields and odd separators (\x85,
+    # \u2028) in the text, as the csv module expects.
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
     columns = [c for c in (reader.fieldnames or [])]
     required = list(task.text_columns) + ([task.label_column] if labelled else [])
     for column in ["id", *required]:

@@ -150,10 +150,18 @@ def load_spec(name_or_path: str, overrides: list[str] | None = None) -> SweepSpe
     space = {}
     for key, entry in space_raw.items():
         space[key] = _check_param(key, entry, base, leaves, fail)
+    order = list(space)
     for key, param in space.items():
-        for cond_key in param.when:
-            if cond_key not in space and cond_key not in leaves:
-                raise fail(f"space.{key}.when: unknown key '{cond_key}'")
+        for cond_key, cond_value in param.when.items():
+            if cond_key not in leaves:
+                raise fail(f"space.{key}.when: unknown config key '{cond_key}'")
+            if cond_key in space and order.index(cond_key) > order.index(key):
+                raise fail(f"space.{key}.when: '{cond_key}' must come before '{key}' in the "
+                           "space")
+            try:
+                build_config(_set_key(base, cond_key, cond_value))
+            except ConfigError as err:
+                raise fail(f"space.{key}.when: {err}") from None
 
     objective = raw.get("objective", "overall/geometric")
     objectives = objective if isinstance(objective, list) else [objective]
@@ -172,6 +180,10 @@ def load_spec(name_or_path: str, overrides: list[str] | None = None) -> SweepSpe
         if direction not in ("maximize", "minimize"):
             raise fail(f"direction '{direction}'; valid: maximize, minimize")
 
+    for section in ("sampler", "pruner"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise fail(f"{section} must be a mapping such as {{name: "
+                       f"{'tpe, seed: 0' if section == 'sampler' else 'median'}}}")
     sampler = dict(raw.get("sampler") or {"name": "tpe", "seed": 0})
     if sampler.get("name", "tpe") not in SAMPLERS:
         raise fail(f"sampler '{sampler.get('name')}'; valid: {', '.join(SAMPLERS)}")
@@ -302,8 +314,9 @@ def trial_config(spec: SweepSpec, params: dict[str, Any]) -> RunConfig:
     data = spec.base
     for key, value in params.items():
         data = _set_key(data, key, value)
-    if not spec.multi_objective:
-        data = _set_key(data, "train.select_metric", spec.objectives[0])
+    # The kept checkpoint, the trial's values and its metric attributes all come from
+    # the evaluation that is best by the (first) objective.
+    data = _set_key(data, "train.select_metric", spec.objectives[0])
     return build_config(data)
 
 

@@ -10,7 +10,6 @@ retries once with the same parameters. W&B is a logger only.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from mtbert.config import save_config
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.spec import SweepSpec, make_pruner, make_sampler, suggest, trial_config
 from mtbert.tasks import METRIC_KEYS
-from mtbert.trial import EXIT_PRUNED, STORAGE_ENV
+from mtbert.trial import EXIT_PRUNED, PARENT_ENV, RESULT_FILE, STORAGE_ENV
 
 log = logging.getLogger("mtbert")
 STORAGE_FILE = "mtbert.db"
@@ -122,7 +121,7 @@ def select_study(storage, study: str | None) -> str:
 
 @dataclass
 class SweepOptions:
-    trials: int | None = 10
+    trials: int | None = None
     timeout: float | None = None
     study: str | None = None
     storage: str | None = None
@@ -133,14 +132,6 @@ class SweepOptions:
     heartbeat: int = 10
     grace: int = 30
     device: str = "auto"
-
-
-def _die_with_parent() -> None:
-    """In the trial process: get SIGKILL when the worker dies, so no orphan holds a GPU."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _last_line(path: Path) -> str:
@@ -187,11 +178,10 @@ class TrialRunner:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("checkpoint", str(run_dir / "model"))
         log_path = run_dir / "trial.log"
-        env = {**os.environ, STORAGE_ENV: with_driver(self.url)}
+        env = {**os.environ, STORAGE_ENV: with_driver(self.url), PARENT_ENV: str(os.getpid())}
         with open(log_path, "w") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "mtbert.trial", str(run_dir)],
-                                    stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent)
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=env)
             try:
                 code = proc.wait()
             except BaseException:  # Ctrl-C, SIGTERM: end the training, then let Optuna fail it
@@ -200,28 +190,37 @@ class TrialRunner:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                trial.set_user_attr("fail_reason", "interrupted")
+                (run_dir / "resume.pt").unlink(missing_ok=True)
                 raise
-        self._record(trial, run_dir)
+        result = self._record(trial, run_dir)
         (run_dir / "resume.pt").unlink(missing_ok=True)  # a trial is never resumed
+        reason = result.get("reason") or (f"killed by signal {-code}" if code < 0 else
+                                          _last_line(log_path))
         if code == EXIT_PRUNED:
-            raise optuna.TrialPruned(_last_line(log_path))
+            raise optuna.TrialPruned(reason)
         if code != 0:
-            reason = _last_line(log_path)
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
         summary = json.loads((run_dir / "summary.json").read_text())
         values = [summary["best"]["metrics"][key] for key in self.spec.objectives]
         return values[0] if len(values) == 1 else values
 
-    def _record(self, trial, run_dir: Path) -> None:
-        best = best_record(run_dir, self.spec.objectives[0], self.spec.directions[0])
-        if best is not None:
-            for key in METRIC_KEYS:
-                if key in best:
-                    trial.set_user_attr(key, best[key])
-        info = run_dir / "trial.json"
-        if info.exists():
-            trial.set_user_attr("wandb_run_id", json.loads(info.read_text()).get("wandb_run_id"))
+    def _record(self, trial, run_dir: Path) -> dict:
+        """Set the metric and W&B user attributes; returns the trial process's result."""
+        summary_file = run_dir / "summary.json"
+        if summary_file.exists():  # the evaluation whose model was kept
+            best = json.loads(summary_file.read_text())["best"]["metrics"]
+        else:  # pruned or failed: its best evaluation so far
+            best = best_record(run_dir, self.spec.objectives[0], self.spec.directions[0])
+        for key in METRIC_KEYS:
+            if best and key in best:
+                trial.set_user_attr(key, best[key])
+        info = run_dir / RESULT_FILE
+        result = json.loads(info.read_text()) if info.exists() else {}
+        if "wandb_run_id" in result:
+            trial.set_user_attr("wandb_run_id", result["wandb_run_id"])
+        return result
 
 
 def _ranked(study, spec: SweepSpec) -> list:
@@ -250,6 +249,8 @@ def prune_checkpoints(study, spec: SweepSpec, keep_top: int) -> int:
         if checkpoint and Path(checkpoint).is_dir():
             shutil.rmtree(checkpoint, ignore_errors=True)
             removed += 1
+        if t.user_attrs.get("run_dir"):  # the state of a killed worker's trial
+            (Path(t.user_attrs["run_dir"]) / "resume.pt").unlink(missing_ok=True)
     return removed
 
 
@@ -270,9 +271,11 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def run_sweep(spec: SweepSpec, options: SweepOptions) -> Any:
-    """Create or resume the study and run `options.trials` more trials; returns the study."""
+def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
+    """Create or resume the study and run `options.trials` more trials (or until the
+    timeout); returns the study and its number of trials before this run."""
     import optuna
+    import sqlalchemy.exc
 
     # mtbert prints one line per trial itself; Optuna's would add tracebacks of failures.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -289,12 +292,12 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> Any:
         raise ConfigError(f"study '{name}': {err}") from None
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise ConfigError(f"study '{name}' exists with other directions; use --study NEW_NAME")
+    before = len(study.trials)
     if "spec" not in study.user_attrs:
         study.set_user_attr("spec", spec.name)
         study.set_user_attr("objectives", spec.objectives)
         for params in spec.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
-    before = len(study.trials)
     optuna.storages.fail_stale_trials(study)
     log.info("study %s in %s: %d trials so far; running %s more", name, mask_url(url), before,
              options.trials if options.trials is not None else "until the timeout")
@@ -313,9 +316,13 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> Any:
         study.optimize(TrialRunner(spec, options, name, url), n_trials=options.trials,
                        timeout=options.timeout, catch=(TrialFailed,), callbacks=[on_trial_end],
                        gc_after_trial=False)
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StorageError(f"the study storage {mask_url(url)} failed: {mask_url(first)}") \
+            from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return study
+    return study, before
 
 
 def trials_table(study, *, limit: int = 5, metric: str | None = None) -> list[str]:

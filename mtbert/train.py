@@ -109,7 +109,8 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
           progress: bool = True, on_eval: EvalCallback | None = None) -> dict:
     """Train one multitask run into `run_dir`; returns summary.json's content.
 
-    `on_eval(epoch, step, metrics)` is called after every evaluation (a sweep
+    `on_eval(epoch, step, metrics)` is called after every evaluation with the
+    metric keys and `train/loss` (a sweep
     reports to Optuna there and may raise to prune). With `resume`, training
     continues from the last finished epoch saved in `run_dir`.
     """
@@ -203,7 +204,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
             _save_resume_state(resume_path, model, combiner, optimizer, scheduler, samplers,
                                state)
             if on_eval is not None:
-                on_eval(epoch, state["step"], metrics)
+                on_eval(epoch, state["step"], {**metrics, "train/loss": epoch_loss})
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(f"out of GPU memory at step {state['step']}; lower "
                             "train.batch_size or model.max_length") from None

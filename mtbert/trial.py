@@ -18,6 +18,26 @@ from pathlib import Path
 
 EXIT_PRUNED = 3
 STORAGE_ENV = "MTBERT_STORAGE_URL"
+PARENT_ENV = "MTBERT_WORKER_PID"
+RESULT_FILE = "trial.json"
+
+
+def die_with_parent() -> None:
+    """Get SIGKILL when the sweep worker dies, so that no orphan keeps training (or a GPU).
+
+    Set here rather than in a pre-exec hook: forking a process whose other
+    threads (Optuna's heartbeat) may hold locks leaves only async-signal-safe
+    work to do before exec.
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG, Linux
+    except (OSError, AttributeError):
+        return
+    if os.environ.get(PARENT_ENV) and os.getppid() != int(os.environ[PARENT_ENV]):
+        sys.exit(1)  # the worker died before the signal was armed
 
 
 def run(run_dir: Path) -> int:
@@ -26,13 +46,15 @@ def run(run_dir: Path) -> int:
     from mtbert.config import load_config
     from mtbert.errors import MtbertError
     from mtbert.spec import make_pruner
+    from mtbert.sweep import open_storage
     from mtbert.tracking import Tracker
     from mtbert.train import train
 
     job = json.loads((run_dir / "job.json").read_text())
     config = load_config(run_dir / "config.yaml")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=job["study"], storage=os.environ[STORAGE_ENV],
+    study = optuna.load_study(study_name=job["study"],
+                              storage=open_storage(os.environ[STORAGE_ENV]),
                               pruner=make_pruner(job["pruner"]))
     trial = optuna.trial.Trial(study, job["trial_id"])
     objective = job["objectives"][0]
@@ -42,7 +64,7 @@ def run(run_dir: Path) -> int:
         config={**config.to_dict(), "params": job["params"], "study": job["study"],
                 "trial": job["number"]},
         tags=[config.train.schedule, config.loss.method], directory=Path(job["wandb"]["dir"]))
-    (run_dir / "trial.json").write_text(json.dumps({"wandb_run_id": tracker.run_id}))
+    result = {"wandb_run_id": tracker.run_id, "reason": None}
 
     def on_eval(epoch: int, step: int, metrics: dict[str, float]) -> None:
         tracker.log({**metrics, "epoch": epoch + 1}, step)
@@ -59,12 +81,14 @@ def run(run_dir: Path) -> int:
         code = 0
         tracker.finish(0, {f"best/{k}": v for k, v in summary["best"]["metrics"].items()})
     except optuna.TrialPruned as err:
-        code = EXIT_PRUNED
-        print(str(err), file=sys.stderr)
+        code, result["reason"] = EXIT_PRUNED, str(err)
         tracker.finish(0)
     except MtbertError as err:
+        result["reason"] = str(err)
         print(f"error: {err}", file=sys.stderr)
         tracker.finish(1)
+    # The reason travels in a file: W&B prints its own lines after ours on stderr.
+    (run_dir / RESULT_FILE).write_text(json.dumps(result))
     return code
 
 
@@ -74,6 +98,7 @@ def main() -> None:
         print("usage: MTBERT_STORAGE_URL=... python -m mtbert.trial RUN_DIR (started by "
               "`mtbert sweep`)", file=sys.stderr)
         sys.exit(2)
+    die_with_parent()
     sys.exit(run(Path(sys.argv[1])))
 
 

@@ -151,3 +151,24 @@ def test_data_download_from_a_local_server(tmp_path, monkeypatch):
     assert "downloaded ok.csv" in result.stdout and "failed     gone.csv" in result.stdout
     assert (tmp_path / "d" / "ok.csv").read_bytes() == b"x\n"
     assert not (tmp_path / "d" / "gone.csv").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "gpu", "train"], "mtbert: error: No such option: --device"),
+    (["train", "--device", "gpu"], "mtbert: error: Invalid value for '--device'"),
+    (["sweep", "alpha", "--trials", "0"], "mtbert: error: Invalid value for '--trials'"),
+])
+def test_usage_errors_are_one_line_from_the_console_command(args, message):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "mtbert", *args], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message) and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_output_is_one_line(trained, tmp_path):
+    result = runner.invoke(app, ["predict", str(trained / "model"), "--task", "sst", "--input",
+                                 str(trained.parent / "data" / "ids-sst-dev.csv"),
+                                 "--output", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"mtbert: error: Is a directory: {tmp_path}"

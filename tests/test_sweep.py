@@ -44,13 +44,17 @@ def test_every_shipped_spec_runs_two_trials(spec, tiny_encoder, task_dir, tmp_pa
 
 
 def test_failed_trials_do_not_stop_the_study_and_no_finish_exits_1(tiny_encoder, task_dir,
-                                                                    tmp_path):
+                                                                    tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     out = tmp_path / "runs"
     spec = tmp_path / "nan.yaml"
     spec.write_text("name: nan\nbase:\n  train.lr: 1.0e+30\n  optim.max_grad_norm: 0\n"
                     "  train.log_every: 1\nspace:\n  model.dropout: {type: float, low: 0.0, "
                     "high: 0.2}\npruner: {name: none}\n")
-    result = runner.invoke(app, _sweep_args(str(spec), tiny_encoder, task_dir, out))
+    args = _sweep_args(str(spec), tiny_encoder, task_dir, out)
+    args[args.index("--wandb-mode") + 1] = "offline"  # W&B prints after the error: no matter
+    result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert "no trial could finish" in result.stderr
     trials = _trials(out, "nan")
@@ -124,6 +128,13 @@ def test_wandb_offline_runs_one_per_trial(tiny_encoder, task_dir, tmp_path, monk
     ("spaces: {}\n", "unknown key 'spaces'; valid: name, description, base, space"),
     ("base:\n  train.epochs: 0\nspace:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\n",
      "base: bad value 0 for train.epochs"),
+    ("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\nsampler: tpe\n",
+     "sampler must be a mapping such as {name: tpe, seed: 0}"),
+    ("space:\n  train.alpha: {type: float, low: 0, high: 1, when: {train.schedule: propo}}\n",
+     "space.train.alpha.when: bad value 'propo' for train.schedule"),
+    ("space:\n  train.alpha: {type: float, low: 0, high: 1, when: {train.schedule: annealed}}\n"
+     "  train.schedule: {type: categorical, choices: [annealed, proportional]}\n",
+     "space.train.alpha.when: 'train.schedule' must come before 'train.alpha'"),
 ])
 def test_bad_specs_exit_2_before_any_trial(tmp_path, body, message):
     spec = tmp_path / "bad.yaml"
