@@ -187,10 +187,6 @@ class Batch:
         labels = move(self.labels) if self.labels is not None else None
         return Batch(self.task, views, labels, self.indices)  # type: ignore[arg-type]
 
-    @property
-    def real_tokens(self) -> int:
-        return int(sum(view[1].sum() for view in self.views))
-
 
 class EncodedSet:
     """Model inputs of one task split, built once; batches are cut from it."""

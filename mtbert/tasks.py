@@ -15,9 +15,6 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import pearsonr
 
-SPLITS = ("train", "dev", "test")
-
-
 @dataclass(frozen=True)
 class Task:
     """A task: its data files, text/label columns, outputs, loss and metric."""
