@@ -207,6 +207,7 @@ class EncodedSet:
         else:
             self.views = [[build(columns[0][i], columns[1][i], max_length) for i in keep]]
         self.pad_id = tokenizer.pad_id
+        self._by_length: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -233,9 +234,11 @@ class EncodedSet:
         Sorting by length leaves almost no padding; `Batch.indices` says where
         each row belongs.
         """
-        lengths = np.array([sum(len(view[i][0]) for view in self.views)
-                            for i in range(len(self))])
-        order = np.argsort(lengths, kind="stable")
+        if self._by_length is None:  # computed once: every epoch evaluates the same set
+            lengths = np.array([sum(len(view[i][0]) for view in self.views)
+                                for i in range(len(self))])
+            self._by_length = np.argsort(lengths, kind="stable")
+        order = self._by_length
         for start in range(0, len(self), batch_size):
             yield self.batch(order[start:start + batch_size])
 
