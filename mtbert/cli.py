@@ -136,12 +136,6 @@ def train(
     typer.echo(f"model: {run_dir / 'model'}")
 
 
-def _data_root(data_dir: Optional[Path], config) -> Path:
-    from mtbert.config import data_dir as default_data_dir
-
-    return data_dir if data_dir is not None else default_data_dir(config)
-
-
 @app.command("eval")
 @handle_errors
 def eval_(
@@ -155,6 +149,8 @@ def eval_(
     device: DeviceOption = Device.auto,
 ) -> None:
     """Score a model on the dev files of its tasks, or on one labelled file."""
+    from mtbert.config import RunConfig
+    from mtbert.config import data_dir as default_data_dir
     from mtbert.data import read_examples
     from mtbert.export import load
     from mtbert.tasks import overall_scores
@@ -168,8 +164,8 @@ def eval_(
         model.task(task)
     else:
         # A model may come from another machine: its saved data.dir is the last resort.
-        root = data_dir or (Path(os.environ["MTBERT_DATA_DIR"]) if os.environ.get(
-            "MTBERT_DATA_DIR") else _data_root(None, model.config))
+        config = RunConfig() if os.environ.get("MTBERT_DATA_DIR") else model.config
+        root = data_dir or default_data_dir(config)
         files = {name: root / model.config.data.files[name]["dev"] for name in model.tasks}
     metrics = {}
     for name, path in files.items():
@@ -251,9 +247,10 @@ def data_download(
 ) -> None:
     """Fetch the official task files, each verified by its git blob id."""
     from mtbert.config import RunConfig
+    from mtbert.config import data_dir as default_data_dir
     from mtbert.download import download_data
 
-    root = _data_root(data_dir, RunConfig())
+    root = data_dir or default_data_dir(RunConfig())
     results = download_data(root, base_url=url, force=force, progress=not _options["quiet"])
     failed = [r for r in results if r.status == "failed"]
     for r in results:

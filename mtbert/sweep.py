@@ -223,11 +223,11 @@ class TrialRunner:
         return result
 
 
-def _ranked(study, spec: SweepSpec) -> list:
-    """COMPLETE trials, best first by the first objective."""
+def _ranked(study) -> list:
+    """COMPLETE trials, best first by the study's first objective."""
     from optuna.trial import TrialState
 
-    sign = -1 if spec.directions[0] == "maximize" else 1
+    sign = -1 if study.directions[0].name == "MAXIMIZE" else 1
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.values and not any(math.isnan(v) for v in t.values)]
     return sorted(done, key=lambda t: sign * t.values[0])
@@ -238,7 +238,7 @@ def prune_checkpoints(study, spec: SweepSpec, keep_top: int) -> int:
     (and, for multi-objective studies, the Pareto front). Returns how many were removed."""
     from optuna.trial import TrialState
 
-    keep = {t.number for t in _ranked(study, spec)[:keep_top]}
+    keep = {t.number for t in _ranked(study)[:keep_top]}
     if spec.multi_objective:
         keep |= {t.number for t in study.best_trials}
     removed = 0
@@ -325,19 +325,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     return study, before
 
 
-def trials_table(study, *, limit: int = 5, metric: str | None = None) -> list[str]:
-    """Text table of the best COMPLETE trials (by the objectives or by `metric`)."""
-    from optuna.trial import TrialState
-
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if metric is not None:
-        done = sorted((t for t in done if metric in t.user_attrs),
-                      key=lambda t: -t.user_attrs[metric])
-    elif len(study.directions) > 1:
-        done = study.best_trials
-    else:
-        reverse = study.direction.name == "MAXIMIZE"
-        done = sorted(done, key=lambda t: t.value, reverse=reverse)
+def trials_table(study, *, limit: int = 5) -> list[str]:
+    """Text table of the best COMPLETE trials (the Pareto front for several objectives)."""
+    done = study.best_trials if len(study.directions) > 1 else _ranked(study)
     rows = ["trial  " + "  ".join(f"{k:>18}" for k in METRIC_KEYS) + "  params"]
     for t in done[:limit]:
         values = "  ".join(f"{t.user_attrs.get(k, float('nan')):>18.4f}" for k in METRIC_KEYS)

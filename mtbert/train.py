@@ -136,8 +136,9 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     n_batches = total_batches(schedule, t.steps_per_epoch, t.grad_accum)
     steps_per_epoch = optimizer_steps(n_batches, t.grad_accum)
     optimizer = make_optimizer(model, lr=t.lr, config=config.optim, device=dev)
-    if any(True for _ in combiner.parameters()):
-        optimizer.add_param_group({"params": list(combiner.parameters()), "lr": t.lr,
+    loss_params = list(combiner.parameters())  # methods with learned weights
+    if loss_params:
+        optimizer.add_param_group({"params": loss_params, "lr": t.lr,
                                    "weight_decay": 0.0, "names": ["loss"]})
     scheduler = linear_schedule(optimizer, warmup=config.optim.warmup,
                                 total_steps=steps_per_epoch * t.epochs)
