@@ -1,13 +1,27 @@
-"""Loss combination: how the task losses of one step become the loss to minimise.
+"""Loss combination and gradient methods: how the task losses of a step become gradients.
 
 Each method is one small `nn.Module` registered by name (a module, so that
-methods with learned weights carry them as parameters). A step may hold the
-loss of one task (round-robin schedules) or of several.
+learned weights are parameters and every method's state is saved with the
+resume state). The training loop calls `backward` once per batch, or, for
+methods with `per_step = True`, once per optimizer step with the losses of
+every task in the step; `after_step` after each optimizer step and
+`end_epoch` with the epoch's mean task losses.
+
+| method | what it does | paper |
+|---|---|---|
+| sum | plain sum | |
+| weighted | fixed weights `loss.weights.<task>` | |
+| uncertainty | sum of exp(-s_i)/2 L_i + s_i/2, s_i = log sigma_i^2 learned | Kendall et al. 2018 |
+| liebel | sum of L_i/(2 w_i^2) + ln(1 + w_i^2), w_i learned | Liebel & Koerner 2018 |
+| dwa | weights K softmax(r_i/T), r_i the ratio of the last two epochs' losses | Liu et al. 2019 |
+| gradnorm | learned weights that equalise the tasks' gradient norms, scaled by training rates | Chen et al. 2018 |
+| pcgrad | projects away the conflicting part of each task's encoder gradient | Yu et al. 2020 |
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn as nn
@@ -25,15 +39,38 @@ def register(cls: type[LossCombiner]) -> type[LossCombiner]:
 
 class LossCombiner(nn.Module):
     name: ClassVar[str]
+    # True: `backward` gets the losses of every task of an optimizer step at once.
+    per_step: ClassVar[bool] = False
 
-    def __init__(self, config: LossConfig, tasks: list[str]):
+    def __init__(self, config: LossConfig, tasks: list[str], *, seed: int = 0):
         super().__init__()
         self.config = config
         self.tasks = tasks
+        self.seed = seed
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The combined scalar loss of the task losses present in this step."""
+        """The combined scalar loss of the task losses present."""
         raise NotImplementedError
+
+    def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
+                 scale: float) -> torch.Tensor:
+        """Adds the gradients of `scale` x the combined loss to `.grad`; returns that loss."""
+        loss = self(losses) * scale
+        loss.backward()
+        return loss.detach()
+
+    def after_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def end_epoch(self, task_losses: dict[str, float]) -> None:
+        """Called with each task's mean training loss of the epoch just ended."""
+
+    def task_weights(self) -> dict[str, float]:
+        """The current weight of each task's loss, as logged (`loss_weight/<task>`)."""
+        return {}
+
+    def _index(self, task: str) -> int:
+        return self.tasks.index(task)
 
 
 @register
@@ -56,9 +93,245 @@ class Weighted(LossCombiner):
         return torch.stack([self.config.weights.get(t, 1.0) * loss
                             for t, loss in losses.items()]).sum()
 
+    def task_weights(self) -> dict[str, float]:
+        return {t: self.config.weights.get(t, 1.0) for t in self.tasks}
 
-def make_loss_combiner(config: LossConfig, tasks: list[str]) -> LossCombiner:
+
+@register
+class Uncertainty(LossCombiner):
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018).
+
+    L = sum_i exp(-s_i)/2 * L_i + s_i/2 with s_i = log sigma_i^2 learned from 0
+    (the regression form of the paper, used for every task as LibMTL does). A
+    task with a large loss learns a large sigma and a small weight exp(-s_i)/2;
+    the s_i/2 term keeps sigma from growing without bound.
+    """
+
+    name = "uncertainty"
+
+    def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
+        super().__init__(config, tasks, **kwargs)
+        self.log_vars = nn.Parameter(torch.zeros(len(tasks)))
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = [0.5 * torch.exp(-self.log_vars[self._index(t)]) * loss
+                 + 0.5 * self.log_vars[self._index(t)] for t, loss in losses.items()]
+        return torch.stack(terms).sum()
+
+    def task_weights(self) -> dict[str, float]:
+        weights = (0.5 * torch.exp(-self.log_vars.detach())).tolist()
+        return dict(zip(self.tasks, weights))
+
+
+@register
+class Liebel(LossCombiner):
+    """Auxiliary-task weighting of Liebel & Koerner 2018:
+    L = sum_i L_i / (2 w_i^2) + ln(1 + w_i^2), w_i learned from 1.
+
+    Unlike log(w^2), the regulariser ln(1 + w^2) stays positive, so the total
+    loss cannot go negative by shrinking a task's weight.
+    """
+
+    name = "liebel"
+
+    def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
+        super().__init__(config, tasks, **kwargs)
+        self.w = nn.Parameter(torch.ones(len(tasks)))
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = []
+        for task, loss in losses.items():
+            w2 = self.w[self._index(task)] ** 2
+            terms.append(loss / (2 * w2) + torch.log1p(w2))
+        return torch.stack(terms).sum()
+
+    def task_weights(self) -> dict[str, float]:
+        return dict(zip(self.tasks, (1 / (2 * self.w.detach() ** 2)).tolist()))
+
+
+@register
+class DynamicWeightAverage(LossCombiner):
+    """Dynamic weight average (Liu, Johns & Davison 2019).
+
+    w_i = K exp(r_i / T) / sum_j exp(r_j / T) with r_i = L_i(e-1) / L_i(e-2)
+    the ratio of task i's mean training loss in the last two epochs, K tasks
+    and T = `loss.dwa_temperature`: a task whose loss falls slowly gets more
+    weight. The first two epochs use w_i = 1.
+    """
+
+    name = "dwa"
+
+    def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
+        super().__init__(config, tasks, **kwargs)
+        self.register_buffer("history", torch.full((2, len(tasks)), math.nan))  # e-2, e-1
+        self.register_buffer("weights", torch.ones(len(tasks)))
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.weights[self._index(t)] * loss
+                            for t, loss in losses.items()]).sum()
+
+    def end_epoch(self, task_losses: dict[str, float]) -> None:
+        latest = torch.tensor([task_losses.get(t, math.nan) for t in self.tasks])
+        self.history.copy_(torch.stack([self.history[1], latest.to(self.history)]))
+        previous, last = self.history[0], self.history[1]
+        if torch.isfinite(previous).all() and torch.isfinite(last).all() and (previous > 0).all():
+            ratios = last / previous
+            self.weights.copy_(len(self.tasks) * torch.softmax(
+                ratios / self.config.dwa_temperature, dim=0))
+
+    def task_weights(self) -> dict[str, float]:
+        return dict(zip(self.tasks, self.weights.tolist()))
+
+
+@register
+class GradNorm(LossCombiner):
+    """GradNorm (Chen et al. 2018): learned weights w_i that balance gradient norms.
+
+    Every step, with W the last shared layer (BERT's pooler when it is shared,
+    else the top layer's feed-forward output), G_i = ||grad_W w_i L_i||. The
+    weights follow the gradient of sum_i |G_i - mean(G) r_i^alpha|, r_i the
+    task's loss ratio L_i / L_i(first step) over the mean ratio (its relative
+    inverse training rate), the target held constant; the network itself
+    trains on sum_i w_i L_i. After each step the weights are renormalised to
+    sum to the number of tasks. Needs every task in each step: with
+    round_robin_batch a step is one batch of each task.
+    """
+
+    name = "gradnorm"
+    per_step = True
+
+    def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
+        super().__init__(config, tasks, **kwargs)
+        self.weights = nn.Parameter(torch.ones(len(tasks)))
+        self.register_buffer("initial", torch.full((len(tasks),), math.nan))
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.weights[self._index(t)].detach() * loss
+                            for t, loss in losses.items()]).sum()
+
+    def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
+                 scale: float) -> torch.Tensor:
+        index = torch.tensor([self._index(t) for t in losses], device=self.weights.device)
+        values = torch.stack(list(losses.values()))  # (K,)
+        with torch.no_grad():
+            unset = torch.isnan(self.initial[index])
+            self.initial[index] = torch.where(unset, values.detach(), self.initial[index])
+        shared = model.last_shared_weight()
+        if shared is not None and shared.requires_grad and len(losses) > 1:
+            norms = torch.stack([torch.autograd.grad(loss, shared, retain_graph=True)[0].norm()
+                                 for loss in losses.values()])  # (K,) of ||grad_W L_i||
+            w = self.weights[index]
+            G = w * norms
+            ratio = values.detach() / self.initial[index]
+            target = (G.mean() * (ratio / ratio.mean()) ** self.config.gradnorm_alpha).detach()
+            grad = torch.autograd.grad((G - target).abs().sum(), self.weights)[0]
+            self.weights.grad = grad if self.weights.grad is None else self.weights.grad + grad
+        return super().backward(losses, model, scale)
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.weights.clamp_(min=1e-3)
+            self.weights.mul_(len(self.tasks) / self.weights.sum())
+
+    def task_weights(self) -> dict[str, float]:
+        return dict(zip(self.tasks, self.weights.detach().tolist()))
+
+
+@register
+class PCGrad(LossCombiner):
+    """Gradient surgery (Yu et al. 2020) on the shared encoder.
+
+    Each task's gradient on the encoder's parameters is computed alone; where
+    it conflicts with another task's (negative dot product) its component
+    along that gradient is removed, the other tasks taken in a random order;
+    the encoder trains on the sum of the projected gradients. Task heads and
+    poolers keep their own task's gradient. Needs every task in each step
+    (triple_batch, or round_robin_batch, whose steps then hold one batch of
+    each task). Memory: one fp32 copy of the encoder gradient per task
+    (3 x 4 bytes x 109M = 1.3 GB for bert-base, 0.27 GB for minilm-l6) and one
+    backward pass per task.
+    """
+
+    name = "pcgrad"
+    per_step = True
+
+    def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
+        super().__init__(config, tasks, **kwargs)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(losses.values())).sum()
+
+    def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
+                 scale: float) -> torch.Tensor:
+        shared = [p for p in model.shared_parameters() if p.requires_grad]
+        flat = []
+        for k, (task, loss) in enumerate(losses.items()):
+            own = [p for p in model.task_parameters(task) if p.requires_grad]
+            grads = torch.autograd.grad(loss * scale, shared + own, allow_unused=True,
+                                        retain_graph=k < len(losses) - 1)
+            _accumulate(own, grads[len(shared):])
+            flat.append(_flatten(grads[:len(shared)], shared))
+        if shared:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps))
+            projected = pcgrad_project(torch.stack(flat), generator).sum(0)
+            _accumulate(shared, _unflatten(projected, shared))
+        self.steps += 1
+        return (self(losses) * scale).detach()
+
+
+def pcgrad_project(grads: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PCGrad's projection of task gradients (K, P): each row, with every other
+    row in a random order, loses its component along that row where their dot
+    product is negative. Returns the projected rows (K, P)."""
+    K = grads.shape[0]
+    out = grads.clone()
+    for i in range(K):
+        for j in torch.randperm(K, generator=generator).tolist():
+            if j == i:
+                continue
+            dot = out[i] @ grads[j]
+            if dot < 0:
+                out[i] -= dot / grads[j].pow(2).sum().clamp(min=1e-20) * grads[j]
+    return out
+
+
+def task_gradients(losses: dict[str, torch.Tensor],
+                   params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Each task loss's gradient on `params`, flattened: (K, P); .grad is untouched."""
+    rows = []
+    for k, loss in enumerate(losses.values()):
+        grads = torch.autograd.grad(loss, params, allow_unused=True,
+                                    retain_graph=k < len(losses) - 1)
+        rows.append(_flatten(grads, params))
+    return torch.stack(rows)
+
+
+def _flatten(grads: Iterable[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for g, p in zip(grads, params)]) if params else torch.zeros(0)
+
+
+def _unflatten(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for p in params:
+        out.append(flat[start:start + p.numel()].view_as(p).to(p.dtype))
+        start += p.numel()
+    return out
+
+
+def _accumulate(params: list[nn.Parameter], grads: Iterable[torch.Tensor | None]) -> None:
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g.detach().clone()
+        else:
+            p.grad += g
+
+
+def make_loss_combiner(config: LossConfig, tasks: list[str], *, seed: int = 0) -> LossCombiner:
     if config.method not in LOSS_METHODS:
         raise ConfigError(f"unknown loss.method '{config.method}'; valid: "
                           f"{', '.join(LOSS_METHODS)}")
-    return LOSS_METHODS[config.method](config, tasks)
+    return LOSS_METHODS[config.method](config, tasks, seed=seed)

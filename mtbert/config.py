@@ -86,12 +86,24 @@ class TrainConfig:
                         "0 = uniform).", min=0.0)
     alpha_start: float = _opt(1.0, "annealed: alpha at the first epoch.", min=0.0)
     alpha_end: float = _opt(0.2, "annealed: alpha at the last epoch.", min=0.0)
+    alpha_shape: Literal["linear", "cosine"] = _opt(
+        "linear", "annealed: how alpha moves from alpha_start to alpha_end over the epochs.")
+    temperature: float = _opt(2.0, "temperature: p_i proportional to N_i^(1/T) (1 = by size, "
+                              "large = uniform).", min=1e-3)
+    target_task: str = _opt("sts", "smart_round_robin: the task trained last in every epoch.",
+                            choices=tuple(TASKS))
+    triple_batch_truncate: bool = _opt(
+        False, "triple_batch with full passes: end the pass with the smallest task instead "
+        "of cycling the smaller tasks until the largest is done.")
     grad_accum: int = _opt(1, "Batches accumulated per optimizer step.", min=1)
     patience: int = _opt(0, "Stop after this many evaluations without improvement "
                          "(0 = never).", min=0)
     select_metric: str = _opt("overall/geometric", "Metric that picks the best checkpoint.",
                               choices=METRIC_KEYS)
     log_every: int = _opt(10, "Optimizer steps between loss readings (progress bar).", min=1)
+    log_grad_conflict_every: int = _opt(
+        0, "Every this many optimizer steps, log the cosine similarity of each pair of task "
+        "gradients on the shared encoder as grad_cos/<a>-<b> (0 = off).", min=0)
 
 
 @dataclass
@@ -103,6 +115,19 @@ class OptimConfig:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", min=0.0)
     layer_decay: float = _opt(1.0, "Layer-wise LR decay xi: layer l gets lr*xi^(L-l), "
                               "embeddings lr*xi^L (layers 1..L); 1.0 = off.", min=0.0, max=1.0)
+    layer_scales: dict[str, float] = _opt(
+        {}, "LR multiplier per encoder layer set, layers numbered 0..L-1: e.g. "
+        "{'0-7': 1.0, '8-11': 2.0}; keys are 'N', 'N-M' or 'embeddings'.")
+    freeze: Literal["none", "encoder", "embeddings"] = _opt(
+        "none", "Frozen parameters: none, the whole encoder incl. its pooler (heads only), or "
+        "the embeddings.")
+    train_layers: list[int] = _opt(
+        [], "If set, only these encoder layers (0..L-1) and the heads train: single-layer "
+        "probing.")
+    unfreeze_after: int = _opt(0, "Unfreeze everything after this many epochs (0 = never).",
+                               min=0)
+    head_lr: dict[str, float] = _opt({}, "Peak LR of each task's head and pooler (default: "
+                                     "train.lr).")
 
 
 @dataclass
@@ -110,6 +135,13 @@ class LossConfig:
     method: str = _opt("sum", "How task losses combine.", choices="losses")
     weights: dict[str, float] = _opt({name: 1.0 for name in TASKS},
                                      "weighted: weight of each task's loss.")
+    weight_lr: float = _opt(0.01, "uncertainty, liebel, gradnorm: peak LR of the learned "
+                            "loss weights (they follow the warm-up and decay of train.lr).",
+                            min=0.0)
+    gradnorm_alpha: float = _opt(1.5, "gradnorm: asymmetry alpha; larger pulls the task "
+                                 "training rates together harder (Chen et al. 2018).", min=0.0)
+    dwa_temperature: float = _opt(2.0, "dwa: softmax temperature of the loss-ratio weights "
+                                  "(Liu et al. 2019).", min=1e-3)
 
 
 @dataclass
@@ -148,6 +180,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"bad value {value!r} for {key}; expected a list")
         items = [_coerce(key, v, args[0], {}) for v in value]
@@ -155,8 +189,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         for item in items:
             if choices and item not in choices:
                 raise ConfigError(f"bad value {item!r} in {key}; valid: {', '.join(choices)}")
-        if not items:
-            raise ConfigError(f"{key} is empty; valid: {', '.join(choices or ())}")
+        if not items and choices:
+            raise ConfigError(f"{key} is empty; valid: {', '.join(choices)}")
         return items
     if origin is dict:
         if not isinstance(value, dict):
@@ -234,10 +268,39 @@ def _check(config: RunConfig) -> None:
     for name, weight in config.loss.weights.items():
         if weight < 0:
             raise ConfigError(f"bad value {weight!r} for loss.weights.{name}; must be >= 0")
+    for name, lr in config.optim.head_lr.items():
+        if name not in TASKS:
+            raise ConfigError(f"unknown task '{name}' in optim.head_lr; valid: {', '.join(TASKS)}")
+        if lr < 0:
+            raise ConfigError(f"bad value {lr!r} for optim.head_lr.{name}; must be >= 0")
+    for spec, scale in config.optim.layer_scales.items():
+        parse_layer_set(spec)
+        if scale < 0:
+            raise ConfigError(f"bad value {scale!r} for optim.layer_scales.{spec}; must be >= 0")
+    if any(layer < 0 for layer in config.optim.train_layers):
+        raise ConfigError(f"bad value {config.optim.train_layers} for optim.train_layers; "
+                          "layers are numbered from 0")
     task = config.train.select_metric.split("/")[0]
     if task in TASKS and task not in config.data.tasks:
         raise ConfigError(f"train.select_metric {config.train.select_metric} names a task not "
                           f"in data.tasks ({', '.join(config.data.tasks)})")
+
+
+def parse_layer_set(spec: str) -> tuple[int, int] | None:
+    """An optim.layer_scales key: 'N' or 'N-M' -> (N, M) inclusive; 'embeddings' -> None."""
+    text = str(spec).strip()
+    if text == "embeddings":
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        first, last = int(low), int(high) if sep else int(low)
+    except ValueError:
+        raise ConfigError(f"bad key '{spec}' in optim.layer_scales; valid: 'N', 'N-M' "
+                          "(encoder layers from 0) or 'embeddings'") from None
+    if first < 0 or last < first:
+        raise ConfigError(f"bad key '{spec}' in optim.layer_scales; expected N-M with "
+                          "0 <= N <= M")
+    return first, last
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +397,7 @@ def describe() -> list[tuple[str, str, str]]:
             hint = typing.get_type_hints(type(section_value))[f.name]
             if typing.get_origin(hint) is Literal:
                 help_text += f" One of: {', '.join(typing.get_args(hint))}."
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:
                 for sub, sub_value in flatten(value, f"{key}.").items():
                     rows.append((sub, _show(sub_value), help_text))
             else:
@@ -357,7 +420,9 @@ def _show(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, list):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) if value else "[]"
+    if isinstance(value, dict) and not value:
+        return "{}"
     return str(value)
 
 

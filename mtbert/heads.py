@@ -64,6 +64,23 @@ class MultitaskModel(nn.Module):
                                              dropout=config.dropout,
                                              sts_output=config.sts_output)
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters every task trains: the encoder (with BERT's pooler)."""
+        return list(self.encoder.parameters())
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """Parameters only `task` trains: its head and, if per task, its pooler."""
+        own = list(self.heads[task].parameters())
+        if task in self.poolers:
+            own += list(self.poolers[task].parameters())
+        return own
+
+    def last_shared_weight(self) -> nn.Parameter | None:
+        """The weight of the last layer all tasks share (GradNorm's W)."""
+        if self.config.pooler == "shared":
+            return self.encoder.pooler.weight
+        return self.encoder.layers[-1].ffn_down.weight if len(self.encoder.layers) else None
+
     def embed(self, task: str, ids: torch.Tensor, mask: torch.Tensor,
               types: torch.Tensor) -> torch.Tensor:
         """Sentence embeddings (B, d) of token ids (B, T) for `task`'s head."""

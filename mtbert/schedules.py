@@ -1,11 +1,14 @@
 """Task-sampling schedules: which task each batch of an epoch comes from.
 
-A schedule turns one epoch into a list of task names, one per batch (an
-optimizer step is `train.grad_accum` batches). With `train.steps_per_epoch`
-> 0 the list has exactly steps x grad_accum entries; with 0 an epoch is one
-pass over all training examples: each task's batches of one pass, in the
-schedule's order or proportions. Each schedule is one small class registered
-by name; the training loop knows none of them.
+A schedule turns one epoch into a list of task names, one per batch. An
+optimizer step takes `batches_per_step x train.grad_accum` consecutive
+batches of that list: one batch for most schedules, one batch of every task
+for `triple_batch` (and for `round_robin_batch` under a loss method that
+needs every task in each step, such as pcgrad). With `train.steps_per_epoch`
+> 0 an epoch is exactly that many optimizer steps; with 0 it is one pass
+over all training examples, spent in the schedule's order or proportions.
+Each schedule is one small class registered by name; the training loop knows
+none of them.
 """
 
 from __future__ import annotations
@@ -28,17 +31,23 @@ def register(cls: type[Schedule]) -> type[Schedule]:
 
 class Schedule:
     name: ClassVar[str]
+    batches_per_step: int = 1
 
     def __init__(self, config: TrainConfig, batches_per_pass: dict[str, int],
-                 sizes: dict[str, int]):
+                 sizes: dict[str, int], *, every_task_per_step: bool = False):
         self.config = config
         self.tasks = list(batches_per_pass)
         self.batches_per_pass = batches_per_pass
         self.sizes = sizes
+        self.every_task_per_step = every_task_per_step
 
     def plan(self, epoch: int, n_batches: int | None) -> list[str]:
         """Task of each batch of `epoch` (0-based); n_batches None = one pass."""
         raise NotImplementedError
+
+    def pass_batches(self) -> int:
+        """Batches of an epoch that is one pass (train.steps_per_epoch 0)."""
+        return sum(self.batches_per_pass.values())
 
     def _rng(self, epoch: int) -> np.random.Generator:
         # Seeded per epoch, so a resumed run draws the same plan as the killed one.
@@ -54,6 +63,12 @@ class RoundRobinBatch(Schedule):
     """
 
     name = "round_robin_batch"
+
+    @property
+    def batches_per_step(self) -> int:  # type: ignore[override]
+        # Loss methods that compare task gradients (pcgrad, gradnorm) need one
+        # batch of every task in each step: one round of the rotation.
+        return len(self.tasks) if self.every_task_per_step else 1
 
     def plan(self, epoch: int, n_batches: int | None) -> list[str]:
         if n_batches is not None:
@@ -103,9 +118,12 @@ class Proportional(_Sampled):
 
 @register
 class Annealed(_Sampled):
-    """Annealed sampling (Stickland & Murray 2019): alpha moves linearly from
+    """Annealed sampling (Stickland & Murray 2019): alpha moves from
     `train.alpha_start` at the first epoch to `train.alpha_end` at the last,
     so training starts by dataset size and ends closer to uniform.
+
+    `train.alpha_shape` linear: in equal steps; cosine: half a cosine wave,
+    slow at both ends, fastest in the middle.
     """
 
     name = "annealed"
@@ -114,23 +132,149 @@ class Annealed(_Sampled):
         start, end, epochs = self.config.alpha_start, self.config.alpha_end, self.config.epochs
         if epochs <= 1:
             return start
-        return start + (end - start) * epoch / (epochs - 1)
+        progress = epoch / (epochs - 1)
+        if self.config.alpha_shape == "cosine":
+            progress = (1 - math.cos(math.pi * progress)) / 2
+        return start + (end - start) * progress
+
+
+@register
+class Temperature(_Sampled):
+    """Temperature sampling as in jiant: p_i ∝ N_i^(1/T) with T = `train.temperature`.
+
+    T = 1 samples by dataset size, larger T flattens towards uniform (T = 2
+    is the square-root rule). One pass: the batches of one pass over all tasks.
+    """
+
+    name = "temperature"
+
+    def alpha(self, epoch: int) -> float:
+        return 1.0 / self.config.temperature
+
+
+@register
+class Sequential(Schedule):
+    """All of task 1's batches, then task 2's, then task 3's: the
+    catastrophic-forgetting baseline.
+
+    The whole run (train.epochs x the batches of one epoch) is cut into one
+    contiguous block per task, in `data.tasks` order; a block boundary may fall
+    inside an epoch. With steps_per_epoch > 0 the blocks are equal; for full
+    passes each task's block is train.epochs passes over its own data.
+    """
+
+    name = "sequential"
+
+    def plan(self, epoch: int, n_batches: int | None) -> list[str]:
+        epochs = self.config.epochs
+        if n_batches is None:
+            per_epoch = self.pass_batches()
+            blocks = [(t, epochs * self.batches_per_pass[t]) for t in self.tasks]
+        else:
+            per_epoch = n_batches
+            total = epochs * n_batches
+            bounds = [round(total * k / len(self.tasks)) for k in range(len(self.tasks) + 1)]
+            blocks = [(t, bounds[k + 1] - bounds[k]) for k, t in enumerate(self.tasks)]
+        run = [task for task, n in blocks for _ in range(n)]
+        return run[epoch * per_epoch:(epoch + 1) * per_epoch]
+
+
+@register
+class RoundRobinEpoch(Schedule):
+    """One task per epoch, in turn: epoch 1 sst, epoch 2 qqp, epoch 3 sts, epoch 4 sst...
+
+    With steps_per_epoch > 0 the epoch is that many steps of its task; for
+    full passes it is one pass over that task's data.
+    """
+
+    name = "round_robin_epoch"
+
+    def plan(self, epoch: int, n_batches: int | None) -> list[str]:
+        task = self.tasks[epoch % len(self.tasks)]
+        return [task] * (self.batches_per_pass[task] if n_batches is None else n_batches)
+
+
+@register
+class SmartRoundRobin(Schedule):
+    """Round robin over the other tasks, then the target task (`train.target_task`)
+    as the last block of every epoch, so that each evaluation follows training
+    on the task the run cares most about.
+
+    With steps_per_epoch > 0 the target task gets its fair share (1/number of
+    tasks) of the epoch's batches, at the end; for full passes, every task
+    makes one pass and the target's comes last.
+    """
+
+    name = "smart_round_robin"
+
+    def plan(self, epoch: int, n_batches: int | None) -> list[str]:
+        target = self.config.target_task
+        if target not in self.tasks:
+            return RoundRobinBatch(self.config, self.batches_per_pass, self.sizes).plan(
+                epoch, n_batches)
+        others = [t for t in self.tasks if t != target]
+        if n_batches is None:
+            left = {t: self.batches_per_pass[t] for t in others}
+            head: list[str] = []
+            while any(left.values()):
+                for task in others:
+                    if left[task]:
+                        head.append(task)
+                        left[task] -= 1
+            return head + [target] * self.batches_per_pass[target]
+        n_target = n_batches // len(self.tasks) if others else n_batches
+        head = [others[i % len(others)] for i in range(n_batches - n_target)] if others else []
+        return head + [target] * n_target
+
+
+@register
+class TripleBatch(Schedule):
+    """One batch of every task per optimizer step, one step on the combined loss.
+
+    A full pass lasts as many steps as the largest task has batches, the
+    smaller tasks cycling through their data again; with
+    `train.triple_batch_truncate` it lasts as many as the smallest has, and
+    the larger tasks see only part of their data each epoch.
+    """
+
+    name = "triple_batch"
+
+    @property
+    def batches_per_step(self) -> int:  # type: ignore[override]
+        return len(self.tasks)
+
+    def _pass_steps(self) -> int:
+        counts = self.batches_per_pass.values()
+        return min(counts) if self.config.triple_batch_truncate else max(counts)
+
+    def pass_batches(self) -> int:
+        return self._pass_steps() * len(self.tasks)
+
+    def plan(self, epoch: int, n_batches: int | None) -> list[str]:
+        n = self.pass_batches() if n_batches is None else n_batches
+        return [self.tasks[i % len(self.tasks)] for i in range(n)]
 
 
 def make_schedule(config: TrainConfig, batches_per_pass: dict[str, int],
-                  sizes: dict[str, int]) -> Schedule:
+                  sizes: dict[str, int], *, every_task_per_step: bool = False) -> Schedule:
     if config.schedule not in SCHEDULES:
         raise ConfigError(f"unknown train.schedule '{config.schedule}'; valid: "
                           f"{', '.join(SCHEDULES)}")
-    return SCHEDULES[config.schedule](config, batches_per_pass, sizes)
+    return SCHEDULES[config.schedule](config, batches_per_pass, sizes,
+                                      every_task_per_step=every_task_per_step)
 
 
-def total_batches(schedule: Schedule, steps_per_epoch: int, grad_accum: int) -> int:
-    """Batches of one epoch, as `plan` will return."""
+def step_size(schedule: Schedule, grad_accum: int) -> int:
+    """Batches per optimizer step."""
+    return schedule.batches_per_step * grad_accum
+
+
+def epoch_batches(schedule: Schedule, epoch: int, steps_per_epoch: int, grad_accum: int) -> int:
+    """Batches of one epoch, as `plan` will return them."""
     if steps_per_epoch > 0:
-        return steps_per_epoch * grad_accum
-    return sum(schedule.batches_per_pass.values())
+        return steps_per_epoch * step_size(schedule, grad_accum)
+    return len(schedule.plan(epoch, None))
 
 
-def optimizer_steps(n_batches: int, grad_accum: int) -> int:
-    return math.ceil(n_batches / grad_accum)
+def optimizer_steps(n_batches: int, per_step: int) -> int:
+    return math.ceil(n_batches / per_step)

@@ -20,26 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import mtbert
-from mtbert.balancing import make_loss_combiner
+from mtbert.balancing import LossCombiner, make_loss_combiner, task_gradients
 from mtbert.config import RunConfig, cache_dir, data_dir, save_config
-from mtbert.data import EncodedSet, TaskSampler, read_examples, sample_indices, tokenize_cached
+from mtbert.data import Batch, EncodedSet, TaskSampler, read_examples, sample_indices, \
+    tokenize_cached
 from mtbert.encoder import load_pretrained
 from mtbert.errors import DataError, TrainingError
 from mtbert.evaluate import autocast, evaluate
 from mtbert.export import save_model_dir
 from mtbert.heads import MultitaskModel
-from mtbert.optim import make_optimizer, linear_schedule
-from mtbert.schedules import make_schedule, optimizer_steps, total_batches
+from mtbert.optim import apply_freezing, linear_schedule, make_optimizer
+from mtbert.schedules import epoch_batches, make_schedule, optimizer_steps, step_size
 from mtbert.tasks import get_task
 from mtbert.tokenize import Tokenizer
 
 log = logging.getLogger("mtbert")
 
 RESUME_FILE = "resume.pt"
+GRAD_CONFLICT_FILE = "grad_conflict.jsonl"
 EvalCallback = Callable[[int, int, dict[str, float]], None]
 
 
@@ -126,25 +129,32 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     data = load_task_data(config, tokenizer)
     tasks = config.data.tasks
     model = MultitaskModel(encoder, [get_task(t) for t in tasks], config.model).to(dev)
-    combiner = make_loss_combiner(config.loss, tasks).to(dev)
-
     t = config.train
+    combiner = make_loss_combiner(config.loss, tasks, seed=t.seed).to(dev)
     samplers = {name: TaskSampler(len(data.train[name]), t.batch_size, seed=t.seed, task=name)
                 for name in tasks}
     schedule = make_schedule(t, {n: s.batches_per_pass for n, s in samplers.items()},
-                             {n: len(data.train[n]) for n in tasks})
-    n_batches = total_batches(schedule, t.steps_per_epoch, t.grad_accum)
-    steps_per_epoch = optimizer_steps(n_batches, t.grad_accum)
+                             {n: len(data.train[n]) for n in tasks},
+                             every_task_per_step=combiner.per_step)
+    if combiner.per_step and schedule.batches_per_step == 1 and len(tasks) > 1:
+        log.warning("loss.method %s compares the tasks of each step, but %s gives most steps "
+                    "a single task; use train.schedule triple_batch or round_robin_batch",
+                    config.loss.method, t.schedule)
+    per_step = step_size(schedule, t.grad_accum)
+    epoch_steps = [optimizer_steps(epoch_batches(schedule, e, t.steps_per_epoch, t.grad_accum),
+                                   per_step) for e in range(t.epochs)]
+    apply_freezing(model, config.optim, 0)  # checks the layers named before anything runs
     optimizer = make_optimizer(model, lr=t.lr, config=config.optim, device=dev)
     loss_params = list(combiner.parameters())  # methods with learned weights
     if loss_params:
-        optimizer.add_param_group({"params": loss_params, "lr": t.lr,
+        optimizer.add_param_group({"params": loss_params, "lr": config.loss.weight_lr,
                                    "weight_decay": 0.0, "names": ["loss"]})
     scheduler = linear_schedule(optimizer, warmup=config.optim.warmup,
-                                total_steps=steps_per_epoch * t.epochs)
+                                total_steps=sum(epoch_steps))
+    probes = _probe_batches(data, t) if t.log_grad_conflict_every else {}
 
     state = {"epoch": -1, "step": 0, "best": None, "history": [], "bad_evals": 0,
-             "train_time": 0.0, "train_examples": 0, "finished": False}
+             "train_time": 0.0, "train_examples": 0, "finished": False, "grad_cos": []}
     resume_path = run_dir / RESUME_FILE
     if resume and resume_path.exists():
         saved = torch.load(resume_path, map_location="cpu", weights_only=True)
@@ -162,25 +172,36 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     metrics_path = run_dir / "metrics.jsonl"
     # The killed run may have logged an evaluation after its last saved state.
     _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
+    if probes:
+        _atomic_write(run_dir / GRAD_CONFLICT_FILE,
+                      "".join(json.dumps(r) + "\n" for r in state["grad_cos"]))
 
     env = environment(dev)
-    log.info("training %s on %s: %s, %d steps per epoch x %d epochs", ", ".join(tasks), dev,
-             t.schedule, steps_per_epoch, t.epochs)
+    log.info("training %s on %s: %s, %s, %d optimizer steps in %d epochs", ", ".join(tasks),
+             dev, t.schedule, config.loss.method, sum(epoch_steps), t.epochs)
     select = t.select_metric
     try:
         for epoch in range(state["epoch"] + 1, t.epochs):
             if state["finished"]:
                 break
-            plan = schedule.plan(epoch, t.steps_per_epoch * t.grad_accum or None)
+            trainable = apply_freezing(model, config.optim, epoch)
+            if config.optim.unfreeze_after and epoch == config.optim.unfreeze_after:
+                log.info("epoch %d: unfreezing, %d trainable parameters", epoch + 1, trainable)
+            plan = schedule.plan(epoch, t.steps_per_epoch * per_step or None)
             tic = time.perf_counter()
-            epoch_loss, seen = _train_epoch(
-                model, combiner, data, samplers, plan, optimizer, scheduler, dev, config,
-                state, desc=f"epoch {epoch + 1}/{t.epochs}", progress=progress)
+            result = _train_epoch(
+                model, combiner, data, samplers, plan, per_step, schedule.batches_per_step,
+                optimizer, scheduler, dev, config, state, probes,
+                desc=f"epoch {epoch + 1}/{t.epochs}", progress=progress)
             state["train_time"] += time.perf_counter() - tic
-            state["train_examples"] += seen
+            state["train_examples"] += result.seen
+            combiner.end_epoch(result.task_losses)
+            if probes:
+                _atomic_write(run_dir / GRAD_CONFLICT_FILE,
+                              "".join(json.dumps(r) + "\n" for r in state["grad_cos"]))
             metrics = evaluate(model, data.dev, batch_size=t.eval_batch_size, device=dev)
             record = {"step": state["step"], "epoch": epoch + 1, **metrics,
-                      "train/loss": epoch_loss}
+                      "train/loss": result.loss, **result.extra(combiner)}
             state["history"].append(record)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -205,7 +226,8 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
             _save_resume_state(resume_path, model, combiner, optimizer, scheduler, samplers,
                                state)
             if on_eval is not None:
-                on_eval(epoch, state["step"], {**metrics, "train/loss": epoch_loss})
+                on_eval(epoch, state["step"], {k: v for k, v in record.items()
+                                               if k not in ("step", "epoch")})
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(f"out of GPU memory at step {state['step']}; lower "
                             "train.batch_size or model.max_length") from None
@@ -226,37 +248,74 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     return summary
 
 
-def _train_epoch(model, combiner, data: TaskData, samplers, plan: list[str], optimizer,
-                 scheduler, device: torch.device, config: RunConfig, state: dict, *,
-                 desc: str, progress: bool) -> tuple[float, int]:
-    """One epoch of optimizer steps; returns (mean loss, examples seen)."""
+@dataclass
+class EpochResult:
+    loss: float  # mean combined training loss
+    seen: int  # training examples
+    task_losses: dict[str, float]  # mean loss of each task's batches
+    grad_cos: dict[str, float]  # mean of the epoch's gradient-conflict readings
+
+    def extra(self, combiner: LossCombiner) -> dict[str, float]:
+        """Per-task losses, loss weights and gradient cosines for metrics.jsonl and W&B."""
+        out = {f"train/loss_{t}": v for t, v in self.task_losses.items()}
+        out.update({f"loss_weight/{t}": round(w, 6) for t, w in combiner.task_weights().items()})
+        out.update(self.grad_cos)
+        return out
+
+
+def _train_epoch(model, combiner: LossCombiner, data: TaskData, samplers, plan: list[str],
+                 per_step: int, tasks_per_step: int, optimizer, scheduler, device: torch.device,
+                 config: RunConfig, state: dict, probes: dict[str, Batch], *, desc: str,
+                 progress: bool) -> EpochResult:
+    """One epoch of optimizer steps, each `per_step` consecutive batches of `plan`.
+
+    A step's loss is the sum over the `tasks_per_step` batches of one round
+    (one task for most schedules, every task for triple_batch) and the mean
+    over the rounds accumulated (train.grad_accum).
+    """
     t = config.train
     model.train()
-    n_steps = optimizer_steps(len(plan), t.grad_accum)
+    n_steps = optimizer_steps(len(plan), per_step)
     running = torch.zeros((), device=device)
+    task_sums = {name: torch.zeros((), device=device) for name in data.train}
+    task_counts = dict.fromkeys(data.train, 0)
     window_start, window_examples = time.perf_counter(), 0
     total_loss, seen, readings = 0.0, 0, 0
+    conflicts: list[dict[str, float]] = []
     bar = tqdm(total=n_steps, desc=desc, disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0, leave=False)
     for i in range(n_steps):
-        micro = plan[i * t.grad_accum:(i + 1) * t.grad_accum]
+        group = plan[i * per_step:(i + 1) * per_step]
+        scale = tasks_per_step / len(group)
         optimizer.zero_grad(set_to_none=True)
-        for task in micro:
+        step_losses: dict[str, torch.Tensor] = {}
+        for task in group:
             batch = data.train[task].batch(samplers[task].next()).to(device)
             with autocast(device):
                 output = model(batch)
             task_loss = data.train[task].task.loss(output, batch.labels)
-            loss = combiner({task: task_loss}) / len(micro)
-            loss.backward()
-            running += loss.detach()
+            task_sums[task] += task_loss.detach()
+            task_counts[task] += 1
+            if combiner.per_step:
+                step_losses[task] = step_losses[task] + task_loss if task in step_losses \
+                    else task_loss
+            else:
+                running += combiner.backward({task: task_loss}, model, scale)
             seen += len(batch)
             window_examples += len(batch)
+        if combiner.per_step:
+            running += combiner.backward(step_losses, model, scale)
         if config.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
         optimizer.step()
+        combiner.after_step()
         scheduler.step()
         state["step"] += 1
         bar.update(1)
+        if probes and state["step"] % t.log_grad_conflict_every == 0:
+            reading = gradient_conflict(model, probes, device)
+            conflicts.append(reading)
+            state["grad_cos"].append({"step": state["step"], **reading})
         # The loss is read (a host-device sync) only every log_every steps.
         if (i + 1) % t.log_every == 0 or i + 1 == n_steps:
             steps_in_window = (i % t.log_every) + 1
@@ -271,7 +330,45 @@ def _train_epoch(model, combiner, data: TaskData, samplers, plan: list[str], opt
             running.zero_()
             window_start, window_examples = time.perf_counter(), 0
     bar.close()
-    return total_loss / max(readings, 1), seen
+    task_losses = {name: task_sums[name].item() / n for name, n in task_counts.items() if n}
+    grad_cos = {key: sum(r[key] for r in conflicts) / len(conflicts)
+                for key in (conflicts[0] if conflicts else {})}
+    return EpochResult(total_loss / max(readings, 1), seen, task_losses, grad_cos)
+
+
+def _probe_batches(data: TaskData, t) -> dict[str, Batch]:
+    """One fixed training batch per task for the gradient-conflict readings."""
+    probes = {}
+    for name, dataset in data.train.items():
+        order = np.random.default_rng([t.seed, 0xC05]).permutation(len(dataset))
+        probes[name] = dataset.batch(order[:t.batch_size])
+    return probes
+
+
+def gradient_conflict(model, probes: dict[str, Batch], device: torch.device) -> dict[str, float]:
+    """Cosine similarity of each pair of task gradients on the shared encoder.
+
+    Computed on fixed probe batches in eval mode (no dropout, no random draws),
+    so readings at different steps compare the same examples and training is
+    left exactly as it was. Negative = the tasks pull the encoder apart.
+    """
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    if not shared or len(probes) < 2:
+        return {}
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for name, batch in probes.items():
+        batch = batch.to(device)
+        with autocast(device):
+            output = model(batch)
+        losses[name] = get_task(name).loss(output, batch.labels)
+    grads = torch.nn.functional.normalize(task_gradients(losses, shared), dim=1)  # (K, P)
+    cos = (grads @ grads.T).tolist()  # one sync for all pairs
+    model.train(was_training)
+    names = list(probes)
+    return {f"grad_cos/{names[i]}-{names[j]}": round(cos[i][j], 6)
+            for i in range(len(names)) for j in range(i + 1, len(names))}
 
 
 def _save_resume_state(path: Path, model, combiner, optimizer, scheduler, samplers,

@@ -5,15 +5,17 @@ from collections import Counter
 import pytest
 
 from mtbert.config import TrainConfig
-from mtbert.schedules import SCHEDULES, make_schedule, total_batches
+import math
+
+from mtbert.schedules import SCHEDULES, epoch_batches, make_schedule, step_size
 
 SIZES = {"sst": 800, "qqp": 3200, "sts": 200}
 BATCHES = {"sst": 25, "qqp": 100, "sts": 7}
 
 
-def _schedule(**train):
+def _schedule(every_task_per_step=False, **train):
     config = TrainConfig(**train)
-    return make_schedule(config, BATCHES, SIZES)
+    return make_schedule(config, BATCHES, SIZES, every_task_per_step=every_task_per_step)
 
 
 def test_round_robin_batch_alternates_tasks():
@@ -55,10 +57,87 @@ def test_annealed_moves_alpha_from_start_to_end():
     assert last["qqp"] < first["qqp"] and last["sts"] > first["sts"]
 
 
+def test_annealed_cosine_is_slow_at_both_ends():
+    schedule = _schedule(schedule="annealed", epochs=5, alpha_shape="cosine")
+    alphas = [schedule.alpha(e) for e in range(5)]
+    expected = [1.0 - 0.8 * (1 - math.cos(math.pi * e / 4)) / 2 for e in range(5)]
+    assert alphas == pytest.approx(expected)
+    assert alphas[2] == pytest.approx(0.6)  # the same midpoint as linear
+    assert alphas[0] - alphas[1] < 0.2 < alphas[1] - alphas[2]
+
+
+def test_temperature_probabilities_follow_the_formula():
+    schedule = _schedule(schedule="temperature", temperature=4.0)
+    p = schedule.probabilities(0)
+    norm = sum(n ** 0.25 for n in SIZES.values())
+    assert p == {t: pytest.approx(n ** 0.25 / norm) for t, n in SIZES.items()}
+    assert _schedule(schedule="temperature", temperature=1.0).probabilities(0)["qqp"] == \
+        pytest.approx(3200 / 4200)
+
+
+def _blocks(plan):
+    """Consecutive runs of one task: ['a', 'a', 'b'] -> [('a', 2), ('b', 1)]."""
+    runs = []
+    for task in plan:
+        if runs and runs[-1][0] == task:
+            runs[-1] = (task, runs[-1][1] + 1)
+        else:
+            runs.append((task, 1))
+    return runs
+
+
+def test_sequential_visits_tasks_in_blocks_across_the_run():
+    schedule = _schedule(schedule="sequential", epochs=2)
+    run = schedule.plan(0, 9) + schedule.plan(1, 9)
+    assert _blocks(run) == [("sst", 6), ("qqp", 6), ("sts", 6)]
+    one_pass = schedule.plan(0, None) + schedule.plan(1, None)
+    assert _blocks(one_pass) == [(t, 2 * n) for t, n in BATCHES.items()]
+    assert len(schedule.plan(0, None)) == sum(BATCHES.values())
+
+
+def test_round_robin_epoch_changes_task_only_at_epoch_boundaries():
+    schedule = _schedule(schedule="round_robin_epoch", epochs=4)
+    plans = [schedule.plan(e, 5) for e in range(4)]
+    assert [set(p) for p in plans] == [{"sst"}, {"qqp"}, {"sts"}, {"sst"}]
+    assert schedule.plan(1, None) == ["qqp"] * BATCHES["qqp"]
+    assert epoch_batches(schedule, 2, 0, 1) == BATCHES["sts"]
+
+
+def test_smart_round_robin_puts_the_target_task_last():
+    schedule = _schedule(schedule="smart_round_robin")  # target sts
+    plan = schedule.plan(0, 9)
+    assert plan == ["sst", "qqp"] * 3 + ["sts"] * 3
+    full = schedule.plan(0, None)
+    assert Counter(full) == BATCHES
+    assert full[-BATCHES["sts"]:] == ["sts"] * BATCHES["sts"] and "sts" not in full[:-7]
+    assert _schedule(schedule="smart_round_robin", target_task="sst").plan(0, 6)[-2:] == \
+        ["sst", "sst"]
+
+
+def test_triple_batch_sees_every_task_every_step():
+    schedule = _schedule(schedule="triple_batch")
+    per_step = step_size(schedule, grad_accum=1)
+    assert per_step == 3
+    plan = schedule.plan(0, 4 * per_step)
+    assert all(set(plan[i:i + 3]) == {"sst", "qqp", "sts"} for i in range(0, len(plan), 3))
+    assert epoch_batches(schedule, 0, 0, 1) == 3 * max(BATCHES.values())  # smaller cycle
+    truncated = _schedule(schedule="triple_batch", triple_batch_truncate=True)
+    assert epoch_batches(truncated, 0, 0, 1) == 3 * min(BATCHES.values())
+    assert epoch_batches(schedule, 0, 10, 2) == 60
+
+
+def test_round_robin_groups_one_batch_per_task_for_gradient_methods():
+    schedule = _schedule(schedule="round_robin_batch", every_task_per_step=True)
+    assert step_size(schedule, grad_accum=1) == 3
+    assert _schedule(schedule="round_robin_batch").batches_per_step == 1
+
+
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_every_schedule_runs_with_defaults_and_is_seeded(name):
     schedule = _schedule(schedule=name)
-    assert len(schedule.plan(0, 30)) == 30
+    per_step = step_size(schedule, 1)
+    assert len(schedule.plan(0, 30 * per_step)) == 30 * per_step
     assert schedule.plan(1, 30) == _schedule(schedule=name).plan(1, 30)
-    assert len(schedule.plan(0, None)) == total_batches(schedule, 0, 1) == sum(BATCHES.values())
-    assert total_batches(schedule, 10, 4) == 40
+    assert len(schedule.plan(0, None)) == epoch_batches(schedule, 0, 0, 1)
+    assert set(schedule.plan(0, None)) <= set(SIZES)
+    assert epoch_batches(schedule, 0, 10, 4) == 40 * per_step
