@@ -1,0 +1,219 @@
+"""Each loss-combination and gradient method has its defining property."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mtbert.balancing import LOSS_METHODS, make_loss_combiner, pcgrad_project
+from mtbert.config import LossConfig, ModelConfig
+from mtbert.encoder import BertConfig, BertEncoder
+from mtbert.heads import MultitaskModel
+from mtbert.tasks import TASKS
+from mtbert.train import train
+
+TASK_NAMES = ["sst", "qqp", "sts"]
+
+
+def _combiner(method, **loss):
+    return make_loss_combiner(LossConfig(method=method, **loss), TASK_NAMES)
+
+
+def test_pcgrad_removes_the_conflict_of_two_tasks():
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # dot -1: they conflict
+    out = pcgrad_project(grads, torch.Generator().manual_seed(0))
+    assert out[0] @ grads[1] == pytest.approx(0.0, abs=1e-6)
+    assert out[1] @ grads[0] == pytest.approx(0.0, abs=1e-6)
+    # g1 minus its part along g2: (1, 0) - (-1/2)(-1, 1) = (0.5, 0.5)
+    assert out[0].tolist() == pytest.approx([0.5, 0.5])
+    assert out[1].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_pcgrad_leaves_agreeing_gradients_alone():
+    grads = torch.tensor([[1.0, 2.0, 0.0], [0.5, 1.0, 1.0], [0.0, 1.0, 3.0]])
+    assert torch.equal(pcgrad_project(grads), grads)
+
+
+def test_pcgrad_random_pairs_never_conflict_after_projection():
+    torch.manual_seed(0)
+    conflicts = 0
+    for _ in range(100):
+        grads = torch.randn(2, 8)
+        conflicts += bool(grads[0] @ grads[1] < 0)
+        out = pcgrad_project(grads)
+        assert out[0] @ grads[1] >= -1e-5 and out[1] @ grads[0] >= -1e-5
+    assert conflicts > 20  # the property was exercised
+
+
+def test_pcgrad_three_tasks_fixes_each_conflict_and_spares_the_rest():
+    grads = torch.tensor([[2.0, 1.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    out = pcgrad_project(grads, torch.Generator().manual_seed(3))
+    assert out[0] @ grads[1] >= -1e-6 and out[1] @ grads[0] >= -1e-6
+    assert torch.equal(out[2], grads[2])  # it conflicted with no one
+    # (2, 1) - (-3/5)(-2, 1) = (0.8, 1.6)
+    assert out[0].tolist() == pytest.approx([0.8, 1.6, 0.0])
+
+
+def _tiny_model(**model):
+    torch.manual_seed(0)
+    encoder = BertEncoder(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=16,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return MultitaskModel(encoder, list(TASKS.values()), ModelConfig(dropout=0.0, **model))
+
+
+def _task_losses(model):
+    torch.manual_seed(1)
+    ids = torch.randint(5, 20, (4, 6))
+    mask = torch.ones_like(ids)
+    types = torch.zeros_like(ids)
+    losses = {}
+    for name, task in TASKS.items():
+        out = model.heads[name](model.embed(name, ids, mask, types))
+        labels = torch.tensor([0, 1, 1, 0]) if name != "sts" else torch.tensor([0., 5., 2., 1.])
+        losses[name] = task.loss(out, labels if name != "qqp" else labels.float())
+    return losses
+
+
+def test_pcgrad_step_projects_encoder_gradients_and_keeps_head_gradients():
+    model = _tiny_model()
+    combiner = _combiner("pcgrad")
+    combiner.backward(_task_losses(model), model, scale=1.0)
+    got_head = model.heads["sts"].mlp[-1].weight.grad.clone()
+    got_shared = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()])
+
+    model.zero_grad()
+    losses = _task_losses(model)
+    shared = model.shared_parameters()
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        loss, shared, retain_graph=True, allow_unused=False)]) for loss in losses.values()]
+    losses["sts"].backward()
+    assert torch.allclose(got_head, model.heads["sts"].mlp[-1].weight.grad)
+    expected = pcgrad_project(torch.stack(rows),
+                              torch.Generator().manual_seed(0)).sum(0)
+    assert torch.allclose(got_shared, expected, atol=1e-6)
+    conflict = any(rows[i] @ rows[j] < 0 for i in range(3) for j in range(3))
+    assert conflict != torch.allclose(got_shared, torch.stack(rows).sum(0), atol=1e-6)
+
+
+def test_uncertainty_loss_is_the_formula():
+    combiner = _combiner("uncertainty")
+    with torch.no_grad():
+        combiner.log_vars.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    losses = {"sst": torch.tensor(1.2), "qqp": torch.tensor(0.7), "sts": torch.tensor(3.0)}
+    s = [0.5, -1.0, 2.0]
+    expected = sum(0.5 * math.exp(-si) * li + 0.5 * si for si, li in zip(s, [1.2, 0.7, 3.0]))
+    assert combiner(losses).item() == pytest.approx(expected)
+    assert combiner({"qqp": torch.tensor(0.7)}).item() == \
+        pytest.approx(0.5 * math.exp(1.0) * 0.7 - 0.5)
+
+
+def test_liebel_loss_is_the_formula():
+    combiner = _combiner("liebel")
+    with torch.no_grad():
+        combiner.w.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    losses = {"sst": torch.tensor(1.2), "qqp": torch.tensor(0.7), "sts": torch.tensor(3.0)}
+    expected = sum(li / (2 * wi ** 2) + math.log(1 + wi ** 2)
+                   for wi, li in zip([1.0, 2.0, 0.5], [1.2, 0.7, 3.0]))
+    assert combiner(losses).item() == pytest.approx(expected)
+
+
+def test_dwa_weights_follow_the_loss_ratios():
+    combiner = _combiner("dwa", dwa_temperature=2.0)
+    combiner.end_epoch({"sst": 2.0, "qqp": 1.0, "sts": 4.0})
+    assert combiner.task_weights() == {t: pytest.approx(1.0) for t in TASK_NAMES}  # one epoch
+    combiner.end_epoch({"sst": 1.0, "qqp": 0.9, "sts": 4.0})
+    ratios = torch.tensor([0.5, 0.9, 1.0])
+    expected = 3 * torch.softmax(ratios / 2.0, dim=0)
+    assert list(combiner.task_weights().values()) == pytest.approx(expected.tolist())
+    assert sum(combiner.task_weights().values()) == pytest.approx(3.0)
+    losses = {"sst": torch.tensor(1.0), "sts": torch.tensor(2.0)}
+    assert combiner(losses).item() == pytest.approx(expected[0].item() + 2 * expected[2].item())
+
+
+def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
+    model = _tiny_model()
+    combiner = _combiner("gradnorm")
+    optimizer = torch.optim.SGD(combiner.parameters(), lr=0.05)
+    losses = _task_losses(model)
+    W = model.last_shared_weight()
+    norms = [torch.autograd.grad(loss, W, retain_graph=True)[0].norm().item()
+             for loss in losses.values()]
+    combiner.backward(losses, model, scale=1.0)
+    optimizer.step()
+    combiner.after_step()
+    weights = combiner.task_weights()
+    assert sum(weights.values()) == pytest.approx(3.0)
+    # First step: all loss ratios are 1, so the target is the mean norm for every task.
+    largest, smallest = max(range(3), key=norms.__getitem__), min(range(3), key=norms.__getitem__)
+    assert weights[TASK_NAMES[largest]] < 1.0 < weights[TASK_NAMES[smallest]]
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "liebel", "gradnorm"])
+def test_learned_weights_move_during_training(tiny_config, tmp_path, method):
+    config = tiny_config(loss={"method": method}, train={"epochs": 2})
+    train(config, run_dir=tmp_path / method, device="cpu", progress=False)
+    records = [json.loads(line) for line in
+               (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    initial = _combiner(method).task_weights()
+    for record in records:
+        assert set(k for k in record if k.startswith("loss_weight/")) == \
+            {f"loss_weight/{t}" for t in TASK_NAMES}
+    last = {t: records[-1][f"loss_weight/{t}"] for t in TASK_NAMES}
+    assert any(abs(last[t] - initial[t]) > 1e-3 for t in TASK_NAMES), last
+    assert records[0] != records[1]
+
+
+@pytest.mark.parametrize("schedule", ["triple_batch", "round_robin_batch"])
+def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_path, schedule):
+    config = tiny_config(loss={"method": "pcgrad"}, train={"schedule": schedule, "epochs": 1})
+    summary = train(config, run_dir=tmp_path / schedule, device="cpu", progress=False)
+    assert summary["steps"] == 6
+    # every step saw a batch of each task: 6 steps x 3 tasks x 8 examples
+    assert summary["examples_per_s"] > 0
+    record = json.loads((tmp_path / schedule / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train/loss_sst", "train/loss_qqp", "train/loss_sts"} <= set(record)
+
+
+def test_gradient_conflict_readings_are_logged_and_leave_training_unchanged(tiny_config,
+                                                                            tmp_path):
+    plain = train(tiny_config(), run_dir=tmp_path / "plain", device="cpu", progress=False)
+    config = tiny_config(train={"log_grad_conflict_every": 2})
+    probed = train(config, run_dir=tmp_path / "probed", device="cpu", progress=False)
+    assert probed["best"] == plain["best"]
+    readings = [json.loads(line) for line in
+                (tmp_path / "probed" / "grad_conflict.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in readings] == [2, 4, 6, 8, 10, 12]
+    pairs = {"grad_cos/sst-qqp", "grad_cos/sst-sts", "grad_cos/qqp-sts"}
+    assert all(set(r) == pairs | {"step"} for r in readings)
+    assert all(-1.0 <= r[k] <= 1.0 for r in readings for k in pairs)
+    record = json.loads((tmp_path / "probed" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["grad_cos/sst-qqp"] == pytest.approx(
+        sum(r["grad_cos/sst-qqp"] for r in readings[:3]) / 3, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dwa", "pcgrad", "gradnorm"])
+def test_resume_keeps_the_method_state(tiny_config, tmp_path, method):
+    config = tiny_config(loss={"method": method}, train={"epochs": 3})
+    full = train(config, run_dir=tmp_path / "full", device="cpu", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, step, metrics):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False, on_eval=kill)
+    resumed = train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
+                    resume=True)
+    assert resumed["best"] == full["best"]
+    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == \
+        (tmp_path / "full" / "metrics.jsonl").read_text()
+
+
+def test_every_method_is_registered():
+    assert set(LOSS_METHODS) == {"sum", "weighted", "uncertainty", "liebel", "dwa", "gradnorm",
+                                 "pcgrad"}
