@@ -405,6 +405,18 @@ def describe() -> list[tuple[str, str, str]]:
     return rows
 
 
+def mapping_keys() -> set[str]:
+    """Dotted names of the config's open mappings (`optim.layer_scales`, `optim.head_lr`,
+    `loss.weights`): keys under them are the user's, e.g. optim.layer_scales.8-11."""
+    keys = set()
+    defaults = RunConfig()
+    for section in dataclasses.fields(RunConfig):
+        for name, hint in typing.get_type_hints(type(getattr(defaults, section.name))).items():
+            if typing.get_origin(hint) is dict and typing.get_args(hint)[1] in (int, float, str):
+                keys.add(f"{section.name}.{name}")
+    return keys
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested mapping as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
     flat: dict[str, Any] = {}

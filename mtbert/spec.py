@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from mtbert.config import (RunConfig, build_config, deep_merge, flatten, overrides_to_dict,
-                           read_yaml)
+from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping_keys,
+                           overrides_to_dict, read_yaml)
 from mtbert.errors import ConfigError
 from mtbert.tasks import METRIC_KEYS
 
@@ -214,7 +214,7 @@ def load_spec(name_or_path: str, overrides: list[str] | None = None) -> SweepSpe
 
 
 def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], fail) -> Param:
-    if key not in leaves:
+    if key not in leaves and key.rpartition(".")[0] not in mapping_keys():
         close = sorted(k for k in leaves if k.split(".")[0] == key.split(".")[0])
         raise fail(f"space: unknown config key '{key}'; valid keys include: "
                    f"{', '.join(close or sorted(leaves)[:12])}")
