@@ -25,6 +25,25 @@ def trained(tiny_encoder, task_dir, tmp_path):
     return tmp_path / "run"
 
 
+def _strategies():
+    from mtbert.balancing import LOSS_METHODS
+    from mtbert.schedules import SCHEDULES
+    return [("train.schedule", name) for name in SCHEDULES] + \
+        [("loss.method", name) for name in LOSS_METHODS]
+
+
+@pytest.mark.parametrize("key, name", _strategies())
+def test_every_schedule_and_loss_method_trains_by_name_alone(tiny_encoder, task_dir, tmp_path,
+                                                             key, name):
+    result = runner.invoke(app, ["-q", *_train_args(tiny_encoder, task_dir, tmp_path),
+                                 "--set", f"{key}={name}"])
+    assert result.exit_code == 0, result.output
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"{key.split('.')[1]}: {name}" in config
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["step"] == 4 and 0.0 <= record["overall/geometric"] <= 1.0
+
+
 def test_train_writes_the_run_and_prints_the_best_metrics(trained):
     assert (trained / "summary.json").exists() and (trained / "model" / "model.safetensors").exists()
     config = (trained / "config.yaml").read_text()

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 import mtbert
-from mtbert.balancing import LOSS_METHODS
 from mtbert.errors import TrainingError
-from mtbert.schedules import SCHEDULES
 from mtbert.tasks import METRIC_KEYS
 from mtbert.train import train
 
@@ -98,20 +96,6 @@ def test_nan_loss_is_a_training_error(tiny_config, tmp_path):
     config = tiny_config(train={"lr": 1e30, "log_every": 1}, optim={"max_grad_norm": 0.0})
     with pytest.raises(TrainingError, match="loss became"):
         train(config, run_dir=tmp_path / "nan", device="cpu", progress=False)
-
-
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_every_schedule_trains_with_its_defaults(tiny_config, tmp_path, schedule):
-    summary = train(tiny_config(train={"schedule": schedule, "epochs": 1}),
-                    run_dir=tmp_path / schedule, device="cpu", progress=False)
-    assert summary["steps"] == 6
-
-
-@pytest.mark.parametrize("method", list(LOSS_METHODS))
-def test_every_loss_method_trains_with_its_defaults(tiny_config, tmp_path, method):
-    summary = train(tiny_config(loss={"method": method}, train={"epochs": 1}),
-                    run_dir=tmp_path / method, device="cpu", progress=False)
-    assert 0.0 <= summary["best"]["metrics"]["overall/geometric"] <= 1.0
 
 
 def test_weighted_loss_scales_the_task_loss():
