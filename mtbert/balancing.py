@@ -156,7 +156,9 @@ class DynamicWeightAverage(LossCombiner):
     w_i = K exp(r_i / T) / sum_j exp(r_j / T) with r_i = L_i(e-1) / L_i(e-2)
     the ratio of task i's mean training loss in the last two epochs, K tasks
     and T = `loss.dwa_temperature`: a task whose loss falls slowly gets more
-    weight. The first two epochs use w_i = 1.
+    weight. The first two epochs use w_i = 1, and the weights stay as they are
+    while a task had no batch in one of the last two epochs (round_robin_epoch,
+    sequential).
     """
 
     name = "dwa"

@@ -108,6 +108,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: bool = False,
           progress: bool = True, on_eval: EvalCallback | None = None) -> dict:
     """Train one multitask run into `run_dir`; returns summary.json's content.
@@ -171,10 +175,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
         log.warning("%s has no resume state yet; starting the run from the beginning", run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     # The killed run may have logged an evaluation after its last saved state.
-    _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
-    if probes:
-        _atomic_write(run_dir / GRAD_CONFLICT_FILE,
-                      "".join(json.dumps(r) + "\n" for r in state["grad_cos"]))
+    _write_jsonl(metrics_path, state["history"])
 
     env = environment(dev)
     log.info("training %s on %s: %s, %s, %d optimizer steps in %d epochs", ", ".join(tasks),
@@ -197,8 +198,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
             state["train_examples"] += result.seen
             combiner.end_epoch(result.task_losses)
             if probes:
-                _atomic_write(run_dir / GRAD_CONFLICT_FILE,
-                              "".join(json.dumps(r) + "\n" for r in state["grad_cos"]))
+                _write_jsonl(run_dir / GRAD_CONFLICT_FILE, state["grad_cos"])
             metrics = evaluate(model, data.dev, batch_size=t.eval_batch_size, device=dev)
             record = {"step": state["step"], "epoch": epoch + 1, **metrics,
                       "train/loss": result.loss, **result.extra(combiner)}
