@@ -32,6 +32,7 @@ def register(cls: type[Schedule]) -> type[Schedule]:
 class Schedule:
     name: ClassVar[str]
     batches_per_step: int = 1
+    by_size: ClassVar[bool] = False  # draws tasks by training-set size
 
     def __init__(self, config: TrainConfig, batches_per_pass: dict[str, int],
                  sizes: dict[str, int], *, every_task_per_step: bool = False):
@@ -85,6 +86,8 @@ class RoundRobinBatch(Schedule):
 
 class _Sampled(Schedule):
     """Tasks drawn independently per batch with probabilities p_i ∝ N_i^alpha."""
+
+    by_size = True
 
     def alpha(self, epoch: int) -> float:
         raise NotImplementedError

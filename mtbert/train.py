@@ -140,6 +140,11 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     schedule = make_schedule(t, {n: s.batches_per_pass for n, s in samplers.items()},
                              {n: len(data.train[n]) for n in tasks},
                              every_task_per_step=combiner.per_step)
+    sizes = {len(data.train[n]) for n in tasks}
+    if schedule.by_size and len(tasks) > 1 and len(sizes) == 1:
+        log.warning("every task has %d training examples (data.max_train_examples), so %s "
+                    "samples them uniformly; lift the cap to sample by dataset size",
+                    sizes.pop(), t.schedule)
     if combiner.per_step and schedule.batches_per_step == 1 and len(tasks) > 1:
         log.warning("loss.method %s compares the tasks of each step, but %s gives most steps "
                     "a single task; use train.schedule triple_batch or round_robin_batch",

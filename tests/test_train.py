@@ -120,3 +120,11 @@ def test_exported_model_predicts_through_the_python_api(tiny_config, tmp_path):
     assert qqp[0] in (0, 1)
     with pytest.raises(mtbert.errors.MtbertError, match="takes 2 text"):
         model.predict("qqp", ["only one"])
+
+
+def test_sampling_by_size_over_equal_capped_tasks_warns(tiny_config, tmp_path, caplog):
+    config = tiny_config(train={"schedule": "proportional", "epochs": 1})
+    with caplog.at_level("WARNING", logger="mtbert"):
+        train(config, run_dir=tmp_path / "p", device="cpu", progress=False)
+    assert "every task has 48 training examples" in caplog.text
+    assert "samples them uniformly" in caplog.text
