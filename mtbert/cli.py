@@ -456,6 +456,46 @@ def studies(
                    f"{counts.get('RUNNING', 0):>7}  {bests}")
 
 
+@app.command()
+@handle_errors
+def report(
+    study: StudyOption = None,
+    storage: StorageOption = None,
+    out: OutParent = Path("mtbert-runs"),
+    to: Annotated[Optional[Path], typer.Option(
+        "--to", help="Report directory (default <out>/<study>/report).")] = None,
+    top: Annotated[int, typer.Option(
+        "--top", min=1, help="Draw the dev curves of this many best trials.")] = 5,
+    wandb: Annotated[bool, typer.Option(
+        "--wandb", help="Also log the trials table and figures as one W&B run in the "
+                        "study's group.")] = False,
+    wandb_mode: Annotated[Optional[WandbMode], typer.Option(
+        "--wandb-mode", help="W&B mode for --wandb (default: online with an API key, else "
+                             "offline).")] = None,
+    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
+    = "mtbert",
+) -> None:
+    """Write a study report: index.html (opens offline) and the figures as PNG files."""
+    from mtbert.report import build_report
+    from mtbert.sweep import mask_url
+    from mtbert.tracking import log_study_report, resolve_mode
+
+    mode = resolve_mode(wandb_mode.value if wandb_mode else None) if wandb else "disabled"
+    loaded, url = _open_study(storage, out, study)
+    dest = to or out / loaded.study_name / "report"
+    written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
+    for note in written.notes:
+        log.info("%s", note)
+    log.info("figures: %s", ", ".join(p.name for p in written.figures.values()) or "none")
+    if wandb:
+        directory = Path(os.environ.get("WANDB_DIR") or out).resolve()
+        run_id = log_study_report(written, mode=mode, project=wandb_project,
+                                  directory=directory)
+        if run_id:
+            log.info("W&B: report run %s in group %s (%s)", run_id, loaded.study_name, mode)
+    typer.echo(f"report: {written.index}")
+
+
 def _click_exceptions():
     try:
         from typer._click import exceptions  # Typer 0.2x vendors its own Click
