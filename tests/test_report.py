@@ -37,7 +37,7 @@ def make_study(tmp_path, values, *, pruned=True, failed=True, missing_run=None,
                directions=("maximize",)):
     """A study as `mtbert sweep` leaves it: objectives attribute, metric and run_dir attrs."""
     storage = f"sqlite:///{tmp_path}/runs/mtbert.db"
-    (tmp_path / "runs").mkdir(exist_ok=True)
+    (tmp_path / "runs").mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name="s", storage=storage, directions=list(directions))
     objectives = ["overall/geometric", "sts/pearson"][:len(directions)]
     study.set_user_attr("objectives", objectives)
