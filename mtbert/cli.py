@@ -271,8 +271,10 @@ class WandbMode(str, Enum):
 OutParent = Annotated[Path, typer.Option(
     "--out", help="Parent of the study storage (mtbert.db) and the trial run directories.")]
 StorageOption = Annotated[Optional[str], typer.Option(
-    "--storage", help="Optuna storage URL (default sqlite:///<out>/mtbert.db); "
-                      "postgresql://... lets many workers share one study.")]
+    "--storage", envvar="MTBERT_STORAGE", show_envvar=True,
+    help="Optuna storage URL (default sqlite:///<out>/mtbert.db); postgresql://... lets "
+         "many workers share one study. From the environment, a password stays off the "
+         "command line.")]
 StudyOption = Annotated[Optional[str], typer.Option(
     "--study", help="Study name (default: the spec's name for sweep; the storage's only "
                     "study otherwise).")]
