@@ -242,6 +242,11 @@ def _enqueued_value(p: Param, value: Any, where: str, fail) -> Any:
             raise fail(f"{where}: {value!r} is not a choice; valid: "
                        f"{', '.join(map(str, p.choices))}")
         return value
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise fail(f"{where}: {value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail(f"{where}: {value!r} is not a number")
     if p.type == "int" and value != int(value):

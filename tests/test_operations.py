@@ -67,7 +67,7 @@ def test_enqueued_configurations_run_first_and_only_once(swept, tiny_encoder):
     assert isinstance(dict(first)["model.dropout"], float)
 
     extra = swept / "more.yaml"
-    extra.write_text("- {model.head_hidden: 16, train.lr: 0.002}\n")
+    extra.write_text("- {model.head_hidden: 16, train.lr: 2e-3}\n")  # YAML: a string
     for _ in range(2):  # the same command twice: nothing enqueued twice
         result = runner.invoke(app, _args(swept / "enq.yaml", tiny_encoder, swept / "data",
                                           swept / "runs", 1, "--enqueue", str(extra)))
