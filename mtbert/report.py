@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import MtbertError
+from mtbert.sweep import _ranked
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
 
 TASK_CURVES = (("sst/acc", "SST-5 accuracy (fraction)"), ("qqp/acc", "QQP accuracy (fraction)"),
                ("sts/pearson", "STS-B Pearson r"))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 CAPTIONS = {
     "history": "Optimization history: each trial's objective value; the line is the best "
                "value so far, the star the best trial.",
@@ -114,12 +116,6 @@ def _complete(study) -> list:
 
 def _sign(study, index: int = 0) -> int:
     return 1 if study.directions[index].name == "MAXIMIZE" else -1
-
-
-def ranked(study) -> list:
-    """COMPLETE trials, best first by the first objective."""
-    sign = _sign(study)
-    return sorted(_complete(study), key=lambda t: -sign * t.values[0])
 
 
 def _save(fig, path: Path) -> Path:
@@ -321,9 +317,15 @@ def plot_curves(curves: dict[int, list[dict]], best_number: int | None, path: Pa
             if not points:
                 continue
             is_best = number == best_number
-            ax.plot([e for e, _ in points], [v for _, v in points], marker="o",
+            # Trials often tie (e.g. every model at SST-5's majority class): the best is a
+            # wide translucent band underneath, the others thin lines with their own
+            # markers on top, so that coinciding curves stay visible.
+            ax.plot([e for e, _ in points], [v for _, v in points],
+                    marker="o" if is_best else MARKERS[rank % len(MARKERS)],
+                    ms=11 if is_best else max(4, 9 - rank),
                     color="tab:red" if is_best else palette[rank % len(palette)],
-                    lw=3 if is_best else 1.6, zorder=3 if is_best else 2,
+                    lw=5 if is_best else 1.6, alpha=0.55 if is_best else 1.0,
+                    zorder=1 if is_best else 2,
                     label=f"trial {number}" + (" (best)" if is_best else f" (#{rank + 1})"))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -413,7 +415,7 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
             report.figures["parallel"] = plot_parallel(study, objectives[0],
                                                        dest / "parallel.png")
         curves: dict[int, list[dict]] = {}
-        for t in ranked(study)[:top]:
+        for t in _ranked(study)[:top]:  # the ranking of `mtbert best --top`
             records = read_curves(t.user_attrs.get("run_dir"))
             if records:
                 curves[t.number] = records
@@ -448,7 +450,7 @@ def table_values(report: Report, row: TrialRow) -> list[Any]:
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.params.items())
     return [row.number, row.state, *values,
-            None if row.duration_s is None else round(row.duration_s, 1), params,
+            None if row.duration_s is None else round(row.duration_s), params,
             *[row.metrics.get(k) for k in METRIC_KEYS], row.note]
 
 

@@ -205,9 +205,6 @@ def test_wandb_report_run_logs_the_table_and_figures_offline(tmp_path, monkeypat
                                                   [2, "COMPLETE"], [3, "PRUNED"], [4, "FAIL"]]
     images = sorted(p.name.split("_")[0] for p in files.glob("media/images/report/*.png"))
     assert images == ["curves", "history", "importances", "parallel"]
-    # The run's group and summary travel in its transaction log, synced by `wandb sync`.
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
-    assert b"trials/complete" in record and b"s-report" in record
 
 
 def test_wandb_failure_is_a_warning_and_the_report_is_written(tmp_path, monkeypatch):
