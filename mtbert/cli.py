@@ -271,8 +271,10 @@ class WandbMode(str, Enum):
 OutParent = Annotated[Path, typer.Option(
     "--out", help="Parent of the study storage (mtbert.db) and the trial run directories.")]
 StorageOption = Annotated[Optional[str], typer.Option(
-    "--storage", help="Optuna storage URL (default sqlite:///<out>/mtbert.db); "
-                      "postgresql://... lets many workers share one study.")]
+    "--storage", envvar="MTBERT_STORAGE", show_envvar=True,
+    help="Optuna storage URL (default sqlite:///<out>/mtbert.db); postgresql://... lets "
+         "many workers share one study. From the environment, a password stays off the "
+         "command line.")]
 StudyOption = Annotated[Optional[str], typer.Option(
     "--study", help="Study name (default: the spec's name for sweep; the storage's only "
                     "study otherwise).")]
@@ -308,9 +310,13 @@ def sweep(
     print_spec: Annotated[bool, typer.Option(
         "--print", help="Print the resolved spec and exit.")] = False,
     list_specs: Annotated[bool, typer.Option("--list", help="List the shipped specs.")] = False,
+    enqueue: Annotated[Optional[Path], typer.Option(
+        "--enqueue", help="YAML list of parameter mappings (space keys to values) to run as "
+                          "the first trials; a configuration the study holds is not "
+                          "enqueued again.")] = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run."""
-    from mtbert.spec import load_spec, shipped_specs, spec_yaml
+    from mtbert.spec import load_enqueue, load_spec, shipped_specs, spec_yaml
     from mtbert.sweep import SweepOptions, run_sweep, trials_table
     from mtbert.tracking import resolve_mode
 
@@ -325,6 +331,8 @@ def sweep(
     if data_dir is not None:
         overrides.insert(0, f"data.dir={data_dir}")
     resolved = load_spec(spec, overrides)
+    if enqueue is not None:
+        resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
     if print_spec:
         typer.echo(spec_yaml(resolved), nl=False)
         return
@@ -380,21 +388,40 @@ def best(
     trial: Annotated[Optional[int], typer.Option(
         "--trial", help="Use this trial number (needed to export from a multi-objective "
                         "study).")] = None,
+    top: Annotated[Optional[int], typer.Option(
+        "--top", min=1, help="Print the N best COMPLETE trials, ranked by the (first) "
+                             "objective or --metric.")] = None,
+    hf: Annotated[bool, typer.Option(
+        "--hf", help="With --export: also write DIR/encoder/, the fine-tuned encoder in "
+                     "Hugging Face format (transformers.AutoModel loads it).")] = False,
 ) -> None:
     """Print the best trial of a study (or its Pareto front); --export its model."""
     from optuna.trial import TrialState
 
-    from mtbert.export import export_trial
+    from mtbert.export import export_hf_encoder, export_trial
     from mtbert.sweep import mask_url, trials_table
     from mtbert.tasks import METRIC_KEYS
 
     if metric is not None and metric not in METRIC_KEYS:
         raise MtbertError(f"unknown metric '{metric}'; valid: {', '.join(METRIC_KEYS)}")
+    if hf and export is None:
+        raise MtbertError("--hf goes with --export DIR (it writes DIR/encoder/)")
+    if top is not None and (export is not None or trial is not None):
+        raise MtbertError("--top prints a ranking; export one trial with --export "
+                          "(and --trial N)")
     loaded, url = _open_study(storage, out, study)
     done = loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         raise MtbertError(f"study {loaded.study_name} has no COMPLETE trial yet")
     multi = len(loaded.directions) > 1
+    if top is not None:
+        rows = trials_table(loaded, limit=top, metric=metric, front=False)
+        objectives = loaded.user_attrs.get("objectives") or ["the first objective"]
+        typer.echo(f"study {loaded.study_name}: top {len(rows) - 1} of {len(done)} complete "
+                   f"trials by {metric or objectives[0]}")
+        for row in rows:
+            typer.echo(row)
+        return
     if trial is not None:
         chosen = next((t for t in loaded.get_trials(deepcopy=False) if t.number == trial), None)
         if chosen is None:
@@ -425,6 +452,8 @@ def best(
     if export is not None:
         path = export_trial(chosen, study=loaded.study_name, storage=mask_url(url), dest=export)
         typer.echo(f"exported: {path}")
+        if hf:
+            typer.echo(f"encoder (Hugging Face format): {export_hf_encoder(path)}")
 
 
 @app.command()
@@ -432,14 +461,26 @@ def best(
 def studies(
     storage: StorageOption = None,
     out: OutParent = Path("mtbert-runs"),
+    delete: Annotated[Optional[str], typer.Option(
+        "--delete", help="Delete this study from the storage (asks first).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+    runs: Annotated[bool, typer.Option(
+        "--runs", help="With --delete: also remove the study's run directories "
+                       "(<out>/<study>/ and every trial's run_dir on this machine).")] = False,
 ) -> None:
-    """List the studies of a storage: trials by state and best values."""
+    """List the studies of a storage: trials by state and best values; --delete one."""
     import optuna
 
     from mtbert.sweep import default_storage, open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rdb = open_storage(storage or default_storage(out), must_exist=True)
+    url = storage or default_storage(out)
+    rdb = open_storage(url, must_exist=True)
+    if runs and delete is None:
+        raise MtbertError("--runs goes with --delete NAME")
+    if delete is not None:
+        _delete_study(rdb, url, delete, out=out, yes=yes, runs=runs)
+        return
     names = optuna.study.get_all_study_names(rdb)
     typer.echo(f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
                f"{'running':>7}  best")
@@ -454,6 +495,73 @@ def studies(
         typer.echo(f"{name:<24} {sum(counts.values()):>6} {counts.get('COMPLETE', 0):>8} "
                    f"{counts.get('PRUNED', 0):>6} {counts.get('FAIL', 0):>4} "
                    f"{counts.get('RUNNING', 0):>7}  {bests}")
+
+
+@app.command()
+@handle_errors
+def report(
+    study: StudyOption = None,
+    storage: StorageOption = None,
+    out: OutParent = Path("mtbert-runs"),
+    to: Annotated[Optional[Path], typer.Option(
+        "--to", help="Report directory (default <out>/<study>/report).")] = None,
+    top: Annotated[int, typer.Option(
+        "--top", min=1, help="Draw the dev curves of this many best trials.")] = 5,
+    wandb: Annotated[bool, typer.Option(
+        "--wandb", help="Also log the trials table and figures as one W&B run in the "
+                        "study's group.")] = False,
+    wandb_mode: Annotated[Optional[WandbMode], typer.Option(
+        "--wandb-mode", help="W&B mode for --wandb (default: online with an API key, else "
+                             "offline).")] = None,
+    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
+    = "mtbert",
+) -> None:
+    """Write a study report: index.html (opens offline) and the figures as PNG files."""
+    from mtbert.report import build_report
+    from mtbert.sweep import mask_url
+    from mtbert.tracking import log_study_report, resolve_mode
+
+    mode = resolve_mode(wandb_mode.value if wandb_mode else None) if wandb else "disabled"
+    loaded, url = _open_study(storage, out, study)
+    dest = to or out / loaded.study_name / "report"
+    written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
+    for note in written.notes:
+        log.info("%s", note)
+    log.info("figures: %s", ", ".join(p.name for p in written.figures.values()) or "none")
+    if wandb:
+        directory = Path(os.environ.get("WANDB_DIR") or out).resolve()
+        run_id = log_study_report(written, mode=mode, project=wandb_project,
+                                  directory=directory)
+        if run_id:
+            log.info("W&B: report run %s in group %s (%s)", run_id, loaded.study_name, mode)
+    typer.echo(f"report: {written.index}")
+
+
+def _delete_study(rdb, url: str, name: str, *, out: Path, yes: bool, runs: bool) -> None:
+    import shutil
+
+    import optuna
+
+    from mtbert.sweep import mask_url, select_study
+
+    name = select_study(rdb, name)
+    trials = optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False)
+    # Only directories that a sweep wrote: a trial's run_dir holds its job.json.
+    folders = [Path(t.user_attrs["run_dir"]) for t in trials if t.user_attrs.get("run_dir")
+               and (Path(t.user_attrs["run_dir"]) / "job.json").is_file()] if runs else []
+    what = f"study {name} ({len(trials)} trials) from {mask_url(url)}"
+    if runs:
+        what += f", the run directories of {len(folders)} trial{'s' * (len(folders) != 1)}"
+        if (out / name).is_dir():
+            folders.append(out / name)
+            what += f" and {out / name}"
+    if not yes and not typer.confirm(f"Delete {what}?", default=False, err=True):
+        typer.echo("mtbert: nothing deleted", err=True)
+        raise typer.Exit(1)
+    optuna.delete_study(study_name=name, storage=rdb)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    typer.echo(f"deleted {what}")
 
 
 def _click_exceptions():

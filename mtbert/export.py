@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mtbert.config import RunConfig, build_config, save_config
 from mtbert.data import EncodedSet, Examples, FileStats, tokenize_cached
-from mtbert.encoder import BertConfig, BertEncoder
+from mtbert.encoder import BertConfig, BertEncoder, to_hf_state_dict
 from mtbert.errors import MtbertError
 from mtbert.evaluate import predict_set
 from mtbert.heads import MultitaskModel
@@ -30,6 +30,7 @@ from mtbert.tokenize import Tokenizer
 
 WEIGHTS = "model.safetensors"
 ENCODER_CONFIG = "encoder_config.json"
+HF_ENCODER = "encoder"
 
 
 def save_model_dir(directory: Path, *, model: MultitaskModel, config: RunConfig,
@@ -106,6 +107,29 @@ def export_trial(trial, *, study: str, storage: str, dest: Path) -> Path:
                        "run": str(checkpoint.parent)},
             "params": trial.params, "data": summary.get("data"), "env": summary.get("env")}
     (dest / "README.md").write_text(model_card(config, metrics, card))
+    return dest
+
+
+def export_hf_encoder(model_dir: Path, dest: Path | None = None) -> Path:
+    """Write a model directory's fine-tuned encoder as a Hugging Face BERT checkpoint:
+    config.json, model.safetensors under BertModel's names, and the tokenizer files, so
+    that `transformers.AutoModel.from_pretrained(dest)` loads it (default
+    MODEL_DIR/encoder). The task heads stay behind: they have no Hugging Face class."""
+    model_dir = Path(model_dir)
+    for name in (ENCODER_CONFIG, WEIGHTS):
+        if not (model_dir / name).exists():
+            raise MtbertError(f"{model_dir} is not an mtbert model directory (no {name})")
+    dest = Path(dest) if dest is not None else model_dir / HF_ENCODER
+    bert = BertConfig.from_dict(json.loads((model_dir / ENCODER_CONFIG).read_text()))
+    encoder = BertEncoder(bert)
+    state = load_file(str(model_dir / WEIGHTS))
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
+                             if k.startswith("encoder.")}, strict=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(json.dumps(bert.to_hf_dict(), indent=2))
+    save_file(to_hf_state_dict(encoder), str(dest / WEIGHTS), metadata={"format": "pt"})
+    for path in Tokenizer(model_dir).files():
+        shutil.copy(path, dest / path.name)
     return dest
 
 

@@ -223,13 +223,17 @@ class TrialRunner:
         return result
 
 
-def _ranked(study) -> list:
-    """COMPLETE trials, best first by the study's first objective."""
+def _ranked(study, metric: str | None = None) -> list:
+    """COMPLETE trials, best first by the study's first objective, or by the metric
+    attribute `metric` (every metric is higher-better)."""
     from optuna.trial import TrialState
 
     sign = -1 if study.directions[0].name == "MAXIMIZE" else 1
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.values and not any(math.isnan(v) for v in t.values)]
+    if metric is not None:
+        return sorted((t for t in done if metric in t.user_attrs),
+                      key=lambda t: -t.user_attrs[metric])
     return sorted(done, key=lambda t: sign * t.values[0])
 
 
@@ -296,8 +300,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     if "spec" not in study.user_attrs:
         study.set_user_attr("spec", spec.name)
         study.set_user_attr("objectives", spec.objectives)
-        for params in spec.enqueue:
-            study.enqueue_trial(params, skip_if_exists=True)
+    for params in spec.enqueue:  # known configurations run first, and once per study
+        study.enqueue_trial(params, skip_if_exists=True)
     optuna.storages.fail_stale_trials(study)
     log.info("study %s in %s: %d trials so far; running %s more", name, mask_url(url), before,
              options.trials if options.trials is not None else "until the timeout")
@@ -325,9 +329,12 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     return study, before
 
 
-def trials_table(study, *, limit: int = 5) -> list[str]:
-    """Text table of the best COMPLETE trials (the Pareto front for several objectives)."""
-    done = study.best_trials if len(study.directions) > 1 else _ranked(study)
+def trials_table(study, *, limit: int = 5, metric: str | None = None,
+                 front: bool = True) -> list[str]:
+    """Text table of the best COMPLETE trials, best first: by `metric` when given, else
+    the Pareto front of a multi-objective study (`front`) or the first objective's ranking."""
+    multi = len(study.directions) > 1
+    done = study.best_trials if front and multi and metric is None else _ranked(study, metric)
     rows = ["trial  " + "  ".join(f"{k:>18}" for k in METRIC_KEYS) + "  params"]
     for t in done[:limit]:
         values = "  ".join(f"{t.user_attrs.get(k, float('nan')):>18.4f}" for k in METRIC_KEYS)

@@ -1,0 +1,218 @@
+"""Study operations: --list, enqueueing, best --top, studies --delete, --hf export, and
+Optuna's own API (which optuna-dashboard uses) reading what mtbert writes."""
+
+import json
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtbert.cli import app
+from mtbert.spec import load_spec, shipped_specs
+
+from conftest import write_task_files
+from test_report import make_study
+
+runner = CliRunner()
+
+
+def _args(spec, tiny_encoder, task_dir, out, trials, *extra):
+    return ["-q", "sweep", str(spec), "--trials", str(trials), "--out", str(out),
+            "--data-dir", str(task_dir), "--wandb-mode", "disabled", "--device", "cpu",
+            "--set", f"model.encoder={tiny_encoder}", "--set", f"data.cache_dir={out}/cache",
+            "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2",
+            "--set", "train.batch_size=8", "--set", "model.max_length=32",
+            "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0", *extra]
+
+
+SPEC = """name: enq
+space:
+  model.head_hidden: {type: categorical, choices: [0, 16, 32]}
+  model.dropout: {type: float, low: 0.0, high: 0.3}
+  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+pruner: {name: none}
+enqueue:
+  - {model.head_hidden: 32, model.dropout: 0, train.lr: 0.001}
+"""
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_encoder, tmp_path_factory):
+    """A finished 2-trial study of the tiny model, exported with --hf."""
+    root = tmp_path_factory.mktemp("swept")
+    task_dir = write_task_files(root / "data")
+    (root / "enq.yaml").write_text(SPEC)
+    result = runner.invoke(app, _args(root / "enq.yaml", tiny_encoder, task_dir,
+                                      root / "runs", 2))
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_sweep_list_names_every_shipped_spec_with_its_description():
+    result = runner.invoke(app, ["sweep", "--list"])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(shipped_specs())
+    for line in lines:
+        name = line.split()[0]
+        assert line.split(None, 1)[1] == load_spec(name).description
+
+
+def test_enqueued_configurations_run_first_and_only_once(swept, tiny_encoder):
+    first = tuple(optuna.load_study(study_name="enq", storage=f"sqlite:///{swept}/runs/mtbert.db")
+                  .trials[0].params.items())
+    # The spec's own configuration, in the parameters' types.
+    assert dict(first) == {"model.head_hidden": 32, "model.dropout": 0.0, "train.lr": 0.001}
+    assert isinstance(dict(first)["model.dropout"], float)
+
+    extra = swept / "more.yaml"
+    extra.write_text("- {model.head_hidden: 16, train.lr: 2e-3}\n")  # YAML: a string
+    for _ in range(2):  # the same command twice: nothing enqueued twice
+        result = runner.invoke(app, _args(swept / "enq.yaml", tiny_encoder, swept / "data",
+                                          swept / "runs", 1, "--enqueue", str(extra)))
+        assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="enq",
+                               storage=f"sqlite:///{swept}/runs/mtbert.db").trials
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    assert trials[2].params["model.head_hidden"] == 16 and trials[2].params["train.lr"] == 0.002
+    assert [t.system_attrs.get("fixed_params") for t in trials] == [
+        {"model.head_hidden": 32, "model.dropout": 0.0, "train.lr": 0.001}, None,
+        {"model.head_hidden": 16, "train.lr": 0.002}, None]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("- {model.head_hidden: 8}\n", "enqueue[0].model.head_hidden: 8 is not a choice; valid: "
+                                   "0, 16, 32"),
+    ("- {train.lr: 0.5}\n", "enqueue[0].train.lr: 0.5 is outside [0.0001, 0.01]"),
+    ("- {train.lr: fast}\n", "enqueue[0].train.lr: 'fast' is not a number"),
+    ("- {train.epochs: 3}\n", "enqueue[0]: 'train.epochs' is not a key of the space; valid: "
+                              "model.head_hidden, model.dropout, train.lr"),
+    ("{model.dropout: 0.1}\n", "enqueue must be a list of mappings of space keys to values"),
+])
+def test_bad_enqueue_file_is_one_line_exit_2(tmp_path, body, message):
+    (tmp_path / "enq.yaml").write_text(SPEC)
+    (tmp_path / "e.yaml").write_text(body)
+    result = runner.invoke(app, ["sweep", str(tmp_path / "enq.yaml"), "--enqueue",
+                                 str(tmp_path / "e.yaml"), "--print"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"mtbert: error: enqueue file {tmp_path / 'e.yaml'}: " \
+                                     f"{message}"
+
+
+def test_spec_enqueue_respects_conditional_parameters(tmp_path):
+    (tmp_path / "s.yaml").write_text(
+        "space:\n  train.schedule: {type: categorical, choices: [annealed, proportional]}\n"
+        "  train.alpha: {type: float, low: 0, high: 1, when: {train.schedule: proportional}}\n"
+        "enqueue:\n  - {train.schedule: annealed, train.alpha: 0.5}\n")
+    result = runner.invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--print"])
+    assert result.exit_code == 2
+    assert "enqueue[0]: 'train.alpha' is only sampled when train.schedule is 'proportional', " \
+           "here it is 'annealed'" in result.stderr
+    (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text().replace(
+        "schedule: annealed, train", "schedule: proportional, train"))
+    shown = runner.invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--print"])
+    assert shown.exit_code == 0 and "train.alpha: 0.5" in shown.stdout
+
+
+def test_best_top_ranks_by_objective_or_metric(tmp_path):
+    make_study(tmp_path, [0.41, 0.55, 0.47, 0.30])
+    out = str(tmp_path / "runs")
+    result = runner.invoke(app, ["best", "--out", out, "--top", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "study s: top 3 of 4 complete trials by overall/geometric"
+    assert lines[1].split()[:2] == ["trial", "sst/acc"]
+    assert [int(line.split()[0]) for line in lines[2:]] == [1, 2, 0]
+    assert [float(line.split()[5]) for line in lines[2:]] == [0.55, 0.47, 0.41]
+    by_metric = runner.invoke(app, ["best", "--out", out, "--top", "10", "--metric", "sst/acc"])
+    assert by_metric.stdout.splitlines()[0] == "study s: top 4 of 4 complete trials by sst/acc"
+    assert [int(line.split()[0]) for line in by_metric.stdout.splitlines()[2:]] == [1, 2, 0, 3]
+    both = runner.invoke(app, ["best", "--out", out, "--top", "3", "--export", str(tmp_path)])
+    assert both.exit_code == 2 and "--top prints a ranking" in both.stderr
+
+
+def test_studies_delete_asks_first_and_runs_removes_the_run_directories(tmp_path):
+    make_study(tmp_path, [0.4, 0.5])
+    out = tmp_path / "runs"
+    storage = f"sqlite:///{out}/mtbert.db"
+    declined = runner.invoke(app, ["studies", "--out", str(out), "--delete", "s"], input="n\n")
+    assert declined.exit_code == 1 and "nothing deleted" in declined.stderr
+    assert "Delete study s (4 trials) from sqlite:///" in declined.stderr
+    assert optuna.study.get_all_study_names(storage) == ["s"]
+    unknown = runner.invoke(app, ["studies", "--out", str(out), "--delete", "t", "--yes"])
+    assert unknown.exit_code == 2 and "no study 't' in this storage; studies: s" in \
+        unknown.stderr
+
+    assert (out / "s" / "trial-0000" / "metrics.jsonl").exists()
+    for d in (out / "s").iterdir():
+        (d / "job.json").write_text("{}")  # as a sweep leaves its run directories
+    kept = runner.invoke(app, ["studies", "--out", str(out), "--delete", "s"], input="y\n")
+    assert kept.exit_code == 0, kept.output
+    assert optuna.study.get_all_study_names(storage) == []
+    assert (out / "s" / "trial-0000").is_dir()  # without --runs, run directories stay
+
+    make_study(tmp_path / "again", [0.4])
+    out2 = tmp_path / "again" / "runs"
+    (out2 / "s" / "trial-0000" / "job.json").write_text("{}")
+    gone = runner.invoke(app, ["studies", "--out", str(out2), "--delete", "s", "--yes",
+                               "--runs"])
+    assert gone.exit_code == 0, gone.output
+    assert gone.stdout.strip().endswith(f", the run directories of 1 trial and {out2 / 's'}")
+    assert not (out2 / "s").exists()
+
+
+def test_hf_export_loads_with_transformers_and_matches_mtbert(swept, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import mtbert
+
+    dest = tmp_path / "best"
+    result = runner.invoke(app, ["best", "--out", str(swept / "runs"), "--export", str(dest),
+                                 "--hf"])
+    assert result.exit_code == 0, result.output
+    assert f"encoder (Hugging Face format): {dest / 'encoder'}" in result.stdout
+    assert sorted(p.name for p in (dest / "encoder").iterdir()) == [
+        "config.json", "model.safetensors", "vocab.txt"]
+    ours = mtbert.load(dest).model.encoder.eval()
+    hf = transformers.AutoModel.from_pretrained(str(dest / "encoder"),
+                                                attn_implementation="eager").eval()
+    assert type(hf).__name__ == "BertModel"
+    ids = torch.tensor([[2, 9, 14, 20, 3, 11, 12, 3], [2, 7, 8, 3, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    types = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1], [0] * 8])
+    with torch.no_grad():
+        hidden = ours(ids, mask, types)
+        expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    assert torch.allclose(hidden[real], expected.last_hidden_state[real], atol=1e-5)
+    assert torch.allclose(ours.pool(hidden), expected.pooler_output, atol=1e-5)
+    # The tokenizer files travel too: the Hugging Face tokenizer gives mtbert's ids.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(dest / "encoder"))
+    encoded = tokenizer("good movie", "the plot")["input_ids"]
+    mtbert_tokens = mtbert.load(dest).tokenizer
+    a, b = mtbert_tokens.encode(["good movie", "the plot"])
+    assert encoded == mtbert_tokens.build_inputs(a, b, 32)[0].tolist()
+
+
+def test_hf_without_export_is_refused(tmp_path):
+    result = runner.invoke(app, ["best", "--out", str(tmp_path), "--hf"])
+    assert result.exit_code == 2
+    assert "--hf goes with --export DIR" in result.stderr
+
+
+def test_optunas_own_api_reads_everything_mtbert_writes(swept, tmp_path):
+    # What optuna-dashboard does: a plain storage URL, no mtbert code involved.
+    url = f"sqlite:///{swept}/runs/mtbert.db"
+    study = optuna.load_study(study_name="enq", storage=url)
+    assert study.user_attrs == {"spec": "enq", "objectives": ["overall/geometric"]}
+    assert study.best_trial.values[0] == study.best_trial.user_attrs["overall/geometric"]
+    for t in study.trials:
+        assert set(t.distributions) == set(t.params)
+        assert json.loads(json.dumps(t.user_attrs))["run_dir"].endswith(
+            f"trial-{t.number:04d}")
+        assert t.datetime_start is not None and t.datetime_complete is not None
+    copy = f"sqlite:///{tmp_path}/copy.db"
+    optuna.copy_study(from_study_name="enq", from_storage=url, to_storage=copy)
+    copied = optuna.load_study(study_name="enq", storage=copy)
+    assert [(t.params, t.values, t.user_attrs) for t in copied.trials] == \
+        [(t.params, t.values, t.user_attrs) for t in study.trials]
