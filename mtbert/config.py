@@ -92,6 +92,16 @@ class TrainConfig:
     select_metric: str = _opt("overall/geometric", "Metric that picks the best checkpoint.",
                               choices=METRIC_KEYS)
     log_every: int = _opt(10, "Optimizer steps between loss readings (progress bar).", min=1)
+    # Fast path: how batches reach the encoder (mtbert/fastpath.py).
+    packing: Literal["auto", "packed", "padded"] = _opt(
+        "auto", "Batches as packed real tokens (no padding) or padded to their longest "
+        "member; auto = packed (the faster one on CPU and CUDA), padded = the reference path.")
+    packed_attention: Literal["auto", "grid", "nested"] = _opt(
+        "auto", "Attention kernel of packed batches: nested jagged SDPA (FlashAttention "
+        "varlen on CUDA) or one padded SDPA over a grid; auto = nested on CUDA, grid on CPU.")
+    bucket_by_length: bool = _opt(False, "Training batches of similar lengths (shuffled "
+                                  "windows of 50 batches sorted by length), batch order "
+                                  "shuffled; each example still once per pass.")
 
 
 @dataclass
