@@ -124,7 +124,10 @@ class PackedAttention:
                                f"{', '.join(PACKED_KERNELS)}")
         device = view.ids.device
         if kernel == "auto":
-            kernel = "nested" if device.type == "cuda" else "grid"
+            # nested_tensor_from_jagged with min/max lengths exists from torch 2.5 on;
+            # without it the grid kernel (plain SDPA) runs everywhere.
+            nested = device.type == "cuda" and hasattr(torch.nested, "nested_tensor_from_jagged")
+            kernel = "nested" if nested else "grid"
         self.kernel, self.view = kernel, view
         if kernel == "grid":
             # Key mask from lengths, built on the device: no host-device sync.
