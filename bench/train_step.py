@@ -59,12 +59,12 @@ BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
                  num_attention_heads=12, intermediate_size=3072)
 
 
-def build_encoder(name: str) -> tuple[BertEncoder, Path]:
+def build_encoder(name: str, tokenizer: str) -> tuple[BertEncoder, Path]:
     """Our encoder and the directory whose tokenizer it uses: a preset or a checkpoint."""
     if name == "bert-base":
         # Random weights with bert-base-uncased's vocabulary (minilm-l6 ships the same one).
         torch.manual_seed(0)
-        return BertEncoder(BertConfig(**BERT_BASE)), resolve_encoder("minilm-l6")
+        return BertEncoder(BertConfig(**BERT_BASE)), resolve_encoder(tokenizer)
     directory = resolve_encoder(name)
     encoder = BertEncoder(read_bert_config(directory))
     load_hf_state_dict(encoder, read_checkpoint(directory), str(directory))
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--encoder", default="minilm-l6",
                         help="minilm-l6, bert-base (its architecture, random weights), or a "
                              "Hugging Face BERT directory")
+    parser.add_argument("--tokenizer", default="minilm-l6",
+                        help="bert-base only: a checkpoint directory with bert-base-uncased's "
+                             "vocabulary (minilm-l6 has it)")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
     parser.add_argument("--tokens-per-step", type=int, default=0,
                         help="instead of --batch-size: examples until a batch holds this many "
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> float:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA device")
 
-    encoder, tok_dir = build_encoder(args.encoder)
+    encoder, tok_dir = build_encoder(args.encoder, args.tokenizer)
     tokenizer = Tokenizer(tok_dir)
     config = build_config({
         "model": {"encoder": str(tok_dir), "max_length": 128},
