@@ -6,6 +6,8 @@ same `mtbert sweep` command against the same storage. The worker process keeps
 the trial's heartbeat; a worker that dies leaves a trial whose heartbeat
 stops, which the next worker to start or finish a trial marks FAIL and
 retries once with the same parameters. W&B is a logger only.
+With `trials_per_gpu` K > 1 one worker runs K trials at once (Optuna's
+`n_jobs` threads, each waiting on its own trial process on the same device).
 """
 
 from __future__ import annotations
