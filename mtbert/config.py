@@ -95,7 +95,8 @@ class TrainConfig:
     # Fast path: how batches reach the encoder (mtbert/fastpath.py).
     packing: Literal["auto", "packed", "padded"] = _opt(
         "auto", "Batches as packed real tokens (no padding) or padded to their longest "
-        "member; auto = packed (the faster one on CPU and CUDA), padded = the reference path.")
+        "member; auto = packed (faster on CPU, see bench/RESULTS.md), padded = the reference "
+        "path.")
     packed_attention: Literal["auto", "grid", "nested"] = _opt(
         "auto", "Attention kernel of packed batches: nested jagged SDPA (FlashAttention "
         "varlen on CUDA) or one padded SDPA over a grid; auto = nested on CUDA, grid on CPU.")
