@@ -245,12 +245,6 @@ class Batch:
     def packed(self) -> bool:
         return isinstance(self.views[0], PackedView)
 
-    @property
-    def real_tokens(self) -> int:
-        if self.packed:
-            return int(self.views[0].ids.numel())
-        return sum(int(mask.sum()) for _, mask, _ in self.views)
-
     def to(self, device: torch.device) -> Batch:
         move = _mover(device)
         views = [view.to(device) if isinstance(view, PackedView) else
