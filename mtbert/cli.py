@@ -307,6 +307,9 @@ def sweep(
         "--grace", min=1, help="Seconds without heartbeat before a trial counts as dead "
                                "(FAIL, retried once).")] = 30,
     device: DeviceOption = Device.auto,
+    trials_per_gpu: Annotated[int, typer.Option(
+        "--trials-per-gpu", min=1, help="Trials run at once, each its own process on the one "
+                                        "device, so that small encoders fill a big GPU.")] = 1,
     print_spec: Annotated[bool, typer.Option(
         "--print", help="Print the resolved spec and exit.")] = False,
     list_specs: Annotated[bool, typer.Option("--list", help="List the shipped specs.")] = False,
@@ -342,7 +345,7 @@ def sweep(
                            out=out, wandb_mode=resolve_mode(wandb_mode.value if wandb_mode
                                                             else None),
                            wandb_project=wandb_project, keep_top=keep_top, heartbeat=heartbeat,
-                           grace=grace, device=device.value)
+                           grace=grace, device=device.value, trials_per_gpu=trials_per_gpu)
     result, before = run_sweep(resolved, options)
     states = _state_counts(result)
     log.info("study %s: %s", result.study_name,

@@ -104,6 +104,17 @@ class TrainConfig:
     log_grad_conflict_every: int = _opt(
         0, "Every this many optimizer steps, log the cosine similarity of each pair of task "
         "gradients on the shared encoder as grad_cos/<a>-<b> (0 = off).", min=0)
+    # Fast path: how batches reach the encoder (mtbert/fastpath.py).
+    packing: Literal["auto", "packed", "padded"] = _opt(
+        "auto", "Batches as packed real tokens (no padding) or padded to their longest "
+        "member; auto = packed (faster on CPU, see bench/RESULTS.md), padded = the reference "
+        "path.")
+    packed_attention: Literal["auto", "grid", "nested"] = _opt(
+        "auto", "Attention kernel of packed batches: nested jagged SDPA (FlashAttention "
+        "varlen on CUDA) or one padded SDPA over a grid; auto = nested on CUDA, grid on CPU.")
+    bucket_by_length: bool = _opt(False, "Training batches of similar lengths (shuffled "
+                                  "windows of 50 batches sorted by length), batch order "
+                                  "shuffled; each example still once per pass.")
 
 
 @dataclass

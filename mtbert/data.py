@@ -170,22 +170,87 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 @dataclass
+class PackedView:
+    """The real tokens of a batch's sequences, concatenated without padding.
+
+    Sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]. `pad_index` places each
+    token in a (S, max_len) padded grid, for attention kernels that need one.
+    Built on the host, so the encoder never asks the device where sequences end
+    (a `nonzero` on a CUDA mask would be a host-device sync every step).
+    """
+
+    ids: torch.Tensor  # (N,)
+    types: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,) position of each token inside its sequence
+    cu_seqlens: torch.Tensor  # (S+1,) int32 offsets
+    pad_index: torch.Tensor  # (N,) flat index into (S, max_len)
+    max_len: int
+    min_len: int
+    groups: int = 1  # siamese: 2 stacked views, sentences a first then sentences b
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]  # (S,)
+
+    @property
+    def seq_index(self) -> torch.Tensor:
+        return self.pad_index // self.max_len  # (N,) sequence of each token
+
+    def to(self, device: torch.device) -> PackedView:
+        move = _mover(device)
+        return PackedView(move(self.ids), move(self.types), move(self.positions),
+                          move(self.cu_seqlens), move(self.pad_index), self.max_len, self.min_len,
+                          self.groups)
+
+
+def _mover(device: torch.device):
+    """Copy to `device`; through pinned memory to CUDA, so the copy does not block the host."""
+    if torch.device(device).type == "cuda":
+        return lambda t: t.pin_memory().to(device, non_blocking=True)
+    return lambda t: t.to(device)
+
+
+def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]], groups: int = 1) -> PackedView:
+    """A PackedView of (ids, types) rows."""
+    lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
+    T = int(lengths.max())
+    cu = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
+    pad_index = np.repeat(np.arange(len(rows)) * T, lengths) + positions
+    return PackedView(torch.from_numpy(np.concatenate([r[0] for r in rows])),
+                      torch.from_numpy(np.concatenate([r[1] for r in rows])),
+                      torch.from_numpy(positions), torch.from_numpy(cu.astype(np.int32)),
+                      torch.from_numpy(pad_index), T, int(lengths.min()), groups)
+
+
+@dataclass
 class Batch:
-    """One task's batch: one or two views (siamese pairs) of padded token ids."""
+    """One task's batch: one or two views (siamese pairs) of padded token ids, or one
+    PackedView of all its sequences (`EncodedSet.packed`)."""
 
     task: str
-    views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (ids, mask, types), (B, T)
+    views: list  # [(ids, mask, types)] each (B, T), or [PackedView]
     labels: torch.Tensor | None
     indices: np.ndarray
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.views[0], PackedView)
+
     def to(self, device: torch.device) -> Batch:
-        move = (lambda t: t.to(device, non_blocking=True))
-        views = [tuple(move(t) for t in view) for view in self.views]
+        move = _mover(device)
+        views = [view.to(device) if isinstance(view, PackedView) else
+                 tuple(move(t) for t in view) for view in self.views]
         labels = move(self.labels) if self.labels is not None else None
-        return Batch(self.task, views, labels, self.indices)  # type: ignore[arg-type]
+        return Batch(self.task, views, labels, self.indices)
 
 
 class EncodedSet:
@@ -208,11 +273,22 @@ class EncodedSet:
             self.views = [[build(columns[0][i], columns[1][i], max_length) for i in keep]]
         self.pad_id = tokenizer.pad_id
         self._by_length: np.ndarray | None = None
+        # Batches as PackedView (no padding) instead of padded (B, T) tensors.
+        self.packed = False
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example, all views together."""
+        return np.array([sum(len(view[i][0]) for view in self.views) for i in range(len(self))])
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, indices: np.ndarray) -> Batch:
+        labels = None if self.labels is None else torch.from_numpy(self.labels[indices])
+        if self.packed:
+            rows = [view[i] for view in self.views for i in indices]
+            return Batch(self.task.name, [pack_rows(rows, len(self.views))], labels,
+                         np.asarray(indices))
         views = []
         for view in self.views:
             rows = [view[i] for i in indices]
@@ -225,7 +301,6 @@ class EncodedSet:
                 types[r, : len(row_ids)] = row_types
                 mask[r, : len(row_ids)] = 1
             views.append((torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)))
-        labels = None if self.labels is None else torch.from_numpy(self.labels[indices])
         return Batch(self.task.name, views, labels, np.asarray(indices))
 
     def batches(self, batch_size: int):
@@ -235,9 +310,7 @@ class EncodedSet:
         each row belongs.
         """
         if self._by_length is None:  # computed once: every epoch evaluates the same set
-            lengths = np.array([sum(len(view[i][0]) for view in self.views)
-                                for i in range(len(self))])
-            self._by_length = np.argsort(lengths, kind="stable")
+            self._by_length = np.argsort(self.lengths(), kind="stable")
         order = self._by_length
         for start in range(0, len(self), batch_size):
             yield self.batch(order[start:start + batch_size])
@@ -279,3 +352,59 @@ class TaskSampler:
     def restore(self, state: dict[str, int]) -> None:
         self.epoch_pass, self.position = int(state["pass"]), int(state["position"])
         self._order = self._permutation()
+
+
+class LengthBucketSampler(TaskSampler):
+    """Batches of examples of similar length, in shuffled order, each example once per pass.
+
+    Every pass takes a seeded permutation, cuts it into windows of
+    `window` batches, sorts each window by length and cuts it into batches;
+    the batches of the whole pass are then shuffled. Padding (and, packed,
+    attention work per batch) shrinks, while each batch still mixes examples
+    from the whole set. Windows rather than one global sort keep batch
+    composition random across passes (as in the "sortish" samplers of
+    fairseq and fastai).
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, *, seed: int, task: str,
+                 window: int = 50):
+        self.lengths = np.asarray(lengths)
+        self.window = window
+        super().__init__(len(self.lengths), batch_size, seed=seed, task=task)
+
+    def _permutation(self) -> np.ndarray:
+        rng = np.random.default_rng(self._seed + [self.epoch_pass])
+        order = rng.permutation(self.size)
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, self.size, span):
+            chunk = order[start:start + span]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        self._batches = [batches[i] for i in rng.permutation(len(batches))]
+        # Where each batch starts in the pass, so that `position` (examples served) stays
+        # the resume state, as in TaskSampler.
+        self._starts = np.concatenate([[0], np.cumsum([len(b) for b in self._batches])])
+        return np.concatenate(self._batches)
+
+    @property
+    def batches_per_pass(self) -> int:
+        return len(self._batches)
+
+    def next(self) -> np.ndarray:
+        if self.position >= self.size:
+            self.epoch_pass, self.position = self.epoch_pass + 1, 0
+            self._order = self._permutation()
+        k = int(np.searchsorted(self._starts, self.position, side="right")) - 1
+        indices = self._batches[k]
+        self.position = int(self._starts[k + 1])
+        return indices
+
+
+def make_task_sampler(dataset: EncodedSet, batch_size: int, *, seed: int,
+                      bucket_by_length: bool) -> TaskSampler:
+    """The training sampler of one task: shuffled, or length-bucketed (train.bucket_by_length)."""
+    name = dataset.task.name
+    if bucket_by_length:
+        return LengthBucketSampler(dataset.lengths(), batch_size, seed=seed, task=name)
+    return TaskSampler(len(dataset), batch_size, seed=seed, task=name)

@@ -6,6 +6,20 @@ and the dense+tanh pooler. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`, so PyTorch picks the
 fastest kernel for the device. Query, key and value are one fused projection.
 
+`forward_packed` runs the same weights on a packed batch (`data.PackedView`):
+the real tokens of all sequences concatenated, no padding. Embeddings,
+every Linear, LayerNorm and GELU see only real tokens; attention stays within
+each sequence through one of two kernels (`PackedAttention`):
+
+- `nested`: a nested jagged tensor through SDPA. On CUDA this is
+  FlashAttention's variable-length kernel: no padded token is ever computed.
+- `grid`: q, k, v scattered into a (S, T) grid for one padded SDPA call and
+  gathered back. Measured on 2 CPU cores (64 sequences of 10-60 tokens,
+  12 heads, forward + backward): grid 0.072 s, nested 0.21-0.28 s, because
+  on CPU nested SDPA falls back to one call per sequence.
+
+`auto` picks nested on CUDA and grid elsewhere.
+
 Checkpoints are Hugging Face BERT directories (config.json + model.safetensors
 or pytorch_model.bin). The model is built first, then every weight is copied
 through an explicit key map; a missing, unexpected or misshaped key fails with
@@ -19,6 +33,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -26,7 +41,11 @@ import torch.nn.functional as F
 
 from mtbert.errors import EncoderError
 
+if TYPE_CHECKING:
+    from mtbert.data import PackedView
+
 log = logging.getLogger("mtbert")
+PACKED_KERNELS = ("auto", "grid", "nested")
 
 # Keys of Hugging Face checkpoints that are not part of the encoder: the
 # pre-training heads of BertForPreTraining and a buffer of position ids.
@@ -81,16 +100,62 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | PackedAttention | None
+                ) -> torch.Tensor:
+        dropout = self.attn_dropout if self.training else 0.0
+        if isinstance(mask, PackedAttention):
+            return self.proj(mask(self.qkv(x), self.n_head, dropout))  # (N, C)
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        dropout = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
+
+
+class PackedAttention:
+    """Self-attention within each sequence of a packed batch, from fused (N, 3C) q, k, v."""
+
+    def __init__(self, view: PackedView, kernel: str):
+        if kernel not in PACKED_KERNELS:
+            raise EncoderError(f"unknown packed attention kernel '{kernel}'; valid: "
+                               f"{', '.join(PACKED_KERNELS)}")
+        device = view.ids.device
+        if kernel == "auto":
+            # nested_tensor_from_jagged with min/max lengths exists from torch 2.5 on;
+            # without it the grid kernel (plain SDPA) runs everywhere.
+            nested = device.type == "cuda" and hasattr(torch.nested, "nested_tensor_from_jagged")
+            kernel = "nested" if nested else "grid"
+        self.kernel, self.view = kernel, view
+        if kernel == "grid":
+            # Key mask from lengths, built on the device: no host-device sync.
+            T = view.max_len
+            self.mask = (torch.arange(T, device=device)
+                         < view.lengths[:, None])[:, None, None, :]  # (S, 1, 1, T)
+        else:
+            self.offsets = view.cu_seqlens.long()
+
+    def __call__(self, qkv: torch.Tensor, n_head: int, dropout: float) -> torch.Tensor:
+        N, C3 = qkv.shape
+        C = C3 // 3
+        hs = C // n_head
+        if self.kernel == "grid":
+            S, T = self.view.n_seqs, self.view.max_len
+            grid = qkv.new_zeros(S * T, C3).index_copy(0, self.view.pad_index, qkv)
+            q, k, v = grid.view(S, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # 3 x (S, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout)
+            return y.transpose(1, 2).reshape(S * T, C)[self.view.pad_index]  # (N, C)
+        # Jagged q, k, v whose (N, nh, hs) values are contiguous, the layout the
+        # flash and memory-efficient kernels take; min/max lengths are passed so
+        # that PyTorch does not read them back from the device.
+        q, k, v = (torch.nested.nested_tensor_from_jagged(
+            t.reshape(N, n_head, hs).contiguous(), offsets=self.offsets,
+            min_seqlen=self.view.min_len, max_seqlen=self.view.max_len).transpose(1, 2)
+            for t in qkv.split(C, dim=1))  # 3 x (S, nh, j, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return y.transpose(1, 2).values().reshape(N, C)  # (N, C)
 
 
 class Layer(nn.Module):
@@ -106,7 +171,8 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d, eps=eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | PackedAttention | None
+                ) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, mask)))
         h = self.ffn_down(F.gelu(self.ffn_up(x)))  # exact (erf) GELU, as BERT
         return self.ffn_norm(x + self.dropout(h))
@@ -124,6 +190,7 @@ class BertEncoder(nn.Module):
         self.emb_dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(d, d)
+        self.packed_kernel = "auto"  # see PackedAttention; not a weight, not saved
         self.apply(self._init_weights)
 
     @staticmethod
@@ -154,6 +221,18 @@ class BertEncoder(nn.Module):
             mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T), True = attend
         for layer in self.layers:
             x = layer(x, mask)
+        return x
+
+    def forward_packed(self, view: PackedView) -> torch.Tensor:
+        """Last hidden states (N, d) of the real tokens of a packed batch."""
+        if view.max_len > self.config.max_position_embeddings:
+            raise EncoderError(f"sequence length {view.max_len} exceeds the encoder's "
+                               f"{self.config.max_position_embeddings} positions")
+        x = self.word_emb(view.ids) + self.pos_emb(view.positions) + self.type_emb(view.types)
+        x = self.emb_dropout(self.emb_norm(x))  # (N, d)
+        attention = PackedAttention(view, self.packed_kernel)
+        for layer in self.layers:
+            x = layer(x, attention)
         return x
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtbert.config import ModelConfig
-from mtbert.data import Batch
+from mtbert.data import Batch, PackedView
 from mtbert.encoder import BertEncoder
 from mtbert.tasks import RegressionTask, Task
 
@@ -90,6 +90,20 @@ class MultitaskModel(nn.Module):
         else:
             weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, d)
+        return self._pooler(task, pooled)
+
+    def embed_packed(self, task: str, view: PackedView) -> torch.Tensor:
+        """Sentence embeddings (S, d) of the S sequences of a packed batch."""
+        hidden = self.encoder.forward_packed(view)  # (N, d)
+        if self.config.pooling == "cls":
+            pooled = hidden[view.cu_seqlens[:-1].long()]  # (S, d): each sequence's first token
+        else:
+            sums = hidden.new_zeros(view.n_seqs, hidden.shape[1]).index_add_(
+                0, view.seq_index, hidden)  # (S, d)
+            pooled = sums / view.lengths[:, None].to(hidden.dtype)
+        return self._pooler(task, pooled)
+
+    def _pooler(self, task: str, pooled: torch.Tensor) -> torch.Tensor:
         if self.config.pooler == "shared":
             return torch.tanh(self.encoder.pooler(pooled))
         if self.config.pooler == "per_task":
@@ -98,21 +112,24 @@ class MultitaskModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """The head's output (B, num_outputs) for a batch of one task."""
-        if len(batch.views) == 1:
+        if batch.packed:
+            view = batch.views[0]
+            emb = self.embed_packed(batch.task, view)  # (groups * B, d)
+            features = emb if view.groups == 1 else self._siamese_features(*emb.chunk(2))
+        elif len(batch.views) == 1:
             features = self.embed(batch.task, *batch.views[0])
         else:
-            features = self._siamese_features(batch)
+            (ids_a, mask_a, types_a), (ids_b, mask_b, types_b) = batch.views
+            B, T = ids_a.shape[0], max(ids_a.shape[1], ids_b.shape[1])
+            # Both sentences in one encoder pass: pad to a common length, stack on the batch.
+            pad = lambda t: F.pad(t, (0, T - t.shape[1]))  # noqa: E731
+            emb = self.embed(batch.task, torch.cat([pad(ids_a), pad(ids_b)]),
+                             torch.cat([pad(mask_a), pad(mask_b)]),
+                             torch.cat([pad(types_a), pad(types_b)]))  # (2B, d)
+            features = self._siamese_features(emb[:B], emb[B:])
         return self.heads[batch.task](features)
 
-    def _siamese_features(self, batch: Batch) -> torch.Tensor:
-        (ids_a, mask_a, types_a), (ids_b, mask_b, types_b) = batch.views
-        B, T = ids_a.shape[0], max(ids_a.shape[1], ids_b.shape[1])
-        # Both sentences in one encoder pass: pad to a common length, stack on the batch.
-        pad = lambda t: F.pad(t, (0, T - t.shape[1]))  # noqa: E731
-        emb = self.embed(batch.task, torch.cat([pad(ids_a), pad(ids_b)]),
-                         torch.cat([pad(mask_a), pad(mask_b)]),
-                         torch.cat([pad(types_a), pad(types_b)]))  # (2B, d)
-        u, v = emb[:B], emb[B:]
+    def _siamese_features(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         parts = [u, v, (u - v).abs(), u * v]
         if self.config.siamese_cosine:
             parts.append(F.cosine_similarity(u, v, dim=-1).unsqueeze(-1))

@@ -6,6 +6,8 @@ same `mtbert sweep` command against the same storage. The worker process keeps
 the trial's heartbeat; a worker that dies leaves a trial whose heartbeat
 stops, which the next worker to start or finish a trial marks FAIL and
 retries once with the same parameters. W&B is a logger only.
+With `trials_per_gpu` K > 1 one worker runs K trials at once (Optuna's
+`n_jobs` threads, each waiting on its own trial process on the same device).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +135,7 @@ class SweepOptions:
     heartbeat: int = 10
     grace: int = 30
     device: str = "auto"
+    trials_per_gpu: int = 1
 
 
 def _last_line(path: Path) -> str:
@@ -159,6 +163,28 @@ class TrialRunner:
     def __init__(self, spec: SweepSpec, options: SweepOptions, study_name: str, url: str):
         self.spec, self.options, self.study_name, self.url = spec, options, study_name, url
         self.wandb_dir = Path(os.environ.get("WANDB_DIR") or options.out).resolve()
+        # With trials_per_gpu > 1 Optuna calls this object from several threads at once;
+        # these track the live trial processes so that a stop ends all of them.
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """End every running trial process (the worker was told to stop)."""
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            proc.terminate()
+
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, STORAGE_ENV: with_driver(self.url), PARENT_ENV: str(os.getpid())}
+        k = self.options.trials_per_gpu
+        if k > 1 and "OMP_NUM_THREADS" not in env:
+            # K trials share the machine's cores: K x all-cores threads would oversubscribe
+            # them (the GPU is shared as is, K processes, no device settings changed).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // k))
+        return env
 
     def __call__(self, trial) -> float | list[float]:
         import optuna
@@ -178,12 +204,18 @@ class TrialRunner:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("checkpoint", str(run_dir / "model"))
         log_path = run_dir / "trial.log"
-        env = {**os.environ, STORAGE_ENV: with_driver(self.url), PARENT_ENV: str(os.getpid())}
         with open(log_path, "w") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "mtbert.trial", str(run_dir)],
-                                    stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                if self.stopping:
+                    raise KeyboardInterrupt
+                proc = subprocess.Popen([sys.executable, "-m", "mtbert.trial", str(run_dir)],
+                                        stdout=log_file, stderr=subprocess.STDOUT,
+                                        env=self._child_env())
+                self._procs.add(proc)
             try:
                 code = proc.wait()
+                if self.stopping:  # another thread's stop() ended this trial
+                    raise KeyboardInterrupt
             except BaseException:  # Ctrl-C, SIGTERM: end the training, then let Optuna fail it
                 proc.terminate()
                 try:
@@ -193,6 +225,9 @@ class TrialRunner:
                 trial.set_user_attr("fail_reason", "interrupted")
                 (run_dir / "resume.pt").unlink(missing_ok=True)
                 raise
+            finally:
+                with self._lock:
+                    self._procs.discard(proc)
         result = self._record(trial, run_dir)
         (run_dir / "resume.pt").unlink(missing_ok=True)  # a trial is never resumed
         reason = result.get("reason") or (f"killed by signal {-code}" if code < 0 else
@@ -242,11 +277,14 @@ def prune_checkpoints(study, spec: SweepSpec, keep_top: int) -> int:
     (and, for multi-objective studies, the Pareto front). Returns how many were removed."""
     from optuna.trial import TrialState
 
+    # Snapshot first, rank second: a trial that finishes in between (another thread,
+    # another worker) is RUNNING in the snapshot and left alone, never removed unranked.
+    trials = study.get_trials(deepcopy=False)
     keep = {t.number for t in _ranked(study)[:keep_top]}
     if spec.multi_objective:
         keep |= {t.number for t in study.best_trials}
     removed = 0
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         if t.state == TrialState.RUNNING or t.state == TrialState.WAITING or t.number in keep:
             continue
         checkpoint = t.user_attrs.get("checkpoint")
@@ -306,26 +344,38 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     log.info("study %s in %s: %d trials so far; running %s more", name, mask_url(url), before,
              options.trials if options.trials is not None else "until the timeout")
 
+    runner = TrialRunner(spec, options, name, url)
+    prune_lock = threading.Lock()
+
     def on_trial_end(study, trial) -> None:
         log.info("%s", _describe_trial(trial, spec))
-        removed = prune_checkpoints(study, spec, options.keep_top)
+        with prune_lock:  # callbacks run in Optuna's worker threads with trials_per_gpu > 1
+            removed = prune_checkpoints(study, spec, options.keep_top)
         if removed:
             log.info("removed %d checkpoints outside the top %d", removed, options.keep_top)
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
+    def on_stop(signum, frame):
+        runner.stop()
+        if options.trials_per_gpu == 1:
+            raise KeyboardInterrupt  # the trial runs in this thread: end it here
+        # Several trials: Optuna's threads end their trials, record them as FAIL and
+        # re-raise KeyboardInterrupt, which reaches this thread through their futures.
+        # Raising here instead would leave the process while they still record.
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        study.optimize(TrialRunner(spec, options, name, url), n_trials=options.trials,
-                       timeout=options.timeout, catch=(TrialFailed,), callbacks=[on_trial_end],
-                       gc_after_trial=False)
+        study.optimize(runner, n_trials=options.trials, timeout=options.timeout,
+                       n_jobs=options.trials_per_gpu, catch=(TrialFailed,),
+                       callbacks=[on_trial_end], gc_after_trial=False)
+        if runner.stopping:
+            raise KeyboardInterrupt
     except sqlalchemy.exc.SQLAlchemyError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StorageError(f"the study storage {mask_url(url)} failed: {mask_url(first)}") \
             from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return study, before
 
 

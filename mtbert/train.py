@@ -27,12 +27,13 @@ from tqdm import tqdm
 import mtbert
 from mtbert.balancing import LossCombiner, make_loss_combiner, task_gradients
 from mtbert.config import RunConfig, cache_dir, data_dir, save_config
-from mtbert.data import Batch, EncodedSet, TaskSampler, read_examples, sample_indices, \
-    tokenize_cached
+from mtbert.data import (Batch, EncodedSet, make_task_sampler, read_examples, sample_indices,
+                         tokenize_cached)
 from mtbert.encoder import load_pretrained
 from mtbert.errors import DataError, TrainingError
 from mtbert.evaluate import autocast, evaluate
 from mtbert.export import save_model_dir
+from mtbert.fastpath import configure_packing
 from mtbert.heads import MultitaskModel
 from mtbert.optim import apply_freezing, linear_schedule, make_optimizer
 from mtbert.schedules import epoch_batches, make_schedule, optimizer_steps, step_size
@@ -135,8 +136,9 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     model = MultitaskModel(encoder, [get_task(t) for t in tasks], config.model).to(dev)
     t = config.train
     combiner = make_loss_combiner(config.loss, tasks, seed=t.seed).to(dev)
-    samplers = {name: TaskSampler(len(data.train[name]), t.batch_size, seed=t.seed, task=name)
-                for name in tasks}
+    configure_packing(model, [*data.train.values(), *data.dev.values()], t)
+    samplers = {name: make_task_sampler(data.train[name], t.batch_size, seed=t.seed,
+                                        bucket_by_length=t.bucket_by_length) for name in tasks}
     schedule = make_schedule(t, {n: s.batches_per_pass for n, s in samplers.items()},
                              {n: len(data.train[n]) for n in tasks},
                              every_task_per_step=combiner.per_step)

@@ -244,3 +244,54 @@ def test_multi_objective_study_lists_the_front_and_exports_by_trial(tiny_encoder
                                    "--export", str(tmp_path / "m")])
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+def _overlap(a, b) -> bool:
+    return a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+
+
+def test_trials_per_gpu_runs_trials_concurrently(tiny_encoder, task_dir, tmp_path):
+    out = tmp_path / "runs"
+    spec = tmp_path / "pack.yaml"
+    spec.write_text("name: pack\nspace:\n  model.dropout: {type: float, low: 0.0, high: 0.3}\n"
+                    "pruner: {name: none}\n")
+    args = _sweep_args(str(spec), tiny_encoder, task_dir, out, "--trials-per-gpu", "2",
+                       "--keep-top", "1")
+    args[args.index("--trials") + 1] = "4"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    trials = _trials(out, "pack")
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert any(_overlap(a, b) for a in trials for b in trials if a.number < b.number)
+    # keep-top from concurrent callbacks: exactly the best trial keeps its model.
+    kept = [t.number for t in trials if (out / "pack" / f"trial-{t.number:04d}" / "model").is_dir()]
+    best = max(trials, key=lambda t: t.value).number
+    assert kept == [best]
+
+
+def test_sigterm_with_trials_per_gpu_ends_every_running_trial(tiny_encoder, task_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    args = _sweep_args("alpha", tiny_encoder, task_dir, out, "--set", "train.steps_per_epoch=5000",
+                       "--trials-per-gpu", "2")
+    worker = subprocess.Popen([sys.executable, "-m", "mtbert", *args], stderr=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    logs = [out / "alpha" / f"trial-{n:04d}" / "trial.log" for n in (0, 1)]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(log.exists() for log in logs):
+        time.sleep(0.5)
+    time.sleep(3)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    trials = _trials(out, "alpha")
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in trials)

@@ -1,0 +1,288 @@
+"""Training-step throughput: mtbert's step against the Hugging Face peer, same batches.
+
+    python bench/train_step.py --device cpu --encoder minilm-l6 --batch-size 32 \
+        --data-dir DIR
+
+Ours: minBERT on packed batches (train.packing; `--ours-packing padded` for the
+plain path), fused AdamW, bf16 autocast on CUDA, no host-device sync inside
+the step. The peer is what a user writes today: `transformers.BertModel`
+(attn_implementation="sdpa") with the same three heads, batches padded to
+their longest member, torch AdamW, bf16 autocast on CUDA (fp32 on CPU for
+both). Both start from the same weights and train on the same examples; the
+timed blocks alternate between the two so that a shared machine slows both
+alike. Both sides include building each batch from pre-tokenized rows and
+copying it to the device; tokenization is outside the timed loop for both.
+
+MFU counts real tokens only: 6·N·tokens + 12·L·d·sum(T_i^2) FLOPs per step
+(N = the encoder's non-embedding matmul weights, T_i each sequence's real
+length) over 989 TFLOP/s, the dense bf16 peak of an H100/H200. On CPU there
+is no agreed peak: the achieved TFLOP/s is printed and MFU is n/a.
+
+The last line on stdout is `ratio ours/peer examples/s: X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from mtbert.config import build_config  # noqa: E402
+from mtbert.data import Batch  # noqa: E402
+from mtbert.encoder import (BertConfig, BertEncoder, load_hf_state_dict, read_bert_config,  # noqa: E402
+                            read_checkpoint, resolve_encoder, to_hf_state_dict)
+from mtbert.errors import MtbertError  # noqa: E402
+from mtbert.evaluate import autocast  # noqa: E402
+from mtbert.heads import MultitaskModel, TaskHead  # noqa: E402
+from mtbert.optim import make_optimizer  # noqa: E402
+from mtbert.tasks import get_task  # noqa: E402
+from mtbert.tokenize import Tokenizer  # noqa: E402
+from mtbert.train import load_task_data  # noqa: E402
+
+PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16
+TASKS = ("sst", "qqp", "sts")
+# bert-base-uncased's architecture with random weights: speed does not depend on them.
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                 num_attention_heads=12, intermediate_size=3072)
+
+
+def build_encoder(name: str, tokenizer: str) -> tuple[BertEncoder, Path]:
+    """Our encoder and the directory whose tokenizer it uses: a preset or a checkpoint."""
+    if name == "bert-base":
+        # Random weights with bert-base-uncased's vocabulary (minilm-l6 ships the same one).
+        torch.manual_seed(0)
+        return BertEncoder(BertConfig(**BERT_BASE)), resolve_encoder(tokenizer)
+    directory = resolve_encoder(name)
+    encoder = BertEncoder(read_bert_config(directory))
+    load_hf_state_dict(encoder, read_checkpoint(directory), str(directory))
+    return encoder, directory
+
+
+class PeerModel(nn.Module):
+    """transformers.BertModel + the same heads; [CLS] through BERT's pooler, as ours."""
+
+    def __init__(self, encoder: BertEncoder, heads: nn.ModuleDict):
+        super().__init__()
+        from transformers import BertConfig as HFConfig
+        from transformers import BertModel
+
+        config = HFConfig(**encoder.config.to_hf_dict(), attn_implementation="sdpa")
+        self.bert = BertModel(config)
+        if self.bert.config._attn_implementation != "sdpa":
+            raise RuntimeError("transformers did not take attn_implementation='sdpa'")
+        state = to_hf_state_dict(encoder)
+        missing, unexpected = self.bert.load_state_dict(state, strict=False)
+        if [k for k in missing if "position_ids" not in k] or unexpected:
+            raise RuntimeError(f"peer weights do not match: {missing} {unexpected}")
+        self.heads = heads
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        ids, mask, types = batch.views[0]
+        out = self.bert(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        return self.heads[batch.task](out.pooler_output)
+
+
+def make_batches(sets, *, batch_size: int, tokens: int, n: int, seed: int) -> list[tuple]:
+    """`n` (task, indices) batches, round-robin over tasks: `batch_size` examples each, or
+    with `tokens` > 0, examples until the batch holds at least that many real tokens."""
+    rng = np.random.default_rng(seed)
+    orders = {t: rng.permutation(len(s)) for t, s in sets.items()}
+    lengths = {t: s.lengths() for t, s in sets.items()}
+    cursor = {t: 0 for t in sets}
+    batches = []
+    for i in range(n):
+        task = list(sets)[i % len(sets)]
+        order, start = orders[task], cursor[task]
+        if tokens > 0:
+            seen = np.cumsum(lengths[task][np.roll(order, -start)])
+            size = int(np.searchsorted(seen, tokens)) + 1
+        else:
+            size = batch_size
+        size = min(size, len(order))
+        batches.append((task, np.roll(order, -start)[:size]))
+        cursor[task] = (start + size) % len(order)
+    return batches
+
+
+def flops_per_step(config: BertConfig, sequence_lengths: np.ndarray) -> float:
+    d, L, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    n_matmul = L * (4 * d * d + 2 * d * ff)  # qkv + proj + ffn up/down, non-embedding
+    return 6 * n_matmul * sequence_lengths.sum() + 12 * L * d * (sequence_lengths ** 2).sum()
+
+
+class Side:
+    """One contender: model, optimizer, and its way of building a batch."""
+
+    def __init__(self, name, model, optimizer, sets, packed: bool, device):
+        self.name, self.model, self.optimizer = name, model, optimizer
+        self.sets, self.packed, self.device = sets, packed, device
+        self.time, self.examples, self.tokens, self.flops, self.peak = 0.0, 0, 0, 0.0, 0
+        self.first_loss = None
+
+    def step(self, task: str, indices: np.ndarray) -> torch.Tensor:
+        dataset = self.sets[task]
+        dataset.packed = self.packed
+        batch = dataset.batch(indices).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            output = self.model(batch)
+        loss = dataset.task.loss(output, batch.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return loss.detach()
+
+    def run(self, batches, *, timed: bool) -> None:
+        sync(self.device)
+        tic = time.perf_counter()
+        for task, indices, _ in batches:
+            loss = self.step(task, indices)
+            if self.first_loss is None:
+                self.first_loss = loss.float().item()
+        sync(self.device)
+        if timed:
+            self.time += time.perf_counter() - tic
+            for _, _, (n_examples, n_tokens, flops) in batches:
+                self.examples += n_examples
+                self.tokens += n_tokens
+                self.flops += flops
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cpu", "cuda"))
+    parser.add_argument("--encoder", default="minilm-l6",
+                        help="minilm-l6, bert-base (its architecture, random weights), or a "
+                             "Hugging Face BERT directory")
+    parser.add_argument("--tokenizer", default="minilm-l6",
+                        help="bert-base only: a checkpoint directory with bert-base-uncased's "
+                             "vocabulary (minilm-l6 has it)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    parser.add_argument("--tokens-per-step", type=int, default=0,
+                        help="instead of --batch-size: examples until a batch holds this many "
+                             "real tokens (e.g. 8192)")
+    parser.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR"),
+                        help="CS224N task files (default $MTBERT_DATA_DIR)")
+    parser.add_argument("--max-examples", type=int, default=3000,
+                        help="training examples read per task (a seeded sample)")
+    parser.add_argument("--warmup", type=int, default=6, help="untimed steps per side")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per block and side")
+    parser.add_argument("--blocks", type=int, default=3,
+                        help="timed blocks; ours and the peer alternate block by block")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--ours-packing", default="packed", choices=("packed", "padded"))
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error("--data-dir is required when MTBERT_DATA_DIR is not set")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA device")
+
+    encoder, tok_dir = build_encoder(args.encoder, args.tokenizer)
+    tokenizer = Tokenizer(tok_dir)
+    config = build_config({
+        "model": {"encoder": str(tok_dir), "max_length": 128},
+        "data": {"dir": args.data_dir, "max_train_examples": args.max_examples,
+                 "max_eval_examples": 1,
+                 "cache_dir": os.environ.get("MTBERT_CACHE_DIR") or
+                 str(Path(tempfile.gettempdir()) / "mtbert-bench-tokens")},
+        "train": {"seed": 0}})
+    sets = load_task_data(config, tokenizer).train
+    n = args.warmup + args.steps * args.blocks
+    batches = make_batches(sets, batch_size=args.batch_size, tokens=args.tokens_per_step,
+                           n=n, seed=0)
+    for k, (task, indices) in enumerate(batches):
+        lengths = np.concatenate([[len(view[i][0]) for i in indices]
+                                  for view in sets[task].views])
+        batches[k] = (task, indices, (len(indices), int(lengths.sum()),
+                                      flops_per_step(encoder.config, lengths)))
+
+    torch.manual_seed(0)
+    ours = MultitaskModel(encoder, [get_task(t) for t in TASKS], config.model)
+    peer = PeerModel(encoder, copy.deepcopy(ours.heads))  # same start, trained apart
+    ours.to(device).train()
+    peer.to(device).train()
+    sides = [
+        Side("ours", ours, make_optimizer(ours, lr=2e-5, config=config.optim, device=device),
+             sets, args.ours_packing == "packed", device),
+        Side("peer", peer, torch.optim.AdamW(peer.parameters(), lr=2e-5, weight_decay=0.01),
+             sets, False, device),
+    ]
+    warm, timed = batches[:args.warmup], batches[args.warmup:]
+    for side in sides:
+        side.run(warm, timed=False)
+    for b in range(args.blocks):
+        block = timed[b * args.steps:(b + 1) * args.steps]
+        for side in (sides if b % 2 == 0 else sides[::-1]):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            side.run(block, timed=True)
+            if device.type == "cuda":
+                side.peak = max(side.peak, torch.cuda.max_memory_allocated(device))
+
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import transformers
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    c = encoder.config
+    setting = (f"{args.tokens_per_step} real tokens per batch" if args.tokens_per_step
+               else f"batch {args.batch_size}")
+    print(f"device {device.type} ({name}); " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"encoder {args.encoder} ({c.num_hidden_layers} layers, hidden {c.hidden_size}), "
+          f"{setting}, tasks {'/'.join(TASKS)} round-robin, {args.blocks} x {args.steps} "
+          f"timed steps per side after {args.warmup} warm-up; ours {args.ours_packing}")
+    print(f"first-step loss: ours {sides[0].first_loss:.5f}, peer {sides[1].first_loss:.5f}")
+    results = {"device": device.type, "device_name": name, "versions": versions,
+               "encoder": args.encoder, "setting": setting, "argv": sys.argv[1:]}
+    for side in sides:
+        ex_s, tok_s = side.examples / side.time, side.tokens / side.time
+        tflops = side.flops / side.time / 1e12
+        mfu = f"{100 * side.flops / side.time / PEAK_BF16_FLOPS:.1f}%" \
+            if device.type == "cuda" else "n/a"
+        peak = f"{side.peak / 2**30:.2f} GiB" if device.type == "cuda" else \
+            f"n/a (process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)"
+        print(f"{side.name}: {ex_s:.1f} examples/s, {tok_s:.0f} real tokens/s, "
+              f"{tflops:.3f} TFLOP/s, MFU {mfu}, peak memory {peak}")
+        results[side.name] = {"examples_per_s": ex_s, "real_tokens_per_s": tok_s,
+                              "tflops": tflops, "mfu": mfu, "peak_memory": peak,
+                              "seconds": side.time}
+    ratio = sides[0].examples / sides[0].time / (sides[1].examples / sides[1].time)
+    results["ratio"] = ratio
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(f"ratio ours/peer examples/s: {ratio:.2f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except MtbertError as err:
+        print(f"train_step: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,56 @@
+"""The benchmark command runs on CPU with a tiny checkpoint and prints its ratio line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra", [["--batch-size", "8"], ["--tokens-per-step", "200"]])
+def test_train_step_bench_prints_both_sides_and_the_ratio(tiny_encoder, task_dir, tmp_path,
+                                                          monkeypatch, capsys, extra):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("MTBERT_CACHE_DIR", str(tmp_path / "cache"))
+    bench = _load_bench()
+    out = tmp_path / "bench.json"
+    ratio = bench.main(["--device", "cpu", "--encoder", str(tiny_encoder), "--data-dir",
+                        str(task_dir), "--warmup", "1", "--steps", "2", "--blocks", "2",
+                        "--json", str(out), *extra])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"ratio ours/peer examples/s: \d+\.\d\d", lines[-1])
+    assert float(lines[-1].split()[-1]) == pytest.approx(ratio, abs=0.005)
+    assert any(line.startswith("ours: ") for line in lines)
+    assert any(line.startswith("peer: ") for line in lines)
+    results = json.loads(out.read_text())
+    for side in ("ours", "peer"):
+        assert results[side]["examples_per_s"] > 0 and results[side]["mfu"] == "n/a"
+    # Same weights, same first batch: the two models start from the same loss.
+    first = next(line for line in lines if line.startswith("first-step loss"))
+    ours, peer = (float(x) for x in re.findall(r"\d+\.\d+", first))
+    assert ours == pytest.approx(peer, abs=0.05)
+    if "--tokens-per-step" in extra:
+        assert "200 real tokens per batch" in "\n".join(lines)
+
+
+def test_flops_count_matmuls_and_attention():
+    import numpy as np
+
+    from mtbert.encoder import BertConfig
+    bench = _load_bench()
+    config = BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=16)
+    # N = 2 * (4*64 + 2*8*16) = 1024; 6*N*5 tokens + 12*2*8*(3^2 + 2^2)
+    assert bench.flops_per_step(config, np.array([3, 2])) == 6 * 1024 * 5 + 12 * 2 * 8 * 13
