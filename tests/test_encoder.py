@@ -1,7 +1,5 @@
 """minBERT against transformers.BertModel, and checkpoint loading errors."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file

@@ -28,8 +28,8 @@ def _batch(task, views):
     return Batch(task, views, None, np.arange(views[0][0].shape[0]))
 
 
-@pytest.mark.parametrize("pooling, pooler, pairs, hidden", itertools.product(
-    ["cls", "mean"], ["shared", "per_task", "none"], ["concat", "siamese"], [0, 16]))
+@pytest.mark.parametrize("pooling, pooler, pairs, hidden", list(itertools.product(
+    ["cls", "mean"], ["shared", "per_task", "none"], ["concat", "siamese"], [0, 16])))
 def test_output_shapes(pooling, pooler, pairs, hidden):
     torch.manual_seed(0)
     config = ModelConfig(pooling=pooling, pooler=pooler, pair_encoding=pairs, head_hidden=hidden,

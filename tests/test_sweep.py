@@ -1,6 +1,11 @@
 """Sweeps on a tiny random model: every shipped spec, failures, best/export, studies."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
@@ -20,6 +25,21 @@ def _sweep_args(spec, tiny_encoder, task_dir, out, *extra):
             "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0",
             "--set", "train.steps_per_epoch=3", "--set", "train.batch_size=8",
             "--set", "model.max_length=32", *extra]
+
+
+def _terminate_when_running(args, logs) -> str:
+    """Start a sweep worker, SIGTERM it once every trial log exists; its stderr (exit 130)."""
+    worker = subprocess.Popen([sys.executable, "-m", "mtbert", *args], stderr=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(log.exists() for log in logs):
+        time.sleep(0.5)
+    time.sleep(3)
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130, err
+    return err
 
 
 def _trials(out, study):
@@ -203,25 +223,9 @@ def test_best_with_several_studies_asks_for_one(tmp_path):
 
 
 def test_sigterm_ends_the_running_trial_as_fail(tiny_encoder, task_dir, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "runs"
     args = _sweep_args("alpha", tiny_encoder, task_dir, out, "--set", "train.steps_per_epoch=5000")
-    worker = subprocess.Popen([sys.executable, "-m", "mtbert", *args], stderr=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = out / "alpha" / "trial-0000" / "trial.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not log.exists():
-        time.sleep(0.5)
-    time.sleep(3)
-    worker.send_signal(signal.SIGTERM)
-    _, err = worker.communicate(timeout=60)
-    assert worker.returncode == 130, err
+    err = _terminate_when_running(args, [out / "alpha" / "trial-0000" / "trial.log"])
     assert "Traceback" not in err and "interrupted" in err
     assert [t.state.name for t in _trials(out, "alpha")] == ["FAIL"]
 
@@ -271,26 +275,11 @@ def test_trials_per_gpu_runs_trials_concurrently(tiny_encoder, task_dir, tmp_pat
 
 
 def test_sigterm_with_trials_per_gpu_ends_every_running_trial(tiny_encoder, task_dir, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "runs"
     args = _sweep_args("alpha", tiny_encoder, task_dir, out, "--set", "train.steps_per_epoch=5000",
                        "--trials-per-gpu", "2")
-    worker = subprocess.Popen([sys.executable, "-m", "mtbert", *args], stderr=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    logs = [out / "alpha" / f"trial-{n:04d}" / "trial.log" for n in (0, 1)]
-    deadline = time.time() + 120
-    while time.time() < deadline and not all(log.exists() for log in logs):
-        time.sleep(0.5)
-    time.sleep(3)
-    worker.send_signal(signal.SIGTERM)
-    _, err = worker.communicate(timeout=60)
-    assert worker.returncode == 130, err
+    err = _terminate_when_running(
+        args, [out / "alpha" / f"trial-{n:04d}" / "trial.log" for n in (0, 1)])
     assert "Traceback" not in err and "interrupted" in err
     trials = _trials(out, "alpha")
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
