@@ -190,7 +190,12 @@ def importances(study) -> dict[str, float]:
     quantile = min(0.5, max(0.1, 2 / n))
     evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)
     if len(study.directions) == 1:  # Optuna takes the study's direction into account
-        return optuna.importance.get_param_importances(study, evaluator=evaluator)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        for message in sorted({str(w.message) for w in caught}):
+            log.warning("importances: %s", message)  # e.g. too few trials for a parameter
+        return values
     sign = _sign(study)
     with warnings.catch_warnings():
         # With a target, PED-ANOVA explains low values (and says so): the sign sees to it.
@@ -259,8 +264,11 @@ def plot_parallel(study, objective: str, path: Path) -> Path:
         ys = [normalise(t.params[k]) if k in t.params else math.nan
               for k, (normalise, _) in zip(keys, axes_info)]
         ys.append((t.values[0] - low) / span)
+        # A conditional parameter the trial did not use: its line goes straight past that axis.
+        xs = [x for x, y in enumerate(ys) if not math.isnan(y)]
+        ys = [y for y in ys if not math.isnan(y)]
         is_best = best is not None and t.number == best.number
-        ax.plot(range(n_axes), ys, color="tab:red" if is_best else cmap(norm(t.values[0])),
+        ax.plot(xs, ys, color="tab:red" if is_best else cmap(norm(t.values[0])),
                 lw=3.5 if is_best else 1.6, alpha=1.0 if is_best else 0.8,
                 zorder=3 if is_best else 2, marker="o", ms=4)
     for x, (_, ticks) in enumerate(axes_info):
@@ -280,7 +288,7 @@ def plot_parallel(study, objective: str, path: Path) -> Path:
     best_text = f"; red: best trial {best.number}" if best is not None else ""
     ax.set_title(f"Parameters vs {objective}: {len(done)} complete trials{best_text}\n"
                  "(each axis spans its parameter's search range, log scale for log-uniform "
-                 "ones)", fontsize=11)
+                 "ones; a line skips the parameters its trial did not use)", fontsize=11)
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02,
                  label=metric_label(objective))
     fig.tight_layout()
