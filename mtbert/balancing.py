@@ -259,10 +259,16 @@ class PCGrad(LossCombiner):
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
         super().__init__(config, tasks, **kwargs)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.steps = 0  # a host counter (no device sync); saved through the extra state
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack(list(losses.values())).sum()
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.steps = int(state["steps"])
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
                  scale: float) -> torch.Tensor:
@@ -275,7 +281,7 @@ class PCGrad(LossCombiner):
             _accumulate(own, grads[len(shared):])
             flat.append(_flatten(grads[:len(shared)], shared))
         if shared:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps))
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
             projected = pcgrad_project(torch.stack(flat), generator).sum(0)
             _accumulate(shared, _unflatten(projected, shared))
         self.steps += 1
@@ -288,13 +294,13 @@ def pcgrad_project(grads: torch.Tensor, generator: torch.Generator | None = None
     product is negative. Returns the projected rows (K, P)."""
     K = grads.shape[0]
     out = grads.clone()
+    norms = grads.pow(2).sum(1).clamp(min=1e-20)  # (K,)
     for i in range(K):
         for j in torch.randperm(K, generator=generator).tolist():
             if j == i:
                 continue
-            dot = out[i] @ grads[j]
-            if dot < 0:
-                out[i] -= dot / grads[j].pow(2).sum().clamp(min=1e-20) * grads[j]
+            # min(dot, 0): only a conflict is projected away, with no host-device sync.
+            out[i] -= (out[i] @ grads[j]).clamp(max=0) / norms[j] * grads[j]
     return out
 
 
