@@ -217,3 +217,13 @@ def test_resume_keeps_the_method_state(tiny_config, tmp_path, method):
 def test_every_method_is_registered():
     assert set(LOSS_METHODS) == {"sum", "weighted", "uncertainty", "liebel", "dwa", "gradnorm",
                                  "pcgrad"}
+
+
+def test_pcgrad_step_counter_travels_with_the_state_dict():
+    combiner = _combiner("pcgrad")
+    model = _tiny_model()
+    for _ in range(3):
+        combiner.backward(_task_losses(model), model, scale=1.0)
+    restored = _combiner("pcgrad")
+    restored.load_state_dict(combiner.state_dict())
+    assert restored.steps == combiner.steps == 3
