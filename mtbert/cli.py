@@ -324,8 +324,10 @@ def sweep(
     from mtbert.tracking import resolve_mode
 
     if list_specs:
-        for name, path in sorted(shipped_specs().items()):
-            typer.echo(f"{name:<14} {load_spec(str(path)).description}")
+        specs = sorted(shipped_specs().items())
+        width = max(len(name) for name, _ in specs)
+        for name, path in specs:
+            typer.echo(f"{name:<{width}}  {load_spec(str(path)).description}")
         return
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
