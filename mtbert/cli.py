@@ -149,8 +149,6 @@ def eval_(
     device: DeviceOption = Device.auto,
 ) -> None:
     """Score a model on the dev files of its tasks, or on one labelled file."""
-    from mtbert.config import RunConfig
-    from mtbert.config import data_dir as default_data_dir
     from mtbert.data import read_examples
     from mtbert.export import load
     from mtbert.tasks import overall_scores
@@ -163,9 +161,7 @@ def eval_(
         files = {task: file}
         model.task(task)
     else:
-        # A model may come from another machine: its saved data.dir is the last resort.
-        config = RunConfig() if os.environ.get("MTBERT_DATA_DIR") else model.config
-        root = data_dir or default_data_dir(config)
+        root = _model_data_dir(model, data_dir)
         files = {name: root / model.config.data.files[name]["dev"] for name in model.tasks}
     metrics = {}
     for name, path in files.items():
@@ -186,14 +182,39 @@ def eval_(
             typer.echo(f"{key:<20} {value:.4f}")
 
 
+def _model_data_dir(model, data_dir: Optional[Path]) -> Path:
+    """--data-dir, else $MTBERT_DATA_DIR, else the model's saved data.dir (it may come from
+    another machine, so that is the last resort), else the default."""
+    from mtbert.config import RunConfig
+    from mtbert.config import data_dir as default_data_dir
+
+    config = RunConfig() if os.environ.get("MTBERT_DATA_DIR") else model.config
+    return data_dir or default_data_dir(config)
+
+
+class Split(str, Enum):
+    dev = "dev"
+    test = "test"
+    train = "train"
+
+
 @app.command()
 @handle_errors
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="An exported model directory.")],
-    task: Annotated[str, typer.Option("--task", help="Task of the input file.")],
-    input: Annotated[Path, typer.Option("--input", help="File of the task's format "
-                                        "(labels not needed).")],
-    output: Annotated[Path, typer.Option("--output", help="Where to write predictions.")],
+    task: Annotated[Optional[str], typer.Option("--task", help="Task of the input file.")]
+    = None,
+    input: Annotated[Optional[Path], typer.Option(
+        "--input", help="File of the task's format (labels not needed).")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", help="Where to write predictions.")] = None,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="Predict every dev and test file of the model's tasks found in "
+                      "--data-dir, into --output-dir under the CS224N names "
+                      "(sst-dev-output.csv, para-test-output.csv, ...).")] = False,
+    data_dir: DataDirOption = None,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        "--output-dir", help="With --all: directory of the prediction files.")] = None,
     device: DeviceOption = Device.auto,
 ) -> None:
     """Write predictions in the CS224N format: header, then id<TAB>prediction."""
@@ -202,13 +223,87 @@ def predict(
     from mtbert.export import load
     from mtbert.train import resolve_device
 
+    if all_:
+        given = [name for name, value in (("--task", task), ("--input", input),
+                                          ("--output", output)) if value is not None]
+        if given:
+            raise MtbertError(f"--all predicts every file of the model's tasks; drop "
+                              f"{', '.join(given)} (or drop --all to predict one file)")
+        if output_dir is None:
+            raise MtbertError("--all needs --output-dir DIR for the prediction files")
+    else:
+        if data_dir is not None or output_dir is not None:
+            raise MtbertError("--data-dir and --output-dir go with --all; one file is "
+                              "--task TASK --input FILE --output FILE")
+        missing = [name for name, value in (("--task", task), ("--input", input),
+                                            ("--output", output)) if value is None]
+        if missing:
+            raise MtbertError(f"missing {', '.join(missing)}: predict one file with --task "
+                              "TASK --input FILE --output FILE, or every file with --all "
+                              "--data-dir DIR --output-dir DIR")
     model = load(model_dir, resolve_device(device.value))
-    spec = model.task(task)
-    examples = read_examples(input, spec, labelled=False)
-    predictions = model.predict_examples(examples)
-    write_predictions(output, spec, examples.ids, predictions)
-    log.info("%d predictions written to %s (%d rows skipped)", len(examples.ids), output,
-             examples.stats.skipped)
+    progress = not _options["quiet"]
+    if not all_:
+        spec = model.task(task)
+        examples = read_examples(input, spec, labelled=False)
+        predictions = model.predict_examples(examples, progress=progress)
+        write_predictions(output, spec, examples.ids, predictions)
+        log.info("%d predictions written to %s (%d rows skipped)", len(examples.ids), output,
+                 examples.stats.skipped)
+        return
+    root = _model_data_dir(model, data_dir)
+    jobs, missing_files = [], []
+    for name, spec in model.tasks.items():
+        for split in ("dev", "test"):
+            path = root / model.config.data.files[name][split]
+            (jobs if path.is_file() else missing_files).append((spec, split, path))
+    if not jobs:
+        raise MtbertError(f"no dev or test file of the model's tasks in {root}; point "
+                          "--data-dir at the task files")
+    for spec, split, path in missing_files:
+        log.info("missing: %s %s file %s; no %s", spec.name, split, path,
+                 spec.output_file(split))
+    for spec, split, path in jobs:
+        # Test files carry no labels; dev labels are not needed to predict either.
+        examples = read_examples(path, spec, labelled=False)
+        predictions = model.predict_examples(examples, progress=progress)
+        target = output_dir / spec.output_file(split)
+        write_predictions(target, spec, examples.ids, predictions)
+        log.info("%s: %d predictions from %s (%d rows skipped)", target.name,
+                 len(examples.ids), path.name, examples.stats.skipped)
+        typer.echo(str(target))
+    log.info("%d prediction files written to %s, %d missing inputs", len(jobs), output_dir,
+             len(missing_files))
+
+
+@app.command()
+@handle_errors
+def analyze(
+    model_dir: Annotated[Path, typer.Argument(help="An exported model directory.")],
+    data_dir: DataDirOption = None,
+    split: Annotated[Split, typer.Option(
+        "--split", help="Which labelled files to analyse (data.files names).")] = Split.dev,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Directory of the report (default MODEL_DIR/analysis).")] = None,
+    examples: Annotated[int, typer.Option(
+        "--examples", min=0, help="Examples listed per error table (most confident or "
+                                  "largest errors first).")] = 10,
+    device: DeviceOption = Device.auto,
+) -> None:
+    """Error analysis on labelled files: confusion matrices, per-class metrics, STS
+    predicted vs gold, the worst examples; PNG figures, analysis.md and analysis.json."""
+    from mtbert.analysis import analyze as run_analysis
+    from mtbert.export import load
+    from mtbert.train import resolve_device
+
+    model = load(model_dir, resolve_device(device.value))
+    written = run_analysis(model, data_dir=_model_data_dir(model, data_dir),
+                           split=split.value, dest=out or model_dir / "analysis", top=examples,
+                           progress=not _options["quiet"])
+    for note in written.notes:
+        log.info("%s", note)
+    log.info("figures: %s", ", ".join(p.name for p in written.figures.values()))
+    typer.echo(f"report: {written.report}")
 
 
 @app.command("config")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mtbert.data import EncodedSet
 from mtbert.heads import MultitaskModel
@@ -20,19 +23,58 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def predict_set(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
-                device: torch.device) -> np.ndarray:
-    """Predictions (class ids or scores) for every example, in order."""
+def _outputs(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
+             device: torch.device, progress: bool = False):
+    """(indices, head output) per batch of `dataset`, in eval mode and without gradients."""
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(dataset), desc=f"predict {dataset.task.name}", unit="ex",
+               disable=not progress, file=sys.stderr, leave=False)
+    try:
+        with torch.no_grad():
+            for batch in dataset.batches(batch_size):
+                with autocast(device):
+                    out = model(batch.to(device))
+                yield batch.indices, out
+                bar.update(len(batch.indices))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def predict_set(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
+                device: torch.device, progress: bool = False) -> np.ndarray:
+    """Predictions (class ids or scores) for every example, in order."""
     predictions = np.zeros(len(dataset), dtype=np.float32)
-    for batch in dataset.batches(batch_size):
-        with autocast(device):
-            out = model(batch.to(device))
-        predictions[batch.indices] = dataset.task.predict(out).float().cpu().numpy()
-    model.train(was_training)
+    for indices, out in _outputs(model, dataset, batch_size=batch_size, device=device,
+                                 progress=progress):
+        predictions[indices] = dataset.task.predict(out).float().cpu().numpy()
     return predictions
+
+
+@dataclass
+class SetOutputs:
+    """What a model says about every example of a set, in order."""
+
+    predictions: np.ndarray  # (N,) class ids or scores, as written to prediction files
+    probabilities: np.ndarray | None  # (N, classes) of a classification task, else None
+
+
+def predict_set_outputs(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
+                        device: torch.device, progress: bool = False) -> SetOutputs:
+    """Predictions and, for classification tasks, class probabilities in one pass."""
+    task = dataset.task
+    predictions = np.zeros(len(dataset), dtype=np.float32)
+    probabilities = None
+    for indices, out in _outputs(model, dataset, batch_size=batch_size, device=device,
+                                 progress=progress):
+        predictions[indices] = task.predict(out).float().cpu().numpy()
+        probs = task.probabilities(out)
+        if probs is not None:
+            if probabilities is None:
+                probabilities = np.zeros((len(dataset), probs.shape[-1]), dtype=np.float32)
+            probabilities[indices] = probs.float().cpu().numpy()
+    return SetOutputs(predictions, probabilities)
 
 
 def evaluate(model: MultitaskModel, dev_sets: dict[str, EncodedSet], *, batch_size: int,

@@ -23,7 +23,7 @@ from mtbert.config import RunConfig, build_config, save_config
 from mtbert.data import EncodedSet, Examples, FileStats, tokenize_cached
 from mtbert.encoder import BertConfig, BertEncoder, to_hf_state_dict
 from mtbert.errors import MtbertError
-from mtbert.evaluate import predict_set
+from mtbert.evaluate import SetOutputs, predict_set, predict_set_outputs
 from mtbert.heads import MultitaskModel
 from mtbert.tasks import RegressionTask, get_task
 from mtbert.tokenize import Tokenizer
@@ -167,9 +167,18 @@ class MultitaskPredictor:
                           max_length=self.config.model.max_length,
                           siamese=self.config.model.pair_encoding == "siamese", indices=indices)
 
-    def predict_examples(self, examples: Examples, batch_size: int = 64) -> np.ndarray:
+    def predict_examples(self, examples: Examples, batch_size: int = 64, *,
+                         progress: bool = False) -> np.ndarray:
+        """Class ids or scores of every example, in order (what prediction files hold)."""
         return predict_set(self.model, self.encode(examples), batch_size=batch_size,
-                           device=self.device)
+                           device=self.device, progress=progress)
+
+    def predict_outputs(self, examples: Examples, batch_size: int = 64, *,
+                        progress: bool = False) -> SetOutputs:
+        """Predictions plus, for a classification task, the class probabilities (N, classes):
+        for qqp, column 1 is the probability of a paraphrase."""
+        return predict_set_outputs(self.model, self.encode(examples), batch_size=batch_size,
+                                   device=self.device, progress=progress)
 
     def predict(self, task: str, inputs: Sequence[str | Sequence[str]],
                 batch_size: int = 64) -> list:

@@ -118,7 +118,7 @@ def _sign(study, index: int = 0) -> int:
     return 1 if study.directions[index].name == "MAXIMIZE" else -1
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     # No "Software" text chunk: the PNGs carry nothing but the picture.
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
     import matplotlib.pyplot as plt
@@ -178,7 +178,7 @@ def plot_history(study, objectives: list[str], path: Path) -> Path:
     axes[0, 0].set_title(f"Optimization history of study {study.study_name} "
                          f"({len(trials)} trials)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def importances(study) -> dict[str, float]:
@@ -219,7 +219,7 @@ def plot_importances(study, objective: str, values: dict[str, float], path: Path
                  f"{len(_complete(study))} complete trials)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _axis(trials, key: str):
@@ -292,7 +292,7 @@ def plot_parallel(study, objective: str, path: Path) -> Path:
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02,
                  label=metric_label(objective))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def read_curves(run_dir: str | None) -> list[dict] | None:
@@ -346,7 +346,7 @@ def plot_curves(curves: dict[int, list[dict]], best_number: int | None, path: Pa
     fig.suptitle(f"Per-task dev curves of the top {len(curves)} trials (#rank by the "
                  "objective)")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pareto(study, objectives: list[str], path: Path) -> Path:
@@ -374,7 +374,7 @@ def plot_pareto(study, objectives: list[str], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:

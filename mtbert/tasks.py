@@ -26,7 +26,11 @@ class Task:
     files: dict[str, str]
     metric_name: str
     prediction_header: str
+    # Stem of the CS224N default project's output files: `<stem>-dev-output.csv`.
+    output_stem: str
     num_outputs: int = field(default=1)
+    # Names of the classes of a classification task, in label order (reports, plots).
+    class_names: tuple[str, ...] = field(default=())
 
     @property
     def is_pair(self) -> bool:
@@ -50,6 +54,14 @@ class Task:
 
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> float:
         raise NotImplementedError
+
+    def probabilities(self, output: torch.Tensor) -> torch.Tensor | None:
+        """Class probabilities (B, classes) of a classification head; None for scores."""
+        return None
+
+    def output_file(self, split: str) -> str:
+        """The CS224N name of this task's prediction file for `split` (dev or test)."""
+        return f"{self.output_stem}-{split}-output.csv"
 
     def format_prediction(self, value: float) -> str:
         return str(int(value))
@@ -87,6 +99,9 @@ class ClassificationTask(Task):
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return output.argmax(dim=-1)
 
+    def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(output.float(), dim=-1)
+
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(predictions == labels))
 
@@ -104,6 +119,10 @@ class BinaryTask(Task):
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return (output.squeeze(-1) > 0).long()
+
+    def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        positive = torch.sigmoid(output.float().squeeze(-1))  # (B,)
+        return torch.stack([1.0 - positive, positive], dim=-1)  # (B, 2)
 
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(predictions == labels))
@@ -152,7 +171,9 @@ TASKS: dict[str, Task] = {
                "test": "ids-sst-test-student.csv"},
         metric_name="acc",
         prediction_header="Predicted_Sentiment",
+        output_stem="sst",
         num_outputs=5,
+        class_names=("very negative", "negative", "neutral", "positive", "very positive"),
     ),
     "qqp": BinaryTask(
         name="qqp",
@@ -163,6 +184,8 @@ TASKS: dict[str, Task] = {
                "test": "quora-test-student.csv"},
         metric_name="acc",
         prediction_header="Predicted_Is_Paraphrase",
+        output_stem="para",
+        class_names=("not paraphrase", "paraphrase"),
     ),
     "sts": RegressionTask(
         name="sts",
@@ -173,6 +196,7 @@ TASKS: dict[str, Task] = {
                "test": "sts-test-student.csv"},
         metric_name="pearson",
         prediction_header="Predicted_Similarity",
+        output_stem="sts",
     ),
 }
 
