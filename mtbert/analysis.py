@@ -176,8 +176,9 @@ def plot_confusion(task: Task, numbers: dict[str, Any], path: Path) -> Path:
     n = len(names)
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    side = 1.0 + 0.95 * n
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.6, side + 1.4))
+    side = max(3.4, 0.95 * n + 1.0)  # inches per panel: legible cells and tick labels
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.4, 0.75 * side + 1.3),
+                             layout="constrained")
     panels = ((axes[0], matrix, "counts", lambda v: f"{int(v)}", matrix.max() or 1.0),
               (axes[1], normalised, "row-normalised (recall per gold class)",
                lambda v: f"{v:.0%}", 1.0))
@@ -187,8 +188,10 @@ def plot_confusion(task: Task, numbers: dict[str, Any], path: Path) -> Path:
             for j in range(n):
                 value = values[i, j]
                 ax.text(j, i, fmt(value), ha="center", va="center", fontsize=10,
-                        color="white" if value > 0.55 * top else "black",
-                        fontweight="bold" if i == j else "normal")
+                        color="white" if value > 0.55 * top else "black")
+            # The diagonal (correct predictions) framed.
+            ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False,
+                                       edgecolor="tab:orange", linewidth=1.5, clip_on=False))
         ax.set_xticks(range(n), names, rotation=30 if n > 2 else 0,
                       ha="right" if n > 2 else "center")
         ax.set_yticks(range(n), names)
@@ -196,10 +199,9 @@ def plot_confusion(task: Task, numbers: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("gold")
         ax.set_title(title, fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{task.title}: confusion matrix on {numbers['examples']} examples — "
+    fig.suptitle(f"{task.title}: confusion matrix, {numbers['examples']} examples\n"
                  f"accuracy {numbers['accuracy']:.3f}, macro-F1 {numbers['macro_f1']:.3f}",
                  fontsize=11)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -231,7 +233,7 @@ def plot_scatter(task: RegressionTask, examples: Examples, outputs: SetOutputs,
 
 
 def plot_error_by_gold(task: RegressionTask, numbers: dict[str, Any], path: Path) -> Path:
-    """Mean absolute and mean signed error per rounded gold score; counts above the bars."""
+    """Mean absolute and mean signed error per rounded gold score, with the counts."""
     import matplotlib.pyplot as plt
 
     from mtbert.report import save_figure
@@ -241,21 +243,19 @@ def plot_error_by_gold(task: RegressionTask, numbers: dict[str, Any], path: Path
     mae = [r["mae"] for r in rows]
     bias = [r["mean_error"] for r in rows]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    bars = ax.bar(bins, mae, width=0.6, color="tab:blue", alpha=0.75,
+    ax.bar(bins, mae, width=0.6, color="tab:blue", alpha=0.75,
                   label="mean |predicted − gold|")
     ax.plot(bins, bias, marker="o", color="tab:orange", linewidth=1.5,
             label="mean (predicted − gold): + over-, − under-estimates")
     ax.axhline(0.0, color="black", linewidth=0.8)
-    for bar, r in zip(bars, rows):
-        ax.annotate(f"n={r['examples']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
-    ax.set_xticks(bins, [str(b) for b in bins])
+    # Counts go under the ticks: above the bars they would collide with the bias line.
+    ax.set_xticks(bins, [f"{b}\n(n={r['examples']})" for b, r in zip(bins, rows)])
     ax.set_xlabel("gold similarity, rounded to an integer")
     ax.set_ylabel("error (similarity points)")
     lowest = min([0.0, *bias])
     ax.set_ylim(lowest - 0.3 if lowest < 0 else 0.0, max([*mae, *bias]) * 1.25 + 0.1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper center", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.set_title(f"{task.title}: error by gold score", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

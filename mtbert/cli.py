@@ -7,6 +7,7 @@ progress bars go to stderr. Exit codes: 0 success, 1 a run that failed,
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -217,7 +218,8 @@ def predict(
         "--output-dir", help="With --all: directory of the prediction files.")] = None,
     device: DeviceOption = Device.auto,
 ) -> None:
-    """Write predictions in the CS224N format: header, then id<TAB>prediction."""
+    """Write predictions in the CS224N format (header, then id<TAB>prediction): one file,
+    or with --all every dev and test file of the model's tasks."""
     from mtbert.data import read_examples
     from mtbert.evaluate import write_predictions
     from mtbert.export import load
@@ -241,6 +243,9 @@ def predict(
             raise MtbertError(f"missing {', '.join(missing)}: predict one file with --task "
                               "TASK --input FILE --output FILE, or every file with --all "
                               "--data-dir DIR --output-dir DIR")
+    # An unwritable destination fails now, not after the prediction pass.
+    if not all_ and output.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
     model = load(model_dir, resolve_device(device.value))
     progress = not _options["quiet"]
     if not all_:
@@ -260,6 +265,7 @@ def predict(
     if not jobs:
         raise MtbertError(f"no dev or test file of the model's tasks in {root}; point "
                           "--data-dir at the task files")
+    output_dir.mkdir(parents=True, exist_ok=True)
     for spec, split, path in missing_files:
         log.info("missing: %s %s file %s; no %s", spec.name, split, path,
                  spec.output_file(split))
