@@ -129,6 +129,35 @@ def test_false_positives_and_negatives_are_such_errors_most_confident_first(
     assert np.array_equal(positive > 0.5, outputs.predictions == 1)
 
 
+def test_sst_mistakes_are_wrong_and_most_confident_first(analysed, trained, task_dir):
+    _, numbers = analysed
+    examples, outputs = _outputs(trained, task_dir, "sst")
+    names = numbers["tasks"]["sst"]["classes"]
+    items = numbers["tasks"]["sst"]["confident_errors"]
+    wrong = np.flatnonzero(examples.labels != outputs.predictions)
+    assert len(items) == min(3, len(wrong))
+    by_id = {i: k for k, i in enumerate(examples.ids)}
+    for item in items:
+        k = by_id[item["id"]]
+        assert item["gold"] == names[int(examples.labels[k])] != item["predicted"]
+        assert item["predicted"] == names[int(outputs.predictions[k])]
+        assert item["probability"] == pytest.approx(outputs.probabilities[k].max(), abs=1e-6)
+    probs = [item["probability"] for item in items]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_predict_outputs_probabilities_agree_with_predictions(trained, task_dir):
+    for name in ("sst", "qqp"):
+        _, outputs = _outputs(trained, task_dir, name)
+        assert outputs.probabilities.shape == (24, TASKS[name].num_outputs if name == "sst"
+                                               else 2)
+        assert np.allclose(outputs.probabilities.sum(axis=1), 1.0, atol=1e-5)
+        assert np.array_equal(outputs.probabilities.argmax(axis=1), outputs.predictions)
+    examples, outputs = _outputs(trained, task_dir, "sts")
+    assert outputs.probabilities is None
+    assert np.array_equal(outputs.predictions, mtbert.load(trained).predict_examples(examples))
+
+
 def test_sts_numbers_match_scipy(analysed, trained, task_dir):
     _, numbers = analysed
     examples, outputs = _outputs(trained, task_dir, "sts")
