@@ -177,13 +177,13 @@ def plot_confusion(task: Task, numbers: dict[str, Any], path: Path) -> Path:
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
     side = max(3.4, 0.95 * n + 1.0)  # inches per panel: legible cells and tick labels
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.4, 0.75 * side + 1.3),
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.2, 0.8 * side + 1.4),
                              layout="constrained")
     panels = ((axes[0], matrix, "counts", lambda v: f"{int(v)}", matrix.max() or 1.0),
               (axes[1], normalised, "row-normalised (recall per gold class)",
                lambda v: f"{v:.0%}", 1.0))
     for ax, values, title, fmt, top in panels:
-        image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=top)
+        image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=top, aspect="auto")
         for i in range(n):
             for j in range(n):
                 value = values[i, j]
