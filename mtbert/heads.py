@@ -69,7 +69,8 @@ class CosineHead(nn.Module):
         self.high = task.high
 
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.high * F.cosine_similarity(u.float(), v.float(), dim=-1).unsqueeze(-1)  # (B, 1)
+        cos = F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)
+        return self.high * cos.unsqueeze(-1)  # (B, 1)
 
 
 class MultitaskModel(nn.Module):

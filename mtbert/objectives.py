@@ -4,12 +4,13 @@
 times it to the task's own loss of the batch, so it goes through whichever
 `loss.method` combines the tasks. Each loss is one small class registered by
 name, taking the embeddings u, v (B, d) of the pairs' first and second
-sentences, the task and its labels.
+sentences, the task and its labels. mnrl's scale s = 20 is Sentence-BERT's
+(MultipleNegativesRankingLoss, Reimers & Gurevych 2019).
 
 | name | what it does | paper |
 |---|---|---|
-| mnrl | logits s cos(a_i, b_j) over the batch, cross-entropy with target j = i, anchors the positive pairs only | Henderson et al. 2017; Reimers & Gurevych 2019 (MultipleNegativesRankingLoss, s = 20) |
-| cosine_mse | MSE of the cosine matrix C_ij = cos(a_i, b_j) against T: T_ii = the label on [0, 1], T_ij = 0 | the research's variant |
+| mnrl | cross-entropy of s cos(a_i, b_j) with target j = i, positive anchors | Henderson et al. 2017 |
+| cosine_mse | MSE of C_ij = cos(a_i, b_j) against T = diag(label on [0, 1]) | research variant |
 """
 
 from __future__ import annotations
