@@ -312,6 +312,62 @@ def analyze(
     typer.echo(f"report: {written.report}")
 
 
+@app.command()
+@handle_errors
+def pretrain(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="YAML file of config keys (model.encoder, model.max_length, data.tasks, "
+             "data.files, data.dir are used).")] = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Encoder directory to write, in Hugging Face BERT format (default "
+                      "./mtbert-runs/pretrain-<timestamp>); --set model.encoder=DIR loads "
+                      "it.")] = None,
+    steps: Annotated[int, typer.Option(
+        "--steps", min=0, help="Optimizer steps (0 = --epochs passes over the sentences).")] = 0,
+    epochs: Annotated[float, typer.Option(
+        "--epochs", help="Passes over the sentences when --steps is 0.")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sentences per "
+                                            "batch.")] = 32,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (10% warm-up, then "
+                                      "linear decay).")] = 5e-5,
+    mask_prob: Annotated[float, typer.Option(
+        "--mask-prob", help="Share of tokens predicted (BERT's 80% [MASK], 10% random, "
+                            "10% kept).")] = 0.15,
+    max_length: Annotated[Optional[int], typer.Option(
+        "--max-length", help="Longest sentence in tokens (default model.max_length).")] = None,
+    splits: Annotated[str, typer.Option(
+        "--splits", help="Comma-separated splits of the data.tasks files whose sentences "
+                         "are used: train, dev, test.")] = "train",
+    save_every: Annotated[int, typer.Option(
+        "--save-every", min=1, help="Steps between resume states.")] = 200,
+    log_every: Annotated[int, typer.Option(
+        "--log-every", min=1, help="Steps per point of the loss curve in pretrain.json.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of masking and order.")] = 0,
+    device: DeviceOption = Device.auto,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a killed pretraining in --out from its last state.")]
+    = False,
+) -> None:
+    """Further pretrain the encoder with masked-LM on the task sentences (Sun et al. 2019)."""
+    from mtbert.config import load_config
+    from mtbert.pretrain import PretrainOptions
+    from mtbert.pretrain import pretrain as run_pretrain
+
+    extra = {"data": {"dir": str(data_dir)}} if data_dir else None
+    run_config = load_config(config, set_ or [], extra=extra)
+    options = PretrainOptions(
+        steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, mask_prob=mask_prob,
+        max_length=max_length or run_config.model.max_length,
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+        save_every=save_every, log_every=log_every, seed=seed)
+    out = out or Path("mtbert-runs") / f"pretrain-{datetime.now():%Y%m%d-%H%M%S}"
+    run_pretrain(run_config, out=out, options=options, device=device.value, resume=resume,
+                 progress=not _options["quiet"])
+    typer.echo(str(out))
+
+
 @app.command("config")
 @handle_errors
 def config_(

@@ -48,7 +48,12 @@ class ModelConfig:
         "sentence with features u, v, |u-v|, u*v (siamese).")
     siamese_cosine: bool = _opt(False, "Siamese only: add cos(u, v) to the pair features.")
     sts_output: Literal["raw", "clamp", "sigmoid"] = _opt(
-        "sigmoid", "STS score: the raw output, clamped to [0, 5], or 5*sigmoid.")
+        "sigmoid", "STS score of the regression head: the raw output, clamped to [0, 5], or "
+        "5*sigmoid.")
+    sts_head: Literal["regression", "cosine", "classes"] = _opt(
+        "regression", "STS head: an MLP regressing the score (MSE); 5*cos(u, v) of the siamese "
+        "embeddings, no weights (MSE, Sentence-BERT; needs pair_encoding=siamese); or 6 "
+        "classes of the rounded score 0..5 (cross-entropy), predicting the expected score.")
     max_length: int = _opt(128, "Longest token sequence (pairs are truncated longest-first).",
                            min=8, max=512)
 
@@ -153,6 +158,22 @@ class LossConfig:
                                  "training rates together harder (Chen et al. 2018).", min=0.0)
     dwa_temperature: float = _opt(2.0, "dwa: softmax temperature of the loss-ratio weights "
                                   "(Liu et al. 2019).", min=1e-3)
+    contrastive: Literal["none", "mnrl", "cosine_mse"] = _opt(
+        "none", "Auxiliary in-batch loss on the siamese embeddings of the pair tasks, added to "
+        "the task's loss: mnrl = multiple-negatives ranking (Henderson et al. 2017), "
+        "cosine_mse = the batch's cosine matrix against the labels on its diagonal. Needs "
+        "model.pair_encoding=siamese.")
+    contrastive_weight: float = _opt(1.0, "Weight of the auxiliary loss in the task's loss.",
+                                     min=0.0)
+    contrastive_tasks: list[str] = _opt(
+        [name for name, task in TASKS.items() if task.is_pair],
+        "Pair tasks that get the auxiliary loss.",
+        choices=tuple(name for name, task in TASKS.items() if task.is_pair))
+    mnrl_scale: float = _opt(20.0, "mnrl: scale of the cosine logits (Sentence-BERT's 20).",
+                             min=1e-3)
+    mnrl_threshold: float = _opt(4.0, "mnrl: a score-task (STS) pair with a gold score at "
+                                 "least this is a positive anchor; qqp uses is_duplicate=1.",
+                                 min=0.0)
 
 
 @dataclass
@@ -291,6 +312,19 @@ def _check(config: RunConfig) -> None:
     if any(layer < 0 for layer in config.optim.train_layers):
         raise ConfigError(f"bad value {config.optim.train_layers} for optim.train_layers; "
                           "layers are numbered from 0")
+    siamese = config.model.pair_encoding == "siamese"
+    if config.model.sts_head == "cosine" and not siamese:
+        raise ConfigError("model.sts_head=cosine compares the two sentence embeddings; set "
+                          "model.pair_encoding=siamese (or model.sts_head regression or classes)")
+    if config.loss.contrastive != "none":
+        if not siamese:
+            raise ConfigError(f"loss.contrastive={config.loss.contrastive} needs one embedding "
+                              "per sentence; set model.pair_encoding=siamese (or "
+                              "loss.contrastive=none)")
+        if not set(config.loss.contrastive_tasks) & set(config.data.tasks):
+            raise ConfigError(f"loss.contrastive={config.loss.contrastive}: none of "
+                              f"loss.contrastive_tasks ({', '.join(config.loss.contrastive_tasks)})"
+                              f" is in data.tasks ({', '.join(config.data.tasks)})")
     task = config.train.select_metric.split("/")[0]
     if task in TASKS and task not in config.data.tasks:
         raise ConfigError(f"train.select_metric {config.train.select_metric} names a task not "

@@ -72,7 +72,8 @@ def model_card(config: RunConfig, metrics: dict[str, float], card: dict[str, Any
     lines += ["", "## Model", "",
               f"- encoder: `{m.encoder}`, tasks: {', '.join(config.data.tasks)}",
               f"- pooling {m.pooling}, pooler {m.pooler}, pairs {m.pair_encoding}, "
-              f"head hidden {m.head_hidden}, STS output {m.sts_output}",
+              f"head hidden {m.head_hidden}, STS head {m.sts_head}, "
+              f"STS output {m.sts_output}",
               f"- schedule {t.schedule}, loss {config.loss.method}, lr {t.lr}, "
               f"batch {t.batch_size}, epochs {t.epochs}, seed {t.seed}"]
     if card.get("data"):
@@ -125,10 +126,21 @@ def export_hf_encoder(model_dir: Path, dest: Path | None = None) -> Path:
     state = load_file(str(model_dir / WEIGHTS))
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
                              if k.startswith("encoder.")}, strict=True)
+    return write_hf_encoder(encoder, Tokenizer(model_dir), dest)
+
+
+def write_hf_encoder(encoder: BertEncoder, tokenizer: Tokenizer, dest: Path,
+                     extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """An encoder as a Hugging Face BERT directory (config.json, model.safetensors under
+    BertModel's names, tokenizer files), which `model.encoder=DEST` loads. `extra` are
+    further tensors under their Hugging Face names, e.g. the `cls.predictions.*` MLM head."""
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "config.json").write_text(json.dumps(bert.to_hf_dict(), indent=2))
-    save_file(to_hf_state_dict(encoder), str(dest / WEIGHTS), metadata={"format": "pt"})
-    for path in Tokenizer(model_dir).files():
+    (dest / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2))
+    state = {k: v.detach().float().cpu().contiguous()
+             for k, v in {**to_hf_state_dict(encoder), **(extra or {})}.items()}
+    save_file(state, str(dest / WEIGHTS), metadata={"format": "pt"})
+    for path in tokenizer.files():
         shutil.copy(path, dest / path.name)
     return dest
 
@@ -145,7 +157,8 @@ class MultitaskPredictor:
                                   "`mtbert best --export`")
         self.config = build_config(yaml.safe_load((self.directory / "config.yaml").read_text()))
         bert = BertConfig.from_dict(json.loads((self.directory / ENCODER_CONFIG).read_text()))
-        self.tasks = {name: get_task(name) for name in self.config.data.tasks}
+        self.tasks = {name: get_task(name, score_head=self.config.model.sts_head)
+                      for name in self.config.data.tasks}
         self.device = torch.device(device)
         self.model = MultitaskModel(BertEncoder(bert), list(self.tasks.values()),
                                     self.config.model)

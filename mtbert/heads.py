@@ -5,6 +5,12 @@ pooler, one pooler per task, or none; an optional hidden ReLU layer of
 `head_hidden` units; dropout; pairs as one `concat` pass or two `siamese`
 passes with features u, v, |u-v|, u*v (+ cosine, Reimers & Gurevych 2019);
 STS output raw, clamped to [low, high] or low + (high-low)*sigmoid.
+
+STS heads (`model.sts_head`): `regression`, the MLP above; `cosine`, the
+Sentence-BERT head, high * cos(u, v) of the siamese embeddings with no
+weights of its own (Reimers & Gurevych 2019); `classes`, the MLP with one
+logit per rounded score (`tasks.ScoreClassesTask` holds its loss and
+expected-score prediction).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import torch.nn.functional as F
 from mtbert.config import ModelConfig
 from mtbert.data import Batch, PackedView
 from mtbert.encoder import BertEncoder
-from mtbert.tasks import RegressionTask, Task
+from mtbert.errors import ConfigError
+from mtbert.tasks import RegressionTask, ScoreClassesTask, Task
 
 
 class TaskHead(nn.Module):
@@ -33,7 +40,9 @@ class TaskHead(nn.Module):
             in_features = hidden
         layers.append(nn.Linear(in_features, task.num_outputs))
         self.mlp = nn.Sequential(*layers)
-        self.bounds = (task.low, task.high) if isinstance(task, RegressionTask) else None
+        # The output transform bounds a regressed score; class logits stay as they are.
+        regressed = isinstance(task, RegressionTask) and not isinstance(task, ScoreClassesTask)
+        self.bounds = (task.low, task.high) if regressed else None
         self.output = sts_output
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -46,6 +55,24 @@ class TaskHead(nn.Module):
         return low + (high - low) * torch.sigmoid(out)
 
 
+class CosineHead(nn.Module):
+    """high * cos(u, v): Sentence-BERT's regression objective (Reimers & Gurevych 2019).
+
+    SBERT regresses cos(u, v) on the gold score / 5 with MSE; predicting
+    5 cos(u, v) against the gold score is the same objective times 25, in the
+    score units the regression head's loss uses. Opposed embeddings give
+    scores below 0; Pearson does not mind, and clamping would flatten them.
+    """
+
+    def __init__(self, task: RegressionTask):
+        super().__init__()
+        self.high = task.high
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cos = F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)
+        return self.high * cos.unsqueeze(-1)  # (B, 1)
+
+
 class MultitaskModel(nn.Module):
     def __init__(self, encoder: BertEncoder, tasks: list[Task], config: ModelConfig):
         super().__init__()
@@ -56,9 +83,15 @@ class MultitaskModel(nn.Module):
         if config.pooler == "per_task":
             # Each task starts from BERT's pre-trained pooler and then drifts its own way.
             self.poolers.update({t.name: copy.deepcopy(encoder.pooler) for t in tasks})
+        self.tasks = {task.name: task for task in tasks}
         self.heads = nn.ModuleDict()
         for task in tasks:
             siamese = task.is_pair and config.pair_encoding == "siamese"
+            if isinstance(task, RegressionTask) and config.sts_head == "cosine":
+                if not siamese:
+                    raise ConfigError("model.sts_head=cosine needs model.pair_encoding=siamese")
+                self.heads[task.name] = CosineHead(task)
+                continue
             in_features = (4 * d + int(config.siamese_cosine)) if siamese else d
             self.heads[task.name] = TaskHead(task, in_features, hidden=config.head_hidden,
                                              dropout=config.dropout,
@@ -110,24 +143,39 @@ class MultitaskModel(nn.Module):
             return torch.tanh(self.poolers[task](pooled))
         return pooled
 
+    def is_siamese(self, batch: Batch) -> bool:
+        """Whether `batch` holds pairs encoded one sentence at a time."""
+        return batch.views[0].groups == 2 if batch.packed else len(batch.views) == 2
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """The head's output (B, num_outputs) for a batch of one task."""
+        if self.is_siamese(batch):
+            return self.pair_output(batch.task, *self.sentence_pair(batch))
         if batch.packed:
-            view = batch.views[0]
-            emb = self.embed_packed(batch.task, view)  # (groups * B, d)
-            features = emb if view.groups == 1 else self._siamese_features(*emb.chunk(2))
-        elif len(batch.views) == 1:
-            features = self.embed(batch.task, *batch.views[0])
+            features = self.embed_packed(batch.task, batch.views[0])  # (B, d)
         else:
-            (ids_a, mask_a, types_a), (ids_b, mask_b, types_b) = batch.views
-            B, T = ids_a.shape[0], max(ids_a.shape[1], ids_b.shape[1])
-            # Both sentences in one encoder pass: pad to a common length, stack on the batch.
-            pad = lambda t: F.pad(t, (0, T - t.shape[1]))  # noqa: E731
-            emb = self.embed(batch.task, torch.cat([pad(ids_a), pad(ids_b)]),
-                             torch.cat([pad(mask_a), pad(mask_b)]),
-                             torch.cat([pad(types_a), pad(types_b)]))  # (2B, d)
-            features = self._siamese_features(emb[:B], emb[B:])
+            features = self.embed(batch.task, *batch.views[0])  # (B, d)
         return self.heads[batch.task](features)
+
+    def sentence_pair(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings u, v (B, d) of the first and second sentences of a siamese batch."""
+        if batch.packed:
+            return self.embed_packed(batch.task, batch.views[0]).chunk(2)  # 2 x (B, d)
+        (ids_a, mask_a, types_a), (ids_b, mask_b, types_b) = batch.views
+        B, T = ids_a.shape[0], max(ids_a.shape[1], ids_b.shape[1])
+        # Both sentences in one encoder pass: pad to a common length, stack on the batch.
+        pad = lambda t: F.pad(t, (0, T - t.shape[1]))  # noqa: E731
+        emb = self.embed(batch.task, torch.cat([pad(ids_a), pad(ids_b)]),
+                         torch.cat([pad(mask_a), pad(mask_b)]),
+                         torch.cat([pad(types_a), pad(types_b)]))  # (2B, d)
+        return emb[:B], emb[B:]
+
+    def pair_output(self, task: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The head's output (B, num_outputs) from the sentence embeddings u, v (B, d)."""
+        head = self.heads[task]
+        if isinstance(head, CosineHead):
+            return head(u, v)
+        return head(self._siamese_features(u, v))
 
     def _siamese_features(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         parts = [u, v, (u - v).abs(), u * v]

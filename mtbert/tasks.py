@@ -7,6 +7,7 @@ scores, prediction files) reads from here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -161,6 +162,25 @@ class RegressionTask(Task):
         return (1.0 + score) / 2.0
 
 
+@dataclass(frozen=True)
+class ScoreClassesTask(RegressionTask):
+    """A score task learned as classes of the rounded score low..high (STS: 0..5).
+
+    One logit per integer score, cross-entropy on the gold score rounded half
+    up (2.5 -> 3); the prediction written to files and scored is the expected
+    score sum_k p_k k, so Pearson stays the metric, as the research report
+    that treated STS-B as 6-way classification evaluated it.
+    """
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        classes = torch.floor(labels.float() - self.low + 0.5).long()  # (B,)
+        return F.cross_entropy(output.float(), classes)
+
+    def predict(self, output: torch.Tensor) -> torch.Tensor:
+        values = torch.arange(self.num_outputs, device=output.device, dtype=torch.float32)
+        return output.float().softmax(-1) @ (values + self.low)  # (B,)
+
+
 TASKS: dict[str, Task] = {
     "sst": ClassificationTask(
         name="sst",
@@ -204,12 +224,27 @@ OVERALL_KEYS = ("overall/arithmetic", "overall/geometric")
 METRIC_KEYS = tuple(task.metric_key for task in TASKS.values()) + OVERALL_KEYS
 
 
-def get_task(name: str) -> Task:
+# model.sts_head: how a score task (STS) is predicted. regression and cosine both
+# output one score (an MLP, or 5 cos(u, v), see heads.py); classes outputs one logit
+# per integer score.
+SCORE_HEADS = ("regression", "cosine", "classes")
+
+
+def get_task(name: str, *, score_head: str = "regression") -> Task:
+    """Task `name`; a score task as `score_head` (model.sts_head) learns and predicts it."""
     from mtbert.errors import ConfigError
 
     if name not in TASKS:
         raise ConfigError(f"unknown task '{name}'; valid tasks: {', '.join(TASKS)}")
-    return TASKS[name]
+    if score_head not in SCORE_HEADS:
+        raise ConfigError(f"bad value {score_head!r} for model.sts_head; valid: "
+                          f"{', '.join(SCORE_HEADS)}")
+    task = TASKS[name]
+    if score_head == "classes" and isinstance(task, RegressionTask):
+        fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
+        fields["num_outputs"] = int(task.high - task.low) + 1
+        return ScoreClassesTask(**fields)
+    return task
 
 
 def overall_scores(scores: dict[str, float]) -> dict[str, float]:

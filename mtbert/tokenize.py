@@ -34,9 +34,9 @@ class Tokenizer:
             raise EncoderError(f"{self.directory} has neither tokenizer.json nor vocab.txt")
         self._tok.no_padding()
         self._tok.no_truncation()
-        self.cls_id = self._special("[CLS]")
-        self.sep_id = self._special("[SEP]")
-        self.pad_id = self._special("[PAD]")
+        self.cls_id = self.special_id("[CLS]")
+        self.sep_id = self.special_id("[SEP]")
+        self.pad_id = self.special_id("[PAD]")
 
     def _lowercase(self) -> bool:
         config = self.directory / "tokenizer_config.json"
@@ -44,7 +44,7 @@ class Tokenizer:
             return bool(json.loads(config.read_text()).get("do_lower_case", True))
         return True
 
-    def _special(self, token: str) -> int:
+    def special_id(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
         if token_id is None:
             raise EncoderError(f"the tokenizer in {self.directory} has no {token} token")

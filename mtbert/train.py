@@ -35,6 +35,7 @@ from mtbert.evaluate import autocast, evaluate
 from mtbert.export import save_model_dir
 from mtbert.fastpath import configure_packing
 from mtbert.heads import MultitaskModel
+from mtbert.objectives import make_contrastive
 from mtbert.optim import apply_freezing, linear_schedule, make_optimizer
 from mtbert.schedules import epoch_batches, make_schedule, optimizer_steps, step_size
 from mtbert.tasks import get_task
@@ -73,7 +74,7 @@ def load_task_data(config: RunConfig, tokenizer: Tokenizer) -> TaskData:
     provenance = {}
     siamese = config.model.pair_encoding == "siamese"
     for name in config.data.tasks:
-        task = get_task(name)
+        task = get_task(name, score_head=config.model.sts_head)
         for split, cap in splits.items():
             examples = read_examples(root / config.data.files[name][split], task)
             keep = sample_indices(len(examples.ids), cap, seed=config.train.seed,
@@ -133,7 +134,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     tokenizer = Tokenizer(encoder_dir)
     data = load_task_data(config, tokenizer)
     tasks = config.data.tasks
-    model = MultitaskModel(encoder, [get_task(t) for t in tasks], config.model).to(dev)
+    model = MultitaskModel(encoder, [data.train[t].task for t in tasks], config.model).to(dev)
     t = config.train
     combiner = make_loss_combiner(config.loss, tasks, seed=t.seed).to(dev)
     configure_packing(model, [*data.train.values(), *data.dev.values()], t)
@@ -259,12 +260,14 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
 class EpochResult:
     loss: float  # mean combined training loss
     seen: int  # training examples
-    task_losses: dict[str, float]  # mean loss of each task's batches
+    task_losses: dict[str, float]  # mean loss of each task's batches, auxiliary loss included
     grad_cos: dict[str, float]  # mean of the epoch's gradient-conflict readings
+    contrastive: dict[str, float]  # mean unweighted auxiliary loss of each task's batches
 
     def extra(self, combiner: LossCombiner) -> dict[str, float]:
         """Per-task losses, loss weights and gradient cosines for metrics.jsonl and W&B."""
         out = {f"train/loss_{t}": v for t, v in self.task_losses.items()}
+        out.update({f"train/contrastive_{t}": v for t, v in self.contrastive.items()})
         out.update({f"loss_weight/{t}": round(w, 6) for t, w in combiner.task_weights().items()})
         out.update(self.grad_cos)
         return out
@@ -278,9 +281,14 @@ def _train_epoch(model, combiner: LossCombiner, data: TaskData, samplers, plan: 
 
     A step's loss is the sum over the `tasks_per_step` batches of one round
     (one task for most schedules, every task for triple_batch) and the mean
-    over the rounds accumulated (train.grad_accum).
+    over the rounds accumulated (train.grad_accum). With `loss.contrastive`, a
+    pair task's loss is its head's loss plus `loss.contrastive_weight` times the
+    auxiliary in-batch loss on the same forward pass's sentence embeddings.
     """
     t = config.train
+    contrastive = make_contrastive(config.loss)
+    aux_tasks = set(config.loss.contrastive_tasks) if contrastive else set()
+    aux_sums = {name: torch.zeros((), device=device) for name in data.train if name in aux_tasks}
     model.train()
     n_steps = optimizer_steps(len(plan), per_step)
     running = torch.zeros((), device=device)
@@ -298,9 +306,18 @@ def _train_epoch(model, combiner: LossCombiner, data: TaskData, samplers, plan: 
         step_losses: dict[str, torch.Tensor] = {}
         for task in group:
             batch = data.train[task].batch(samplers[task].next()).to(device)
+            spec = data.train[task].task
             with autocast(device):
-                output = model(batch)
-            task_loss = data.train[task].task.loss(output, batch.labels)
+                if task in aux_tasks:
+                    u, v = model.sentence_pair(batch)  # 2 x (B, d)
+                    output = model.pair_output(task, u, v)
+                else:
+                    output = model(batch)
+            task_loss = spec.loss(output, batch.labels)
+            if task in aux_tasks:
+                aux = contrastive(u, v, spec, batch.labels)
+                aux_sums[task] += aux.detach()
+                task_loss = task_loss + config.loss.contrastive_weight * aux
             task_sums[task] += task_loss.detach()
             task_counts[task] += 1
             if combiner.per_step:
@@ -340,7 +357,9 @@ def _train_epoch(model, combiner: LossCombiner, data: TaskData, samplers, plan: 
     task_losses = {name: task_sums[name].item() / n for name, n in task_counts.items() if n}
     grad_cos = {key: sum(r[key] for r in conflicts) / len(conflicts)
                 for key in (conflicts[0] if conflicts else {})}
-    return EpochResult(total_loss / max(readings, 1), seen, task_losses, grad_cos)
+    aux_losses = {name: aux_sums[name].item() / task_counts[name] for name in aux_sums
+                  if task_counts[name]}
+    return EpochResult(total_loss / max(readings, 1), seen, task_losses, grad_cos, aux_losses)
 
 
 def _probe_batches(data: TaskData, t) -> dict[str, Batch]:
@@ -369,7 +388,7 @@ def gradient_conflict(model, probes: dict[str, Batch], device: torch.device) -> 
         batch = batch.to(device)
         with autocast(device):
             output = model(batch)
-        losses[name] = get_task(name).loss(output, batch.labels)
+        losses[name] = model.tasks[name].loss(output, batch.labels)
     grads = torch.nn.functional.normalize(task_gradients(losses, shared), dim=1)  # (K, P)
     cos = (grads @ grads.T).tolist()  # one sync for all pairs
     model.train(was_training)
