@@ -8,6 +8,8 @@ needed), `model.safetensors` (encoder and heads), the tokenizer files,
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 from datetime import datetime, timezone
@@ -175,6 +177,9 @@ class MultitaskPredictor:
         return self.tasks[name]
 
     def encode(self, examples: Examples, indices: np.ndarray | None = None) -> EncodedSet:
+        # The model's own variant of the task decides outputs (model.sts_head), whichever
+        # registry entry the rows were read with.
+        examples = dataclasses.replace(examples, task=self.task(examples.task.name))
         columns = tokenize_cached(examples, self.tokenizer, cache_dir=None)
         return EncodedSet(examples, columns, self.tokenizer,
                           max_length=self.config.model.max_length,

@@ -289,3 +289,34 @@ def test_predict_one_file_still_works_and_rejects_all_options_without_all(traine
                                  "--output-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "--data-dir and --output-dir go with --all" in result.stderr
+
+
+@pytest.mark.parametrize("head", ["classes", "cosine"])
+def test_analyze_and_predict_all_take_every_sts_head(head, tiny_encoder, task_dir, tmp_path):
+    result = runner.invoke(app, [
+        "-q", "train", "--data-dir", str(task_dir), "--out", str(tmp_path / "run"),
+        "--device", "cpu", "--set", f"model.encoder={tiny_encoder}",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.tasks=sts",
+        "--set", "train.select_metric=sts/pearson", "--set", "model.pair_encoding=siamese",
+        "--set", f"model.sts_head={head}", "--set", "train.epochs=1",
+        "--set", "train.steps_per_epoch=4", "--set", "train.batch_size=8"])
+    assert result.exit_code == 0, result.output
+    model_dir = tmp_path / "run" / "model"
+    result = runner.invoke(app, ["analyze", str(model_dir), "--data-dir", str(task_dir),
+                                 "--out", str(tmp_path / "analysis"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    examples, outputs = _outputs(model_dir, task_dir, "sts")
+    # Scores, not class ids: the expected score (classes) or 5 cos(u, v) (cosine).
+    assert outputs.predictions.shape == (len(examples.ids),)
+    assert len(np.unique(outputs.predictions)) > 2
+    assert numbers["tasks"]["sts"]["pearson"] == pytest.approx(
+        pearsonr(outputs.predictions.astype(np.float64), examples.labels)[0], abs=1e-5)
+    assert set(numbers["figures"].values()) == {"sts-scatter.png", "sts-error-by-gold.png"}
+    result = runner.invoke(app, ["predict", str(model_dir), "--all", "--data-dir",
+                                 str(task_dir), "--output-dir", str(tmp_path / "preds"),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "preds" / "sts-dev-output.csv").read_text().splitlines()[1:]
+    written = np.array([float(line.split("\t")[1]) for line in lines])
+    np.testing.assert_allclose(written, outputs.predictions, atol=5e-5)
