@@ -534,6 +534,72 @@ def best(
             typer.echo(f"encoder (Hugging Face format): {export_hf_encoder(path)}")
 
 
+@app.command()
+@handle_errors
+def compare(
+    configs: Annotated[Optional[list[str]], typer.Argument(
+        help="Configs to compare: presets (individual, multitask) or run-config YAML files "
+             "(named by their stem).", show_default=False)] = None,
+    seeds: Annotated[int, typer.Option(
+        "--seeds", min=1, help="Train each config with seeds 0..K-1 (the same for all, so "
+                               "that differences are paired by seed).")] = 3,
+    seed_list: Annotated[Optional[str], typer.Option(
+        "--seed-list", help="Comma-separated seeds instead of 0..K-1, e.g. 3,7,11.")] = None,
+    baseline: Annotated[Optional[str], typer.Option(
+        "--baseline", help="The config the others are tested against (default: the "
+                           "first).")] = None,
+    metric: Annotated[str, typer.Option(
+        "--metric", help="Metric of the Δ and p columns of the main table (the paired "
+                         "table lists every metric).")] = "overall/geometric",
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Comparison directory: OUT/<config>/seed<k>/ per run, compare.json, "
+                      "compare.md (default ./mtbert-runs/compare-<a>-vs-<b>).")] = None,
+    markdown_file: Annotated[Optional[Path], typer.Option(
+        "--markdown", help="Where to write the table as Markdown (default "
+                           "OUT/compare.md).")] = None,
+    device: DeviceOption = Device.auto,
+    wandb_mode: Annotated[WandbMode, typer.Option(
+        "--wandb-mode", help="W&B: one run per training, grouped by the comparison's "
+                             "name.")] = WandbMode.disabled,
+    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
+    = "mtbert",
+) -> None:
+    """Train configs with the same seeds; print mean ± std per metric and a paired test
+    against a baseline (also as Markdown). Finished runs are not trained again."""
+    from mtbert.compare import markdown, resolve_candidates, run_compare, text_table
+    from mtbert.tracking import resolve_mode
+
+    seed_values = list(range(seeds))
+    if seed_list is not None:
+        try:
+            seed_values = [int(s) for s in seed_list.split(",") if s.strip()]
+        except ValueError:
+            raise MtbertError(f"bad --seed-list {seed_list!r}; expected integers such as "
+                              "0,1,2") from None
+    extra = {"data": {"dir": str(data_dir)}} if data_dir else None
+    candidates = resolve_candidates(configs or [], list(set_ or []), extra)
+    names = [c.name for c in candidates]
+    mode = resolve_mode(wandb_mode.value)
+    out = out or Path("mtbert-runs") / f"compare-{'-vs-'.join(names)}"
+    result = run_compare(candidates, seeds=seed_values, out=out,
+                         baseline=baseline or names[0], metric=metric, device=device.value,
+                         progress=not _options["quiet"], wandb_mode=mode,
+                         wandb_project=wandb_project)
+    md = markdown_file or out / "compare.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(markdown(result))
+    for line in text_table(result):
+        typer.echo(line)
+    log.info("table: %s; per-seed numbers: %s", md, out / "compare.json")
+    failed = sum(r.status == "failed" for runs in result.runs.values() for r in runs.values())
+    if failed:
+        typer.echo(f"mtbert: error: {failed} of {len(names) * len(seed_values)} seed runs "
+                   "failed (see above); run the same command again to retry them", err=True)
+        raise typer.Exit(1)
+
+
 def _reseed(*, study, storage, out, metric, top, seeds, set_, data_dir, device, wandb_mode,
             wandb_project, keep_top) -> None:
     import optuna
