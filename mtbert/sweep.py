@@ -326,6 +326,9 @@ def _describe_trial(t, spec: SweepSpec) -> str:
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
     seconds = (t.duration.total_seconds() if t.duration else 0.0)
     line = f"trial {t.number} {t.state.name} in {seconds:.0f}s"
+    if RESEED_OF in t.user_attrs:
+        line = (f"trial {t.number} (trial {t.user_attrs[RESEED_OF]} with seed "
+                f"{t.user_attrs.get(RESEED_SEED)}) {t.state.name} in {seconds:.0f}s")
     if t.values:
         line += " " + " ".join(f"{k}={v:.4f}" for k, v in zip(spec.objectives, t.values))
     if t.state.name == "FAIL":
