@@ -468,8 +468,8 @@ def best(
         for row in groups_table(groups[:top]):
             typer.echo(row)
         if singles:
-            log.info("%d configurations ran with one seed only and are not ranked here "
-                     "(`--by-trial` ranks single trials)", singles)
+            log.info("%d configuration%s ran with one seed only, not ranked here "
+                     "(`--by-trial` ranks single trials)", singles, "s" * (singles != 1))
         return
     if top is not None:
         rows = trials_table(loaded, limit=top, metric=metric, front=False)

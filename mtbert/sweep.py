@@ -548,6 +548,9 @@ def reseed(study, spec: SweepSpec, options: SweepOptions, url: str, *, top: int,
     originals = [t for t in _ranked(study, metric) if RESEED_OF not in t.user_attrs][:top]
     if not originals:
         raise ConfigError(f"study {study.study_name} has no COMPLETE trial to reseed")
+    # A reseed whose worker died is RUNNING until its heartbeat is stale: fail it (and
+    # queue its retry) first, so that it does not count as running elsewhere.
+    optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     queued = 0
     for original in originals:
@@ -568,7 +571,6 @@ def reseed(study, spec: SweepSpec, options: SweepOptions, url: str, *, top: int,
         return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                    if t.user_attrs.get(RESEED_OF) in chosen)
 
-    optuna.storages.fail_stale_trials(study)
     left = waiting()
     while left:
         # Optuna runs queued trials oldest first: trials enqueued earlier by others run
