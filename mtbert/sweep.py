@@ -431,7 +431,6 @@ def trials_table(study, *, limit: int = 5, metric: str | None = None,
     return rows
 
 
-
 @dataclass
 class SeedGroup:
     """One configuration of a study: an original trial and its reseeded copies."""

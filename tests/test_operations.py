@@ -368,3 +368,14 @@ def test_reseed_needs_top_and_set_needs_reseed(tmp_path):
     assert alone.exit_code == 2 and "--reseed K goes with --top N" in alone.stderr
     stray = runner.invoke(app, ["best", "--out", out, "--set", "train.lr=1e-3"])
     assert stray.exit_code == 2 and "apply to the trials of --reseed only" in stray.stderr
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+def test_the_spec_a_study_stores_rebuilds_the_same_spec(name):
+    from mtbert.spec import spec_from_dict
+
+    spec = load_spec(name, ["train.epochs=1"])
+    stored = json.loads(json.dumps(spec.to_dict()))  # as the storage keeps it
+    again = spec_from_dict(stored, where="stored", source="stored")
+    assert again.to_dict() == spec.to_dict()
+    assert again.base_values == spec.base_values and again.base_values["train.epochs"] == 1
