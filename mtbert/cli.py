@@ -555,14 +555,15 @@ def compare(
     data_dir: DataDirOption = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Comparison directory: OUT/<config>/seed<k>/ per run, compare.json, "
-                      "compare.md (default ./mtbert-runs/compare-<a>-vs-<b>).")] = None,
+                      "compare.md; default: mtbert-runs/compare-A-vs-B for configs A, B.")
+    ] = None,
     markdown_file: Annotated[Optional[Path], typer.Option(
         "--markdown", help="Where to write the table as Markdown (default "
                            "OUT/compare.md).")] = None,
     device: DeviceOption = Device.auto,
     wandb_mode: Annotated[WandbMode, typer.Option(
-        "--wandb-mode", help="W&B: one run per training, grouped by the comparison's "
-                             "name.")] = WandbMode.disabled,
+        "--wandb-mode", help="W&B: one run per training, grouped by the name of OUT, "
+                             "written under $WANDB_DIR, else OUT.")] = WandbMode.disabled,
     wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
     = "mtbert",
 ) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,7 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
     out = Path(out)
     plan = _plan(candidates, seeds, out)
     name = out.resolve().name
+    wandb_dir = Path(os.environ.get("WANDB_DIR") or out).resolve()
     members: dict[tuple[str, int], dict[str | None, dict]] = {}
     failures: dict[tuple[str, int], list[str]] = {}
     for i, (c, seed, task, config, run_dir) in enumerate(plan, 1):
@@ -239,7 +241,7 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
                                          mode=wandb_mode, project=wandb_project, group=name,
                                          run=f"{name}-{c.name}-seed{seed}"
                                              + (f"-{task}" if task else ""),
-                                         directory=out.resolve()))
+                                         directory=wandb_dir))
             except (MtbertError, RuntimeError) as err:
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else \
                     type(err).__name__

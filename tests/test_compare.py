@@ -165,3 +165,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["compare", *args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wandb_offline_logs_one_run_per_training(tiny_encoder, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = write_task_files(tmp_path / "data")
+    result = runner.invoke(app, ["-q", *_args(tiny_encoder, data, tmp_path / "out",
+                                              "multitask", "--seeds", "2",
+                                              "--wandb-mode", "offline")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))) == 2
