@@ -178,3 +178,33 @@ def test_wandb_offline_logs_one_run_per_training(tiny_encoder, tmp_path, monkeyp
                                               "--wandb-mode", "offline")])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_a_killed_run_continues_from_its_last_epoch(tiny_encoder, tmp_path, monkeypatch):
+    import mtbert.train
+
+    real = mtbert.train.train
+
+    def killed_after_first_epoch(config, **kwargs):
+        def on_eval(epoch, step, metrics):
+            raise KeyboardInterrupt  # as Ctrl-C right after the first epoch's state is saved
+        return real(config, **{**kwargs, "on_eval": on_eval})
+
+    data = write_task_files(tmp_path / "data")
+    args = [*_args(tiny_encoder, data, tmp_path / "out", "multitask", "--seeds", "1"),
+            "--set", "train.epochs=2"]
+    monkeypatch.setattr(mtbert.train, "train", killed_after_first_epoch)
+    killed = runner.invoke(app, args)
+    assert killed.exit_code == 130
+    run = tmp_path / "out" / "multitask" / "seed0"
+    first = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(first) == 1 and (run / "resume.pt").exists()
+    assert not (run / "summary.json").exists()
+
+    monkeypatch.setattr(mtbert.train, "train", real)
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "multitask seed 0: resuming in" in resumed.stderr
+    assert f"resuming {run} after epoch 1 of 2" in resumed.stderr  # the training's own line
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == first[0] and [json.loads(x)["epoch"] for x in lines] == [1, 2]
