@@ -556,12 +556,38 @@ def best(
     hf: Annotated[bool, typer.Option(
         "--hf", help="With --export: also write DIR/encoder/, the fine-tuned encoder in "
                      "Hugging Face format (transformers.AutoModel loads it).")] = False,
+    reseed: Annotated[Optional[int], typer.Option(
+        "--reseed", min=1, help="With --top N: re-run the N best original trials with K new "
+                                "seeds each (new trials of the study, never pruned; seeds "
+                                "already run are skipped), then rank by the mean over seeds.")
+    ] = None,
+    by_trial: Annotated[bool, typer.Option(
+        "--by-trial", help="Rank single trials even when the study holds reseeds (default "
+                           "then: configurations by their mean over seeds).")] = False,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    device: DeviceOption = Device.auto,
+    wandb_mode: Annotated[Optional[WandbMode], typer.Option(
+        "--wandb-mode", help="With --reseed: W&B logging of the new trials (default: online "
+                             "with an API key, else offline).")] = None,
+    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
+    = "mtbert",
+    keep_top: Annotated[int, typer.Option(
+        "--keep-top", min=0, help="With --reseed: keep the model directories of this many "
+                                  "best trials and of as many best configurations by mean.")
+    ] = 3,
 ) -> None:
-    """Print the best trial of a study (or its Pareto front); --export its model."""
+    """Print the best trial of a study (or its Pareto front); --export its model;
+    --reseed K --top N re-runs the N best with K more seeds and ranks them by the mean.
+
+    --set, --data-dir, --device and the W&B options apply to the trials of --reseed only;
+    the spec, with the sweep's --set, is read from the study.
+    """
     from optuna.trial import TrialState
 
     from mtbert.export import export_hf_encoder, export_trial
-    from mtbert.sweep import mask_url, trials_table
+    from mtbert.sweep import RESEED_OF, RESEED_SEED, groups_table, mask_url, seed_groups
+    from mtbert.sweep import trials_table
     from mtbert.tasks import METRIC_KEYS
 
     if metric is not None and metric not in METRIC_KEYS:
@@ -571,11 +597,37 @@ def best(
     if top is not None and (export is not None or trial is not None):
         raise MtbertError("--top prints a ranking; export one trial with --export "
                           "(and --trial N)")
+    if reseed is not None and top is None:
+        raise MtbertError("--reseed K goes with --top N, the number of best trials to re-run "
+                          "(e.g. --reseed 3 --top 5)")
+    if reseed is None and (set_ or data_dir):
+        raise MtbertError("--set and --data-dir apply to the trials of --reseed only")
+    if reseed is not None:
+        _reseed(study=study, storage=storage, out=out, metric=metric, top=top, seeds=reseed,
+                set_=set_, data_dir=data_dir, device=device, wandb_mode=wandb_mode,
+                wandb_project=wandb_project, keep_top=keep_top)
+        return
     loaded, url = _open_study(storage, out, study)
     done = loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         raise MtbertError(f"study {loaded.study_name} has no COMPLETE trial yet")
     multi = len(loaded.directions) > 1
+    objectives = loaded.user_attrs.get("objectives") or ["the first objective"]
+    by = metric or objectives[0]
+    # A study with reseeds ranks its configurations by their mean over seeds; those with
+    # one seed only are left out (their single score is the noisy one).
+    groups = [] if by_trial or (multi and metric is None) or trial is not None else \
+        seed_groups(loaded, metric, reseeded_only=True)
+    if groups and top is not None:
+        singles = len(seed_groups(loaded, metric)) - len(groups)
+        typer.echo(f"study {loaded.study_name}: top {min(top, len(groups))} of {len(groups)} "
+                   f"reseeded configurations by mean {by} over their seeds (mean ± std)")
+        for row in groups_table(groups[:top]):
+            typer.echo(row)
+        if singles:
+            log.info("%d configuration%s ran with one seed only, not ranked here "
+                     "(`--by-trial` ranks single trials)", singles, "s" * (singles != 1))
+        return
     if top is not None:
         rows = trials_table(loaded, limit=top, metric=metric, front=False)
         objectives = loaded.user_attrs.get("objectives") or ["the first objective"]
@@ -588,6 +640,8 @@ def best(
         chosen = next((t for t in loaded.get_trials(deepcopy=False) if t.number == trial), None)
         if chosen is None:
             raise MtbertError(f"study {loaded.study_name} has no trial {trial}")
+    elif groups:
+        chosen = groups[0].representative()
     elif metric is not None:
         chosen = max((t for t in done if metric in t.user_attrs),
                      key=lambda t: t.user_attrs[metric])
@@ -603,8 +657,26 @@ def best(
             raise MtbertError("a multi-objective study has no single best trial; pick one "
                               "from the front with --trial N")
         return
-    typer.echo(f"study {loaded.study_name}: best trial {chosen.number}"
-               + (f" by {metric}" if metric else ""))
+    selection = None
+    if groups:
+        group = groups[0]
+        seed = chosen.user_attrs.get(RESEED_SEED)
+        typer.echo(f"study {loaded.study_name}: best configuration trial {group.number} by "
+                   f"mean {by} over {len(group.trials)} seeds: {group.mean():.4f} ± "
+                   f"{group.std():.4f}")
+        typer.echo(f"  its seed run closest to the mean: trial {chosen.number}"
+                   + (f" (seed {seed})" if seed is not None else " (the original seed)")
+                   + f", {by} {group.values()[group.trials.index(chosen)]:.4f}")
+        selection = {"chosen": f"configuration of trial {group.number}, best mean {by} over "
+                               f"{len(group.trials)} seeds ({group.mean():.4f} ± "
+                               f"{group.std():.4f}); this is its seed run closest to the mean",
+                     "seed runs": ", ".join(str(t.number) for t in group.trials)}
+    else:
+        typer.echo(f"study {loaded.study_name}: best trial {chosen.number}"
+                   + (f" by {metric}" if metric else ""))
+    if RESEED_OF in chosen.user_attrs:
+        typer.echo(f"  seed   {chosen.user_attrs.get(RESEED_SEED)} (reseed of trial "
+                   f"{chosen.user_attrs[RESEED_OF]})")
     for key, value in chosen.params.items():
         typer.echo(f"  param  {key:<22} {value}")
     for key in METRIC_KEYS:
@@ -612,10 +684,113 @@ def best(
             typer.echo(f"  metric {key:<22} {chosen.user_attrs[key]:.4f}")
     typer.echo(f"  run    {chosen.user_attrs.get('run_dir', '?')}")
     if export is not None:
-        path = export_trial(chosen, study=loaded.study_name, storage=mask_url(url), dest=export)
+        path = export_trial(chosen, study=loaded.study_name, storage=mask_url(url), dest=export,
+                            selection=selection)
         typer.echo(f"exported: {path}")
         if hf:
             typer.echo(f"encoder (Hugging Face format): {export_hf_encoder(path)}")
+
+
+@app.command()
+@handle_errors
+def compare(
+    configs: Annotated[Optional[list[str]], typer.Argument(
+        help="Configs to compare: presets (individual, multitask) or run-config YAML files "
+             "(named by their stem).", show_default=False)] = None,
+    seeds: Annotated[int, typer.Option(
+        "--seeds", min=1, help="Train each config with seeds 0..K-1 (the same for all, so "
+                               "that differences are paired by seed).")] = 3,
+    seed_list: Annotated[Optional[str], typer.Option(
+        "--seed-list", help="Comma-separated seeds instead of 0..K-1, e.g. 3,7,11.")] = None,
+    baseline: Annotated[Optional[str], typer.Option(
+        "--baseline", help="The config the others are tested against (default: the "
+                           "first).")] = None,
+    metric: Annotated[str, typer.Option(
+        "--metric", help="Metric of the Δ and p columns of the main table (the paired "
+                         "table lists every metric).")] = "overall/geometric",
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Comparison directory: OUT/<config>/seed<k>/ per run, compare.json, "
+                      "compare.md; default: mtbert-runs/compare-A-vs-B for configs A, B.")
+    ] = None,
+    markdown_file: Annotated[Optional[Path], typer.Option(
+        "--markdown", help="Where to write the table as Markdown (default "
+                           "OUT/compare.md).")] = None,
+    device: DeviceOption = Device.auto,
+    wandb_mode: Annotated[WandbMode, typer.Option(
+        "--wandb-mode", help="W&B: one run per training, grouped by the name of OUT, "
+                             "written under $WANDB_DIR, else OUT.")] = WandbMode.disabled,
+    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
+    = "mtbert",
+) -> None:
+    """Train configs with the same seeds; print mean ± std per metric and a paired test
+    against a baseline (also as Markdown). Finished runs are not trained again."""
+    from mtbert.compare import markdown, resolve_candidates, run_compare, text_table
+    from mtbert.tracking import resolve_mode
+
+    seed_values = list(range(seeds))
+    if seed_list is not None:
+        try:
+            seed_values = [int(s) for s in seed_list.split(",") if s.strip()]
+        except ValueError:
+            raise MtbertError(f"bad --seed-list {seed_list!r}; expected integers such as "
+                              "0,1,2") from None
+    extra = {"data": {"dir": str(data_dir)}} if data_dir else None
+    candidates = resolve_candidates(configs or [], list(set_ or []), extra)
+    names = [c.name for c in candidates]
+    mode = resolve_mode(wandb_mode.value)
+    out = out or Path("mtbert-runs") / f"compare-{'-vs-'.join(names)}"
+    result = run_compare(candidates, seeds=seed_values, out=out,
+                         baseline=baseline or names[0], metric=metric, device=device.value,
+                         progress=not _options["quiet"], wandb_mode=mode,
+                         wandb_project=wandb_project)
+    md = markdown_file or out / "compare.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(markdown(result))
+    for line in text_table(result):
+        typer.echo(line)
+    log.info("table: %s; per-seed numbers: %s", md, out / "compare.json")
+    failed = sum(r.status == "failed" for runs in result.runs.values() for r in runs.values())
+    if failed:
+        typer.echo(f"mtbert: error: {failed} of {len(names) * len(seed_values)} seed runs "
+                   "failed (see above); run the same command again to retry them", err=True)
+        raise typer.Exit(1)
+
+
+def _reseed(*, study, storage, out, metric, top, seeds, set_, data_dir, device, wandb_mode,
+            wandb_project, keep_top) -> None:
+    import optuna
+
+    from mtbert.spec import make_pruner, make_sampler
+    from mtbert.sweep import (SweepOptions, default_storage, groups_table, open_storage,
+                              reseed, select_study, study_spec)
+    from mtbert.tracking import resolve_mode
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    overrides = list(set_ or [])
+    if data_dir is not None:
+        overrides.insert(0, f"data.dir={data_dir}")
+    mode = resolve_mode(wandb_mode.value if wandb_mode else None)
+    options = SweepOptions(study=study, storage=storage, out=out, wandb_mode=mode,
+                           wandb_project=wandb_project, keep_top=keep_top, device=device.value)
+    url = storage or default_storage(out)
+    rdb = open_storage(url, heartbeat=options.heartbeat, grace=options.grace, must_exist=True)
+    name = select_study(rdb, study)
+    spec = study_spec(optuna.load_study(study_name=name, storage=rdb), overrides)
+    loaded = optuna.load_study(study_name=name, storage=rdb, sampler=make_sampler(spec.sampler),
+                               pruner=make_pruner(spec.pruner))
+    groups = reseed(loaded, spec, options, url, top=top, seeds=seeds, metric=metric)
+    by = metric or spec.objectives[0]
+    short = [g for g in groups if len(g.trials) < seeds + 1]
+    for g in short:
+        log.warning("trial %d: %d of %d seeds complete%s; run the command again to retry the "
+                    "others", g.number, len(g.trials), seeds + 1,
+                    f" ({g.pending} queued or running)" if g.pending else "")
+    typer.echo(f"study {name}: the {len(groups)} best trials, each with {seeds} more seeds, "
+               f"ranked by mean {by} (mean ± std over seeds)")
+    for row in groups_table(groups):
+        typer.echo(row)
 
 
 @app.command()

@@ -91,8 +91,10 @@ def model_card(config: RunConfig, metrics: dict[str, float], card: dict[str, Any
     return "\n".join(lines)
 
 
-def export_trial(trial, *, study: str, storage: str, dest: Path) -> Path:
-    """Copy a trial's best checkpoint into `dest`, with a model card naming its source."""
+def export_trial(trial, *, study: str, storage: str, dest: Path,
+                 selection: dict[str, Any] | None = None) -> Path:
+    """Copy a trial's best checkpoint into `dest`, with a model card naming its source
+    (and `selection`: how the trial was chosen, e.g. from a configuration's seeds)."""
     checkpoint = Path(trial.user_attrs.get("checkpoint", ""))
     if not (checkpoint / WEIGHTS).exists():
         raise MtbertError(f"trial {trial.number} has no checkpoint at {checkpoint} (only the "
@@ -107,7 +109,7 @@ def export_trial(trial, *, study: str, storage: str, dest: Path) -> Path:
     summary_file = checkpoint.parent / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     card = {"source": {"study": study, "trial": trial.number, "storage": storage,
-                       "run": str(checkpoint.parent)},
+                       "run": str(checkpoint.parent), **(selection or {})},
             "params": trial.params, "data": summary.get("data"), "env": summary.get("env")}
     (dest / "README.md").write_text(model_card(config, metrics, card))
     return dest

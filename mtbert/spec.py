@@ -126,6 +126,12 @@ def load_spec(name_or_path: str, overrides: list[str] | None = None) -> SweepSpe
     path = find_spec(name_or_path)
     raw = read_yaml(path)
     where = f"sweep spec {path.name if path.parent.name == 'sweeps' else path}"
+    return spec_from_dict(raw, overrides, where=where, source=str(path), stem=path.stem)
+
+
+def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
+                   where: str, source: str, stem: str = "sweep") -> SweepSpec:
+    """Check a spec given as a mapping (a file's content, or the copy a study stores)."""
 
     def fail(message: str) -> ConfigError:
         return ConfigError(f"{where}: {message}")
@@ -195,10 +201,10 @@ def load_spec(name_or_path: str, overrides: list[str] | None = None) -> SweepSpe
     if len(objectives) > 1 and pruner["name"] != "none":
         pruner = {"name": "none"}  # Optuna prunes single-objective studies only
     enqueue = check_enqueue(raw.get("enqueue") or [], space, base_values, fail)
-    spec = SweepSpec(name=str(raw.get("name") or path.stem), base_values=base_values,
+    spec = SweepSpec(name=str(raw.get("name") or stem), base_values=base_values,
                      description=str(raw.get("description") or ""), base=base, space=space,
                      objectives=objectives, directions=directions, sampler=sampler,
-                     pruner=pruner, enqueue=enqueue, source=str(path))
+                     pruner=pruner, enqueue=enqueue, source=source)
     try:  # constructor arguments checked before any trial
         make_sampler(sampler)
         make_pruner(pruner)

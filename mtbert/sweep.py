@@ -34,6 +34,12 @@ from mtbert.trial import EXIT_PRUNED, PARENT_ENV, RESULT_FILE, STORAGE_ENV
 
 log = logging.getLogger("mtbert")
 STORAGE_FILE = "mtbert.db"
+# User attributes of a reseeded trial: the original trial's number and the new train.seed.
+RESEED_OF = "reseed_of"
+RESEED_SEED = "seed"
+# Study user attribute holding the resolved spec (base with the sweep's --set), so that
+# `best --reseed` runs new trials exactly as the sweep ran its own.
+SPEC_ATTR = "spec_def"
 
 
 class StorageError(MtbertError):
@@ -190,13 +196,21 @@ class TrialRunner:
         import optuna
 
         params = suggest(trial, self.spec)
-        config = trial_config(self.spec, params)
+        # A reseed (`mtbert best --reseed`) is an enqueued copy of a finished trial's
+        # parameters with another train.seed; it is never pruned, so that its group's
+        # mean is over every seed and not only over the seeds that started well.
+        reseed_of = trial.user_attrs.get(RESEED_OF)
+        seed = trial.user_attrs.get(RESEED_SEED)
+        config = trial_config(self.spec, params if reseed_of is None else
+                              {**params, "train.seed": int(seed)})
         run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         job = {"study": self.study_name, "trial_id": trial._trial_id, "number": trial.number,
                "spec": self.spec.name, "objectives": self.spec.objectives,
-               "prune": not self.spec.multi_objective and self.spec.pruner["name"] != "none",
+               "prune": (reseed_of is None and not self.spec.multi_objective
+                         and self.spec.pruner["name"] != "none"),
+               "reseed_of": reseed_of, "seed": config.train.seed,
                "pruner": self.spec.pruner, "params": params, "device": self.options.device,
                "wandb": {"mode": self.options.wandb_mode, "project": self.options.wandb_project,
                          "dir": str(self.wandb_dir)}}
@@ -281,6 +295,17 @@ def prune_checkpoints(study, spec: SweepSpec, keep_top: int) -> int:
     # another worker) is RUNNING in the snapshot and left alone, never removed unranked.
     trials = study.get_trials(deepcopy=False)
     keep = {t.number for t in _ranked(study)[:keep_top]}
+    # Reseeded configurations compete by their mean: every seed run of the best
+    # `keep_top` of them keeps its model, and so does every member of a group whose
+    # seeds are still running (its mean, and so its rank, is not known yet).
+    for group in (seed_groups(study, reseeded_only=True)[:keep_top]
+                  if not spec.multi_objective else []):
+        keep |= {t.number for t in group.trials}
+    for t in trials:
+        if RESEED_OF in t.user_attrs and t.state in (TrialState.RUNNING, TrialState.WAITING):
+            keep.add(t.user_attrs[RESEED_OF])
+            keep |= {u.number for u in trials
+                     if u.user_attrs.get(RESEED_OF) == t.user_attrs[RESEED_OF]}
     if spec.multi_objective:
         keep |= {t.number for t in study.best_trials}
     removed = 0
@@ -301,6 +326,9 @@ def _describe_trial(t, spec: SweepSpec) -> str:
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
     seconds = (t.duration.total_seconds() if t.duration else 0.0)
     line = f"trial {t.number} {t.state.name} in {seconds:.0f}s"
+    if RESEED_OF in t.user_attrs:
+        line = (f"trial {t.number} (trial {t.user_attrs[RESEED_OF]} with seed "
+                f"{t.user_attrs.get(RESEED_SEED)}) {t.state.name} in {seconds:.0f}s")
     if t.values:
         line += " " + " ".join(f"{k}={v:.4f}" for k, v in zip(spec.objectives, t.values))
     if t.state.name == "FAIL":
@@ -317,7 +345,6 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     """Create or resume the study and run `options.trials` more trials (or until the
     timeout); returns the study and its number of trials before this run."""
     import optuna
-    import sqlalchemy.exc
 
     # mtbert prints one line per trial itself; Optuna's would add tracebacks of failures.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -338,13 +365,25 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     if "spec" not in study.user_attrs:
         study.set_user_attr("spec", spec.name)
         study.set_user_attr("objectives", spec.objectives)
+    if SPEC_ATTR not in study.user_attrs:
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
     for params in spec.enqueue:  # known configurations run first, and once per study
         study.enqueue_trial(params, skip_if_exists=True)
     optuna.storages.fail_stale_trials(study)
     log.info("study %s in %s: %d trials so far; running %s more", name, mask_url(url), before,
              options.trials if options.trials is not None else "until the timeout")
 
-    runner = TrialRunner(spec, options, name, url)
+    _optimize(study, spec, options, url, n_trials=options.trials, timeout=options.timeout)
+    return study, before
+
+
+def _optimize(study, spec: SweepSpec, options: SweepOptions, url: str, *,
+              n_trials: int | None, timeout: float | None) -> None:
+    """Run trials of `study` in this worker: each in its own process, with the checkpoint
+    pruning after each and Ctrl-C / SIGTERM ending the running trials."""
+    import sqlalchemy.exc
+
+    runner = TrialRunner(spec, options, study.study_name, url)
     prune_lock = threading.Lock()
 
     def on_trial_end(study, trial) -> None:
@@ -364,7 +403,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
 
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        study.optimize(runner, n_trials=options.trials, timeout=options.timeout,
+        study.optimize(runner, n_trials=n_trials, timeout=timeout,
                        n_jobs=options.trials_per_gpu, catch=(TrialFailed,),
                        callbacks=[on_trial_end], gc_after_trial=False)
         if runner.stopping:
@@ -376,7 +415,6 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return study, before
 
 
 def trials_table(study, *, limit: int = 5, metric: str | None = None,
@@ -392,3 +430,173 @@ def trials_table(study, *, limit: int = 5, metric: str | None = None,
         rows.append(f"{t.number:>5}  {values}  {params}")
     return rows
 
+
+@dataclass
+class SeedGroup:
+    """One configuration of a study: an original trial and its reseeded copies."""
+
+    number: int  # the original trial
+    params: dict[str, Any]
+    trials: list  # COMPLETE members, the original first
+    key: str | None  # the metric ranked by; None = the study's (first) objective
+    pending: int = 0  # reseeds WAITING or RUNNING
+
+    def values(self, key: str | None = None) -> list[float]:
+        """Each member's `key` metric (default: the ranking value), in member order."""
+        key = key or self.key
+        if key is None:
+            return [t.values[0] for t in self.trials]
+        return [t.user_attrs[key] for t in self.trials if key in t.user_attrs]
+
+    def mean(self, key: str | None = None) -> float:
+        values = self.values(key)
+        return sum(values) / len(values) if values else float("nan")
+
+    def std(self, key: str | None = None) -> float:
+        """Sample standard deviation (n - 1); nan for one seed."""
+        values = self.values(key)
+        if len(values) < 2:
+            return float("nan")
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [t.user_attrs.get(RESEED_SEED) for t in self.trials]
+
+    def representative(self):
+        """The member whose value is closest to the group mean (the lower trial number on
+        a tie): a model whose dev score is what the configuration gives on average, not
+        its luckiest seed."""
+        mean = self.mean()
+        pairs = zip(self.values(), self.trials)
+        return min(pairs, key=lambda p: (abs(p[0] - mean), p[1].number))[1]
+
+
+def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False
+                ) -> list[SeedGroup]:
+    """The study's configurations best first by the mean over their seeds of the (first)
+    objective, or of `metric` (every metric is higher-better). `reseeded_only` leaves out
+    the configurations that ran with one seed only."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values
+                and not any(math.isnan(v) for v in t.values)
+                and (metric is None or metric in t.user_attrs)]
+    groups = {t.number: SeedGroup(t.number, dict(t.params), [t], metric)
+              for t in complete if RESEED_OF not in t.user_attrs}
+    reseeded = set()
+    done = {t.number for t in complete}
+    for t in trials:
+        origin = t.user_attrs.get(RESEED_OF)
+        if origin is None or origin not in groups:
+            continue
+        reseeded.add(origin)
+        if t.number in done:
+            groups[origin].trials.append(t)
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+            groups[origin].pending += 1
+    chosen = [g for g in groups.values() if g.number in reseeded or not reseeded_only]
+    sign = -1 if metric is not None or study.directions[0].name == "MAXIMIZE" else 1
+    return sorted(chosen, key=lambda g: (sign * g.mean(), g.number))
+
+
+def reseed_seeds(base_seed: int, k: int) -> list[int]:
+    """The K new seeds of a trial whose train.seed is `base_seed`: base+1 .. base+K,
+    distinct from it and from each other; `--reseed 3` after `--reseed 2` adds one."""
+    return [base_seed + i for i in range(1, k + 1)]
+
+
+def study_spec(study, overrides: list[str] | None = None) -> SweepSpec:
+    """The spec a study was swept with (stored by `mtbert sweep`), `overrides` on its base.
+
+    Studies from before the spec was stored fall back to the shipped spec of the same
+    name, whose base may differ from the sweep's --set: pass them again."""
+    from mtbert.spec import load_spec, spec_from_dict
+
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is not None:
+        return spec_from_dict(stored, overrides, where=f"the spec of study {study.study_name}",
+                              source=f"study {study.study_name}")
+    name = study.user_attrs.get("spec")
+    if name is None:
+        raise ConfigError(f"study {study.study_name} was not made by `mtbert sweep` (no spec "
+                          "stored); reseeding needs its spec")
+    log.warning("study %s stores only its spec's name; using the shipped spec '%s' with "
+                "this command's --set (pass the sweep's --set again)", study.study_name, name)
+    return load_spec(name, overrides)
+
+
+def reseed(study, spec: SweepSpec, options: SweepOptions, url: str, *, top: int,
+           seeds: int, metric: str | None = None) -> list[SeedGroup]:
+    """Re-run the `top` best original COMPLETE trials with `seeds` new seeds each, as new
+    trials of the study (user attributes `reseed_of`, `seed`); returns their groups.
+
+    A seed that completed, or is queued or running (here or in another worker), is not
+    run again; a failed or interrupted one is queued anew. Any worker of the study runs
+    queued reseeds exactly like this one (the objective reads the attributes).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if spec.multi_objective and metric is None:
+        raise ConfigError("a multi-objective study has no single ranking; reseed by one "
+                          "metric with --metric")
+    originals = [t for t in _ranked(study, metric) if RESEED_OF not in t.user_attrs][:top]
+    if not originals:
+        raise ConfigError(f"study {study.study_name} has no COMPLETE trial to reseed")
+    # A reseed whose worker died is RUNNING until its heartbeat is stale: fail it (and
+    # queue its retry) first, so that it does not count as running elsewhere.
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    queued = 0
+    for original in originals:
+        base_seed = trial_config(spec, original.params).train.seed
+        for seed in reseed_seeds(base_seed, seeds):
+            states = {t.state for t in trials if t.user_attrs.get(RESEED_OF) == original.number
+                      and t.user_attrs.get(RESEED_SEED) == seed}
+            if states & {TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING}:
+                continue
+            study.enqueue_trial(original.params,
+                                user_attrs={RESEED_OF: original.number, RESEED_SEED: seed})
+            queued += 1
+    chosen = {t.number for t in originals}
+    log.info("reseeding trials %s with %d seeds each: %d runs queued",
+             ", ".join(map(str, sorted(chosen))), seeds, queued)
+
+    def waiting() -> int:
+        return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                   if t.user_attrs.get(RESEED_OF) in chosen)
+
+    left = waiting()
+    while left:
+        # Optuna runs queued trials oldest first: trials enqueued earlier by others run
+        # too (they belong to the study), then these.
+        _optimize(study, spec, options, url, n_trials=left, timeout=None)
+        now = waiting()
+        if now >= left:  # another worker holds the queue's head; it runs them
+            break
+        left = now
+    return [g for g in seed_groups(study, metric) if g.number in chosen]
+
+
+def groups_table(groups: list[SeedGroup]) -> list[str]:
+    """Text table of configurations, in the order given: their number of seeds and the
+    mean ± sample std over the seeds of every metric key."""
+    width = 17
+    rows = [f"{'trial':>5}  {'seeds':>5}  " + "  ".join(f"{k:>{width}}" for k in METRIC_KEYS)
+            + "  params"]
+    for g in groups:
+        cells = "  ".join(f"{_mean_std(g.mean(k), g.std(k)):>{width}}" for k in METRIC_KEYS)
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in g.params.items())
+        note = f"  ({g.pending} more queued or running)" if g.pending else ""
+        rows.append(f"{g.number:>5}  {len(g.trials):>5}  {cells}  {params}{note}")
+    return rows
+
+
+def _mean_std(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}"

@@ -58,12 +58,17 @@ def run(run_dir: Path) -> int:
                               pruner=make_pruner(job["pruner"]))
     trial = optuna.trial.Trial(study, job["trial_id"])
     objective = job["objectives"][0]
+    reseed_of = job.get("reseed_of")
+    name = f"{job['study']}-trial-{job['number']}"
     tracker = Tracker(
         mode=job["wandb"]["mode"], project=job["wandb"]["project"], group=job["study"],
-        job_type=job["spec"], name=f"{job['study']}-trial-{job['number']}",
+        job_type=job["spec"],
+        name=name if reseed_of is None else f"{name}-reseed-of-{reseed_of}",
         config={**config.to_dict(), "params": job["params"], "study": job["study"],
-                "trial": job["number"]},
-        tags=[config.train.schedule, config.loss.method], directory=Path(job["wandb"]["dir"]))
+                "trial": job["number"], "reseed_of": reseed_of},
+        tags=[config.train.schedule, config.loss.method] + (["reseed"] if reseed_of is not None
+                                                            else []),
+        directory=Path(job["wandb"]["dir"]))
     result = {"wandb_run_id": tracker.run_id, "reason": None}
 
     def on_eval(epoch: int, step: int, metrics: dict[str, float]) -> None:

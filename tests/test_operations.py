@@ -2,10 +2,12 @@
 Optuna's own API (which optuna-dashboard uses) reading what mtbert writes."""
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from mtbert.cli import app
@@ -204,7 +206,11 @@ def test_optunas_own_api_reads_everything_mtbert_writes(swept, tmp_path):
     # What optuna-dashboard does: a plain storage URL, no mtbert code involved.
     url = f"sqlite:///{swept}/runs/mtbert.db"
     study = optuna.load_study(study_name="enq", storage=url)
-    assert study.user_attrs == {"spec": "enq", "objectives": ["overall/geometric"]}
+    assert set(study.user_attrs) == {"spec", "objectives", "spec_def"}
+    assert study.user_attrs["objectives"] == ["overall/geometric"]
+    # The resolved spec, the sweep's --set included, so that `best --reseed` can run it.
+    assert study.user_attrs["spec_def"]["base"]["train"]["steps_per_epoch"] == 2
+    assert study.user_attrs["spec_def"]["space"]["model.head_hidden"]["choices"] == [0, 16, 32]
     assert study.best_trial.values[0] == study.best_trial.user_attrs["overall/geometric"]
     for t in study.trials:
         assert set(t.distributions) == set(t.params)
@@ -216,3 +222,160 @@ def test_optunas_own_api_reads_everything_mtbert_writes(swept, tmp_path):
     copied = optuna.load_study(study_name="enq", storage=copy)
     assert [(t.params, t.values, t.user_attrs) for t in copied.trials] == \
         [(t.params, t.values, t.user_attrs) for t in study.trials]
+
+
+RESEED_SPEC = """name: rs
+space:
+  model.head_hidden: {type: categorical, choices: [0, 16]}
+  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+pruner: {name: median, n_startup_trials: 0}
+"""
+
+
+def _group_stats(trials, number):
+    """(mean, sample std, members) of trial `number` and its COMPLETE reseeds."""
+    import statistics
+
+    members = [t for t in trials if t.state.name == "COMPLETE"
+               and (t.number == number or t.user_attrs.get("reseed_of") == number)]
+    values = [t.values[0] for t in members]
+    return statistics.mean(values), statistics.stdev(values), members
+
+
+@pytest.fixture(scope="module")
+def reseeded(tiny_encoder, tmp_path_factory):
+    """A 3-trial study (median pruner, 2 epochs) whose 2 best trials got 2 more seeds."""
+    root = tmp_path_factory.mktemp("reseeded")
+    task_dir = write_task_files(root / "data")
+    (root / "rs.yaml").write_text(RESEED_SPEC)
+    swept = runner.invoke(app, _args(root / "rs.yaml", tiny_encoder, task_dir, root / "runs", 3,
+                                     "--set", "train.epochs=2"))
+    assert swept.exit_code == 0, swept.output
+    first = runner.invoke(app, ["-q", "best", "--out", str(root / "runs"), "--reseed", "2",
+                                "--top", "2", "--wandb-mode", "disabled", "--device", "cpu"])
+    assert first.exit_code == 0, first.output
+    return root, first
+
+
+def _study_trials(root):
+    return optuna.load_study(study_name="rs",
+                             storage=f"sqlite:///{root}/runs/mtbert.db").trials
+
+
+def test_reseed_runs_the_best_trials_again_with_new_seeds_never_pruned(reseeded):
+    root, _ = reseeded
+    trials = _study_trials(root)
+    originals = sorted(trials[:3], key=lambda t: -t.values[0])[:2]
+    reseeds = trials[3:]
+    assert len(trials) == 7
+    assert sorted((t.user_attrs["reseed_of"], t.user_attrs["seed"]) for t in reseeds) == \
+        sorted((o.number, s) for o in originals for s in (1, 2))  # train.seed 0 -> 1, 2
+    for t in reseeds:
+        original = trials[t.user_attrs["reseed_of"]]
+        assert t.state.name == "COMPLETE" and t.params == original.params
+        run_dir = root / "runs" / "rs" / f"trial-{t.number:04d}"
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["train"]["seed"] == t.user_attrs["seed"]
+        job = json.loads((run_dir / "job.json").read_text())
+        assert job["prune"] is False and job["reseed_of"] == original.number
+    # The originals ran with the median pruner on: only the reseeds are exempt.
+    assert json.loads((root / "runs" / "rs" / "trial-0001" / "job.json").read_text())["prune"]
+
+
+def test_reseed_ranks_by_mean_and_a_rerun_adds_nothing(reseeded, tiny_encoder):
+    root, first = reseeded
+    trials = _study_trials(root)
+    groups = {o: _group_stats(trials, o) for o in {t.user_attrs["reseed_of"]
+                                                   for t in trials[3:]}}
+    order = sorted(groups, key=lambda n: -groups[n][0])
+    lines = first.stdout.splitlines()
+    assert lines[0] == ("study rs: the 2 best trials, each with 2 more seeds, ranked by mean "
+                        "overall/geometric (mean ± std over seeds)")
+    assert lines[1].split()[:3] == ["trial", "seeds", "sst/acc"]
+    assert [int(line.split()[0]) for line in lines[2:]] == order
+    for line in lines[2:]:
+        mean, std, members = groups[int(line.split()[0])]
+        cells = line.split()
+        assert cells[1] == "3"
+        # columns: sst, qqp, sts, arithmetic, geometric, each "mean ± std"
+        assert cells[14:17] == [f"{mean:.4f}", "±", f"{std:.4f}"]
+
+    again = runner.invoke(app, ["-q", "best", "--out", str(root / "runs"), "--reseed", "2",
+                                "--top", "2", "--wandb-mode", "disabled"])
+    assert again.exit_code == 0, again.output
+    assert len(_study_trials(root)) == 7
+    assert again.stdout == first.stdout
+
+    top = runner.invoke(app, ["best", "--out", str(root / "runs"), "--top", "5"])
+    assert top.stdout.splitlines()[0] == ("study rs: top 2 of 2 reseeded configurations by "
+                                          "mean overall/geometric over their seeds "
+                                          "(mean ± std)")
+    assert top.stdout.splitlines()[1:] == lines[1:]
+    single = runner.invoke(app, ["best", "--out", str(root / "runs"), "--top", "3",
+                                 "--by-trial"])
+    best_single = max(trials, key=lambda t: t.values[0])
+    assert int(single.stdout.splitlines()[2].split()[0]) == best_single.number
+
+
+def test_export_after_reseed_takes_the_best_mean_seed_run_closest_to_it(reseeded, tmp_path):
+    root, _ = reseeded
+    trials = _study_trials(root)
+    numbers = {t.user_attrs["reseed_of"] for t in trials[3:]}
+    best = max(numbers, key=lambda n: _group_stats(trials, n)[0])
+    mean, std, members = _group_stats(trials, best)
+    closest = min(members, key=lambda t: (abs(t.values[0] - mean), t.number))
+    result = runner.invoke(app, ["best", "--out", str(root / "runs"), "--export",
+                                 str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == (
+        f"study rs: best configuration trial {best} by mean overall/geometric over 3 seeds: "
+        f"{mean:.4f} ± {std:.4f}")
+    assert f"its seed run closest to the mean: trial {closest.number}" in result.stdout
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"- trial: {closest.number}" in card
+    assert f"configuration of trial {best}, best mean overall/geometric over 3 seeds" in card
+    # Every seed run of the reseeded configurations kept its model (keep-top by mean).
+    for t in members:
+        assert (Path(t.user_attrs["checkpoint"]) / "model.safetensors").exists()
+
+
+def test_reseed_retries_a_failed_seed_and_extends_to_more_seeds(reseeded):
+    root, _ = reseeded
+    url = f"sqlite:///{root}/runs/mtbert.db"
+    study = optuna.load_study(study_name="rs", storage=url)
+    origin = study.trials[3].user_attrs["reseed_of"]
+    original = study.trials[origin]
+    # A seed-3 run of that configuration that failed (e.g. a killed worker).
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params=original.params,
+        distributions=original.distributions, user_attrs={"reseed_of": origin, "seed": 3}))
+    result = runner.invoke(app, ["-q", "best", "--out", str(root / "runs"), "--reseed", "3",
+                                 "--top", "2", "--wandb-mode", "disabled"])
+    assert result.exit_code == 0, result.output
+    trials = _study_trials(root)
+    new = trials[8:]
+    # seeds 1 and 2 ran already: one seed-3 run per configuration, the failed one again
+    assert sorted((t.user_attrs["reseed_of"], t.user_attrs["seed"], t.state.name)
+                  for t in new) == sorted((o, 3, "COMPLETE") for o in
+                                          {t.user_attrs["reseed_of"] for t in trials[3:7]})
+    assert [line.split()[1] for line in result.stdout.splitlines()[2:]] == ["4", "4"]
+
+
+def test_reseed_needs_top_and_set_needs_reseed(tmp_path):
+    make_study(tmp_path, [0.4, 0.5])
+    out = str(tmp_path / "runs")
+    alone = runner.invoke(app, ["best", "--out", out, "--reseed", "2"])
+    assert alone.exit_code == 2 and "--reseed K goes with --top N" in alone.stderr
+    stray = runner.invoke(app, ["best", "--out", out, "--set", "train.lr=1e-3"])
+    assert stray.exit_code == 2 and "apply to the trials of --reseed only" in stray.stderr
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+def test_the_spec_a_study_stores_rebuilds_the_same_spec(name):
+    from mtbert.spec import spec_from_dict
+
+    spec = load_spec(name, ["train.epochs=1"])
+    stored = json.loads(json.dumps(spec.to_dict()))  # as the storage keeps it
+    again = spec_from_dict(stored, where="stored", source="stored")
+    assert again.to_dict() == spec.to_dict()
+    assert again.base_values == spec.base_values and again.base_values["train.epochs"] == 1

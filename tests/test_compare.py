@@ -1,0 +1,210 @@
+"""`mtbert compare`: runs per config and seed, the table's numbers, the paired test,
+resuming, failures and bad input."""
+
+import json
+import statistics
+
+import pytest
+import yaml
+from scipy import stats
+from typer.testing import CliRunner
+
+from mtbert.cli import app
+from mtbert.tasks import METRIC_KEYS, overall_scores
+
+from conftest import write_task_files
+
+runner = CliRunner()
+
+
+def _args(tiny_encoder, data, out, *extra):
+    return ["compare", *extra, "--out", str(out), "--data-dir", str(data), "--device", "cpu",
+            "--set", f"model.encoder={tiny_encoder}", "--set", f"data.cache_dir={out}/cache",
+            "--set", "train.epochs=1", "--set", "train.steps_per_epoch=3",
+            "--set", "train.batch_size=8", "--set", "model.max_length=32",
+            "--set", "train.eval_batch_size=16", "--set", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_encoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    data = write_task_files(root / "data")
+    result = runner.invoke(app, ["-q", *_args(tiny_encoder, data, root / "out", "individual",
+                                              "multitask", "--seeds", "2")])
+    assert result.exit_code == 0, result.output
+    return root, result
+
+
+def _summary(path):
+    return json.loads((path / "summary.json").read_text())["best"]["metrics"]
+
+
+def _per_seed(out):
+    """Per config, per seed: the metrics computed here from the runs' summary.json files."""
+    numbers = {"individual": {}, "multitask": {}}
+    for seed in (0, 1):
+        scores = {"sst/acc": _summary(out / "individual" / f"seed{seed}" / "sst")["sst/acc"],
+                  "qqp/acc": _summary(out / "individual" / f"seed{seed}" / "qqp")["qqp/acc"],
+                  "sts/pearson": _summary(out / "individual" / f"seed{seed}" / "sts")
+                  ["sts/pearson"]}
+        numbers["individual"][seed] = {**scores, **overall_scores(scores)}
+        numbers["multitask"][seed] = _summary(out / "multitask" / f"seed{seed}")
+    return numbers
+
+
+def test_individual_trains_one_single_task_model_per_task_and_seed(compared):
+    root, _ = compared
+    out = root / "out"
+    for seed in (0, 1):
+        for task in ("sst", "qqp", "sts"):
+            config = yaml.safe_load((out / "individual" / f"seed{seed}" / task /
+                                     "config.yaml").read_text())
+            assert config["data"]["tasks"] == [task] and config["train"]["seed"] == seed
+            assert set(_summary(out / "individual" / f"seed{seed}" / task)) >= {
+                {"sst": "sst/acc", "qqp": "qqp/acc", "sts": "sts/pearson"}[task]}
+        config = yaml.safe_load((out / "multitask" / f"seed{seed}" / "config.yaml").read_text())
+        assert config["data"]["tasks"] == ["sst", "qqp", "sts"]
+        assert config["train"]["seed"] == seed
+    saved = json.loads((out / "compare.json").read_text())
+    numbers = _per_seed(out)
+    for name in ("individual", "multitask"):
+        for seed in (0, 1):
+            got = saved["runs"][name][str(seed)]["metrics"]
+            assert got == pytest.approx({k: numbers[name][seed][k] for k in METRIC_KEYS})
+
+
+def test_table_shows_mean_std_and_the_paired_t_test_of_the_seed_numbers(compared):
+    root, result = compared
+    numbers = _per_seed(root / "out")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("compare out: individual vs multitask: seeds 0, 1;")
+    assert lines[1].split()[:7] == ["config", "seeds", *METRIC_KEYS]
+    rows = {line.split()[0]: line for line in lines[2:4]}
+    for name, row in rows.items():
+        for key in METRIC_KEYS:
+            values = [numbers[name][s][key] for s in (0, 1)]
+            cell = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (2)"
+            assert cell in row, (name, key, row)
+    assert rows["individual"].split()[-1] == "baseline"
+    a = [numbers["multitask"][s]["overall/geometric"] for s in (0, 1)]
+    b = [numbers["individual"][s]["overall/geometric"] for s in (0, 1)]
+    diff = statistics.mean(x - y for x, y in zip(a, b))
+    p = stats.ttest_rel(a, b).pvalue
+    assert rows["multitask"].split()[-2:] == [f"{diff:+.4f}", f"{p:.3g}"]
+    saved = json.loads((root / "out" / "compare.json").read_text())
+    assert saved["paired"]["multitask"]["overall/geometric"]["p_ttest"] == pytest.approx(p)
+    paired = lines[lines.index("paired differences vs individual:") + 1:]
+    sst = next(line for line in paired if line.split()[1] == "sst/acc").split()
+    a = [numbers["multitask"][s]["sst/acc"] for s in (0, 1)]
+    b = [numbers["individual"][s]["sst/acc"] for s in (0, 1)]
+    if a[0] - b[0] != a[1] - b[1]:
+        assert sst[3] == f"{stats.ttest_rel(a, b).pvalue:.3g}"
+    assert sst[-1] == "2"
+    md = (root / "out" / "compare.md").read_text()
+    assert "| config | seeds | sst/acc |" in md and "almost no power" in md
+    assert f"| {rows['multitask'].split()[0]} | 2/2 |" in md
+
+
+def test_a_second_run_reads_finished_runs_instead_of_training(compared, tiny_encoder):
+    root, first = compared
+    out = root / "out"
+    before = (out / "multitask" / "seed1" / "summary.json").stat().st_mtime_ns
+    again = runner.invoke(app, _args(tiny_encoder, root / "data", out, "individual",
+                                     "multitask", "--seeds", "2"))
+    assert again.exit_code == 0, again.output
+    assert again.stderr.count("finished earlier") == 8 and ": training in" not in again.stderr
+    assert (out / "multitask" / "seed1" / "summary.json").stat().st_mtime_ns == before
+    assert again.stdout == first.stdout
+    # Other --set values would mix two configs under one name: refused before training.
+    changed = runner.invoke(app, [*_args(tiny_encoder, root / "data", out, "individual",
+                                         "multitask", "--seeds", "2"),
+                                  "--set", "train.lr=2e-3"])
+    assert changed.exit_code == 2
+    assert "holds a run of another config (train.lr differ)" in changed.stderr
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(tiny_encoder, tmp_path):
+    data = write_task_files(tmp_path / "data")
+    (tmp_path / "broken.yaml").write_text("data:\n  files:\n    sst: {train: missing.csv}\n")
+    result = runner.invoke(app, _args(tiny_encoder, data, tmp_path / "out", "multitask",
+                                      str(tmp_path / "broken.yaml"), "--seeds", "1"))
+    assert result.exit_code == 1
+    assert "1 of 2 seed runs failed" in result.stderr
+    assert "broken seed 0: FAILED:" in result.stderr and "missing.csv" in result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("broken"))
+    assert row.split()[1] == "0/1" and row.split()[2] == "-"
+    assert (tmp_path / "out" / "multitask" / "seed0" / "summary.json").exists()
+    # One seed: no test, and the table says why.
+    assert "n/a (broken: every metric): no seed finished for both" in result.stdout
+
+
+def test_one_seed_gives_no_p_value_and_says_why(tiny_encoder, tmp_path):
+    data = write_task_files(tmp_path / "data")
+    (tmp_path / "wide.yaml").write_text("model: {head_hidden: 16}\n")
+    result = runner.invoke(app, _args(tiny_encoder, data, tmp_path / "out", "multitask",
+                                      str(tmp_path / "wide.yaml"), "--seed-list", "5"))
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith("wide"))
+    assert row.split()[-1] == "n/a"
+    assert "n/a (wide: every metric): 1 pair; a paired test needs 2 or more seeds" in result.stdout
+    assert (tmp_path / "out" / "wide" / "seed5" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["individual", "singletask"], "unknown config or preset 'singletask'; presets: "
+                                   "individual, multitask, or a path to a run-config YAML file"),
+    (["individual", "multitask", "--baseline", "mt"], "baseline 'mt' is not one of the "
+                                                      "configs: individual, multitask"),
+    (["multitask", "multitask"], "two configs are named 'multitask'"),
+    (["multitask", "nothere.yaml"], "config file nothere.yaml does not exist"),
+    (["multitask", "--metric", "acc"], "unknown metric 'acc'; valid: sst/acc"),
+    (["multitask", "--seed-list", "1,x"], "bad --seed-list '1,x'; expected integers"),
+    ([], "name the configs to compare"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["compare", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_wandb_offline_logs_one_run_per_training(tiny_encoder, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = write_task_files(tmp_path / "data")
+    result = runner.invoke(app, ["-q", *_args(tiny_encoder, data, tmp_path / "out",
+                                              "multitask", "--seeds", "2",
+                                              "--wandb-mode", "offline")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_a_killed_run_continues_from_its_last_epoch(tiny_encoder, tmp_path, monkeypatch):
+    import mtbert.train
+
+    real = mtbert.train.train
+
+    def killed_after_first_epoch(config, **kwargs):
+        def on_eval(epoch, step, metrics):
+            raise KeyboardInterrupt  # as Ctrl-C right after the first epoch's state is saved
+        return real(config, **{**kwargs, "on_eval": on_eval})
+
+    data = write_task_files(tmp_path / "data")
+    args = [*_args(tiny_encoder, data, tmp_path / "out", "multitask", "--seeds", "1"),
+            "--set", "train.epochs=2"]
+    monkeypatch.setattr(mtbert.train, "train", killed_after_first_epoch)
+    killed = runner.invoke(app, args)
+    assert killed.exit_code == 130
+    run = tmp_path / "out" / "multitask" / "seed0"
+    first = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(first) == 1 and (run / "resume.pt").exists()
+    assert not (run / "summary.json").exists()
+
+    monkeypatch.setattr(mtbert.train, "train", real)
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "multitask seed 0: resuming in" in resumed.stderr
+    assert f"resuming {run} after epoch 1 of 2" in resumed.stderr  # the training's own line
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == first[0] and [json.loads(x)["epoch"] for x in lines] == [1, 2]
