@@ -98,6 +98,29 @@ def tiny_config(tiny_encoder, task_dir, tmp_path):
     return make
 
 
+class Killed(Exception):
+    """Raised from an on_eval callback: the run dies as a killed process would."""
+
+
+def train_killed_and_resumed(config, root: Path, kill_epoch: int = 0) -> tuple[dict, dict]:
+    """Summaries of an uninterrupted run (root/full) and of the same run killed after
+    epoch `kill_epoch` (0-based) then resumed (root/killed)."""
+    from mtbert.train import train
+
+    full = train(config, run_dir=root / "full", device="cpu", progress=False)
+
+    def kill(epoch, step, metrics):
+        if epoch == kill_epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, run_dir=root / "killed", device="cpu", progress=False, on_eval=kill)
+    assert not (root / "killed" / "summary.json").exists()
+    resumed = train(config, run_dir=root / "killed", device="cpu", progress=False,
+                    resume=True)
+    return full, resumed
+
+
 @pytest.fixture(autouse=True)
 def _reset_mtbert_logger():
     """CLI tests install mtbert's stderr handler; later tests read logs through caplog."""

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from conftest import train_killed_and_resumed
 from mtbert.balancing import LOSS_METHODS, make_loss_combiner, pcgrad_project
 from mtbert.config import LossConfig, ModelConfig
 from mtbert.encoder import BertConfig, BertEncoder
@@ -196,19 +197,7 @@ def test_gradient_conflict_readings_are_logged_and_leave_training_unchanged(tiny
 @pytest.mark.parametrize("method", ["dwa", "pcgrad", "gradnorm"])
 def test_resume_keeps_the_method_state(tiny_config, tmp_path, method):
     config = tiny_config(loss={"method": method}, train={"epochs": 3})
-    full = train(config, run_dir=tmp_path / "full", device="cpu", progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill(epoch, step, metrics):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False, on_eval=kill)
-    resumed = train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
-                    resume=True)
+    full, resumed = train_killed_and_resumed(config, tmp_path, kill_epoch=1)
     assert resumed["best"] == full["best"]
     assert (tmp_path / "killed" / "metrics.jsonl").read_text() == \
         (tmp_path / "full" / "metrics.jsonl").read_text()

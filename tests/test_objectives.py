@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import train_killed_and_resumed
 from mtbert.cli import app
 from mtbert.config import LossConfig, ModelConfig, build_config
 from mtbert.data import Batch, pack_rows
@@ -197,18 +198,7 @@ def test_sts_heads_fit_a_batch(sts_head):
 def test_resume_with_the_new_heads_matches_the_uninterrupted_run(tiny_config, tmp_path):
     config = tiny_config(model={"pair_encoding": "siamese", "sts_head": "classes"},
                          loss={"contrastive": "mnrl"})
-    full = train(config, run_dir=tmp_path / "full", device="cpu", progress=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill(epoch, step, metrics):
-        raise Killed
-
-    with pytest.raises(Killed):
-        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False, on_eval=kill)
-    resumed = train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
-                    resume=True)
+    full, resumed = train_killed_and_resumed(config, tmp_path)
     assert resumed["best"] == full["best"]
 
 

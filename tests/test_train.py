@@ -8,11 +8,8 @@ import torch
 import mtbert
 from mtbert.errors import TrainingError
 from mtbert.tasks import METRIC_KEYS
+from conftest import train_killed_and_resumed
 from mtbert.train import train
-
-
-class Killed(Exception):
-    pass
 
 
 def test_run_directory_files(tiny_config, tmp_path):
@@ -46,19 +43,7 @@ def test_same_seed_same_metrics_other_seed_differs(tiny_config, tmp_path):
 
 
 def test_resume_after_a_kill_matches_the_uninterrupted_run(tiny_config, tmp_path):
-    config = tiny_config(train={"epochs": 3})
-    full = train(config, run_dir=tmp_path / "full", device="cpu", progress=False)
-
-    def kill_after_first_epoch(epoch, step, metrics):
-        if epoch == 0:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
-              on_eval=kill_after_first_epoch)
-    assert not (tmp_path / "killed" / "summary.json").exists()
-    resumed = train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
-                    resume=True)
+    full, resumed = train_killed_and_resumed(tiny_config(train={"epochs": 3}), tmp_path)
     assert resumed["best"] == full["best"]
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     assert lines == (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
