@@ -218,8 +218,10 @@ def predict(
         "--output-dir", help="With --all: directory of the prediction files.")] = None,
     device: DeviceOption = Device.auto,
 ) -> None:
-    """Write predictions in the CS224N format (header, then id<TAB>prediction): one file,
-    or with --all every dev and test file of the model's tasks."""
+    """Write CS224N-format predictions: one file, or with --all every dev and test file.
+
+    A file is a header, then id<TAB>prediction per example.
+    """
     from mtbert.data import read_examples
     from mtbert.evaluate import write_predictions
     from mtbert.export import load
@@ -296,8 +298,10 @@ def analyze(
                                   "largest errors first).")] = 10,
     device: DeviceOption = Device.auto,
 ) -> None:
-    """Error analysis on labelled files: confusion matrices, per-class metrics, STS
-    predicted vs gold, the worst examples; PNG figures, analysis.md and analysis.json."""
+    """Error analysis: confusion matrices, per-class metrics, STS scatter, worst examples.
+
+    Writes PNG figures, analysis.md and analysis.json for the labelled files of a split.
+    """
     from mtbert.analysis import analyze as run_analysis
     from mtbert.export import load
     from mtbert.train import resolve_device
@@ -577,8 +581,10 @@ def best(
                                   "best trials and of as many best configurations by mean.")
     ] = 3,
 ) -> None:
-    """Print the best trial of a study (or its Pareto front); --export its model;
-    --reseed K --top N re-runs the N best with K more seeds and ranks them by the mean.
+    """Print the best trial (or Pareto front); --export its model; --reseed more seeds.
+
+    --reseed K --top N re-runs the N best trials with K more seeds each and ranks the
+    configurations by their mean.
 
     --set, --data-dir, --device and the W&B options apply to the trials of --reseed only;
     the spec, with the sweep's --set, is read from the study.
@@ -724,9 +730,12 @@ def compare(
     wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
     = "mtbert",
 ) -> None:
-    """Train configs with the same seeds; print mean ± std per metric and a paired test
-    against a baseline (also as Markdown). Finished runs are not trained again."""
-    from mtbert.compare import markdown, resolve_candidates, run_compare, text_table
+    """Train configs over the same seeds: mean ± std per metric, paired test vs a baseline.
+
+    The table also goes to Markdown; finished runs are not trained again.
+    """
+    from mtbert.compare import (markdown, plot_comparison, resolve_candidates, run_compare,
+                                text_table)
     from mtbert.tracking import resolve_mode
 
     seed_values = list(range(seeds))
@@ -747,10 +756,13 @@ def compare(
                          wandb_project=wandb_project)
     md = markdown_file or out / "compare.md"
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(markdown(result))
+    figure = plot_comparison(result, out / "compare.png")
+    link = Path(os.path.relpath(figure.resolve(), md.parent.resolve())) if figure else None
+    md.write_text(markdown(result, link))
     for line in text_table(result):
         typer.echo(line)
-    log.info("table: %s; per-seed numbers: %s", md, out / "compare.json")
+    log.info("table: %s; per-seed numbers: %s%s", md, out / "compare.json",
+             f"; figure: {figure}" if figure else "")
     failed = sum(r.status == "failed" for runs in result.runs.values() for r in runs.values())
     if failed:
         typer.echo(f"mtbert: error: {failed} of {len(names) * len(seed_values)} seed runs "

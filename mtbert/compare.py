@@ -177,6 +177,11 @@ def _no_nan(data: Any) -> Any:
 
 
 def _config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    try:
+        # Keys added to mtbert since the run was saved take their defaults, as they did.
+        saved = build_config(saved).to_dict()
+    except ConfigError:
+        pass  # a key this version does not know: compared as written
     a, b = flatten(saved), flatten(wanted)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -374,7 +379,51 @@ def text_table(result: Comparison) -> list[str]:
     return lines
 
 
-def markdown(result: Comparison) -> str:
+def plot_comparison(result: Comparison, path: Path) -> Path | None:
+    """One panel per metric: each seed's value per config, a grey line joining the configs
+    of one seed (the pairs the test compares), and the mean ± sample std in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtbert.report import save_figure
+
+    keys = [k for k in METRIC_KEYS if any(result.values(c, k) for c in result.configs)]
+    if not keys:
+        return None
+    x = range(len(result.configs))
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.2 + 1.2 * len(result.configs) * len(keys),
+                                                    3.8), squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("tab10")
+    for ax, key in zip(axes[0], keys):
+        for i, seed in enumerate(result.seeds):
+            points = [(j, result.values(c, key)[seed]) for j, c in enumerate(result.configs)
+                      if seed in result.values(c, key)]
+            if points:
+                ax.plot(*zip(*points), color="0.75", lw=1, zorder=1)
+                ax.scatter(*zip(*points), color=cmap(i % 10), s=22, zorder=2,
+                           label=f"seed {seed}")
+        for j, config in enumerate(result.configs):
+            mean, std, n = result.mean_std(config, key)
+            if n:
+                ax.errorbar(j + 0.18, mean, yerr=std if n > 1 else None, fmt="_", color="k",
+                            ms=14, capsize=4, zorder=3)
+        ax.set_title(key, fontsize=9)
+        ax.set_xticks(list(x), result.configs, rotation=20, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(result.configs) - 0.5)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if len(result.seeds) <= 10 and handles:
+        fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
+    fig.suptitle(f"{result.name}: dev metrics per seed (grey lines join one seed's runs; "
+                 "black: mean ± sample std)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def markdown(result: Comparison, figure: Path | None = None) -> str:
+    """The tables as Markdown; `figure` (a path relative to the Markdown file) is linked."""
     head, rows, phead, prows, notes = _rows(result)
 
     def table(h: list[str], body: list[list[str]]) -> list[str]:
@@ -384,6 +433,8 @@ def markdown(result: Comparison) -> str:
 
     lines = [f"# mtbert compare: {result.name}", "", _intro(result) + ".", "",
              *table(head, rows)]
+    if figure is not None:
+        lines += ["", f"![per-seed dev metrics]({figure.as_posix()})"]
     if prows:
         lines += ["", f"## Paired differences vs {result.baseline}", "", *table(phead, prows)]
     if notes:

@@ -103,6 +103,9 @@ def test_table_shows_mean_std_and_the_paired_t_test_of_the_seed_numbers(compared
     md = (root / "out" / "compare.md").read_text()
     assert "| config | seeds | sst/acc |" in md and "almost no power" in md
     assert f"| {rows['multitask'].split()[0]} | 2/2 |" in md
+    # The per-seed figure sits beside the table and the Markdown links it.
+    assert "![per-seed dev metrics](compare.png)" in md
+    assert (root / "out" / "compare.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_a_second_run_reads_finished_runs_instead_of_training(compared, tiny_encoder):
@@ -115,6 +118,15 @@ def test_a_second_run_reads_finished_runs_instead_of_training(compared, tiny_enc
     assert again.stderr.count("finished earlier") == 8 and ": training in" not in again.stderr
     assert (out / "multitask" / "seed1" / "summary.json").stat().st_mtime_ns == before
     assert again.stdout == first.stdout
+    # A run saved before a config key existed trained with its default: still the same config.
+    saved = out / "multitask" / "seed1" / "config.yaml"
+    written = yaml.safe_load(saved.read_text())
+    del written["loss"]["contrastive"]
+    saved.write_text(yaml.safe_dump(written))
+    older = runner.invoke(app, _args(tiny_encoder, root / "data", out, "individual",
+                                     "multitask", "--seeds", "2"))
+    assert older.exit_code == 0, older.output
+    assert older.stdout == first.stdout
     # Other --set values would mix two configs under one name: refused before training.
     changed = runner.invoke(app, [*_args(tiny_encoder, root / "data", out, "individual",
                                          "multitask", "--seeds", "2"),
