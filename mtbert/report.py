@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import MtbertError
-from mtbert.sweep import _ranked
+from mtbert.sweep import RESEED_OF, RESEED_SEED, _ranked, seed_groups
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -44,6 +44,9 @@ CAPTIONS = {
               "directories' metrics.jsonl.",
     "pareto": "Pareto front of the first two objectives: trials no other trial beats on "
               "both.",
+    "seeds": "Reseeded configurations (mtbert best --reseed), best mean first: each seed's "
+             "objective value (dots; the original trial's ringed) and the mean ± sample std "
+             "over the seeds (black).",
 }
 
 
@@ -72,6 +75,7 @@ class Report:
     rows: list[TrialRow]
     figures: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    groups: list = field(default_factory=list)  # reseeded configurations, best mean first
 
     @property
     def index(self) -> Path:
@@ -103,8 +107,16 @@ def trial_rows(study) -> list[TrialRow]:
             params=dict(t.params),
             metrics={k: t.user_attrs[k] for k in METRIC_KEYS if k in t.user_attrs},
             duration_s=t.duration.total_seconds() if t.duration else None,
-            note=trial_note(t), run_dir=t.user_attrs.get("run_dir")))
+            note=_reseed_note(t) or trial_note(t), run_dir=t.user_attrs.get("run_dir")))
     return rows
+
+
+def _reseed_note(trial) -> str:
+    if RESEED_OF not in trial.user_attrs:
+        return ""
+    note = f"trial {trial.user_attrs[RESEED_OF]} with seed {trial.user_attrs.get(RESEED_SEED)}"
+    reason = trial_note(trial)
+    return f"{note}: {reason}" if reason else note
 
 
 def _complete(study) -> list:
@@ -377,6 +389,32 @@ def plot_pareto(study, objectives: list[str], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_seed_groups(groups: list, objective: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.9 * len(groups)), 4.0),
+                           layout="constrained")
+    for x, group in enumerate(groups):
+        values = group.values()
+        n = len(values)
+        jitter = [x + (0.3 * i / (n - 1) - 0.15 if n > 1 else 0.0) for i in range(n)]
+        ax.scatter(jitter, values, s=24, color="tab:blue", alpha=0.8, zorder=2)
+        ax.scatter(jitter[:1], values[:1], s=90, facecolors="none", edgecolors="tab:red",
+                   zorder=3, label="original trial" if x == 0 else None)
+        std = group.std()
+        ax.errorbar(x + 0.32, group.mean(), yerr=None if math.isnan(std) else std, fmt="_",
+                    color="k", ms=14, capsize=4, zorder=3,
+                    label="mean ± std" if x == 0 else None)
+    ax.set_xticks(range(len(groups)),
+                  [f"trial {g.number}\n{len(g.trials)} seeds" for g in groups], fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel(metric_label(objective) if objective in METRIC_KEYS else objective)
+    ax.set_title("Reseeded configurations, best mean first", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
 def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
     """Write the figures and index.html of `study` into `dest`; returns what was written."""
     import matplotlib
@@ -434,6 +472,11 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
         if curves:
             best_number = None if multi else study.best_trial.number
             report.figures["curves"] = plot_curves(curves, best_number, dest / "curves.png")
+        if not multi:
+            report.groups = seed_groups(study, reseeded_only=True)
+            if report.groups:
+                report.figures["seeds"] = plot_seed_groups(report.groups, objectives[0],
+                                                           dest / "seeds.png")
     report.index.write_text(render_html(study, report, storage))
     return report
 
@@ -504,6 +547,12 @@ def render_html(study, report: Report, storage: str) -> str:
         parts.append(f"<figure id=\"{name}\"><img alt=\"{name}\" src=\"data:image/png;base64,"
                      f"{data}\"><figcaption>{html.escape(CAPTIONS[name])} "
                      f"(<code>{path.name}</code>)</figcaption></figure>")
+    if report.groups:
+        parts += ["<h2>Configurations over seeds</h2>",
+                  "<p>Each reseeded configuration (its original trial and the reseeds of "
+                  "<code>mtbert best --reseed</code>): the mean ± sample standard deviation "
+                  "over its seeds, best mean first; <code>mtbert best</code> exports from "
+                  "the first.</p>", _groups_table(report.groups)]
     best_number = (study.best_trial.number if done and len(study.directions) == 1 else None)
     header = "".join(f"<th>{html.escape(c)}</th>" for c in table_columns(report))
     body = []
@@ -514,3 +563,20 @@ def render_html(study, report: Report, storage: str) -> str:
     parts += ["<h2>Trials</h2>", f"<table id=\"trials\"><tr>{header}</tr>", *body, "</table>",
               "</body></html>", ""]
     return "\n".join(parts)
+
+
+def _groups_table(groups: list) -> str:
+    header = "".join(f"<th>{html.escape(c)}</th>"
+                     for c in ("trial", "seeds", *METRIC_KEYS, "params"))
+    rows = []
+    for g in groups:
+        seeds = ", ".join("original" if s is None else str(s) for s in g.seeds)
+        cells = [str(g.number), f"{len(g.trials)} ({seeds})"]
+        for key in METRIC_KEYS:
+            mean, std = g.mean(key), g.std(key)
+            cells.append("" if math.isnan(mean) else f"{mean:.4f}" +
+                         ("" if math.isnan(std) else f" ± {std:.4f}"))
+        cells.append(", ".join(f"{k}={_cell(v)}" for k, v in g.params.items()))
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c) if i < len(cells) - 1 else c}</td>"
+                                     for i, c in enumerate(cells)) + "</tr>")
+    return f"<table id=\"seeds\"><tr>{header}</tr>" + "".join(rows) + "</table>"

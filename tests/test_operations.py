@@ -339,6 +339,27 @@ def test_export_after_reseed_takes_the_best_mean_seed_run_closest_to_it(reseeded
         assert (Path(t.user_attrs["checkpoint"]) / "model.safetensors").exists()
 
 
+def test_report_shows_the_reseeded_configurations_by_mean(reseeded, tmp_path):
+    root, _ = reseeded
+    trials = _study_trials(root)
+    result = runner.invoke(app, ["-q", "report", "--out", str(root / "runs"),
+                                 "--to", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "seeds.png").read_bytes().startswith(b"\x89PNG")
+    page = (tmp_path / "report" / "index.html").read_text()
+    table = page[page.index('<table id="seeds">'):]
+    table = table[:table.index("</table>")]
+    numbers = sorted({t.user_attrs["reseed_of"] for t in trials[3:]},
+                     key=lambda n: -_group_stats(trials, n)[0])
+    rows = table.split("<tr>")[2:]
+    assert [int(row.split("</td>")[0].removeprefix("<td>")) for row in rows] == numbers
+    for number, row in zip(numbers, rows):
+        mean, std, _ = _group_stats(trials, number)
+        assert "<td>3 (original, 1, 2)</td>" in row and f"{mean:.4f} ± {std:.4f}" in row
+    for t in trials[3:]:
+        assert f"trial {t.user_attrs['reseed_of']} with seed {t.user_attrs['seed']}" in page
+
+
 def test_reseed_retries_a_failed_seed_and_extends_to_more_seeds(reseeded):
     root, _ = reseeded
     url = f"sqlite:///{root}/runs/mtbert.db"
