@@ -509,7 +509,11 @@ def sweep(
                                                             else None),
                            wandb_project=wandb_project, keep_top=keep_top, heartbeat=heartbeat,
                            grace=grace, device=device.value, trials_per_gpu=trials_per_gpu)
-    result, before = run_sweep(resolved, options)
+    try:
+        result, before = run_sweep(resolved, options)
+    except KeyboardInterrupt:
+        _print_interrupted(options, resolved.name)
+        raise
     states = _state_counts(result)
     log.info("study %s: %s", result.study_name,
              ", ".join(f"{n} {s.lower()}" for s, n in states.items()))
@@ -521,6 +525,22 @@ def sweep(
         raise typer.Exit(1)
     for row in trials_table(result):
         typer.echo(row)
+
+
+def _print_interrupted(options, spec_name: str) -> None:
+    """The table of an interrupted sweep's study, as far as it got (stdout stays results)."""
+    import optuna
+
+    from mtbert.sweep import default_storage, trials_table
+
+    try:
+        study = optuna.load_study(study_name=options.study or spec_name,
+                                  storage=options.storage or default_storage(options.out))
+        if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+            for row in trials_table(study):
+                typer.echo(row)
+    except Exception as err:  # noqa: BLE001 - the interruption is what gets reported
+        log.debug("no table of the interrupted study: %s", err)
 
 
 def _state_counts(study) -> dict[str, int]:

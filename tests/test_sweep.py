@@ -27,8 +27,9 @@ def _sweep_args(spec, tiny_encoder, task_dir, out, *extra):
             "--set", "model.max_length=32", *extra]
 
 
-def _terminate_when_running(args, logs) -> str:
-    """Start a sweep worker, SIGTERM it once every trial log exists; its stderr (exit 130)."""
+def _terminate_when_running(args, logs, *, stdout: list | None = None) -> str:
+    """Start a sweep worker, SIGTERM it once every trial log exists; its stderr (exit 130).
+    Its stdout is appended to `stdout` when given."""
     worker = subprocess.Popen([sys.executable, "-m", "mtbert", *args], stderr=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -37,8 +38,10 @@ def _terminate_when_running(args, logs) -> str:
         time.sleep(0.5)
     time.sleep(3)
     worker.send_signal(signal.SIGTERM)
-    _, err = worker.communicate(timeout=60)
+    out, err = worker.communicate(timeout=60)
     assert worker.returncode == 130, err
+    if stdout is not None:
+        stdout.append(out)
     return err
 
 
@@ -220,6 +223,24 @@ def test_best_with_several_studies_asks_for_one(tmp_path):
     assert "holds 2 studies, pick one with --study: a, b" in result.stderr
     missing = runner.invoke(app, ["best", "--out", str(tmp_path / "empty")])
     assert missing.exit_code == 2 and "no study storage at" in missing.stderr
+
+
+def test_an_interrupted_sweep_prints_the_table_so_far(tiny_encoder, task_dir, tmp_path):
+    # Trial 0 is quick, trial 1 runs until the worker is stopped.
+    (tmp_path / "two.yaml").write_text(
+        "name: two\nspace:\n  train.steps_per_epoch: {type: categorical, choices: [3, 5000]}\n"
+        "enqueue:\n  - {train.steps_per_epoch: 3}\n  - {train.steps_per_epoch: 5000}\n"
+        "pruner: {name: none}\n")
+    out = tmp_path / "runs"
+    stdout: list[str] = []
+    err = _terminate_when_running(_sweep_args(str(tmp_path / "two.yaml"), tiny_encoder,
+                                              task_dir, out),
+                                  [out / "two" / "trial-0001" / "trial.log"], stdout=stdout)
+    assert "Traceback" not in err and "interrupted" in err
+    assert [t.state.name for t in _trials(out, "two")] == ["COMPLETE", "FAIL"]
+    rows = stdout[0].splitlines()
+    assert rows[0].split()[0] == "trial" and len(rows) == 2
+    assert rows[1].split()[0] == "0"
 
 
 def test_sigterm_ends_the_running_trial_as_fail(tiny_encoder, task_dir, tmp_path):
