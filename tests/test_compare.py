@@ -135,15 +135,24 @@ def test_a_second_run_reads_finished_runs_instead_of_training(compared, tiny_enc
     assert "holds a run of another config (train.lr differ)" in changed.stderr
 
 
+def _multitask_against(tiny_encoder, root, name: str, config: str, *seeds: str):
+    """`compare multitask NAME.yaml` with `config` as the YAML text; the result and the
+    table row of NAME."""
+    data = write_task_files(root / "data")
+    (root / f"{name}.yaml").write_text(config)
+    result = runner.invoke(app, _args(tiny_encoder, data, root / "out", "multitask",
+                                      str(root / f"{name}.yaml"), *seeds))
+    row = next(line for line in result.stdout.splitlines() if line.startswith(name))
+    return result, row
+
+
 def test_a_failed_run_is_reported_and_the_others_finish(tiny_encoder, tmp_path):
-    data = write_task_files(tmp_path / "data")
-    (tmp_path / "broken.yaml").write_text("data:\n  files:\n    sst: {train: missing.csv}\n")
-    result = runner.invoke(app, _args(tiny_encoder, data, tmp_path / "out", "multitask",
-                                      str(tmp_path / "broken.yaml"), "--seeds", "1"))
+    result, row = _multitask_against(tiny_encoder, tmp_path, "broken",
+                                     "data:\n  files:\n    sst: {train: missing.csv}\n",
+                                     "--seeds", "1")
     assert result.exit_code == 1
     assert "1 of 2 seed runs failed" in result.stderr
     assert "broken seed 0: FAILED:" in result.stderr and "missing.csv" in result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith("broken"))
     assert row.split()[1] == "0/1" and row.split()[2] == "-"
     assert (tmp_path / "out" / "multitask" / "seed0" / "summary.json").exists()
     # One seed: no test, and the table says why.
@@ -151,12 +160,9 @@ def test_a_failed_run_is_reported_and_the_others_finish(tiny_encoder, tmp_path):
 
 
 def test_one_seed_gives_no_p_value_and_says_why(tiny_encoder, tmp_path):
-    data = write_task_files(tmp_path / "data")
-    (tmp_path / "wide.yaml").write_text("model: {head_hidden: 16}\n")
-    result = runner.invoke(app, _args(tiny_encoder, data, tmp_path / "out", "multitask",
-                                      str(tmp_path / "wide.yaml"), "--seed-list", "5"))
+    result, row = _multitask_against(tiny_encoder, tmp_path, "wide",
+                                     "model: {head_hidden: 16}\n", "--seed-list", "5")
     assert result.exit_code == 0, result.output
-    row = next(line for line in result.stdout.splitlines() if line.startswith("wide"))
     assert row.split()[-1] == "n/a"
     assert "n/a (wide: every metric): 1 pair; a paired test needs 2 or more seeds" in result.stdout
     assert (tmp_path / "out" / "wide" / "seed5" / "summary.json").exists()
