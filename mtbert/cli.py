@@ -735,6 +735,10 @@ def compare(
         "--metric", help="Metric of the Δ and p columns of the main table (the paired "
                          "table lists every metric).")] = "overall/geometric",
     set_: SetOption = None,
+    set_for: Annotated[Optional[list[str]], typer.Option(
+        "--set-for", help="Override a key for one config only, after --set: "
+                          "CONFIG:KEY=VALUE, e.g. multitask:train.steps_per_epoch=120 "
+                          "(repeatable).", show_default=False)] = None,
     data_dir: DataDirOption = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Comparison directory: OUT/<config>/seed<k>/ per run, compare.json, "
@@ -766,7 +770,8 @@ def compare(
             raise MtbertError(f"bad --seed-list {seed_list!r}; expected integers such as "
                               "0,1,2") from None
     extra = {"data": {"dir": str(data_dir)}} if data_dir else None
-    candidates = resolve_candidates(configs or [], list(set_ or []), extra)
+    candidates = resolve_candidates(configs or [], list(set_ or []), extra,
+                                    per_config=list(set_for or []))
     names = [c.name for c in candidates]
     mode = resolve_mode(wandb_mode.value)
     out = out or Path("mtbert-runs") / f"compare-{'-vs-'.join(names)}"

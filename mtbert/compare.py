@@ -61,23 +61,42 @@ class Candidate:
         return runs
 
 
+def _per_config(items: list[str], names: list[str]) -> dict[str, list[str]]:
+    """`--set-for CONFIG:KEY=VALUE` items as KEY=VALUE overrides per config name."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            raise ConfigError(f"bad --set-for {item!r}; expected CONFIG:KEY=VALUE, e.g. "
+                              "multitask:train.steps_per_epoch=120")
+        if name not in names:
+            raise ConfigError(f"--set-for {item!r} names no config of this comparison; "
+                              f"configs: {', '.join(names)}")
+        out.setdefault(name, []).append(override)
+    return out
+
+
 def resolve_candidates(names: list[str], overrides: list[str],
-                       extra: dict[str, Any] | None = None) -> list[Candidate]:
+                       extra: dict[str, Any] | None = None, *,
+                       per_config: list[str] | None = None) -> list[Candidate]:
     """Each name a preset or a run-config YAML file (named by its stem); `overrides`
-    (`--set`) and `extra` (`--data-dir`) apply to every one."""
+    (`--set`) and `extra` (`--data-dir`) apply to every one, then `per_config`
+    (`--set-for CONFIG:KEY=VALUE`) to the config it names."""
     if not names:
         raise ConfigError("name the configs to compare, e.g. `mtbert compare "
                           f"individual multitask`; presets: {', '.join(PRESETS)}")
+    own = _per_config(per_config or [], [n if n in PRESETS else Path(n).stem for n in names])
     candidates = []
     for name in names:
         path = Path(name)
         if name in PRESETS:
-            config = load_config(None, overrides, extra=extra)
+            config = load_config(None, overrides + own.get(name, []), extra=extra)
             candidates.append(Candidate(name, config, individual=name == "individual"))
         elif path.suffix in (".yaml", ".yml") or path.exists():
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            candidates.append(Candidate(path.stem, load_config(path, overrides, extra=extra)))
+            candidates.append(Candidate(path.stem, load_config(
+                path, overrides + own.get(path.stem, []), extra=extra)))
         else:
             raise ConfigError(f"unknown config or preset '{name}'; presets: "
                               f"{', '.join(PRESETS)}, or a path to a run-config YAML file")

@@ -159,6 +159,20 @@ def test_a_failed_run_is_reported_and_the_others_finish(tiny_encoder, tmp_path):
     assert "n/a (broken: every metric): no seed finished for both" in result.stdout
 
 
+def test_set_for_overrides_one_config_after_set(tiny_encoder, tmp_path):
+    result, _ = _multitask_against(tiny_encoder, tmp_path, "wide", "model: {head_hidden: 16}\n",
+                                   "--seed-list", "0", "--set-for",
+                                   "multitask:train.steps_per_epoch=2")
+    assert result.exit_code == 0, result.output
+    saved = {name: yaml.safe_load((tmp_path / "out" / name / "seed0" / "config.yaml")
+                                  .read_text()) for name in ("multitask", "wide")}
+    # --set gives both 3 steps per epoch; --set-for gives multitask 2.
+    assert saved["multitask"]["train"]["steps_per_epoch"] == 2
+    assert saved["wide"]["train"]["steps_per_epoch"] == 3
+    assert saved["wide"]["model"]["head_hidden"] == 16
+    assert saved["multitask"]["model"]["head_hidden"] == 0
+
+
 def test_one_seed_gives_no_p_value_and_says_why(tiny_encoder, tmp_path):
     result, row = _multitask_against(tiny_encoder, tmp_path, "wide",
                                      "model: {head_hidden: 16}\n", "--seed-list", "5")
@@ -178,6 +192,13 @@ def test_one_seed_gives_no_p_value_and_says_why(tiny_encoder, tmp_path):
     (["multitask", "--metric", "acc"], "unknown metric 'acc'; valid: sst/acc"),
     (["multitask", "--seed-list", "1,x"], "bad --seed-list '1,x'; expected integers"),
     ([], "name the configs to compare"),
+    (["individual", "multitask", "--set-for", "mt:train.lr=1e-3"],
+     "--set-for 'mt:train.lr=1e-3' names no config of this comparison; configs: individual, "
+     "multitask"),
+    (["multitask", "--set-for", "multitask=train.lr"], "bad --set-for 'multitask=train.lr'; "
+                                                        "expected CONFIG:KEY=VALUE"),
+    (["multitask", "--set-for", "multitask:train.nothing=1"],
+     "unknown config key 'train.nothing'"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["compare", *args, "--out", str(tmp_path / "out")])
