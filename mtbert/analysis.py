@@ -271,9 +271,9 @@ def _cell(value: Any) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return lines + [""]
+    from mtbert.report import markdown_table
+
+    return markdown_table(header, [[_cell(v) for v in row] for row in rows]) + [""]
 
 
 def _examples_table(task: Task, items: list[dict[str, Any]], values: list[str]) -> list[str]:

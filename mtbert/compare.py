@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,11 +147,8 @@ class Comparison:
         values = list(self.values(config, key).values())
         if not values:
             return float("nan"), float("nan"), 0
-        mean = sum(values) / len(values)
-        if len(values) < 2:
-            return mean, float("nan"), 1
-        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)), \
-            len(values)
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return statistics.fmean(values), std, len(values)
 
     def paired(self, config: str, key: str) -> Paired:
         """`config` minus the baseline on `key` over the seeds where both finished."""
@@ -445,10 +443,10 @@ def markdown(result: Comparison, figure: Path | None = None) -> str:
     """The tables as Markdown; `figure` (a path relative to the Markdown file) is linked."""
     head, rows, phead, prows, notes = _rows(result)
 
+    from mtbert.report import markdown_table
+
     def table(h: list[str], body: list[list[str]]) -> list[str]:
-        return ["| " + " | ".join(h) + " |", "|" + "|".join(
-            "---" if i < 2 else "---:" for i in range(len(h))) + "|"] + \
-            ["| " + " | ".join(r) + " |" for r in body]
+        return markdown_table(h, body, right_from=2)
 
     lines = [f"# mtbert compare: {result.name}", "", _intro(result) + ".", "",
              *table(head, rows)]

@@ -42,16 +42,6 @@ def _outputs(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
         model.train(was_training)
 
 
-def predict_set(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
-                device: torch.device, progress: bool = False) -> np.ndarray:
-    """Predictions (class ids or scores) for every example, in order."""
-    predictions = np.zeros(len(dataset), dtype=np.float32)
-    for indices, out in _outputs(model, dataset, batch_size=batch_size, device=device,
-                                 progress=progress):
-        predictions[indices] = dataset.task.predict(out).float().cpu().numpy()
-    return predictions
-
-
 @dataclass
 class SetOutputs:
     """What a model says about every example of a set, in order."""
@@ -61,7 +51,8 @@ class SetOutputs:
 
 
 def predict_set_outputs(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
-                        device: torch.device, progress: bool = False) -> SetOutputs:
+                        device: torch.device, progress: bool = False,
+                        with_probabilities: bool = True) -> SetOutputs:
     """Predictions and, for classification tasks, class probabilities in one pass."""
     task = dataset.task
     predictions = np.zeros(len(dataset), dtype=np.float32)
@@ -69,12 +60,19 @@ def predict_set_outputs(model: MultitaskModel, dataset: EncodedSet, *, batch_siz
     for indices, out in _outputs(model, dataset, batch_size=batch_size, device=device,
                                  progress=progress):
         predictions[indices] = task.predict(out).float().cpu().numpy()
-        probs = task.probabilities(out)
+        probs = task.probabilities(out) if with_probabilities else None
         if probs is not None:
             if probabilities is None:
                 probabilities = np.zeros((len(dataset), probs.shape[-1]), dtype=np.float32)
             probabilities[indices] = probs.float().cpu().numpy()
     return SetOutputs(predictions, probabilities)
+
+
+def predict_set(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,
+                device: torch.device, progress: bool = False) -> np.ndarray:
+    """Predictions (class ids or scores) for every example, in order."""
+    return predict_set_outputs(model, dataset, batch_size=batch_size, device=device,
+                               progress=progress, with_probabilities=False).predictions
 
 
 def evaluate(model: MultitaskModel, dev_sets: dict[str, EncodedSet], *, batch_size: int,

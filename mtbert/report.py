@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import MtbertError
-from mtbert.sweep import RESEED_OF, RESEED_SEED, _ranked, seed_groups
+from mtbert.sweep import RESEED_OF, RESEED_SEED, _ranked, format_mean_std, seed_groups
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -136,6 +136,15 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path
+
+
+def markdown_table(header: list[str], rows: list[list[str]], *,
+                   right_from: int | None = None) -> list[str]:
+    """A Markdown table's lines; columns from `right_from` on are right-aligned."""
+    align = ["---:" if right_from is not None and i >= right_from else "---"
+             for i in range(len(header))]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def plot_history(study, objectives: list[str], path: Path) -> Path:
@@ -572,10 +581,7 @@ def _groups_table(groups: list) -> str:
     for g in groups:
         seeds = ", ".join("original" if s is None else str(s) for s in g.seeds)
         cells = [str(g.number), f"{len(g.trials)} ({seeds})"]
-        for key in METRIC_KEYS:
-            mean, std = g.mean(key), g.std(key)
-            cells.append("" if math.isnan(mean) else f"{mean:.4f}" +
-                         ("" if math.isnan(std) else f" ± {std:.4f}"))
+        cells += [format_mean_std(g.mean(key), g.std(key)) for key in METRIC_KEYS]
         cells.append(", ".join(f"{k}={_cell(v)}" for k, v in g.params.items()))
         rows.append("<tr>" + "".join(f"<td>{html.escape(c) if i < len(cells) - 1 else c}</td>"
                                      for i, c in enumerate(cells)) + "</tr>")

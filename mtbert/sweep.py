@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -450,15 +451,12 @@ class SeedGroup:
 
     def mean(self, key: str | None = None) -> float:
         values = self.values(key)
-        return sum(values) / len(values) if values else float("nan")
+        return statistics.fmean(values) if values else float("nan")
 
     def std(self, key: str | None = None) -> float:
         """Sample standard deviation (n - 1); nan for one seed."""
         values = self.values(key)
-        if len(values) < 2:
-            return float("nan")
-        mean = sum(values) / len(values)
-        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return statistics.stdev(values) if len(values) > 1 else float("nan")
 
     @property
     def seeds(self) -> list[int | None]:
@@ -589,14 +587,15 @@ def groups_table(groups: list[SeedGroup]) -> list[str]:
     rows = [f"{'trial':>5}  {'seeds':>5}  " + "  ".join(f"{k:>{width}}" for k in METRIC_KEYS)
             + "  params"]
     for g in groups:
-        cells = "  ".join(f"{_mean_std(g.mean(k), g.std(k)):>{width}}" for k in METRIC_KEYS)
+        cells = "  ".join(f"{format_mean_std(g.mean(k), g.std(k)):>{width}}" for k in METRIC_KEYS)
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in g.params.items())
         note = f"  ({g.pending} more queued or running)" if g.pending else ""
         rows.append(f"{g.number:>5}  {len(g.trials):>5}  {cells}  {params}{note}")
     return rows
 
 
-def _mean_std(mean: float, std: float) -> str:
+def format_mean_std(mean: float, std: float) -> str:
+    """"mean ± std", "mean" without a std (one seed), "-" without a value."""
     if math.isnan(mean):
         return "-"
     return f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}"
