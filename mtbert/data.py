@@ -214,6 +214,20 @@ def _mover(device: torch.device):
     return lambda t: t.to(device)
 
 
+def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, type ids) rows as padded (B, T) ids, attention mask and type ids."""
+    T = max(len(ids) for ids, _ in rows)
+    ids = np.full((len(rows), T), pad_id, dtype=np.int64)
+    types = np.zeros((len(rows), T), dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=np.int64)
+    for r, (row_ids, row_types) in enumerate(rows):
+        ids[r, : len(row_ids)] = row_ids
+        types[r, : len(row_ids)] = row_types
+        mask[r, : len(row_ids)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)
+
+
 def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]], groups: int = 1) -> PackedView:
     """A PackedView of (ids, types) rows."""
     lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
@@ -289,18 +303,7 @@ class EncodedSet:
             rows = [view[i] for view in self.views for i in indices]
             return Batch(self.task.name, [pack_rows(rows, len(self.views))], labels,
                          np.asarray(indices))
-        views = []
-        for view in self.views:
-            rows = [view[i] for i in indices]
-            T = max(len(ids) for ids, _ in rows)
-            ids = np.full((len(rows), T), self.pad_id, dtype=np.int64)
-            types = np.zeros((len(rows), T), dtype=np.int64)
-            mask = np.zeros((len(rows), T), dtype=np.int64)
-            for r, (row_ids, row_types) in enumerate(rows):
-                ids[r, : len(row_ids)] = row_ids
-                types[r, : len(row_ids)] = row_types
-                mask[r, : len(row_ids)] = 1
-            views.append((torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)))
+        views = [pad_rows([view[i] for i in indices], self.pad_id) for view in self.views]
         return Batch(self.task.name, views, labels, np.asarray(indices))
 
     def batches(self, batch_size: int):

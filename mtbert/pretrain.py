@@ -30,14 +30,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mtbert.config import RunConfig, data_dir
-from mtbert.data import TaskSampler, read_examples
+from mtbert.data import TaskSampler, pad_rows, read_examples
 from mtbert.encoder import BertEncoder, _normalise_hf_key, load_pretrained, read_checkpoint
 from mtbert.errors import DataError, MtbertError, TrainingError
 from mtbert.evaluate import autocast
@@ -173,15 +172,6 @@ def task_sentences(config: RunConfig, splits: tuple[str, ...]) -> list[str]:
     return list(seen)
 
 
-def _padded(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = np.full((len(rows), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), T), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = row, 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
 def pretrain(config: RunConfig, *, out: Path, options: PretrainOptions, device: str = "auto",
              resume: bool = False, progress: bool = True) -> dict:
     """Masked-LM pretraining of `model.encoder` on the task sentences; writes the encoder
@@ -210,8 +200,8 @@ def pretrain(config: RunConfig, *, out: Path, options: PretrainOptions, device: 
     sentences = task_sentences(config, options.splits)
     if not sentences:
         raise DataError("the task files hold no sentences to pretrain on")
-    rows = [tokenizer.build_inputs(ids, None, options.max_length)[0]
-            for ids in tokenizer.encode(sentences)]
+    rows = [tokenizer.build_inputs(ids, None, options.max_length)
+            for ids in tokenizer.encode(sentences)]  # (token ids, type ids) per sentence
     sampler = TaskSampler(len(rows), options.batch_size, seed=options.seed, task="pretrain")
     total = options.steps or max(1, math.ceil(options.epochs * sampler.batches_per_pass))
     log.info("pretraining %s on %d sentences (%s of %s): %d steps of %d, mask %.2f",
@@ -251,7 +241,7 @@ def pretrain(config: RunConfig, *, out: Path, options: PretrainOptions, device: 
     bar = tqdm(total=total, initial=step, desc="pretrain", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     while step < total:
-        ids, mask = _padded([rows[i] for i in sampler.next()], tokenizer.pad_id)
+        ids, mask, _ = pad_rows([rows[i] for i in sampler.next()], tokenizer.pad_id)
         inputs, labels = mask_tokens(ids, mask.bool() & ~torch.isin(ids, special),
                                      mask_id=mask_id, vocab_size=encoder.config.vocab_size,
                                      prob=options.mask_prob, generator=generator)
