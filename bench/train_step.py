@@ -45,7 +45,7 @@ from mtbert.data import Batch  # noqa: E402
 from mtbert.encoder import (BertConfig, BertEncoder, load_hf_state_dict, read_bert_config,  # noqa: E402
                             read_checkpoint, resolve_encoder, to_hf_state_dict)
 from mtbert.errors import MtbertError  # noqa: E402
-from mtbert.evaluate import autocast  # noqa: E402
+from mtbert.runtime import autocast  # noqa: E402
 from mtbert.heads import MultitaskModel  # noqa: E402
 from mtbert.optim import make_optimizer  # noqa: E402
 from mtbert.tasks import get_task  # noqa: E402

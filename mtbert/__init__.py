@@ -1,11 +1,11 @@
 """mtbert: one BERT, three tasks, and the sweeps that tell which multitask strategy works."""
 
-__version__ = "0.1.0"
+from mtbert.version import __version__
 
 
 def load(directory, device="cpu"):
-    """Load an exported model directory; see `mtbert.export.MultitaskPredictor`."""
-    from mtbert.export import load as _load
+    """Load an exported model directory; see `mtbert.predictor.MultitaskPredictor`."""
+    from mtbert.predictor import load as _load
 
     return _load(directory, device)
 

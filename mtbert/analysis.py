@@ -36,6 +36,7 @@ from scipy.stats import pearsonr, spearmanr
 from mtbert.data import Examples, read_examples
 from mtbert.errors import DataError
 from mtbert.evaluate import SetOutputs
+from mtbert.formatting import markdown_table, save_figure
 from mtbert.tasks import BinaryTask, RegressionTask, Task, get_task, overall_scores
 
 log = logging.getLogger("mtbert")
@@ -169,7 +170,6 @@ def plot_confusion(task: Task, numbers: dict[str, Any], path: Path) -> Path:
     """Counts and row-normalised confusion matrices side by side, every cell annotated."""
     import matplotlib.pyplot as plt
 
-    from mtbert.report import save_figure
 
     matrix = np.asarray(numbers["confusion"], dtype=float)
     names = numbers["classes"]
@@ -210,7 +210,6 @@ def plot_scatter(task: RegressionTask, examples: Examples, outputs: SetOutputs,
     """Predicted against gold scores, with the y = x line of a perfect model."""
     import matplotlib.pyplot as plt
 
-    from mtbert.report import save_figure
 
     gold, predicted = examples.labels, outputs.predictions
     low = min(task.low, float(predicted.min())) - 0.2
@@ -236,7 +235,6 @@ def plot_error_by_gold(task: RegressionTask, numbers: dict[str, Any], path: Path
     """Mean absolute and mean signed error per rounded gold score, with the counts."""
     import matplotlib.pyplot as plt
 
-    from mtbert.report import save_figure
 
     rows = numbers["error_by_gold"]
     bins = [r["gold"] for r in rows]
@@ -263,7 +261,8 @@ def plot_error_by_gold(task: RegressionTask, numbers: dict[str, Any], path: Path
 
 # ---------------------------------------------------------------- report
 
-def _cell(value: Any) -> str:
+def _markdown_cell(value: Any) -> str:
+    """A value in a Markdown cell: 4 decimals, or text on one line, escaped and shortened."""
     if isinstance(value, float):
         return f"{value:.4f}"
     text = " ".join(str(value).split()).replace("|", "\\|")
@@ -271,9 +270,7 @@ def _cell(value: Any) -> str:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    from mtbert.report import markdown_table
-
-    return markdown_table(header, [[_cell(v) for v in row] for row in rows]) + [""]
+    return markdown_table(header, [[_markdown_cell(v) for v in row] for row in rows]) + [""]
 
 
 def _examples_table(task: Task, items: list[dict[str, Any]], values: list[str]) -> list[str]:

@@ -151,7 +151,7 @@ def eval_(
 ) -> None:
     """Score a model on the dev files of its tasks, or on one labelled file."""
     from mtbert.data import read_examples
-    from mtbert.export import load
+    from mtbert.predictor import load
     from mtbert.tasks import overall_scores
     from mtbert.train import resolve_device
 
@@ -224,7 +224,7 @@ def predict(
     """
     from mtbert.data import read_examples
     from mtbert.evaluate import write_predictions
-    from mtbert.export import load
+    from mtbert.predictor import load
     from mtbert.train import resolve_device
 
     if all_:
@@ -303,7 +303,7 @@ def analyze(
     Writes PNG figures, analysis.md and analysis.json for the labelled files of a split.
     """
     from mtbert.analysis import analyze as run_analysis
-    from mtbert.export import load
+    from mtbert.predictor import load
     from mtbert.train import resolve_device
 
     model = load(model_dir, resolve_device(device.value))

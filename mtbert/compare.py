@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,11 @@ from typing import Any
 
 from mtbert.config import RunConfig, build_config, flatten, load_config
 from mtbert.errors import ConfigError, MtbertError
+from mtbert.formatting import (aligned_table, first_line, format_mean_std, markdown_table,
+                               save_figure)
+from mtbert.runtime import wandb_dir
 from mtbert.tasks import METRIC_KEYS, TASKS, overall_scores
+from mtbert.tracking import Tracker, train_tracked
 
 log = logging.getLogger("mtbert")
 PRESETS = {"individual": "one single-task model per task of data.tasks, combined",
@@ -232,7 +235,7 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
                 wandb_project: str = "mtbert") -> Comparison:
     """Train every candidate with every seed (finished runs are read, not trained again)
     and write OUT/compare.json; returns the comparison."""
-    from mtbert.train import RESUME_FILE, train
+    from mtbert.train import RESUME_FILE
 
     names = [c.name for c in candidates]
     if baseline not in names:
@@ -244,7 +247,7 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
     out = Path(out)
     plan = _plan(candidates, seeds, out)
     name = out.resolve().name
-    wandb_dir = Path(os.environ.get("WANDB_DIR") or out).resolve()
+    directory = wandb_dir(out)
     members: dict[tuple[str, int], dict[str | None, dict]] = {}
     failures: dict[tuple[str, int], list[str]] = {}
     for i, (c, seed, task, config, run_dir) in enumerate(plan, 1):
@@ -258,15 +261,16 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
             log.info("%s: %s in %s", what, "resuming" if resume else "training", run_dir)
             tic = time.perf_counter()
             try:
-                summary = _train_one(train, config, run_dir, device=device, resume=resume,
-                                     progress=progress, tracking=dict(
-                                         mode=wandb_mode, project=wandb_project, group=name,
-                                         run=f"{name}-{c.name}-seed{seed}"
-                                             + (f"-{task}" if task else ""),
-                                         directory=wandb_dir))
+                tracker = Tracker(mode=wandb_mode, project=wandb_project, group=name,
+                                  job_type="compare",
+                                  name=f"{name}-{c.name}-seed{seed}" + (f"-{task}" if task
+                                                                        else ""),
+                                  config=config.to_dict(), tags=["compare"],
+                                  directory=directory)
+                summary = train_tracked(config, run_dir=run_dir, tracker=tracker,
+                                        device=device, resume=resume, progress=progress)
             except (MtbertError, RuntimeError) as err:
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else \
-                    type(err).__name__
+                reason = first_line(err)
                 log.warning("%s: FAILED: %s", what, reason)
                 failures.setdefault((c.name, seed), []).append(
                     f"{task + ': ' if task else ''}{reason}")
@@ -300,33 +304,9 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
     return result
 
 
-def _train_one(train, config: RunConfig, run_dir: Path, *, device: str, resume: bool,
-               progress: bool, tracking: dict[str, Any]) -> dict:
-    """One training, logged as one W&B run in the comparison's group."""
-    from mtbert.tracking import Tracker
-
-    tracker = Tracker(mode=tracking["mode"], project=tracking["project"],
-                      group=tracking["group"], job_type="compare", name=tracking["run"],
-                      config=config.to_dict(), tags=["compare"],
-                      directory=Path(tracking["directory"]))
-
-    def on_eval(epoch: int, step: int, metrics: dict[str, float]) -> None:
-        tracker.log({**metrics, "epoch": epoch + 1}, step)
-
-    try:
-        summary = train(config, run_dir=run_dir, device=device, resume=resume,
-                        progress=progress, on_eval=on_eval)
-    except BaseException:
-        tracker.finish(1)
-        raise
-    tracker.finish(0, {f"best/{k}": v for k, v in summary["best"]["metrics"].items()})
-    return summary
-
-
-def _cell(mean: float, std: float, n: int) -> str:
-    if n == 0:
-        return "-"
-    return f"{mean:.4f} ± {std:.4f} ({n})" if n > 1 else f"{mean:.4f} (1)"
+def _mean_std_n(mean: float, std: float, n: int) -> str:
+    """A comparison cell: "mean ± std (n)", "mean (1)" for one seed, "-" for none."""
+    return "-" if n == 0 else f"{format_mean_std(mean, std)} ({n})"
 
 
 def _p(value: float | None) -> str:
@@ -342,7 +322,7 @@ def _rows(result: Comparison) -> tuple[list[str], list[list[str]], list[str], li
     for c in result.configs:
         done = sum(1 for r in result.runs[c].values() if r.status == "done")
         row = [c, f"{done}/{len(result.seeds)}"]
-        row += [_cell(*result.mean_std(c, k)) for k in METRIC_KEYS]
+        row += [_mean_std_n(*result.mean_std(c, k)) for k in METRIC_KEYS]
         if c == result.baseline:
             row += ["baseline", ""]
         else:
@@ -371,13 +351,6 @@ def _rows(result: Comparison) -> tuple[list[str], list[list[str]], list[str], li
     return head, rows, phead, prows, notes
 
 
-def _aligned(head: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
-                      for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
-            for r in [head, *rows]]
-
-
 def _intro(result: Comparison) -> str:
     return (f"{' vs '.join(result.configs)}: seeds {', '.join(map(str, result.seeds))}; "
             f"mean ± sample std (n seeds) of the dev metrics at each run's best evaluation; "
@@ -386,9 +359,9 @@ def _intro(result: Comparison) -> str:
 
 def text_table(result: Comparison) -> list[str]:
     head, rows, phead, prows, notes = _rows(result)
-    lines = [f"compare {result.name}: {_intro(result)}", *_aligned(head, rows)]
+    lines = [f"compare {result.name}: {_intro(result)}", *aligned_table(head, rows, left=2)]
     if prows:
-        lines += ["", f"paired differences vs {result.baseline}:", *_aligned(phead, prows)]
+        lines += ["", f"paired differences vs {result.baseline}:", *aligned_table(phead, prows, left=2)]
     lines += [f"n/a {note}" for note in notes]
     failed = [f"{c} seed {s}: {r.reason}" for c in result.configs
               for s, r in result.runs[c].items() if r.status == "failed"]
@@ -404,7 +377,6 @@ def plot_comparison(result: Comparison, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mtbert.report import save_figure
 
     keys = [k for k in METRIC_KEYS if any(result.values(c, k) for c in result.configs)]
     if not keys:
@@ -443,7 +415,6 @@ def markdown(result: Comparison, figure: Path | None = None) -> str:
     """The tables as Markdown; `figure` (a path relative to the Markdown file) is linked."""
     head, rows, phead, prows, notes = _rows(result)
 
-    from mtbert.report import markdown_table
 
     def table(h: list[str], body: list[list[str]]) -> list[str]:
         return markdown_table(h, body, right_from=2)

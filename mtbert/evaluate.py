@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +12,8 @@ from tqdm import tqdm
 
 from mtbert.data import EncodedSet
 from mtbert.heads import MultitaskModel
+from mtbert.runtime import autocast
 from mtbert.tasks import Task, overall_scores
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _outputs(model: MultitaskModel, dataset: EncodedSet, *, batch_size: int,

@@ -39,9 +39,9 @@ from mtbert.config import RunConfig, data_dir
 from mtbert.data import TaskSampler, pad_rows, read_examples
 from mtbert.encoder import BertEncoder, _normalise_hf_key, load_pretrained, read_checkpoint
 from mtbert.errors import DataError, MtbertError, TrainingError
-from mtbert.evaluate import autocast
-from mtbert.export import write_hf_encoder
+from mtbert.modeldir import write_hf_encoder
 from mtbert.optim import linear_schedule
+from mtbert.runtime import autocast, resolve_device
 from mtbert.tasks import get_task
 from mtbert.tokenize import Tokenizer
 
@@ -176,7 +176,6 @@ def pretrain(config: RunConfig, *, out: Path, options: PretrainOptions, device: 
              resume: bool = False, progress: bool = True) -> dict:
     """Masked-LM pretraining of `model.encoder` on the task sentences; writes the encoder
     directory `out` and returns pretrain.json's content."""
-    from mtbert.train import resolve_device
 
     options.check()
     started = time.perf_counter()

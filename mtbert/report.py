@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import MtbertError
+from mtbert.formatting import first_line
 from mtbert.sweep import RESEED_OF, RESEED_SEED, _ranked, format_mean_std, seed_groups
 from mtbert.tasks import METRIC_KEYS
 
@@ -586,3 +587,42 @@ def _groups_table(groups: list) -> str:
         rows.append("<tr>" + "".join(f"<td>{html.escape(c) if i < len(cells) - 1 else c}</td>"
                                      for i, c in enumerate(cells)) + "</tr>")
     return f"<table id=\"seeds\"><tr>{header}</tr>" + "".join(rows) + "</table>"
+
+
+def log_study_report(report, *, mode: str, project: str, directory: Path) -> str | None:
+    """Log a study report as one extra W&B run in the study's group: the trials table and
+    every figure. Returns the run id; a W&B failure is a warning, never an error."""
+    if mode == "disabled":
+        return None
+    run = None
+    try:
+        import wandb
+
+        directory.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(project=project, group=report.study, job_type="report",
+                         name=f"{report.study}-report", dir=str(directory), mode=mode,
+                         config={"study": report.study, "objectives": report.objectives},
+                         tags=["report"])
+        # One type per column for W&B's table schema: numbers stay numbers, the rest text.
+        columns = table_columns(report)
+        rows = [[v if v is None or isinstance(v, (int, float)) else str(v)
+                 for v in table_values(report, row)] for row in report.rows]
+        run.log({"trials": wandb.Table(columns=columns, data=rows),
+                 **{f"report/{name}": wandb.Image(str(path))
+                    for name, path in report.figures.items()}})
+        counts: dict[str, int] = {}
+        for row in report.rows:
+            counts[row.state] = counts.get(row.state, 0) + 1
+        run.summary.update({f"trials/{state.lower()}": n for state, n in counts.items()})
+        run_id = run.id
+        run.finish()
+        return run_id
+    except Exception as err:  # noqa: BLE001 - a W&B failure must not lose the report
+        log.warning("W&B: could not log the report (%s: %s); the report files are written",
+                    type(err).__name__, first_line(err))
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001 - already failing; the warning above says why
+                log.debug("W&B: finishing the failed report run failed too")
+        return None

@@ -1,4 +1,4 @@
-"""Weights & Biases as a logger: one run per trial, never a reason for a trial to fail.
+"""Weights & Biases as a logger: one run per training, never a reason for it to fail.
 
 wandb is imported lazily: `disabled` needs no wandb installed. Without an API
 key the default mode is `offline`; offline runs land under $WANDB_DIR (else
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import ConfigError
+from mtbert.formatting import first_line
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -69,7 +70,7 @@ class Tracker:
 
     def _fail(self, what: str, err: BaseException) -> None:
         log.warning("W&B: %s (%s: %s); training goes on without it", what,
-                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                    type(err).__name__, first_line(err))
         self.run = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -91,42 +92,28 @@ class Tracker:
             self._fail("finishing the run failed", err)
 
 
-def log_study_report(report, *, mode: str, project: str, directory: Path) -> str | None:
-    """Log a study report as one extra W&B run in the study's group: the trials table and
-    every figure. Returns the run id; a W&B failure is a warning, never an error."""
-    from mtbert.report import table_columns, table_values
+def train_tracked(config, *, run_dir: Path, tracker: Tracker, device: str = "auto",
+                  resume: bool = False, progress: bool = False, on_eval=None,
+                  clean_stops: tuple[type[BaseException], ...] = ()) -> dict:
+    """One training logged as one W&B run (sweep trials and `mtbert compare` alike).
 
-    if mode == "disabled":
-        return None
-    run = None
+    Every evaluation is logged, then passed on to `on_eval` (a sweep reports it to
+    Optuna there and may raise to prune). The run finishes with the best metrics in
+    its summary, as failed when the training raised, or as finished when it raised one
+    of `clean_stops` (a pruned trial ended as planned). Returns summary.json's content.
+    """
+    from mtbert.train import train
+
+    def log_then_pass_on(epoch: int, step: int, metrics: dict[str, float]) -> None:
+        tracker.log({**metrics, "epoch": epoch + 1}, step)
+        if on_eval is not None:
+            on_eval(epoch, step, metrics)
+
     try:
-        import wandb
-
-        directory.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(project=project, group=report.study, job_type="report",
-                         name=f"{report.study}-report", dir=str(directory), mode=mode,
-                         config={"study": report.study, "objectives": report.objectives},
-                         tags=["report"])
-        # One type per column for W&B's table schema: numbers stay numbers, the rest text.
-        columns = table_columns(report)
-        rows = [[v if v is None or isinstance(v, (int, float)) else str(v)
-                 for v in table_values(report, row)] for row in report.rows]
-        run.log({"trials": wandb.Table(columns=columns, data=rows),
-                 **{f"report/{name}": wandb.Image(str(path))
-                    for name, path in report.figures.items()}})
-        counts: dict[str, int] = {}
-        for row in report.rows:
-            counts[row.state] = counts.get(row.state, 0) + 1
-        run.summary.update({f"trials/{state.lower()}": n for state, n in counts.items()})
-        run_id = run.id
-        run.finish()
-        return run_id
-    except Exception as err:  # noqa: BLE001 - a W&B failure must not lose the report
-        log.warning("W&B: could not log the report (%s: %s); the report files are written",
-                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001 - already failing; the warning above says why
-                log.debug("W&B: finishing the failed report run failed too")
-        return None
+        summary = train(config, run_dir=run_dir, device=device, resume=resume,
+                        progress=progress, on_eval=log_then_pass_on)
+    except BaseException as err:
+        tracker.finish(0 if isinstance(err, clean_stops) else 1)
+        raise
+    tracker.finish(0, {f"best/{k}": v for k, v in summary["best"]["metrics"].items()})
+    return summary

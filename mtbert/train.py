@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -24,19 +21,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import mtbert
 from mtbert.balancing import LossCombiner, make_loss_combiner, task_gradients
 from mtbert.config import RunConfig, cache_dir, data_dir, save_config
 from mtbert.data import (Batch, EncodedSet, make_task_sampler, read_examples, sample_indices,
                          tokenize_cached)
 from mtbert.encoder import load_pretrained
 from mtbert.errors import DataError, TrainingError
-from mtbert.evaluate import autocast, evaluate
-from mtbert.export import save_model_dir
+from mtbert.evaluate import evaluate
+from mtbert.modeldir import save_model_dir
 from mtbert.fastpath import configure_packing
 from mtbert.heads import MultitaskModel
-from mtbert.objectives import make_contrastive
+from mtbert.contrastive import make_contrastive
 from mtbert.optim import apply_freezing, linear_schedule, make_optimizer
+from mtbert.runtime import (atomic_torch_save, atomic_write_jsonl, atomic_write_text, autocast,
+                            environment, resolve_device)
 from mtbert.schedules import epoch_batches, make_schedule, optimizer_steps, step_size
 from mtbert.tasks import get_task
 from mtbert.tokenize import Tokenizer
@@ -46,14 +44,6 @@ log = logging.getLogger("mtbert")
 RESUME_FILE = "resume.pt"
 GRAD_CONFLICT_FILE = "grad_conflict.jsonl"
 EvalCallback = Callable[[int, int, dict[str, float]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA device")
-    return torch.device(name)
 
 
 @dataclass
@@ -86,32 +76,6 @@ def load_task_data(config: RunConfig, tokenizer: Tokenizer) -> TaskData:
             if len(keep) == 0:
                 raise DataError(f"{examples.stats.file} has no valid rows for {name}/{split}")
     return TaskData(sets["train"], sets["dev"], provenance)
-
-
-def environment(device: torch.device) -> dict[str, str | None]:
-    return {"mtbert": mtbert.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            platform.processor() or platform.machine(), "git": _git_commit()}
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: bool = False,
@@ -183,7 +147,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
         log.warning("%s has no resume state yet; starting the run from the beginning", run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     # The killed run may have logged an evaluation after its last saved state.
-    _write_jsonl(metrics_path, state["history"])
+    atomic_write_jsonl(metrics_path, state["history"])
 
     env = environment(dev)
     log.info("training %s on %s: %s, %s, %d optimizer steps in %d epochs", ", ".join(tasks),
@@ -206,7 +170,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
             state["train_examples"] += result.seen
             combiner.end_epoch(result.task_losses)
             if probes:
-                _write_jsonl(run_dir / GRAD_CONFLICT_FILE, state["grad_cos"])
+                atomic_write_jsonl(run_dir / GRAD_CONFLICT_FILE, state["grad_cos"])
             metrics = evaluate(model, data.dev, batch_size=t.eval_batch_size, device=dev)
             record = {"step": state["step"], "epoch": epoch + 1, **metrics,
                       "train/loss": result.loss, **result.extra(combiner)}
@@ -252,7 +216,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
         "env": env,
         "data": data.provenance,
     }
-    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -403,7 +367,5 @@ def _save_resume_state(path: Path, model, combiner, optimizer, scheduler, sample
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "samplers": {n: s.state() for n, s in samplers.items()},
                "rng": torch.get_rng_state(), "state": state}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, path)
 

@@ -18,9 +18,9 @@ from mtbert.config import LossConfig, ModelConfig, build_config
 from mtbert.data import Batch, pack_rows
 from mtbert.encoder import BertConfig, BertEncoder
 from mtbert.errors import ConfigError
-from mtbert.export import load
+from mtbert.predictor import load
 from mtbert.heads import CosineHead, MultitaskModel
-from mtbert.objectives import CONTRASTIVE_LOSSES
+from mtbert.contrastive import CONTRASTIVE_LOSSES
 from mtbert.tasks import TASKS, ScoreClassesTask, get_task
 from mtbert.train import train
 

@@ -188,7 +188,7 @@ def test_missing_mask_token_is_a_clear_error(tmp_path, task_dir):
 
 
 def test_written_encoder_round_trips_through_the_hf_key_map(tmp_path):
-    from mtbert.export import write_hf_encoder
+    from mtbert.modeldir import write_hf_encoder
     from mtbert.tokenize import Tokenizer
     from conftest import write_tiny_encoder
     source = write_tiny_encoder(tmp_path / "src", seed=3)

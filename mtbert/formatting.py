@@ -1,0 +1,60 @@
+"""How results are shown: numbers, mean ± std, text and Markdown tables, error lines and
+PNG figures. One home for each, shared by the commands that print or write them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def first_line(err: BaseException | str | None, default: str = "") -> str:
+    """The first non-empty line of an error (or a message), else its type's name."""
+    text = str(err).strip() if err is not None else ""
+    if text:
+        return text.splitlines()[0]
+    if isinstance(err, BaseException):
+        return type(err).__name__
+    return default
+
+
+def format_value(value: Any) -> str:
+    """A parameter value: floats to 4 significant digits, the rest as is."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={format_value(v)}" for k, v in params.items())
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    """"mean ± std", "mean" without a std (one seed), "-" without a value."""
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], *,
+                   right_from: int | None = None) -> list[str]:
+    """A Markdown table's lines; columns from `right_from` on are right-aligned."""
+    align = ["---:" if right_from is not None and i >= right_from else "---"
+             for i in range(len(header))]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def aligned_table(header: list[str], rows: list[list[str]], *, left: int = 1) -> list[str]:
+    """A plain-text table: the first `left` columns left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) if i < left else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in [header, *rows]]
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and close it."""
+    # No "Software" text chunk: the PNGs carry nothing but the picture.
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path

@@ -1,0 +1,79 @@
+"""Where and how code runs: the device, autocast, atomic file writes, the W&B directory,
+and the environment recorded next to every result.
+
+Every command imports this module, so it imports nothing of the training stack:
+`mtbert eval` and `mtbert predict` resolve their device here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from mtbert.errors import TrainingError
+from mtbert.version import __version__
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when PyTorch sees a GPU, else CPU; `cuda` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `path` so that a reader (or a crash) sees the old content or the new, never
+    half of it: a temporary file beside it, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def atomic_torch_save(payload: object, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def wandb_dir(default: Path) -> Path:
+    """Where W&B writes its runs: $WANDB_DIR when set, else `default` (a sweep's or a
+    comparison's out dir), absolute so that child processes agree."""
+    return Path(os.environ.get("WANDB_DIR") or default).resolve()
+
+
+def environment(device: torch.device) -> dict[str, str | None]:
+    """Versions and hardware of a run, for summary.json and the model card."""
+    return {"mtbert": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "git": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
