@@ -611,7 +611,8 @@ def best(
     """
     from optuna.trial import TrialState
 
-    from mtbert.export import export_hf_encoder, export_trial
+    from mtbert.modeldir import export_hf_encoder
+    from mtbert.studies.export import export_trial
     from mtbert.sweep import RESEED_OF, RESEED_SEED, groups_table, mask_url, seed_groups
     from mtbert.sweep import trials_table
     from mtbert.tasks import METRIC_KEYS

@@ -1,0 +1,1 @@
+"""Everything about Optuna studies (filled in by the redesign)."""
