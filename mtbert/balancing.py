@@ -21,13 +21,15 @@ every task in the step; `after_step` after each optimizer step and
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Iterable
+from typing import TYPE_CHECKING, ClassVar, Iterable
 
 import torch
 import torch.nn as nn
 
-from mtbert.config import LossConfig
 from mtbert.errors import ConfigError
+
+if TYPE_CHECKING:  # the config names the registries' entries; these modules only read it
+    from mtbert.config import LossConfig
 
 LOSS_METHODS: dict[str, type[LossCombiner]] = {}
 

@@ -1,8 +1,10 @@
 """The `mtbert` command line: thin commands over the library.
 
+Each command turns its options into one library call and prints the result.
 stdout carries results only (tables, JSON); logs, warnings, skip counts and
 progress bars go to stderr. Exit codes: 0 success, 1 a run that failed,
-2 bad input, with one line saying what and what would be valid.
+2 bad input, with one line saying what and what would be valid, 130 when
+interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Annotated, Optional
 import typer
 from tqdm import tqdm
 
-import mtbert
 from mtbert.errors import MtbertError
+from mtbert.version import __version__
 
 app = typer.Typer(
     help="Multitask BERT (SST-5, QQP, STS-B): train, sweep and compare multitask strategies.",
@@ -32,7 +34,6 @@ data_app = typer.Typer(help="Task data: download the official CS224N files.",
 app.add_typer(data_app, name="data")
 
 log = logging.getLogger("mtbert")
-_options = {"quiet": False}
 
 
 class Device(str, Enum):
@@ -40,6 +41,53 @@ class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
 
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Split(str, Enum):
+    dev = "dev"
+    test = "test"
+    train = "train"
+
+
+# ---------------------------------------------------------------- options shared by commands
+
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a config key, e.g. --set train.lr=2e-5 (repeatable; see "
+                  "`mtbert config --show`).")]
+DataDirOption = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="Task files directory (same as --set data.dir=DIR).")]
+DeviceOption = Annotated[Device, typer.Option("--device", help="Where to run.")]
+ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML file of config keys.")]
+ModelDirArg = Annotated[Path, typer.Argument(help="An exported model directory.")]
+OutParent = Annotated[Path, typer.Option(
+    "--out", help="Parent of the study storage (mtbert.db) and the trial run directories.")]
+StorageOption = Annotated[Optional[str], typer.Option(
+    "--storage", envvar="MTBERT_STORAGE", show_envvar=True,
+    help="Optuna storage URL (default sqlite:///<out>/mtbert.db); postgresql://... lets "
+         "many workers share one study. From the environment, a password stays off the "
+         "command line.")]
+StudyOption = Annotated[Optional[str], typer.Option(
+    "--study", help="Study name (default: the spec's name for sweep; the storage's only "
+                    "study otherwise). Letters, digits, '.', '_' and '-'.")]
+WandbProjectOption = Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
+SweepWandbMode = Annotated[Optional[WandbMode], typer.Option(
+    "--wandb-mode", help="W&B logging (default: online with an API key, else offline).")]
+KeepTopOption = Annotated[int, typer.Option(
+    "--keep-top", min=0, help="Keep the model directories of this many best trials (with "
+                              "--reseed: and of as many best configurations by mean).")]
+MetricOption = Annotated[Optional[str], typer.Option(
+    "--metric", help="Rank by this metric key instead of the study objective.")]
+TopOption = Annotated[Optional[int], typer.Option(
+    "--top", min=1, help="Print the N best COMPLETE trials, ranked by the (first) objective "
+                         "or --metric.")]
+
+
+# ---------------------------------------------------------------- plumbing
 
 class _TqdmHandler(logging.Handler):
     """Log lines on stderr that do not tear through a progress bar."""
@@ -54,6 +102,11 @@ def _setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
+def _progress() -> bool:
+    """Progress bars unless --quiet, which raised the log level."""
+    return log.getEffectiveLevel() <= logging.INFO
+
+
 def handle_errors(func):
     """Domain errors become one line on stderr and their exit code, never a traceback."""
     @functools.wraps(func)
@@ -63,19 +116,38 @@ def handle_errors(func):
         except MtbertError as err:
             typer.echo(f"mtbert: error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
-        except OSError as err:  # a path that cannot be read or written: bad input
+        except OSError as err:  # a path that cannot be read or written
             where = f": {err.filename}" if err.filename else ""
             typer.echo(f"mtbert: error: {err.strerror or err}{where}", err=True)
-            raise typer.Exit(2) from None
+            # A full disk is a run that failed, not bad input.
+            raise typer.Exit(1 if err.errno in (errno.ENOSPC, errno.EDQUOT) else 2) from None
         except KeyboardInterrupt:
             typer.echo("mtbert: interrupted", err=True)
             raise typer.Exit(130) from None
     return wrapper
 
 
+def _overrides(set_: Optional[list[str]], data_dir: Optional[Path]) -> list[str]:
+    """--data-dir as the first --set (a quoted YAML string: any path stays a path), then
+    --set in order, so that an explicit --set data.dir=... wins."""
+    first = [f"data.dir={json.dumps(str(data_dir))}"] if data_dir is not None else []
+    return first + list(set_ or [])
+
+
+def _wandb_mode(mode: Optional[WandbMode]) -> str:
+    from mtbert.tracking import resolve_mode
+
+    return resolve_mode(mode.value if mode else None)
+
+
+def _echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line)
+
+
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"mtbert {mtbert.__version__}")
+        typer.echo(f"mtbert {__version__}")
         raise typer.Exit()
 
 
@@ -87,22 +159,15 @@ def main(
                                         help="Only warnings and errors on stderr; no "
                                              "progress bars.")] = False,
 ) -> None:
-    _options["quiet"] = quiet
     _setup_logging(quiet)
 
 
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a config key, e.g. --set train.lr=2e-5 (repeatable; see "
-                  "`mtbert config --show`).")]
-DataDirOption = Annotated[Optional[Path], typer.Option(
-    "--data-dir", help="Task files directory (same as --set data.dir=DIR).")]
-DeviceOption = Annotated[Device, typer.Option("--device", help="Where to run.")]
-
+# ---------------------------------------------------------------- one model
 
 @app.command()
 @handle_errors
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config keys.")] = None,
+    config: ConfigArg = None,
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -121,26 +186,30 @@ def train(
         if config or set_ or data_dir:
             log.warning("--resume uses the config saved in %s; CONFIG, --set and --data-dir "
                         "are ignored", resume)
-        run_config = load_config(resume / "config.yaml")
-        run_dir = resume
+        run_config, run_dir = load_config(resume / "config.yaml"), resume
     else:
-        extra = {"data": {"dir": str(data_dir)}} if data_dir else None
-        run_config = load_config(config, set_ or [], extra=extra)
+        run_config = load_config(config, _overrides(set_, data_dir))
         run_dir = out or Path("mtbert-runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
     summary = run_training(run_config, run_dir=run_dir, device=device.value,
-                           resume=resume is not None, progress=not _options["quiet"])
+                           resume=resume is not None, progress=_progress())
     best = summary["best"]
     typer.echo(f"run: {run_dir}")
     typer.echo(f"best: epoch {best['epoch']} step {best['step']} (by {summary['selection_metric']})")
-    for key, value in best["metrics"].items():
-        typer.echo(f"  {key:<20} {value:.4f}")
+    _echo_lines([f"  {key:<20} {value:.4f}" for key, value in best["metrics"].items()])
     typer.echo(f"model: {run_dir / 'model'}")
+
+
+def _load_model(model_dir: Path, device: Device):
+    from mtbert.predictor import load
+    from mtbert.runtime import resolve_device
+
+    return load(model_dir, resolve_device(device.value))
 
 
 @app.command("eval")
 @handle_errors
 def eval_(
-    model_dir: Annotated[Path, typer.Argument(help="An exported model directory.")],
+    model_dir: ModelDirArg,
     data_dir: DataDirOption = None,
     task: Annotated[Optional[str], typer.Option(
         "--task", help="Score one file of this task (with --file).")] = None,
@@ -150,59 +219,50 @@ def eval_(
     device: DeviceOption = Device.auto,
 ) -> None:
     """Score a model on the dev files of its tasks, or on one labelled file."""
-    from mtbert.data import read_examples
-    from mtbert.predictor import load
-    from mtbert.tasks import overall_scores
-    from mtbert.train import resolve_device
+    from mtbert.predictor import dev_files, score_files
 
     if (task is None) != (file is None):
         raise MtbertError("--task and --file go together (e.g. --task qqp --file pairs.csv)")
-    model = load(model_dir, resolve_device(device.value))
-    if task is not None:
-        files = {task: file}
-        model.task(task)
-    else:
-        root = _model_data_dir(model, data_dir)
-        files = {name: root / model.config.data.files[name]["dev"] for name in model.tasks}
-    metrics = {}
-    for name, path in files.items():
-        spec = model.task(name)
-        examples = read_examples(path, spec)
-        if not examples.ids:
-            raise MtbertError(f"{path} has no valid {name} rows to score")
-        predictions = model.predict_examples(examples)
-        metrics[spec.metric_key] = spec.score(predictions, examples.labels)
-        log.info("%s: %d examples scored, %d rows skipped", path, len(examples.ids),
-                 examples.stats.skipped)
-    if task is None:
-        metrics.update(overall_scores(metrics))
+    model = _load_model(model_dir, device)
+    files = {model.task(task).name: file} if task else dev_files(model, data_dir)
+    metrics = score_files(model, files, overall=task is None)
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
-        for key, value in metrics.items():
-            typer.echo(f"{key:<20} {value:.4f}")
+        _echo_lines([f"{key:<20} {value:.4f}" for key, value in metrics.items()])
 
 
-def _model_data_dir(model, data_dir: Optional[Path]) -> Path:
-    """--data-dir, else $MTBERT_DATA_DIR, else the model's saved data.dir (it may come from
-    another machine, so that is the last resort), else the default."""
-    from mtbert.config import RunConfig
-    from mtbert.config import data_dir as default_data_dir
-
-    config = RunConfig() if os.environ.get("MTBERT_DATA_DIR") else model.config
-    return data_dir or default_data_dir(config)
-
-
-class Split(str, Enum):
-    dev = "dev"
-    test = "test"
-    train = "train"
+def _check_predict_options(task, input, output, all_, data_dir, output_dir) -> None:
+    """One file (--task --input --output) or every file (--all --output-dir), not both."""
+    one = (("--task", task), ("--input", input), ("--output", output))
+    if all_:
+        given = [name for name, value in one if value is not None]
+        if given:
+            raise MtbertError(f"--all predicts every file of the model's tasks; drop "
+                              f"{', '.join(given)} (or drop --all to predict one file)")
+        if output_dir is None:
+            raise MtbertError("--all needs --output-dir DIR for the prediction files")
+        return
+    if data_dir is not None or output_dir is not None:
+        raise MtbertError("--data-dir and --output-dir go with --all; one file is "
+                          "--task TASK --input FILE --output FILE")
+    missing = [name for name, value in one if value is None]
+    if missing:
+        raise MtbertError(f"missing {', '.join(missing)}: predict one file with --task "
+                          "TASK --input FILE --output FILE, or every file with --all "
+                          "--data-dir DIR --output-dir DIR")
+    # An unwritable destination fails now, not after the prediction pass.
+    if output.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
+    if output.exists() and input.exists() and output.resolve() == input.resolve():
+        raise MtbertError(f"--output {output} is the input file; write the predictions "
+                          "elsewhere")
 
 
 @app.command()
 @handle_errors
 def predict(
-    model_dir: Annotated[Path, typer.Argument(help="An exported model directory.")],
+    model_dir: ModelDirArg,
     task: Annotated[Optional[str], typer.Option("--task", help="Task of the input file.")]
     = None,
     input: Annotated[Optional[Path], typer.Option(
@@ -222,72 +282,21 @@ def predict(
 
     A file is a header, then id<TAB>prediction per example.
     """
-    from mtbert.data import read_examples
-    from mtbert.evaluate import write_predictions
-    from mtbert.predictor import load
-    from mtbert.train import resolve_device
+    from mtbert.predictor import predict_all, predict_file
 
+    _check_predict_options(task, input, output, all_, data_dir, output_dir)
+    model = _load_model(model_dir, device)
     if all_:
-        given = [name for name, value in (("--task", task), ("--input", input),
-                                          ("--output", output)) if value is not None]
-        if given:
-            raise MtbertError(f"--all predicts every file of the model's tasks; drop "
-                              f"{', '.join(given)} (or drop --all to predict one file)")
-        if output_dir is None:
-            raise MtbertError("--all needs --output-dir DIR for the prediction files")
+        _echo_lines([str(p) for p in predict_all(model, data_dir, output_dir,
+                                                  progress=_progress())])
     else:
-        if data_dir is not None or output_dir is not None:
-            raise MtbertError("--data-dir and --output-dir go with --all; one file is "
-                              "--task TASK --input FILE --output FILE")
-        missing = [name for name, value in (("--task", task), ("--input", input),
-                                            ("--output", output)) if value is None]
-        if missing:
-            raise MtbertError(f"missing {', '.join(missing)}: predict one file with --task "
-                              "TASK --input FILE --output FILE, or every file with --all "
-                              "--data-dir DIR --output-dir DIR")
-    # An unwritable destination fails now, not after the prediction pass.
-    if not all_ and output.is_dir():
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(output))
-    model = load(model_dir, resolve_device(device.value))
-    progress = not _options["quiet"]
-    if not all_:
-        spec = model.task(task)
-        examples = read_examples(input, spec, labelled=False)
-        predictions = model.predict_examples(examples, progress=progress)
-        write_predictions(output, spec, examples.ids, predictions)
-        log.info("%d predictions written to %s (%d rows skipped)", len(examples.ids), output,
-                 examples.stats.skipped)
-        return
-    root = _model_data_dir(model, data_dir)
-    jobs, missing_files = [], []
-    for name, spec in model.tasks.items():
-        for split in ("dev", "test"):
-            path = root / model.config.data.files[name][split]
-            (jobs if path.is_file() else missing_files).append((spec, split, path))
-    if not jobs:
-        raise MtbertError(f"no dev or test file of the model's tasks in {root}; point "
-                          "--data-dir at the task files")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for spec, split, path in missing_files:
-        log.info("missing: %s %s file %s; no %s", spec.name, split, path,
-                 spec.output_file(split))
-    for spec, split, path in jobs:
-        # Test files carry no labels; dev labels are not needed to predict either.
-        examples = read_examples(path, spec, labelled=False)
-        predictions = model.predict_examples(examples, progress=progress)
-        target = output_dir / spec.output_file(split)
-        write_predictions(target, spec, examples.ids, predictions)
-        log.info("%s: %d predictions from %s (%d rows skipped)", target.name,
-                 len(examples.ids), path.name, examples.stats.skipped)
-        typer.echo(str(target))
-    log.info("%d prediction files written to %s, %d missing inputs", len(jobs), output_dir,
-             len(missing_files))
+        predict_file(model, task, input, output, progress=_progress())
 
 
 @app.command()
 @handle_errors
 def analyze(
-    model_dir: Annotated[Path, typer.Argument(help="An exported model directory.")],
+    model_dir: ModelDirArg,
     data_dir: DataDirOption = None,
     split: Annotated[Split, typer.Option(
         "--split", help="Which labelled files to analyse (data.files names).")] = Split.dev,
@@ -303,13 +312,12 @@ def analyze(
     Writes PNG figures, analysis.md and analysis.json for the labelled files of a split.
     """
     from mtbert.analysis import analyze as run_analysis
-    from mtbert.predictor import load
-    from mtbert.train import resolve_device
+    from mtbert.predictor import model_data_dir
 
-    model = load(model_dir, resolve_device(device.value))
-    written = run_analysis(model, data_dir=_model_data_dir(model, data_dir),
+    model = _load_model(model_dir, device)
+    written = run_analysis(model, data_dir=model_data_dir(model, data_dir),
                            split=split.value, dest=out or model_dir / "analysis", top=examples,
-                           progress=not _options["quiet"])
+                           progress=_progress())
     for note in written.notes:
         log.info("%s", note)
     log.info("figures: %s", ", ".join(p.name for p in written.figures.values()))
@@ -359,8 +367,7 @@ def pretrain(
     from mtbert.pretrain import PretrainOptions
     from mtbert.pretrain import pretrain as run_pretrain
 
-    extra = {"data": {"dir": str(data_dir)}} if data_dir else None
-    run_config = load_config(config, set_ or [], extra=extra)
+    run_config = load_config(config, _overrides(set_, data_dir))
     options = PretrainOptions(
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, mask_prob=mask_prob,
         max_length=max_length or run_config.model.max_length,
@@ -368,14 +375,14 @@ def pretrain(
         save_every=save_every, log_every=log_every, seed=seed)
     out = out or Path("mtbert-runs") / f"pretrain-{datetime.now():%Y%m%d-%H%M%S}"
     run_pretrain(run_config, out=out, options=options, device=device.value, resume=resume,
-                 progress=not _options["quiet"])
+                 progress=_progress())
     typer.echo(str(out))
 
 
 @app.command("config")
 @handle_errors
 def config_(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML file of config keys.")] = None,
+    config: ConfigArg = None,
     set_: SetOption = None,
     show: Annotated[bool, typer.Option("--show", help="List every key, its default and "
                                        "meaning.")] = False,
@@ -389,8 +396,8 @@ def config_(
         rows = describe()
         width = max(len(key) for key, _, _ in rows)
         default_width = min(max(len(d) for _, d, _ in rows), 22)
-        for key, default, meaning in rows:
-            typer.echo(f"{key:<{width}}  {default:<{default_width}}  {meaning}")
+        _echo_lines([f"{key:<{width}}  {default:<{default_width}}  {meaning}"
+                     for key, default, meaning in rows])
         return
     typer.echo(yaml.safe_dump(load_config(config, set_ or []).to_dict(), sort_keys=False),
                nl=False)
@@ -412,10 +419,10 @@ def data_download(
     from mtbert.download import download_data
 
     root = data_dir or default_data_dir(RunConfig())
-    results = download_data(root, base_url=url, force=force, progress=not _options["quiet"])
+    results = download_data(root, base_url=url, force=force, progress=_progress())
     failed = [r for r in results if r.status == "failed"]
-    for r in results:
-        typer.echo(f"{r.status:<10} {r.name}" + (f"  ({r.detail})" if r.status == "failed" else ""))
+    _echo_lines([f"{r.status:<10} {r.name}" + (f"  ({r.detail})" if r.status == "failed" else "")
+                 for r in results])
     if failed:
         typer.echo(f"mtbert: error: {len(failed)} of {len(results)} files failed; "
                    f"the others are in {root}", err=True)
@@ -423,23 +430,7 @@ def data_download(
     log.info("all %d files verified in %s", len(results), root)
 
 
-class WandbMode(str, Enum):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-OutParent = Annotated[Path, typer.Option(
-    "--out", help="Parent of the study storage (mtbert.db) and the trial run directories.")]
-StorageOption = Annotated[Optional[str], typer.Option(
-    "--storage", envvar="MTBERT_STORAGE", show_envvar=True,
-    help="Optuna storage URL (default sqlite:///<out>/mtbert.db); postgresql://... lets "
-         "many workers share one study. From the environment, a password stays off the "
-         "command line.")]
-StudyOption = Annotated[Optional[str], typer.Option(
-    "--study", help="Study name (default: the spec's name for sweep; the storage's only "
-                    "study otherwise).")]
-
+# ---------------------------------------------------------------- studies
 
 @app.command()
 @handle_errors
@@ -450,18 +441,15 @@ def sweep(
         "--trials", min=1, help="Trials to run now, added to the study's earlier ones "
                                 "(default 10, or unlimited with --timeout).")] = None,
     timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", help="Stop starting new trials after this many seconds.")] = None,
+        "--timeout", min=0, help="Stop starting new trials after this many seconds.")] = None,
     study: StudyOption = None,
     storage: StorageOption = None,
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     out: OutParent = Path("mtbert-runs"),
-    wandb_mode: Annotated[Optional[WandbMode], typer.Option(
-        "--wandb-mode", help="W&B logging (default: online with an API key, else offline).")]
-    = None,
-    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")] = "mtbert",
-    keep_top: Annotated[int, typer.Option(
-        "--keep-top", min=0, help="Keep the model directories of this many best trials.")] = 3,
+    wandb_mode: SweepWandbMode = None,
+    wandb_project: WandbProjectOption = "mtbert",
+    keep_top: KeepTopOption = 3,
     heartbeat: Annotated[int, typer.Option(
         "--heartbeat", min=1, help="Seconds between a running trial's heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(
@@ -480,85 +468,54 @@ def sweep(
                           "enqueued again.")] = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run."""
-    from mtbert.spec import load_enqueue, load_spec, shipped_specs, spec_yaml
-    from mtbert.sweep import SweepOptions, run_sweep, trials_table
-    from mtbert.tracking import resolve_mode
+    from mtbert.studies.results import new_finished, state_counts, trials_table
+    from mtbert.studies.runner import SweepOptions, interrupted_table, run_sweep
+    from mtbert.studies.spec import load_enqueue, load_spec, spec_list, spec_yaml
+    from mtbert.studies.storage import check_study_name
 
     if list_specs:
-        specs = sorted(shipped_specs().items())
-        width = max(len(name) for name, _ in specs)
-        for name, path in specs:
-            typer.echo(f"{name:<{width}}  {load_spec(str(path)).description}")
-        return
+        return _echo_lines(spec_list())
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
                           "(see `mtbert sweep --list`)")
-    overrides = list(set_ or [])
-    if data_dir is not None:
-        overrides.insert(0, f"data.dir={data_dir}")
-    resolved = load_spec(spec, overrides)
+    resolved = load_spec(spec, _overrides(set_, data_dir))
     if enqueue is not None:
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
     if print_spec:
-        typer.echo(spec_yaml(resolved), nl=False)
-        return
-    if trials is None and timeout is None:
-        trials = 10
-    options = SweepOptions(trials=trials, timeout=timeout, study=study, storage=storage,
-                           out=out, wandb_mode=resolve_mode(wandb_mode.value if wandb_mode
-                                                            else None),
-                           wandb_project=wandb_project, keep_top=keep_top, heartbeat=heartbeat,
-                           grace=grace, device=device.value, trials_per_gpu=trials_per_gpu)
+        return typer.echo(spec_yaml(resolved), nl=False)
+    options = SweepOptions(
+        trials=10 if trials is None and timeout is None else trials, timeout=timeout,
+        study=check_study_name(study) if study else None, storage=storage, out=out,
+        wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
+        heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu)
     try:
         result, before = run_sweep(resolved, options)
     except KeyboardInterrupt:
-        _print_interrupted(options, resolved.name)
+        _echo_lines(interrupted_table(options, resolved.name))
         raise
-    states = _state_counts(result)
     log.info("study %s: %s", result.study_name,
-             ", ".join(f"{n} {s.lower()}" for s, n in states.items()))
-    finished = [t for t in result.get_trials(deepcopy=False) if t.number >= before
-                and t.state.name in ("COMPLETE", "PRUNED")]
-    if not finished:
+             ", ".join(f"{n} {s.lower()}" for s, n in state_counts(result).items()))
+    if not new_finished(result, before):
         typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
                    f"{out / result.study_name}", err=True)
         raise typer.Exit(1)
-    for row in trials_table(result):
-        typer.echo(row)
+    _echo_lines(trials_table(result))
 
 
-def _print_interrupted(options, spec_name: str) -> None:
-    """The table of an interrupted sweep's study, as far as it got (stdout stays results)."""
-    import optuna
+def _check_best_options(*, metric, export, trial, top, hf, reseed, set_, data_dir) -> None:
+    from mtbert.studies.results import check_metric
 
-    from mtbert.sweep import default_storage, trials_table
-
-    try:
-        study = optuna.load_study(study_name=options.study or spec_name,
-                                  storage=options.storage or default_storage(options.out))
-        if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
-            for row in trials_table(study):
-                typer.echo(row)
-    except Exception as err:  # noqa: BLE001 - the interruption is what gets reported
-        log.debug("no table of the interrupted study: %s", err)
-
-
-def _state_counts(study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-def _open_study(storage: Optional[str], out: Path, study: Optional[str]):
-    import optuna
-
-    from mtbert.sweep import default_storage, open_storage, select_study
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage or default_storage(out)
-    rdb = open_storage(url, must_exist=True)
-    return optuna.load_study(study_name=select_study(rdb, study), storage=rdb), url
+    check_metric(metric)
+    if hf and export is None:
+        raise MtbertError("--hf goes with --export DIR (it writes DIR/encoder/)")
+    if top is not None and (export is not None or trial is not None):
+        raise MtbertError("--top prints a ranking; export one trial with --export "
+                          "(and --trial N)")
+    if reseed is not None and top is None:
+        raise MtbertError("--reseed K goes with --top N, the number of best trials to re-run "
+                          "(e.g. --reseed 3 --top 5)")
+    if reseed is None and (set_ or data_dir):
+        raise MtbertError("--set and --data-dir apply to the trials of --reseed only")
 
 
 @app.command()
@@ -567,16 +524,13 @@ def best(
     study: StudyOption = None,
     storage: StorageOption = None,
     out: OutParent = Path("mtbert-runs"),
-    metric: Annotated[Optional[str], typer.Option(
-        "--metric", help="Rank by this metric key instead of the study objective.")] = None,
+    metric: MetricOption = None,
     export: Annotated[Optional[Path], typer.Option(
         "--export", help="Copy the best trial's model into this directory.")] = None,
     trial: Annotated[Optional[int], typer.Option(
         "--trial", help="Use this trial number (needed to export from a multi-objective "
                         "study).")] = None,
-    top: Annotated[Optional[int], typer.Option(
-        "--top", min=1, help="Print the N best COMPLETE trials, ranked by the (first) "
-                             "objective or --metric.")] = None,
+    top: TopOption = None,
     hf: Annotated[bool, typer.Option(
         "--hf", help="With --export: also write DIR/encoder/, the fine-tuned encoder in "
                      "Hugging Face format (transformers.AutoModel loads it).")] = False,
@@ -591,15 +545,9 @@ def best(
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     device: DeviceOption = Device.auto,
-    wandb_mode: Annotated[Optional[WandbMode], typer.Option(
-        "--wandb-mode", help="With --reseed: W&B logging of the new trials (default: online "
-                             "with an API key, else offline).")] = None,
-    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
-    = "mtbert",
-    keep_top: Annotated[int, typer.Option(
-        "--keep-top", min=0, help="With --reseed: keep the model directories of this many "
-                                  "best trials and of as many best configurations by mean.")
-    ] = 3,
+    wandb_mode: SweepWandbMode = None,
+    wandb_project: WandbProjectOption = "mtbert",
+    keep_top: KeepTopOption = 3,
 ) -> None:
     """Print the best trial (or Pareto front); --export its model; --reseed more seeds.
 
@@ -609,113 +557,50 @@ def best(
     --set, --data-dir, --device and the W&B options apply to the trials of --reseed only;
     the spec, with the sweep's --set, is read from the study.
     """
-    from optuna.trial import TrialState
-
-    from mtbert.modeldir import export_hf_encoder
     from mtbert.studies.export import export_trial
-    from mtbert.sweep import RESEED_OF, RESEED_SEED, groups_table, mask_url, seed_groups
-    from mtbert.sweep import trials_table
-    from mtbert.tasks import METRIC_KEYS
+    from mtbert.studies.results import choose, rank
+    from mtbert.studies.storage import mask_url, open_study
 
-    if metric is not None and metric not in METRIC_KEYS:
-        raise MtbertError(f"unknown metric '{metric}'; valid: {', '.join(METRIC_KEYS)}")
-    if hf and export is None:
-        raise MtbertError("--hf goes with --export DIR (it writes DIR/encoder/)")
-    if top is not None and (export is not None or trial is not None):
-        raise MtbertError("--top prints a ranking; export one trial with --export "
-                          "(and --trial N)")
-    if reseed is not None and top is None:
-        raise MtbertError("--reseed K goes with --top N, the number of best trials to re-run "
-                          "(e.g. --reseed 3 --top 5)")
-    if reseed is None and (set_ or data_dir):
-        raise MtbertError("--set and --data-dir apply to the trials of --reseed only")
+    _check_best_options(metric=metric, export=export, trial=trial, top=top, hf=hf,
+                        reseed=reseed, set_=set_, data_dir=data_dir)
     if reseed is not None:
-        _reseed(study=study, storage=storage, out=out, metric=metric, top=top, seeds=reseed,
-                set_=set_, data_dir=data_dir, device=device, wandb_mode=wandb_mode,
-                wandb_project=wandb_project, keep_top=keep_top)
-        return
-    loaded, url = _open_study(storage, out, study)
-    done = loaded.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
-        raise MtbertError(f"study {loaded.study_name} has no COMPLETE trial yet")
-    multi = len(loaded.directions) > 1
-    objectives = loaded.user_attrs.get("objectives") or ["the first objective"]
-    by = metric or objectives[0]
-    # A study with reseeds ranks its configurations by their mean over seeds; those with
-    # one seed only are left out (their single score is the noisy one).
-    groups = [] if by_trial or (multi and metric is None) or trial is not None else \
-        seed_groups(loaded, metric, reseeded_only=True)
-    if groups and top is not None:
-        singles = len(seed_groups(loaded, metric)) - len(groups)
-        typer.echo(f"study {loaded.study_name}: top {min(top, len(groups))} of {len(groups)} "
-                   f"reseeded configurations by mean {by} over their seeds (mean ± std)")
-        for row in groups_table(groups[:top]):
-            typer.echo(row)
-        if singles:
-            log.info("%d configuration%s ran with one seed only, not ranked here "
-                     "(`--by-trial` ranks single trials)", singles, "s" * (singles != 1))
-        return
+        return _reseed(study=study, storage=storage, out=out, metric=metric, top=top,
+                       seeds=reseed, overrides=_overrides(set_, data_dir), device=device,
+                       wandb_mode=wandb_mode, wandb_project=wandb_project, keep_top=keep_top)
+    loaded, url = open_study(storage, out, study)
     if top is not None:
-        rows = trials_table(loaded, limit=top, metric=metric, front=False)
-        objectives = loaded.user_attrs.get("objectives") or ["the first objective"]
-        typer.echo(f"study {loaded.study_name}: top {len(rows) - 1} of {len(done)} complete "
-                   f"trials by {metric or objectives[0]}")
-        for row in rows:
-            typer.echo(row)
+        ranking = rank(loaded, top=top, metric=metric, by_trial=by_trial)
+        _echo_lines(ranking.lines)
+        for note in ranking.notes:
+            log.info("%s", note)
         return
-    if trial is not None:
-        chosen = next((t for t in loaded.get_trials(deepcopy=False) if t.number == trial), None)
-        if chosen is None:
-            raise MtbertError(f"study {loaded.study_name} has no trial {trial}")
-    elif groups:
-        chosen = groups[0].representative()
-    elif metric is not None:
-        chosen = max((t for t in done if metric in t.user_attrs),
-                     key=lambda t: t.user_attrs[metric])
-    elif multi:
-        chosen = None
-    else:
-        chosen = loaded.best_trial
-    if chosen is None:
-        typer.echo(f"study {loaded.study_name}: Pareto front of {len(loaded.best_trials)} trials")
-        for row in trials_table(loaded, limit=len(loaded.best_trials)):
-            typer.echo(row)
-        if export is not None:
-            raise MtbertError("a multi-objective study has no single best trial; pick one "
-                              "from the front with --trial N")
+    choice = choose(loaded, metric=metric, trial=trial, by_trial=by_trial)
+    _echo_lines(choice.lines())
+    if export is None:
         return
-    selection = None
-    if groups:
-        group = groups[0]
-        seed = chosen.user_attrs.get(RESEED_SEED)
-        typer.echo(f"study {loaded.study_name}: best configuration trial {group.number} by "
-                   f"mean {by} over {len(group.trials)} seeds: {group.mean():.4f} ± "
-                   f"{group.std():.4f}")
-        typer.echo(f"  its seed run closest to the mean: trial {chosen.number}"
-                   + (f" (seed {seed})" if seed is not None else " (the original seed)")
-                   + f", {by} {group.values()[group.trials.index(chosen)]:.4f}")
-        selection = {"chosen": f"configuration of trial {group.number}, best mean {by} over "
-                               f"{len(group.trials)} seeds ({group.mean():.4f} ± "
-                               f"{group.std():.4f}); this is its seed run closest to the mean",
-                     "seed runs": ", ".join(str(t.number) for t in group.trials)}
-    else:
-        typer.echo(f"study {loaded.study_name}: best trial {chosen.number}"
-                   + (f" by {metric}" if metric else ""))
-    if RESEED_OF in chosen.user_attrs:
-        typer.echo(f"  seed   {chosen.user_attrs.get(RESEED_SEED)} (reseed of trial "
-                   f"{chosen.user_attrs[RESEED_OF]})")
-    for key, value in chosen.params.items():
-        typer.echo(f"  param  {key:<22} {value}")
-    for key in METRIC_KEYS:
-        if key in chosen.user_attrs:
-            typer.echo(f"  metric {key:<22} {chosen.user_attrs[key]:.4f}")
-    typer.echo(f"  run    {chosen.user_attrs.get('run_dir', '?')}")
-    if export is not None:
-        path = export_trial(chosen, study=loaded.study_name, storage=mask_url(url), dest=export,
-                            selection=selection)
-        typer.echo(f"exported: {path}")
-        if hf:
-            typer.echo(f"encoder (Hugging Face format): {export_hf_encoder(path)}")
+    if choice.trial is None:
+        raise MtbertError("a multi-objective study has no single best trial; pick one "
+                          "from the front with --trial N")
+    path = export_trial(choice.trial, study=loaded.study_name, storage=mask_url(url),
+                        dest=export, selection=choice.selection(), hf=hf)
+    typer.echo(f"exported: {path}")
+    if hf:
+        typer.echo(f"encoder (Hugging Face format): {path / 'encoder'}")
+
+
+def _reseed(*, study, storage, out, metric, top, seeds, overrides, device, wandb_mode,
+            wandb_project, keep_top) -> None:
+    from mtbert.studies.results import groups_table
+    from mtbert.studies.runner import SweepOptions, reseed_study
+
+    options = SweepOptions(study=study, storage=storage, out=out,
+                           wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project,
+                           keep_top=keep_top, device=device.value)
+    name, by, groups = reseed_study(options, top=top, seeds=seeds, metric=metric,
+                                    overrides=overrides)
+    typer.echo(f"study {name}: the {len(groups)} best trials, each with {seeds} more seeds, "
+               f"ranked by mean {by} (mean ± std over seeds)")
+    _echo_lines(groups_table(groups))
 
 
 @app.command()
@@ -752,83 +637,44 @@ def compare(
     wandb_mode: Annotated[WandbMode, typer.Option(
         "--wandb-mode", help="W&B: one run per training, grouped by the name of OUT, "
                              "written under $WANDB_DIR, else OUT.")] = WandbMode.disabled,
-    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
-    = "mtbert",
+    wandb_project: WandbProjectOption = "mtbert",
 ) -> None:
     """Train configs over the same seeds: mean ± std per metric, paired test vs a baseline.
 
     The table also goes to Markdown; finished runs are not trained again.
     """
-    from mtbert.compare import (markdown, plot_comparison, resolve_candidates, run_compare,
-                                text_table)
-    from mtbert.tracking import resolve_mode
+    from mtbert.compare import (failed_runs, parse_seeds, resolve_candidates, run_compare,
+                                text_table, write_reports)
 
-    seed_values = list(range(seeds))
-    if seed_list is not None:
-        try:
-            seed_values = [int(s) for s in seed_list.split(",") if s.strip()]
-        except ValueError:
-            raise MtbertError(f"bad --seed-list {seed_list!r}; expected integers such as "
-                              "0,1,2") from None
-    extra = {"data": {"dir": str(data_dir)}} if data_dir else None
-    candidates = resolve_candidates(configs or [], list(set_ or []), extra,
+    seed_values = parse_seeds(seeds, seed_list)
+    candidates = resolve_candidates(configs or [], _overrides(set_, data_dir), None,
                                     per_config=list(set_for or []))
     names = [c.name for c in candidates]
-    mode = resolve_mode(wandb_mode.value)
     out = out or Path("mtbert-runs") / f"compare-{'-vs-'.join(names)}"
     result = run_compare(candidates, seeds=seed_values, out=out,
                          baseline=baseline or names[0], metric=metric, device=device.value,
-                         progress=not _options["quiet"], wandb_mode=mode,
+                         progress=_progress(), wandb_mode=_wandb_mode(wandb_mode),
                          wandb_project=wandb_project)
-    md = markdown_file or out / "compare.md"
-    md.parent.mkdir(parents=True, exist_ok=True)
-    figure = plot_comparison(result, out / "compare.png")
-    link = Path(os.path.relpath(figure.resolve(), md.parent.resolve())) if figure else None
-    md.write_text(markdown(result, link))
-    for line in text_table(result):
-        typer.echo(line)
+    md, figure = write_reports(result, out, markdown_file)
+    _echo_lines(text_table(result))
     log.info("table: %s; per-seed numbers: %s%s", md, out / "compare.json",
              f"; figure: {figure}" if figure else "")
-    failed = sum(r.status == "failed" for runs in result.runs.values() for r in runs.values())
+    failed = failed_runs(result)
     if failed:
         typer.echo(f"mtbert: error: {failed} of {len(names) * len(seed_values)} seed runs "
                    "failed (see above); run the same command again to retry them", err=True)
         raise typer.Exit(1)
 
 
-def _reseed(*, study, storage, out, metric, top, seeds, set_, data_dir, device, wandb_mode,
-            wandb_project, keep_top) -> None:
-    import optuna
-
-    from mtbert.spec import make_pruner, make_sampler
-    from mtbert.sweep import (SweepOptions, default_storage, groups_table, open_storage,
-                              reseed, select_study, study_spec)
-    from mtbert.tracking import resolve_mode
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    overrides = list(set_ or [])
-    if data_dir is not None:
-        overrides.insert(0, f"data.dir={data_dir}")
-    mode = resolve_mode(wandb_mode.value if wandb_mode else None)
-    options = SweepOptions(study=study, storage=storage, out=out, wandb_mode=mode,
-                           wandb_project=wandb_project, keep_top=keep_top, device=device.value)
-    url = storage or default_storage(out)
-    rdb = open_storage(url, heartbeat=options.heartbeat, grace=options.grace, must_exist=True)
-    name = select_study(rdb, study)
-    spec = study_spec(optuna.load_study(study_name=name, storage=rdb), overrides)
-    loaded = optuna.load_study(study_name=name, storage=rdb, sampler=make_sampler(spec.sampler),
-                               pruner=make_pruner(spec.pruner))
-    groups = reseed(loaded, spec, options, url, top=top, seeds=seeds, metric=metric)
-    by = metric or spec.objectives[0]
-    short = [g for g in groups if len(g.trials) < seeds + 1]
-    for g in short:
-        log.warning("trial %d: %d of %d seeds complete%s; run the command again to retry the "
-                    "others", g.number, len(g.trials), seeds + 1,
-                    f" ({g.pending} queued or running)" if g.pending else "")
-    typer.echo(f"study {name}: the {len(groups)} best trials, each with {seeds} more seeds, "
-               f"ranked by mean {by} (mean ± std over seeds)")
-    for row in groups_table(groups):
-        typer.echo(row)
+def _confirm(question: str) -> bool:
+    """A yes/no question on stderr, answered on stdin; no answer (EOF) is one line, exit 1."""
+    typer.echo(f"{question} [y/N]: ", err=True, nl=False)
+    answer = sys.stdin.readline()
+    if not answer:
+        typer.echo("\nmtbert: error: no answer on stdin; nothing deleted (pass --yes to "
+                   "delete without asking)", err=True)
+        raise typer.Exit(1)
+    return answer.strip().lower() in ("y", "yes")
 
 
 @app.command()
@@ -841,35 +687,28 @@ def studies(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
     runs: Annotated[bool, typer.Option(
         "--runs", help="With --delete: also remove the study's run directories "
-                       "(<out>/<study>/ and every trial's run_dir on this machine).")] = False,
+                       "(<out>/<study>/ and every trial's run_dir under --out on this "
+                       "machine).")] = False,
 ) -> None:
     """List the studies of a storage: trials by state and best values; --delete one."""
-    import optuna
+    from mtbert.studies.results import studies_table
+    from mtbert.studies.retention import plan_deletion
+    from mtbert.studies.storage import open_storage, select_study, storage_url
 
-    from mtbert.sweep import default_storage, open_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage or default_storage(out)
-    rdb = open_storage(url, must_exist=True)
     if runs and delete is None:
         raise MtbertError("--runs goes with --delete NAME")
-    if delete is not None:
-        _delete_study(rdb, url, delete, out=out, yes=yes, runs=runs)
-        return
-    names = optuna.study.get_all_study_names(rdb)
-    typer.echo(f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
-               f"{'running':>7}  best")
-    for name in names:
-        loaded = optuna.load_study(study_name=name, storage=rdb)
-        counts = _state_counts(loaded)
-        try:
-            bests = (f"{loaded.best_value:.4f} (trial {loaded.best_trial.number})"
-                     if len(loaded.directions) == 1 else f"{len(loaded.best_trials)} on the front")
-        except ValueError:
-            bests = "-"
-        typer.echo(f"{name:<24} {sum(counts.values()):>6} {counts.get('COMPLETE', 0):>8} "
-                   f"{counts.get('PRUNED', 0):>6} {counts.get('FAIL', 0):>4} "
-                   f"{counts.get('RUNNING', 0):>7}  {bests}")
+    url = storage_url(storage, out)
+    rdb = open_storage(url, must_exist=True)
+    if delete is None:
+        return _echo_lines(studies_table(rdb))
+    plan = plan_deletion(rdb, select_study(rdb, delete), url=url, out=out, runs=runs)
+    for note in plan.left:
+        log.warning("%s", note)
+    if not yes and not _confirm(f"Delete {plan.describe()}?"):
+        typer.echo("mtbert: nothing deleted", err=True)
+        raise typer.Exit(1)
+    plan.execute(rdb)
+    typer.echo(f"deleted {plan.describe()}")
 
 
 @app.command()
@@ -884,59 +723,31 @@ def report(
         "--top", min=1, help="Draw the dev curves of this many best trials.")] = 5,
     wandb: Annotated[bool, typer.Option(
         "--wandb", help="Also log the trials table and figures as one W&B run in the "
-                        "study's group.")] = False,
+                        "study's group (files under $WANDB_DIR, else the report's "
+                        "directory).")] = False,
     wandb_mode: Annotated[Optional[WandbMode], typer.Option(
         "--wandb-mode", help="W&B mode for --wandb (default: online with an API key, else "
                              "offline).")] = None,
-    wandb_project: Annotated[str, typer.Option("--wandb-project", help="W&B project.")]
-    = "mtbert",
+    wandb_project: WandbProjectOption = "mtbert",
 ) -> None:
     """Write a study report: index.html (opens offline) and the figures as PNG files."""
-    from mtbert.report import build_report
-    from mtbert.sweep import mask_url
-    from mtbert.tracking import log_study_report, resolve_mode
+    from mtbert.runtime import wandb_dir
+    from mtbert.studies.report import build_report, log_study_report
+    from mtbert.studies.storage import mask_url, open_study
 
-    mode = resolve_mode(wandb_mode.value if wandb_mode else None) if wandb else "disabled"
-    loaded, url = _open_study(storage, out, study)
+    mode = _wandb_mode(wandb_mode) if wandb else "disabled"
+    loaded, url = open_study(storage, out, study)
     dest = to or out / loaded.study_name / "report"
     written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
     for note in written.notes:
         log.info("%s", note)
     log.info("figures: %s", ", ".join(p.name for p in written.figures.values()) or "none")
     if wandb:
-        directory = Path(os.environ.get("WANDB_DIR") or out).resolve()
         run_id = log_study_report(written, mode=mode, project=wandb_project,
-                                  directory=directory)
+                                  directory=wandb_dir(dest))
         if run_id:
             log.info("W&B: report run %s in group %s (%s)", run_id, loaded.study_name, mode)
     typer.echo(f"report: {written.index}")
-
-
-def _delete_study(rdb, url: str, name: str, *, out: Path, yes: bool, runs: bool) -> None:
-    import shutil
-
-    import optuna
-
-    from mtbert.sweep import mask_url, select_study
-
-    name = select_study(rdb, name)
-    trials = optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False)
-    # Only directories that a sweep wrote: a trial's run_dir holds its job.json.
-    folders = [Path(t.user_attrs["run_dir"]) for t in trials if t.user_attrs.get("run_dir")
-               and (Path(t.user_attrs["run_dir"]) / "job.json").is_file()] if runs else []
-    what = f"study {name} ({len(trials)} trials) from {mask_url(url)}"
-    if runs:
-        what += f", the run directories of {len(folders)} trial{'s' * (len(folders) != 1)}"
-        if (out / name).is_dir():
-            folders.append(out / name)
-            what += f" and {out / name}"
-    if not yes and not typer.confirm(f"Delete {what}?", default=False, err=True):
-        typer.echo("mtbert: nothing deleted", err=True)
-        raise typer.Exit(1)
-    optuna.delete_study(study_name=name, storage=rdb)
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-    typer.echo(f"deleted {what}")
 
 
 def _click_exceptions():

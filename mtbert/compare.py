@@ -433,3 +433,31 @@ def markdown(result: Comparison, figure: Path | None = None) -> str:
               "the test has almost no power: a large p says little, and only differences "
               "far beyond the seed spread reach p < 0.05.", ""]
     return "\n".join(lines)
+
+
+def parse_seeds(count: int, seed_list: str | None) -> list[int]:
+    """--seeds K (0..K-1) or --seed-list "3,7,11"."""
+    if seed_list is None:
+        return list(range(count))
+    try:
+        return [int(s) for s in seed_list.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"bad --seed-list {seed_list!r}; expected integers such as "
+                          "0,1,2") from None
+
+
+def write_reports(result: Comparison, out: Path, markdown_file: Path | None = None
+                  ) -> tuple[Path, Path | None]:
+    """compare.md (default OUT/compare.md) linking compare.png; returns both paths."""
+    import os
+
+    md = markdown_file or out / "compare.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    figure = plot_comparison(result, out / "compare.png")
+    link = Path(os.path.relpath(figure.resolve(), md.parent.resolve())) if figure else None
+    md.write_text(markdown(result, link))
+    return md, figure
+
+
+def failed_runs(result: Comparison) -> int:
+    return sum(r.status == "failed" for runs in result.runs.values() for r in runs.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from mtbert.modeldir import ENCODER_CONFIG, WEIGHTS
 from mtbert.tasks import RegressionTask, get_task
 from mtbert.tokenize import Tokenizer
 
+log = logging.getLogger("mtbert")
 
 class MultitaskPredictor:
     """A loaded model directory: `predict(task, texts)` and dataset helpers."""
@@ -97,3 +99,90 @@ class MultitaskPredictor:
 def load(directory: str | Path, device: str | torch.device = "cpu") -> MultitaskPredictor:
     """Load an exported model directory: `mtbert.load(DIR).predict("sst", [...])`."""
     return MultitaskPredictor(Path(directory), device)
+
+
+def model_data_dir(model: MultitaskPredictor, data_dir: Path | None) -> Path:
+    """Where a model's task files are: `data_dir`, else $MTBERT_DATA_DIR, else the model's
+    saved data.dir (it may come from another machine, so that is the last resort), else
+    the default."""
+    import os
+
+    from mtbert.config import RunConfig
+    from mtbert.config import data_dir as default_data_dir
+
+    config = RunConfig() if os.environ.get("MTBERT_DATA_DIR") else model.config
+    return data_dir or default_data_dir(config)
+
+
+def dev_files(model: MultitaskPredictor, data_dir: Path | None) -> dict[str, Path]:
+    """The dev file of each of the model's tasks."""
+    root = model_data_dir(model, data_dir)
+    return {name: root / model.config.data.files[name]["dev"] for name in model.tasks}
+
+
+def score_files(model: MultitaskPredictor, files: dict[str, Path], *,
+                overall: bool) -> dict[str, float]:
+    """The metric of each task on its labelled file (task -> path); with `overall`, the
+    overall scores too (`mtbert eval`)."""
+    from mtbert.data import read_examples
+    from mtbert.tasks import overall_scores
+
+    metrics = {}
+    for name, path in files.items():
+        spec = model.task(name)
+        examples = read_examples(path, spec)
+        if not examples.ids:
+            raise MtbertError(f"{path} has no valid {name} rows to score")
+        metrics[spec.metric_key] = spec.score(model.predict_examples(examples), examples.labels)
+        log.info("%s: %d examples scored, %d rows skipped", path, len(examples.ids),
+                 examples.stats.skipped)
+    if overall:
+        metrics.update(overall_scores(metrics))
+    return metrics
+
+
+def predict_file(model: MultitaskPredictor, task: str, source: Path, dest: Path, *,
+                 progress: bool = False) -> int:
+    """Predictions for every valid row of `source` into `dest` (CS224N format); returns
+    how many were written."""
+    from mtbert.data import read_examples
+    from mtbert.evaluate import write_predictions
+
+    spec = model.task(task)
+    # Test files carry no labels; dev labels are not needed to predict either.
+    examples = read_examples(source, spec, labelled=False)
+    if not examples.ids:
+        raise MtbertError(f"{source} has no valid {task} rows to predict "
+                          f"({examples.stats.skipped} rows skipped)")
+    predictions = model.predict_examples(examples, progress=progress)
+    write_predictions(dest, spec, examples.ids, predictions)
+    log.info("%s: %d predictions from %s (%d rows skipped)", dest, len(examples.ids),
+             source, examples.stats.skipped)
+    return len(examples.ids)
+
+
+def predict_all(model: MultitaskPredictor, data_dir: Path | None, output_dir: Path, *,
+                progress: bool = False) -> list[Path]:
+    """The CS224N prediction files of every dev and test file of the model's tasks found
+    in the data directory (`predict --all`); returns the files written."""
+    root = model_data_dir(model, data_dir)
+    jobs, missing = [], []
+    for name, spec in model.tasks.items():
+        for split in ("dev", "test"):
+            path = root / model.config.data.files[name][split]
+            (jobs if path.is_file() else missing).append((name, split, path))
+    if not jobs:
+        raise MtbertError(f"no dev or test file of the model's tasks in {root}; point "
+                          "--data-dir at the task files")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, split, path in missing:
+        log.info("missing: %s %s file %s; no %s", name, split, path,
+                 model.tasks[name].output_file(split))
+    written = []
+    for name, split, path in jobs:
+        target = output_dir / model.tasks[name].output_file(split)
+        predict_file(model, name, path, target, progress=progress)
+        written.append(target)
+    log.info("%d prediction files written to %s, %d missing inputs", len(jobs), output_dir,
+             len(missing))
+    return written

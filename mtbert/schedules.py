@@ -14,12 +14,14 @@ none of them.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from mtbert.config import TrainConfig
 from mtbert.errors import ConfigError
+
+if TYPE_CHECKING:  # the config names the registries' entries; these modules only read it
+    from mtbert.config import TrainConfig
 
 SCHEDULES: dict[str, type[Schedule]] = {}
 

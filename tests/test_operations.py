@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mtbert.cli import app
-from mtbert.spec import load_spec, shipped_specs
+from mtbert.studies.spec import load_spec, shipped_specs
 
 from conftest import write_task_files
 from test_report import make_study
@@ -393,7 +393,7 @@ def test_reseed_needs_top_and_set_needs_reseed(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(shipped_specs()))
 def test_the_spec_a_study_stores_rebuilds_the_same_spec(name):
-    from mtbert.spec import spec_from_dict
+    from mtbert.studies.spec import spec_from_dict
 
     spec = load_spec(name, ["train.epochs=1"])
     stored = json.loads(json.dumps(spec.to_dict()))  # as the storage keeps it

@@ -20,7 +20,7 @@ def _server_up() -> str | None:
     try:
         import sqlalchemy as sa
 
-        from mtbert.sweep import with_driver
+        from mtbert.studies.storage import with_driver
         with sa.create_engine(with_driver(URL)).connect() as conn:
             conn.execute(sa.text("select 1"))
     except Exception as err:  # noqa: BLE001 - any failure means: skip
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(_server_up() is not None, reason=str(_server_up(
 def study_name():
     name = f"pytest-{uuid.uuid4().hex[:8]}"
     yield name
-    from mtbert.sweep import with_driver
+    from mtbert.studies.storage import with_driver
     try:
         optuna.delete_study(study_name=name, storage=with_driver(URL))
     except KeyError:
@@ -55,7 +55,7 @@ def _worker(tiny_encoder, task_dir, out, study, *extra):
 
 
 def _study(name):
-    from mtbert.sweep import with_driver
+    from mtbert.studies.storage import with_driver
     return optuna.load_study(study_name=name, storage=with_driver(URL))
 
 

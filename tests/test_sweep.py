@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mtbert.cli import app
-from mtbert.spec import shipped_specs
+from mtbert.studies.spec import shipped_specs
 from conftest import write_tiny_encoder
 
 runner = CliRunner()

@@ -1,1 +1,18 @@
-"""Everything about Optuna studies (filled in by the redesign)."""
+"""Optuna studies over multitask strategies, one concept per module.
+
+- `spec`: a sweep spec (YAML): base run config, search space, objectives, sampler,
+  pruner; checked against the config schema before any trial runs.
+- `storage`: the study storage (SQLite or PostgreSQL URL, driver, credentials masked,
+  safe study names) and opening the study a command names.
+- `job`: the contract between a worker and its trial processes (`TrialJob`,
+  `TrialResult`) and the attribute names both write into the study.
+- `runner`: the worker: trial processes, threads per device, signals, reseeding.
+- `trial`: the trial process's entry point (`python -m mtbert.studies.trial RUN_DIR`).
+- `retention`: which checkpoints a study keeps, and what deleting a study may remove.
+- `results`: ranking, configurations over seeds, and the choice of `mtbert best`.
+- `export`: a chosen trial's model as a self-contained model directory.
+- `report`: figures and an offline HTML report of a study, and its W&B run.
+
+Dependencies point one way: runner -> retention -> results -> job; every module
+may use storage and spec; nothing here is imported by the training stack.
+"""

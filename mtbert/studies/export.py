@@ -1,9 +1,16 @@
 """A trial's model, exported: the best checkpoint of a study copied into a self-contained
-model directory whose card names the study, the trial, how it was chosen and its data."""
+model directory whose card names the study, the trial, how it was chosen and its data.
+
+The checkpoint is loaded (every tensor, every shape against its config) before
+anything is written, and the export is built in a temporary directory beside
+the target and renamed into place when complete: a failed export leaves
+nothing behind, and running it again works.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,30 +19,57 @@ import yaml
 
 from mtbert.config import build_config
 from mtbert.errors import MtbertError
-from mtbert.modeldir import WEIGHTS, model_card
+from mtbert.formatting import first_line
+from mtbert.modeldir import HF_ENCODER, WEIGHTS, export_hf_encoder, model_card
+from mtbert.studies.job import CHECKPOINT
+
+
+def check_checkpoint(checkpoint: Path, number: int) -> None:
+    """Load the model directory as `mtbert.load` would: a truncated or damaged checkpoint
+    is refused before it is copied anywhere."""
+    from mtbert.predictor import MultitaskPredictor
+
+    try:
+        MultitaskPredictor(checkpoint, "cpu")
+    except MtbertError as err:
+        raise MtbertError(f"trial {number}'s checkpoint at {checkpoint} cannot be exported: "
+                          f"{err}") from None
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # safetensors, torch
+        raise MtbertError(f"trial {number}'s checkpoint at {checkpoint} is damaged: "
+                          f"{first_line(err)}") from None
 
 
 def export_trial(trial, *, study: str, storage: str, dest: Path,
-                 selection: dict[str, Any] | None = None) -> Path:
+                 selection: dict[str, Any] | None = None, hf: bool = False) -> Path:
     """Copy a trial's best checkpoint into `dest`, with a model card naming its source
-    (and `selection`: how the trial was chosen, e.g. from a configuration's seeds)."""
-    checkpoint = Path(trial.user_attrs.get("checkpoint", ""))
+    (and `selection`: how the trial was chosen, e.g. from a configuration's seeds); with
+    `hf`, also the encoder in Hugging Face format under dest/encoder."""
+    checkpoint = Path(trial.user_attrs.get(CHECKPOINT, ""))
     if not (checkpoint / WEIGHTS).exists():
         raise MtbertError(f"trial {trial.number} has no checkpoint at {checkpoint} (only the "
                           "top --keep-top trials keep theirs; was it run on another machine?)")
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise MtbertError(f"{dest} exists and is not empty; export into a new directory")
+    check_checkpoint(checkpoint, trial.number)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(checkpoint, dest, dirs_exist_ok=True)
-    config = build_config(yaml.safe_load((dest / "config.yaml").read_text()))
-    metrics = json.loads((dest / "metrics.json").read_text())
-    summary_file = checkpoint.parent / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    card = {"source": {"study": study, "trial": trial.number, "storage": storage,
-                       "run": str(checkpoint.parent), **(selection or {})},
-            "params": trial.params, "data": summary.get("data"), "env": summary.get("env")}
-    (dest / "README.md").write_text(model_card(config, metrics, card))
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(checkpoint, partial)
+        config = build_config(yaml.safe_load((partial / "config.yaml").read_text()))
+        metrics = json.loads((partial / "metrics.json").read_text())
+        summary_file = checkpoint.parent / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        card = {"source": {"study": study, "trial": trial.number, "storage": storage,
+                           "run": str(checkpoint.parent), **(selection or {})},
+                "params": trial.params, "data": summary.get("data"), "env": summary.get("env")}
+        (partial / "README.md").write_text(model_card(config, metrics, card))
+        if hf:
+            export_hf_encoder(partial, partial / HF_ENCODER)
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        partial.rename(dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return dest
-
-

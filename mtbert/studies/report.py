@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import MtbertError
-from mtbert.formatting import first_line
-from mtbert.sweep import RESEED_OF, RESEED_SEED, _ranked, format_mean_std, seed_groups
+from mtbert.formatting import first_line, format_mean_std, save_figure
+from mtbert.studies.job import RESEED_OF, RUN_DIR, SEED, TrialResult
+from mtbert.studies.results import (complete_trials, fail_reason, ranked, seed_groups,
+                                    state_counts, study_objectives)
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -77,6 +79,7 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     groups: list = field(default_factory=list)  # reseeded configurations, best mean first
+    counts: dict[str, int] = field(default_factory=dict)  # trials by state
 
     @property
     def index(self) -> Path:
@@ -85,19 +88,14 @@ class Report:
 
 def trial_note(trial) -> str:
     """Why a trial failed or was pruned: its attributes, else its run's trial.json."""
-    reason = trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason")
-    if not reason and trial.user_attrs.get("run_dir"):
-        result = Path(trial.user_attrs["run_dir"]) / "trial.json"
-        if result.exists():
-            try:
-                reason = json.loads(result.read_text()).get("reason")
-            except (json.JSONDecodeError, OSError):
-                reason = None
     if trial.state.name == "COMPLETE":
         return ""
     if trial.state.name == "RUNNING":
         return "running"
-    return str(reason).splitlines()[0] if reason else ""
+    reason = fail_reason(trial)
+    if not reason and trial.user_attrs.get(RUN_DIR):
+        reason = first_line(TrialResult.read(Path(trial.user_attrs[RUN_DIR])).reason)
+    return reason
 
 
 def trial_rows(study) -> list[TrialRow]:
@@ -108,51 +106,27 @@ def trial_rows(study) -> list[TrialRow]:
             params=dict(t.params),
             metrics={k: t.user_attrs[k] for k in METRIC_KEYS if k in t.user_attrs},
             duration_s=t.duration.total_seconds() if t.duration else None,
-            note=_reseed_note(t) or trial_note(t), run_dir=t.user_attrs.get("run_dir")))
+            note=_reseed_note(t) or trial_note(t), run_dir=t.user_attrs.get(RUN_DIR)))
     return rows
 
 
 def _reseed_note(trial) -> str:
     if RESEED_OF not in trial.user_attrs:
         return ""
-    note = f"trial {trial.user_attrs[RESEED_OF]} with seed {trial.user_attrs.get(RESEED_SEED)}"
+    note = f"trial {trial.user_attrs[RESEED_OF]} with seed {trial.user_attrs.get(SEED)}"
     reason = trial_note(trial)
     return f"{note}: {reason}" if reason else note
-
-
-def _complete(study) -> list:
-    from optuna.trial import TrialState
-
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values and not any(math.isnan(v) for v in t.values)]
 
 
 def _sign(study, index: int = 0) -> int:
     return 1 if study.directions[index].name == "MAXIMIZE" else -1
 
 
-def save_figure(fig, path: Path) -> Path:
-    # No "Software" text chunk: the PNGs carry nothing but the picture.
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path
-
-
-def markdown_table(header: list[str], rows: list[list[str]], *,
-                   right_from: int | None = None) -> list[str]:
-    """A Markdown table's lines; columns from `right_from` on are right-aligned."""
-    align = ["---:" if right_from is not None and i >= right_from else "---"
-             for i in range(len(header))]
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows)]
-
-
 def plot_history(study, objectives: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     trials = study.get_trials(deepcopy=False)
-    done = _complete(study)
+    done = complete_trials(study)
     multi = len(objectives) > 1
     fig, axes = plt.subplots(len(objectives), 1, figsize=(9, 3.6 * len(objectives)),
                              squeeze=False)
@@ -207,7 +181,7 @@ def importances(study) -> dict[str, float]:
     """PED-ANOVA importances of the parameters for the first objective."""
     import optuna
 
-    n = len(_complete(study))
+    n = len(complete_trials(study))
     # PED-ANOVA compares the top quantile with all trials; keep at least 2 trials on top.
     quantile = min(0.5, max(0.1, 2 / n))
     evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)
@@ -238,7 +212,7 @@ def plot_importances(study, objective: str, values: dict[str, float], path: Path
     ax.set_xlabel("importance (fraction of the total, sums to 1)")
     ax.set_xlim(0, max(1e-9, max(values.values())) * 1.18)
     ax.set_title(f"Parameter importances for {objective}\n(PED-ANOVA over "
-                 f"{len(_complete(study))} complete trials)")
+                 f"{len(complete_trials(study))} complete trials)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -271,7 +245,7 @@ def plot_parallel(study, objective: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib import cm, colors
 
-    done = _complete(study)
+    done = complete_trials(study)
     keys = sorted({k for t in done for k in t.params})
     axes_info = [_axis(done, k) for k in keys]
     values = [t.values[0] for t in done]
@@ -374,7 +348,7 @@ def plot_curves(curves: dict[int, list[dict]], best_number: int | None, path: Pa
 def plot_pareto(study, objectives: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    done = _complete(study)
+    done = complete_trials(study)
     front = {t.number for t in study.best_trials}
     fig, ax = plt.subplots(figsize=(7, 5.5))
     rest = [t for t in done if t.number not in front]
@@ -434,12 +408,11 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
     if not rows:
         raise MtbertError(f"study {study.study_name} has no trials yet; run `mtbert sweep` "
                           "first")
-    objectives = list(study.user_attrs.get("objectives") or
-                      [f"objective {i}" for i in range(len(study.directions))])
+    objectives = study_objectives(study)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    report = Report(dest, study.study_name, objectives, rows)
-    done = _complete(study)
+    report = Report(dest, study.study_name, objectives, rows, counts=state_counts(study))
+    done = complete_trials(study)
     multi = len(study.directions) > 1
     if not done:
         report.notes.append("No trial is COMPLETE yet: there is no objective value to plot, "
@@ -471,7 +444,7 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
             report.figures["parallel"] = plot_parallel(study, objectives[0],
                                                        dest / "parallel.png")
         curves: dict[int, list[dict]] = {}
-        for t in _ranked(study)[:top]:  # the ranking of `mtbert best --top`
+        for t in ranked(study)[:top]:  # the ranking of `mtbert best --top`
             records = read_curves(t.user_attrs.get("run_dir"))
             if records:
                 curves[t.number] = records
@@ -491,7 +464,9 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
     return report
 
 
-def _cell(value: Any) -> str:
+def _html_cell(value: Any) -> str:
+    """A value in an HTML table cell: numbers to 4 places (4 significant digits when very
+    large or small), text escaped."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -516,19 +491,17 @@ def table_values(report: Report, row: TrialRow) -> list[Any]:
 
 
 def render_html(study, report: Report, storage: str) -> str:
-    counts: dict[str, int] = {}
-    for row in report.rows:
-        counts[row.state] = counts.get(row.state, 0) + 1
+    counts = report.counts
     directions = ", ".join(f"{o} ({d.name.lower()})"
                            for o, d in zip(report.objectives, study.directions))
     summary = [f"<b>{len(report.rows)}</b> trials: "
                + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
                f"objective: {html.escape(directions)}",
                f"storage: <code>{html.escape(storage)}</code>"]
-    done = _complete(study)
+    done = complete_trials(study)
     if done and len(study.directions) == 1:
         best = study.best_trial
-        params = ", ".join(f"{html.escape(k)}={_cell(v)}" for k, v in best.params.items())
+        params = ", ".join(f"{html.escape(k)}={_html_cell(v)}" for k, v in best.params.items())
         summary.append(f"best: trial <b>{best.number}</b>, {html.escape(report.objectives[0])} "
                        f"= <b>{best.values[0]:.4f}</b> ({params})")
     elif done:
@@ -568,7 +541,7 @@ def render_html(study, report: Report, storage: str) -> str:
     body = []
     for row in report.rows:
         css = row.state + (" best" if row.number == best_number else "")
-        cells = "".join(f"<td>{_cell(v)}</td>" for v in table_values(report, row))
+        cells = "".join(f"<td>{_html_cell(v)}</td>" for v in table_values(report, row))
         body.append(f"<tr class=\"{css}\">{cells}</tr>")
     parts += ["<h2>Trials</h2>", f"<table id=\"trials\"><tr>{header}</tr>", *body, "</table>",
               "</body></html>", ""]
@@ -583,7 +556,7 @@ def _groups_table(groups: list) -> str:
         seeds = ", ".join("original" if s is None else str(s) for s in g.seeds)
         cells = [str(g.number), f"{len(g.trials)} ({seeds})"]
         cells += [format_mean_std(g.mean(key), g.std(key)) for key in METRIC_KEYS]
-        cells.append(", ".join(f"{k}={_cell(v)}" for k, v in g.params.items()))
+        cells.append(", ".join(f"{k}={_html_cell(v)}" for k, v in g.params.items()))
         rows.append("<tr>" + "".join(f"<td>{html.escape(c) if i < len(cells) - 1 else c}</td>"
                                      for i, c in enumerate(cells)) + "</tr>")
     return f"<table id=\"seeds\"><tr>{header}</tr>" + "".join(rows) + "</table>"
@@ -610,10 +583,8 @@ def log_study_report(report, *, mode: str, project: str, directory: Path) -> str
         run.log({"trials": wandb.Table(columns=columns, data=rows),
                  **{f"report/{name}": wandb.Image(str(path))
                     for name, path in report.figures.items()}})
-        counts: dict[str, int] = {}
-        for row in report.rows:
-            counts[row.state] = counts.get(row.state, 0) + 1
-        run.summary.update({f"trials/{state.lower()}": n for state, n in counts.items()})
+        run.summary.update({f"trials/{state.lower()}": n
+                            for state, n in report.counts.items()})
         run_id = run.id
         run.finish()
         return run_id

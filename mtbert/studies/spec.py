@@ -8,6 +8,7 @@ the spec, the key and what would be valid.
 from __future__ import annotations
 
 import importlib.resources
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping_keys,
                            overrides_to_dict, read_yaml)
 from mtbert.errors import ConfigError
+from mtbert.studies.job import STUDY_SPEC, STUDY_SPEC_NAME
 from mtbert.tasks import METRIC_KEYS
 
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
@@ -24,6 +26,7 @@ SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 SAMPLERS = ("tpe", "random", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
+log = logging.getLogger("mtbert")
 
 
 @dataclass
@@ -84,6 +87,13 @@ def shipped_specs() -> dict[str, Path]:
     folder = importlib.resources.files("mtbert.sweeps")
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir()
             if p.name.endswith(".yaml")}
+
+
+def spec_list() -> list[str]:
+    """`mtbert sweep --list`: each shipped spec's name and description."""
+    specs = sorted(shipped_specs().items())
+    width = max(len(name) for name, _ in specs)
+    return [f"{name:<{width}}  {load_spec(str(path)).description}" for name, path in specs]
 
 
 def find_spec(name_or_path: str) -> Path:
@@ -394,3 +404,21 @@ def trial_config(spec: SweepSpec, params: dict[str, Any]) -> RunConfig:
 
 def spec_yaml(spec: SweepSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def stored_spec(study, overrides: list[str] | None = None) -> SweepSpec:
+    """The spec a study was swept with (stored by `mtbert sweep`), `overrides` on its base.
+
+    Studies from before the spec was stored fall back to the shipped spec of the same
+    name, whose base may differ from the sweep's --set: pass them again."""
+    stored = study.user_attrs.get(STUDY_SPEC)
+    if stored is not None:
+        return spec_from_dict(stored, overrides, where=f"the spec of study {study.study_name}",
+                              source=f"study {study.study_name}")
+    name = study.user_attrs.get(STUDY_SPEC_NAME)
+    if name is None:
+        raise ConfigError(f"study {study.study_name} was not made by `mtbert sweep` (no spec "
+                          "stored); reseeding needs its spec")
+    log.warning("study %s stores only its spec's name; using the shipped spec '%s' with "
+                "this command's --set (pass the sweep's --set again)", study.study_name, name)
+    return load_spec(name, overrides)

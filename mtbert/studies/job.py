@@ -1,0 +1,113 @@
+"""The contract between a sweep worker and its trial processes, and the names both write
+into the study.
+
+The worker writes RUN_DIR/config.yaml and RUN_DIR/job.json (a `TrialJob`),
+passes the storage URL in $MTBERT_STORAGE_URL (never on disk or a command
+line, where a password would leak) and waits. The trial process
+(`python -m mtbert.studies.trial RUN_DIR`) trains, writes RUN_DIR/trial.json
+(a `TrialResult`) and exits 0 (complete), 3 (pruned) or 1 (failed). Both sides
+import this module, so a field renamed here is renamed for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EXIT_PRUNED = 3
+STORAGE_ENV = "MTBERT_STORAGE_URL"
+PARENT_ENV = "MTBERT_WORKER_PID"
+JOB_FILE = "job.json"
+RESULT_FILE = "trial.json"
+
+# Trial user attributes (DESIGN.md): besides the metric keys at the trial's best evaluation,
+RUN_DIR = "run_dir"  # the trial's run directory (absolute)
+CHECKPOINT = "checkpoint"  # its model directory (absolute), removed outside --keep-top
+WANDB_RUN_ID = "wandb_run_id"
+FAIL_REASON = "fail_reason"
+RESEED_OF = "reseed_of"  # a reseed: the number of the trial whose configuration it repeats
+SEED = "seed"  # a reseed's train.seed
+# Study user attributes: the spec's name, its objectives and the resolved spec itself (base
+# with the sweep's --set), so that `best --reseed` runs new trials as the sweep ran its own.
+STUDY_SPEC_NAME = "spec"
+STUDY_OBJECTIVES = "objectives"
+STUDY_SPEC = "spec_def"
+
+
+@dataclass
+class WandbSettings:
+    mode: str = "disabled"
+    project: str = "mtbert"
+    dir: str = "."
+
+
+@dataclass
+class TrialJob:
+    """What a trial process needs besides its config.yaml."""
+
+    study: str
+    trial_id: int  # Optuna's storage id, to report intermediate values and prune
+    number: int
+    spec: str
+    objectives: list[str]
+    prune: bool  # report every evaluation and let the pruner stop the trial
+    pruner: dict[str, Any]
+    params: dict[str, Any]
+    seed: int
+    device: str = "auto"
+    reseed_of: int | None = None
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialJob:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{JOB_FILE} has unknown keys {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**{**data, "wandb": WandbSettings(**data.get("wandb", {}))})
+
+    def write(self, run_dir: Path) -> None:
+        (Path(run_dir) / JOB_FILE).write_text(self.to_json())
+
+    @classmethod
+    def read(cls, run_dir: Path) -> TrialJob:
+        return cls.from_json((Path(run_dir) / JOB_FILE).read_text())
+
+
+@dataclass
+class TrialResult:
+    """What a trial process leaves for its worker: its W&B run and why it stopped.
+
+    The reason travels in a file because W&B prints its own lines after ours on stderr.
+    """
+
+    wandb_run_id: str | None = None
+    reason: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialResult:
+        data = json.loads(text)
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
+
+    def write(self, run_dir: Path) -> None:
+        (Path(run_dir) / RESULT_FILE).write_text(self.to_json())
+
+    @classmethod
+    def read(cls, run_dir: Path) -> TrialResult:
+        """The result a trial process wrote; an empty one if it wrote none (it was killed)."""
+        path = Path(run_dir) / RESULT_FILE
+        try:
+            return cls.from_json(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return cls()

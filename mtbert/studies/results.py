@@ -1,0 +1,326 @@
+"""What a study found: its complete trials ranked, its configurations over seeds, and the
+choice of `mtbert best` (which trial, chosen how, printed how).
+
+One definition of a usable result (COMPLETE with finite values) serves the
+ranking, the report, checkpoint retention and the export. A study with
+reseeds (`mtbert best --reseed`) ranks configurations by their mean over
+seeds; its representative model is the seed run closest to that mean, not the
+luckiest one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtbert.errors import ConfigError, MtbertError
+from mtbert.formatting import first_line, format_mean_std, format_params
+from mtbert.studies.job import FAIL_REASON, RESEED_OF, RUN_DIR, SEED, STUDY_OBJECTIVES
+from mtbert.tasks import METRIC_KEYS
+
+
+def complete_trials(study) -> list:
+    """COMPLETE trials whose values are all numbers (a NaN objective ranks nowhere)."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and not any(math.isnan(v) for v in t.values)]
+
+
+def ranked(study, metric: str | None = None) -> list:
+    """Complete trials, best first by the study's first objective, or by the metric
+    attribute `metric` (every metric is higher-better)."""
+    done = complete_trials(study)
+    if metric is not None:
+        return sorted((t for t in done if metric in t.user_attrs),
+                      key=lambda t: -t.user_attrs[metric])
+    sign = -1 if study.directions[0].name == "MAXIMIZE" else 1
+    return sorted(done, key=lambda t: sign * t.values[0])
+
+
+def new_finished(study, before: int) -> list:
+    """Trials numbered from `before` on that COMPLETEd or were PRUNED (finished as planned)."""
+    return [t for t in study.get_trials(deepcopy=False) if t.number >= before
+            and t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def state_counts(study) -> dict[str, int]:
+    """Trials by state name, in the order states first occur."""
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def study_objectives(study) -> list[str]:
+    """The metric keys a study optimises, as `mtbert sweep` stored them."""
+    return list(study.user_attrs.get(STUDY_OBJECTIVES) or
+                [f"objective {i}" for i in range(len(study.directions))])
+
+
+def fail_reason(trial) -> str:
+    """The first line of why a trial failed, from its attributes ('' when unknown)."""
+    reason = trial.user_attrs.get(FAIL_REASON) or trial.system_attrs.get(FAIL_REASON)
+    return first_line(str(reason)) if reason else ""
+
+
+def describe_trial(t, objectives: list[str]) -> str:
+    """One log line for a finished trial: state, time, values, why it failed, params."""
+    metrics = "  ".join(f"{k} {t.user_attrs[k]:.4f}" for k in METRIC_KEYS if k in t.user_attrs)
+    seconds = (t.duration.total_seconds() if t.duration else 0.0)
+    line = f"trial {t.number} {t.state.name} in {seconds:.0f}s"
+    if RESEED_OF in t.user_attrs:
+        line = (f"trial {t.number} (trial {t.user_attrs[RESEED_OF]} with seed "
+                f"{t.user_attrs.get(SEED)}) {t.state.name} in {seconds:.0f}s")
+    if t.values:
+        line += " " + " ".join(f"{k}={v:.4f}" for k, v in zip(objectives, t.values))
+    if t.state.name == "FAIL":
+        line += f": {fail_reason(t) or 'failed'}"
+    return f"{line}  [{format_params(t.params)}]" + (f"  {metrics}" if metrics else "")
+
+
+def trials_table(study, *, limit: int = 5, metric: str | None = None,
+                 front: bool = True) -> list[str]:
+    """Text table of the best complete trials, best first: by `metric` when given, else
+    the Pareto front of a multi-objective study (`front`) or the first objective's ranking."""
+    multi = len(study.directions) > 1
+    done = study.best_trials if front and multi and metric is None else ranked(study, metric)
+    rows = ["trial  " + "  ".join(f"{k:>18}" for k in METRIC_KEYS) + "  params"]
+    for t in done[:limit]:
+        values = "  ".join(f"{t.user_attrs.get(k, float('nan')):>18.4f}" for k in METRIC_KEYS)
+        rows.append(f"{t.number:>5}  {values}  {format_params(t.params)}")
+    return rows
+
+
+@dataclass
+class SeedGroup:
+    """One configuration of a study: an original trial and its reseeded copies."""
+
+    number: int  # the original trial
+    params: dict[str, Any]
+    trials: list  # COMPLETE members, the original first
+    key: str | None  # the metric ranked by; None = the study's (first) objective
+    pending: int = 0  # reseeds WAITING or RUNNING
+
+    def values(self, key: str | None = None) -> list[float]:
+        """Each member's `key` metric (default: the ranking value), in member order."""
+        key = key or self.key
+        if key is None:
+            return [t.values[0] for t in self.trials]
+        return [t.user_attrs[key] for t in self.trials if key in t.user_attrs]
+
+    def mean(self, key: str | None = None) -> float:
+        values = self.values(key)
+        return statistics.fmean(values) if values else float("nan")
+
+    def std(self, key: str | None = None) -> float:
+        """Sample standard deviation (n - 1); nan for one seed."""
+        values = self.values(key)
+        return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [t.user_attrs.get(SEED) for t in self.trials]
+
+    def representative(self):
+        """The member whose value is closest to the group mean (the lower trial number on
+        a tie): a model whose dev score is what the configuration gives on average, not
+        its luckiest seed."""
+        mean = self.mean()
+        pairs = zip(self.values(), self.trials)
+        return min(pairs, key=lambda p: (abs(p[0] - mean), p[1].number))[1]
+
+
+def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False
+                ) -> list[SeedGroup]:
+    """The study's configurations best first by the mean over their seeds of the (first)
+    objective, or of `metric` (every metric is higher-better). `reseeded_only` leaves out
+    the configurations that ran with one seed only."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in complete_trials(study) if metric is None or metric in t.user_attrs]
+    groups = {t.number: SeedGroup(t.number, dict(t.params), [t], metric)
+              for t in complete if RESEED_OF not in t.user_attrs}
+    reseeded = set()
+    done = {t.number for t in complete}
+    for t in trials:
+        origin = t.user_attrs.get(RESEED_OF)
+        if origin is None or origin not in groups:
+            continue
+        reseeded.add(origin)
+        if t.number in done:
+            groups[origin].trials.append(t)
+        elif t.state in (TrialState.WAITING, TrialState.RUNNING):
+            groups[origin].pending += 1
+    chosen = [g for g in groups.values() if g.number in reseeded or not reseeded_only]
+    sign = -1 if metric is not None or study.directions[0].name == "MAXIMIZE" else 1
+    return sorted(chosen, key=lambda g: (sign * g.mean(), g.number))
+
+
+def reseed_seeds(base_seed: int, k: int) -> list[int]:
+    """The K new seeds of a trial whose train.seed is `base_seed`: base+1 .. base+K,
+    distinct from it and from each other; `--reseed 3` after `--reseed 2` adds one."""
+    return [base_seed + i for i in range(1, k + 1)]
+
+
+def groups_table(groups: list[SeedGroup]) -> list[str]:
+    """Text table of configurations, in the order given: their number of seeds and the
+    mean ± sample std over the seeds of every metric key."""
+    width = 17
+    rows = [f"{'trial':>5}  {'seeds':>5}  " + "  ".join(f"{k:>{width}}" for k in METRIC_KEYS)
+            + "  params"]
+    for g in groups:
+        cells = "  ".join(f"{format_mean_std(g.mean(k), g.std(k)):>{width}}" for k in METRIC_KEYS)
+        note = f"  ({g.pending} more queued or running)" if g.pending else ""
+        rows.append(f"{g.number:>5}  {len(g.trials):>5}  {cells}  "
+                    f"{format_params(g.params)}{note}")
+    return rows
+
+
+def check_metric(metric: str | None) -> None:
+    if metric is not None and metric not in METRIC_KEYS:
+        raise ConfigError(f"unknown metric '{metric}'; valid: {', '.join(METRIC_KEYS)}")
+
+
+@dataclass
+class Ranking:
+    """What `mtbert best --top N` prints: a title and table lines, and notes for the log."""
+
+    lines: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _reseeded_groups(study, metric: str | None, by_trial: bool) -> list[SeedGroup]:
+    """Configurations ranked by their mean over seeds, when the study holds reseeds and
+    the ranking is by one value; those with one seed only are left out (their single
+    score is the noisy one)."""
+    multi = len(study.directions) > 1
+    if by_trial or (multi and metric is None):
+        return []
+    return seed_groups(study, metric, reseeded_only=True)
+
+
+def _require_complete(study) -> list:
+    done = complete_trials(study)
+    if not done:
+        raise MtbertError(f"study {study.study_name} has no COMPLETE trial yet")
+    return done
+
+
+def rank(study, *, top: int, metric: str | None = None, by_trial: bool = False) -> Ranking:
+    """The `top` best configurations by mean over seeds (a study with reseeds), else the
+    `top` best complete trials by the (first) objective or `metric`."""
+    check_metric(metric)
+    done = _require_complete(study)
+    by = metric or study_objectives(study)[0]
+    groups = _reseeded_groups(study, metric, by_trial)
+    if not groups:
+        rows = trials_table(study, limit=top, metric=metric, front=False)
+        return Ranking([f"study {study.study_name}: top {len(rows) - 1} of {len(done)} "
+                        f"complete trials by {by}", *rows])
+    ranking = Ranking([f"study {study.study_name}: top {min(top, len(groups))} of "
+                       f"{len(groups)} reseeded configurations by mean {by} over their seeds "
+                       "(mean ± std)", *groups_table(groups[:top])])
+    singles = len(seed_groups(study, metric)) - len(groups)
+    if singles:
+        ranking.notes.append(f"{singles} configuration{'s' * (singles != 1)} ran with one "
+                             "seed only, not ranked here (`--by-trial` ranks single trials)")
+    return ranking
+
+
+@dataclass
+class Choice:
+    """The trial `mtbert best` shows and exports (None: a multi-objective study's front),
+    with how it was chosen."""
+
+    study: Any
+    trial: Any | None
+    by: str | None = None  # what it was ranked by: --metric, or the objective of a group
+    group: SeedGroup | None = None  # its configuration, when chosen by mean over seeds
+
+    def selection(self) -> dict[str, str] | None:
+        """How the trial was chosen, for the model card (None: plainly the best)."""
+        if self.group is None:
+            return None
+        g = self.group
+        return {"chosen": f"configuration of trial {g.number}, best mean {self.by} over "
+                          f"{len(g.trials)} seeds ({g.mean():.4f} ± {g.std():.4f}); this is "
+                          "its seed run closest to the mean",
+                "seed runs": ", ".join(str(t.number) for t in g.trials)}
+
+    def lines(self) -> list[str]:
+        name = self.study.study_name
+        if self.trial is None:
+            front = self.study.best_trials
+            return [f"study {name}: Pareto front of {len(front)} trials",
+                    *trials_table(self.study, limit=len(front))]
+        t = self.trial
+        if self.group is not None:
+            g = self.group
+            seed = t.user_attrs.get(SEED)
+            lines = [f"study {name}: best configuration trial {g.number} by mean {self.by} "
+                     f"over {len(g.trials)} seeds: {g.mean():.4f} ± {g.std():.4f}",
+                     f"  its seed run closest to the mean: trial {t.number}"
+                     + (f" (seed {seed})" if seed is not None else " (the original seed)")
+                     + f", {self.by} {g.values()[g.trials.index(t)]:.4f}"]
+        else:
+            lines = [f"study {name}: best trial {t.number}"
+                     + (f" by {self.by}" if self.by else "")]
+        if RESEED_OF in t.user_attrs:
+            lines.append(f"  seed   {t.user_attrs.get(SEED)} (reseed of trial "
+                         f"{t.user_attrs[RESEED_OF]})")
+        lines += [f"  param  {key:<22} {value}" for key, value in t.params.items()]
+        lines += [f"  metric {key:<22} {t.user_attrs[key]:.4f}" for key in METRIC_KEYS
+                  if key in t.user_attrs]
+        lines.append(f"  run    {t.user_attrs.get(RUN_DIR, '?')}")
+        return lines
+
+
+def choose(study, *, metric: str | None = None, trial: int | None = None,
+           by_trial: bool = False) -> Choice:
+    """The trial to show and export: `trial` when given; else, in a study with reseeds,
+    the seed run closest to the best configuration's mean; else the best trial by
+    `metric` or the objective; a multi-objective study without `metric` has none."""
+    check_metric(metric)
+    done = _require_complete(study)
+    by = metric or study_objectives(study)[0]
+    if trial is not None:
+        chosen = next((t for t in study.get_trials(deepcopy=False) if t.number == trial), None)
+        if chosen is None:
+            raise MtbertError(f"study {study.study_name} has no trial {trial}")
+        return Choice(study, chosen, by=metric)
+    groups = _reseeded_groups(study, metric, by_trial)
+    if groups:
+        return Choice(study, groups[0].representative(), by=by, group=groups[0])
+    if metric is not None:
+        scored = [t for t in done if metric in t.user_attrs]
+        if not scored:
+            raise MtbertError(f"no complete trial of study {study.study_name} recorded "
+                              f"{metric}")
+        return Choice(study, max(scored, key=lambda t: t.user_attrs[metric]), by=metric)
+    if len(study.directions) > 1:
+        return Choice(study, None)
+    return Choice(study, study.best_trial)
+
+
+def studies_table(rdb) -> list[str]:
+    """`mtbert studies`: every study of a storage, its trials by state and best values."""
+    import optuna
+
+    rows = [f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
+            f"{'running':>7}  best"]
+    for name in optuna.study.get_all_study_names(rdb):
+        study = optuna.load_study(study_name=name, storage=rdb)
+        counts = state_counts(study)
+        try:
+            bests = (f"{study.best_value:.4f} (trial {study.best_trial.number})"
+                     if len(study.directions) == 1 else f"{len(study.best_trials)} on the front")
+        except ValueError:
+            bests = "-"
+        rows.append(f"{name:<24} {sum(counts.values()):>6} {counts.get('COMPLETE', 0):>8} "
+                    f"{counts.get('PRUNED', 0):>6} {counts.get('FAIL', 0):>4} "
+                    f"{counts.get('RUNNING', 0):>7}  {bests}")
+    return rows

@@ -1,0 +1,381 @@
+"""Running a study: each trial a training in its own process, Optuna's storage the only
+coordinator.
+
+Every worker runs the same `mtbert sweep` command against the same storage.
+The worker process keeps its trials' heartbeats; a worker that dies leaves a
+trial whose heartbeat stops, which the next worker to start or finish a trial
+marks FAIL and retries once with the same parameters. With `trials_per_gpu`
+K > 1 one worker runs K trials at once (Optuna's `n_jobs` threads, each
+waiting on its own trial process on the same device). Ctrl-C or SIGTERM ends
+every running trial process, records it as FAIL ("interrupted") and exits.
+`best --reseed` queues copies of the best trials with new seeds and runs them
+through the same loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtbert.config import save_config
+from mtbert.errors import ConfigError
+from mtbert.runtime import wandb_dir
+from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, PARENT_ENV, RESEED_OF,
+                                RUN_DIR, SEED, STORAGE_ENV, STUDY_OBJECTIVES, STUDY_SPEC,
+                                STUDY_SPEC_NAME, WANDB_RUN_ID, TrialJob, TrialResult,
+                                WandbSettings)
+from mtbert.studies.results import SeedGroup, describe_trial, ranked, reseed_seeds, seed_groups
+from mtbert.studies.retention import prune_checkpoints
+from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
+                                 trial_config)
+from mtbert.studies.storage import (check_study_name, mask_url, open_storage, select_study,
+                                    storage_errors, storage_url, with_driver)
+from mtbert.tasks import METRIC_KEYS
+
+log = logging.getLogger("mtbert")
+
+
+class TrialFailed(Exception):
+    """A trial's training failed; Optuna records it as FAIL and the study goes on."""
+
+
+@dataclass
+class SweepOptions:
+    trials: int | None = None
+    timeout: float | None = None
+    study: str | None = None
+    storage: str | None = None
+    out: Path = Path("mtbert-runs")
+    wandb_mode: str = "disabled"
+    wandb_project: str = "mtbert"
+    keep_top: int = 3
+    heartbeat: int = 10
+    grace: int = 30
+    device: str = "auto"
+    trials_per_gpu: int = 1
+
+    @property
+    def url(self) -> str:
+        return storage_url(self.storage, self.out)
+
+
+def _last_line(path: Path) -> str:
+    if not path.exists():
+        return "the trial process wrote no log"
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else "the trial process wrote no log"
+
+
+def best_record(run_dir: Path, metric: str, direction: str = "maximize") -> dict | None:
+    """The evaluation of a run with the best `metric` (from metrics.jsonl)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    sign = 1 if direction == "maximize" else -1
+    return max(records, key=lambda r: sign * r[metric])
+
+
+class TrialRunner:
+    """The objective: sample, write the trial's run dir, train in a child process."""
+
+    def __init__(self, spec: SweepSpec, options: SweepOptions, study_name: str):
+        self.spec, self.options, self.study_name = spec, options, study_name
+        self.wandb_dir = wandb_dir(options.out)
+        # With trials_per_gpu > 1 Optuna calls this object from several threads at once;
+        # these track the live trial processes so that a stop ends all of them.
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """End every running trial process (the worker was told to stop)."""
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            proc.terminate()
+
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, STORAGE_ENV: with_driver(self.options.url),
+               PARENT_ENV: str(os.getpid())}
+        k = self.options.trials_per_gpu
+        if k > 1 and "OMP_NUM_THREADS" not in env:
+            # K trials share the machine's cores: K x all-cores threads would oversubscribe
+            # them (the GPU is shared as is, K processes, no device settings changed).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // k))
+        return env
+
+    def _job(self, trial, params: dict[str, Any], seed: int) -> TrialJob:
+        reseed_of = trial.user_attrs.get(RESEED_OF)
+        return TrialJob(
+            study=self.study_name, trial_id=trial._trial_id, number=trial.number,
+            spec=self.spec.name, objectives=self.spec.objectives,
+            # A reseed is never pruned, so that its group's mean is over every seed and
+            # not only over the seeds that started well.
+            prune=(reseed_of is None and not self.spec.multi_objective
+                   and self.spec.pruner["name"] != "none"),
+            pruner=self.spec.pruner, params=params, seed=seed, device=self.options.device,
+            reseed_of=reseed_of,
+            wandb=WandbSettings(self.options.wandb_mode, self.options.wandb_project,
+                                str(self.wandb_dir)))
+
+    def __call__(self, trial) -> float | list[float]:
+        import optuna
+
+        params = suggest(trial, self.spec)
+        # A reseed (`mtbert best --reseed`) is an enqueued copy of a finished trial's
+        # parameters with another train.seed.
+        seed = trial.user_attrs.get(SEED)
+        config = trial_config(self.spec, params if trial.user_attrs.get(RESEED_OF) is None
+                              else {**params, "train.seed": int(seed)})
+        run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        self._job(trial, params, config.train.seed).write(run_dir)
+        trial.set_user_attr(RUN_DIR, str(run_dir))
+        trial.set_user_attr(CHECKPOINT, str(run_dir / "model"))
+        code = self._run_process(trial, run_dir)
+        result = self._record(trial, run_dir)
+        (run_dir / "resume.pt").unlink(missing_ok=True)  # a trial is never resumed
+        reason = result.reason or (f"killed by signal {-code}" if code < 0 else
+                                   _last_line(run_dir / "trial.log"))
+        if code == EXIT_PRUNED:
+            raise optuna.TrialPruned(reason)
+        if code != 0:
+            trial.set_user_attr(FAIL_REASON, reason)
+            raise TrialFailed(reason)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        values = [summary["best"]["metrics"][key] for key in self.spec.objectives]
+        return values[0] if len(values) == 1 else values
+
+    def _run_process(self, trial, run_dir: Path) -> int:
+        """Train in `python -m mtbert.studies.trial RUN_DIR`; its exit code. A stop (signal
+        or another thread's `stop()`) ends the process and fails the trial as interrupted."""
+        with open(run_dir / "trial.log", "w") as log_file:
+            with self._lock:
+                if self.stopping:
+                    raise KeyboardInterrupt
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mtbert.studies.trial", str(run_dir)],
+                    stdout=log_file, stderr=subprocess.STDOUT, env=self._child_env())
+                self._procs.add(proc)
+            try:
+                code = proc.wait()
+                if self.stopping:  # another thread's stop() ended this trial
+                    raise KeyboardInterrupt
+                return code
+            except BaseException:  # Ctrl-C, SIGTERM: end the training, then let Optuna fail it
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                trial.set_user_attr(FAIL_REASON, "interrupted")
+                (run_dir / "resume.pt").unlink(missing_ok=True)
+                raise
+            finally:
+                with self._lock:
+                    self._procs.discard(proc)
+
+    def _record(self, trial, run_dir: Path) -> TrialResult:
+        """Set the metric and W&B user attributes; returns the trial process's result."""
+        summary_file = run_dir / "summary.json"
+        if summary_file.exists():  # the evaluation whose model was kept
+            best = json.loads(summary_file.read_text())["best"]["metrics"]
+        else:  # pruned or failed: its best evaluation so far
+            best = best_record(run_dir, self.spec.objectives[0], self.spec.directions[0])
+        for key in METRIC_KEYS:
+            if best and key in best:
+                trial.set_user_attr(key, best[key])
+        result = TrialResult.read(run_dir)
+        if result.wandb_run_id:
+            trial.set_user_attr(WANDB_RUN_ID, result.wandb_run_id)
+        return result
+
+
+def create_study(spec: SweepSpec, options: SweepOptions):
+    """Create the sweep's study, or load it to add trials; returns it and its number of
+    trials before this sweep (the trials it enqueues count as this sweep's)."""
+    import optuna
+
+    name = check_study_name(options.study or spec.name)
+    storage = open_storage(options.url, heartbeat=options.heartbeat, grace=options.grace)
+    directions = spec.directions
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                    sampler=make_sampler(spec.sampler),
+                                    pruner=make_pruner(spec.pruner), directions=directions)
+    except ValueError as err:  # e.g. the existing study has other directions
+        raise ConfigError(f"study '{name}': {err}") from None
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+        raise ConfigError(f"study '{name}' exists with other directions; use --study NEW_NAME")
+    before = len(study.trials)
+    if STUDY_SPEC_NAME not in study.user_attrs:
+        study.set_user_attr(STUDY_SPEC_NAME, spec.name)
+        study.set_user_attr(STUDY_OBJECTIVES, spec.objectives)
+    if STUDY_SPEC not in study.user_attrs:
+        study.set_user_attr(STUDY_SPEC, spec.to_dict())
+    for params in spec.enqueue:  # known configurations run first, and once per study
+        study.enqueue_trial(params, skip_if_exists=True)
+    return study, before
+
+
+def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
+    """Create or resume the study and run `options.trials` more trials (or until the
+    timeout); returns the study and its number of trials before this run."""
+    import optuna
+
+    # mtbert prints one line per trial itself; Optuna's would add tracebacks of failures.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    options.out.mkdir(parents=True, exist_ok=True)
+    with storage_errors(options.url):
+        study, before = create_study(spec, options)
+        optuna.storages.fail_stale_trials(study)
+    log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
+             mask_url(options.url), before,
+             options.trials if options.trials is not None else "until the timeout")
+    optimize(study, spec, options, n_trials=options.trials, timeout=options.timeout)
+    return study, before
+
+
+def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | None,
+             timeout: float | None) -> None:
+    """Run trials of `study` in this worker: each in its own process, with the checkpoint
+    pruning after each and Ctrl-C / SIGTERM ending the running trials."""
+    runner = TrialRunner(spec, options, study.study_name)
+    prune_lock = threading.Lock()
+
+    def on_trial_end(study, trial) -> None:
+        log.info("%s", describe_trial(trial, spec.objectives))
+        with prune_lock:  # callbacks run in Optuna's worker threads with trials_per_gpu > 1
+            removed = prune_checkpoints(study, keep_top=options.keep_top,
+                                        multi_objective=spec.multi_objective)
+        if removed:
+            log.info("removed %d checkpoints outside the top %d", removed, options.keep_top)
+
+    def on_stop(signum, frame):
+        runner.stop()
+        if options.trials_per_gpu == 1:
+            raise KeyboardInterrupt  # the trial runs in this thread: end it here
+        # Several trials: Optuna's threads end their trials, record them as FAIL and
+        # re-raise KeyboardInterrupt, which reaches this thread through their futures.
+        # Raising here instead would leave the process while they still record.
+
+    previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with storage_errors(options.url):
+            study.optimize(runner, n_trials=n_trials, timeout=timeout,
+                           n_jobs=options.trials_per_gpu, catch=(TrialFailed,),
+                           callbacks=[on_trial_end], gc_after_trial=False)
+        if runner.stopping:
+            raise KeyboardInterrupt
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def reseed(study, spec: SweepSpec, options: SweepOptions, *, top: int, seeds: int,
+           metric: str | None = None) -> list[SeedGroup]:
+    """Re-run the `top` best original COMPLETE trials with `seeds` new seeds each, as new
+    trials of the study (user attributes `reseed_of`, `seed`); returns their groups.
+
+    A seed that completed, or is queued or running (here or in another worker), is not
+    run again; a failed or interrupted one is queued anew. Any worker of the study runs
+    queued reseeds exactly like this one (the objective reads the attributes).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if spec.multi_objective and metric is None:
+        raise ConfigError("a multi-objective study has no single ranking; reseed by one "
+                          "metric with --metric")
+    originals = [t for t in ranked(study, metric) if RESEED_OF not in t.user_attrs][:top]
+    if not originals:
+        raise ConfigError(f"study {study.study_name} has no COMPLETE trial to reseed")
+    # A reseed whose worker died is RUNNING until its heartbeat is stale: fail it (and
+    # queue its retry) first, so that it does not count as running elsewhere.
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    queued = 0
+    for original in originals:
+        base_seed = trial_config(spec, original.params).train.seed
+        for seed in reseed_seeds(base_seed, seeds):
+            states = {t.state for t in trials if t.user_attrs.get(RESEED_OF) == original.number
+                      and t.user_attrs.get(SEED) == seed}
+            if states & {TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING}:
+                continue
+            study.enqueue_trial(original.params, user_attrs={RESEED_OF: original.number,
+                                                             SEED: seed})
+            queued += 1
+    chosen = {t.number for t in originals}
+    log.info("reseeding trials %s with %d seeds each: %d runs queued",
+             ", ".join(map(str, sorted(chosen))), seeds, queued)
+
+    def waiting() -> int:
+        return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                   if t.user_attrs.get(RESEED_OF) in chosen)
+
+    left = waiting()
+    while left:
+        # Optuna runs queued trials oldest first: trials enqueued earlier by others run
+        # too (they belong to the study), then these.
+        optimize(study, spec, options, n_trials=left, timeout=None)
+        now = waiting()
+        if now >= left:  # another worker holds the queue's head; it runs them
+            break
+        left = now
+    return [g for g in seed_groups(study, metric) if g.number in chosen]
+
+
+def reseed_study(options: SweepOptions, *, top: int, seeds: int, metric: str | None,
+                 overrides: list[str]) -> tuple[str, str, list[SeedGroup]]:
+    """`mtbert best --reseed`: the study of `options`, swept with its stored spec (and
+    `overrides` on its base), its `top` trials reseeded; returns its name, what the
+    groups are ranked by, and the groups."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = open_storage(options.url, heartbeat=options.heartbeat, grace=options.grace,
+                       must_exist=True)
+    with storage_errors(options.url):
+        name = select_study(rdb, options.study)
+        spec = stored_spec(optuna.load_study(study_name=name, storage=rdb), overrides)
+        study = optuna.load_study(study_name=name, storage=rdb,
+                                  sampler=make_sampler(spec.sampler),
+                                  pruner=make_pruner(spec.pruner))
+        groups = reseed(study, spec, options, top=top, seeds=seeds, metric=metric)
+    for g in groups:
+        if len(g.trials) < seeds + 1:
+            log.warning("trial %d: %d of %d seeds complete%s; run the command again to retry "
+                        "the others", g.number, len(g.trials), seeds + 1,
+                        f" ({g.pending} queued or running)" if g.pending else "")
+    return name, metric or spec.objectives[0], groups
+
+
+def interrupted_table(options: SweepOptions, spec_name: str) -> list[str]:
+    """The table of an interrupted sweep's study, as far as it got (empty when there is
+    none to show: the interruption is what gets reported)."""
+    import optuna
+    import sqlalchemy.exc
+
+    from mtbert.studies.results import complete_trials, trials_table
+
+    try:
+        study = optuna.load_study(study_name=options.study or spec_name,
+                                  storage=with_driver(options.url))
+    except (KeyError, ValueError, sqlalchemy.exc.SQLAlchemyError) as err:
+        log.debug("no table of the interrupted study: %s", mask_url(str(err)))
+        return []
+    return trials_table(study) if complete_trials(study) else []
