@@ -23,6 +23,10 @@ class EncoderError(MtbertError):
     """An encoder checkpoint cannot be resolved or does not fit the model."""
 
 
+class ResumeStateError(MtbertError):
+    """A run's resume state (resume.pt) is not one mtbert wrote, or is damaged."""
+
+
 class TrainingError(MtbertError):
     """A run started but could not finish (NaN loss, out of memory, ...)."""
 

@@ -11,20 +11,28 @@ Sentence-BERT head, high * cos(u, v) of the siamese embeddings with no
 weights of its own (Reimers & Gurevych 2019); `classes`, the MLP with one
 logit per rounded score (`tasks.ScoreClassesTask` holds its loss and
 expected-score prediction).
+
+`MultitaskModel.task_loss` is the one loss of a batch the training loop and
+the gradient-conflict readings call for every task: the head's loss, plus,
+for a pair task with an auxiliary contrastive loss (`mtbert/contrastive.py`),
+that loss on the same forward pass's sentence embeddings.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mtbert.config import ModelConfig
+from mtbert.contrastive import ContrastiveLoss
 from mtbert.data import Batch, PackedView
 from mtbert.encoder import BertEncoder
 from mtbert.errors import ConfigError
+from mtbert.runtime import autocast
 from mtbert.tasks import RegressionTask, ScoreClassesTask, Task
 
 
@@ -71,6 +79,14 @@ class CosineHead(nn.Module):
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos = F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)
         return self.high * cos.unsqueeze(-1)  # (B, 1)
+
+
+@dataclass
+class TaskLoss:
+    """The loss of one task's batch."""
+
+    total: torch.Tensor  # scalar: the head's loss + weight x the auxiliary loss
+    auxiliary: torch.Tensor | None  # scalar: the unweighted auxiliary loss; None without one
 
 
 class MultitaskModel(nn.Module):
@@ -156,6 +172,29 @@ class MultitaskModel(nn.Module):
         else:
             features = self.embed(batch.task, *batch.views[0])  # (B, d)
         return self.heads[batch.task](features)
+
+    def task_loss(self, batch: Batch, contrastive: ContrastiveLoss | None = None, *,
+                  weight: float = 1.0) -> TaskLoss:
+        """The loss of a batch of one task, with `weight` x the `contrastive` loss if given.
+
+        The forward pass runs under autocast (bf16 on CUDA), the losses after
+        it in full precision: under autocast the contrastive cosine matrix
+        would be a bf16 matmul.
+        """
+        task = self.tasks[batch.task]
+        if contrastive is None:
+            with autocast(batch.labels.device):
+                output = self(batch)
+            return TaskLoss(task.loss(output, batch.labels), None)
+        if not self.is_siamese(batch):
+            raise ConfigError(f"the auxiliary {contrastive.name} loss of {batch.task} needs "
+                              "model.pair_encoding=siamese (one embedding per sentence)")
+        with autocast(batch.labels.device):
+            u, v = self.sentence_pair(batch)  # 2 x (B, d)
+            output = self.pair_output(batch.task, u, v)
+        head_loss = task.loss(output, batch.labels)
+        auxiliary = contrastive(u, v, task, batch.labels)
+        return TaskLoss(head_loss + weight * auxiliary, auxiliary)
 
     def sentence_pair(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings u, v (B, d) of the first and second sentences of a siamese batch."""

@@ -102,9 +102,11 @@ class Killed(Exception):
     """Raised from an on_eval callback: the run dies as a killed process would."""
 
 
-def train_killed_and_resumed(config, root: Path, kill_epoch: int = 0) -> tuple[dict, dict]:
+def train_killed_and_resumed(config, root: Path, kill_epoch: int = 0,
+                             before_resume=None) -> tuple[dict, dict]:
     """Summaries of an uninterrupted run (root/full) and of the same run killed after
-    epoch `kill_epoch` (0-based) then resumed (root/killed)."""
+    epoch `kill_epoch` (0-based) then resumed (root/killed); `before_resume(run_dir)`
+    may rewrite the killed run's files in between."""
     from mtbert.train import train
 
     full = train(config, run_dir=root / "full", device="cpu", progress=False)
@@ -116,6 +118,8 @@ def train_killed_and_resumed(config, root: Path, kill_epoch: int = 0) -> tuple[d
     with pytest.raises(Killed):
         train(config, run_dir=root / "killed", device="cpu", progress=False, on_eval=kill)
     assert not (root / "killed" / "summary.json").exists()
+    if before_resume is not None:
+        before_resume(root / "killed")
     resumed = train(config, run_dir=root / "killed", device="cpu", progress=False,
                     resume=True)
     return full, resumed

@@ -138,6 +138,28 @@ def test_packed_and_padded_give_the_same_head_output_aux_loss_and_gradients(sts_
         torch.testing.assert_close(results[1][2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_task_loss_is_the_head_loss_plus_the_weighted_auxiliary_loss():
+    a, b = _rows([4, 6, 9, 3], seed=5), _rows([7, 3, 5, 8], seed=6)
+    labels = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    batch = Batch("qqp", [_padded(a), _padded(b)], labels, np.arange(4))
+    torch.manual_seed(0)
+    model = MultitaskModel(BertEncoder(TINY), [TASKS["qqp"]], ModelConfig(
+        pair_encoding="siamese", dropout=0.0)).eval()
+    mnrl = CONTRASTIVE_LOSSES["mnrl"](LossConfig())
+    u, v = model.sentence_pair(batch)
+    head = TASKS["qqp"].loss(model.pair_output("qqp", u, v), labels)
+    aux = mnrl(u, v, TASKS["qqp"], labels)
+    with_aux = model.task_loss(batch, mnrl, weight=0.3)
+    assert with_aux.auxiliary.item() == pytest.approx(aux.item(), rel=1e-6)
+    assert with_aux.total.item() == pytest.approx(head.item() + 0.3 * aux.item(), rel=1e-6)
+    plain = model.task_loss(batch)
+    assert plain.auxiliary is None and plain.total.item() == pytest.approx(head.item(), rel=1e-6)
+    concat = MultitaskModel(BertEncoder(TINY), [TASKS["qqp"]], ModelConfig())
+    with pytest.raises(ConfigError, match="auxiliary mnrl loss of qqp needs "
+                                          "model.pair_encoding=siamese"):
+        concat.task_loss(Batch("qqp", [_padded(a)], labels, np.arange(4)), mnrl)
+
+
 @pytest.mark.parametrize("sts_head, contrastive, packing", [
     ("cosine", "none", "packed"), ("classes", "mnrl", "padded"),
     ("regression", "cosine_mse", "packed"), ("cosine", "mnrl", "packed")])

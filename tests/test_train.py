@@ -1,15 +1,18 @@
 """The training loop end to end on a tiny random model: files, determinism, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import mtbert
-from mtbert.errors import TrainingError
+from mtbert.cli import app
+from mtbert.errors import ResumeStateError, TrainingError
 from mtbert.tasks import METRIC_KEYS
-from conftest import train_killed_and_resumed
-from mtbert.train import train
+from conftest import Killed, train_killed_and_resumed
+from mtbert.train import RESUME_FILE, train
 
 
 def test_run_directory_files(tiny_config, tmp_path):
@@ -113,3 +116,116 @@ def test_sampling_by_size_over_equal_capped_tasks_warns(tiny_config, tmp_path, c
         train(config, run_dir=tmp_path / "p", device="cpu", progress=False)
     assert "every task has 48 training examples" in caplog.text
     assert "samples them uniformly" in caplog.text
+
+
+# The loop state as the code before LoopState saved it: a dict of these keys, and no
+# CUDA random states in the payload.
+OLD_STATE_KEYS = ("epoch", "step", "best", "history", "bad_evals", "train_time",
+                  "train_examples", "finished", "grad_cos")
+OLD_PAYLOAD_KEYS = ("model", "combiner", "optimizer", "scheduler", "samplers", "rng")
+
+
+def _rewrite_in_the_old_format(run_dir):
+    saved = torch.load(run_dir / RESUME_FILE, weights_only=True)
+    old = {key: saved[key] for key in OLD_PAYLOAD_KEYS}
+    old["state"] = {key: saved["state"][key] for key in OLD_STATE_KEYS}
+    assert set(old["state"]) == set(saved["state"])  # the loop state kept its keys
+    torch.save(old, run_dir / RESUME_FILE)
+
+
+def test_a_resume_state_of_the_old_format_resumes_to_the_uninterrupted_result(tiny_config,
+                                                                             tmp_path):
+    full, resumed = train_killed_and_resumed(tiny_config(train={"epochs": 3}), tmp_path,
+                                             before_resume=_rewrite_in_the_old_format)
+    assert resumed["best"] == full["best"]
+    assert (resumed["steps"], resumed["epochs_completed"]) == (18, 3)
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_resume_restores_the_cpu_random_state(tiny_config, tmp_path):
+    config = tiny_config()  # dropout 0.1: every training step draws from the CPU generator
+    states = {}
+
+    def record(run):
+        def on_eval(epoch, step, metrics):
+            states[run, epoch] = torch.get_rng_state()
+            if run == "killed":
+                raise Killed
+        return on_eval
+
+    train(config, run_dir=tmp_path / "full", device="cpu", progress=False,
+          on_eval=record("full"))
+    with pytest.raises(Killed):
+        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
+              on_eval=record("killed"))
+    saved = torch.load(tmp_path / "killed" / RESUME_FILE, weights_only=True)
+    assert torch.equal(saved["rng"], states["full", 0])
+    assert saved["cuda_rng"] == []  # CUDA never started in a CPU run
+    train(config, run_dir=tmp_path / "killed", device="cpu", progress=False, resume=True,
+          on_eval=record("resumed"))
+    assert not torch.equal(states["full", 0], states["full", 1])  # epoch 2 drew
+    assert torch.equal(states["resumed", 1], states["full", 1])
+
+
+class _Touch:
+    """Unpickling it creates a file: what an unsafe loader would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def _garbage(path):
+    path.write_bytes(b"\x80\x04garbage, not a checkpoint\xff" * 8)
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _arbitrary_object(path):
+    torch.save({"model": _Touch(path.parent / "pwned")}, path)
+
+
+def _other_keys(path):
+    torch.save({"weights": torch.zeros(2)}, path)
+
+
+REFUSED = ("the safe loader refused it: it holds something other than tensors and plain "
+           "values, or is no PyTorch file")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_garbage, REFUSED),
+    (_truncated, "not a complete PyTorch file: truncated or damaged"),
+    (_arbitrary_object, REFUSED),
+    (_other_keys, "no model, combiner, optimizer, scheduler, samplers, rng, state"),
+])
+def test_a_resume_state_mtbert_did_not_write_is_a_one_line_error(tiny_config, tmp_path,
+                                                                 damage, reason):
+    config = tiny_config(train={"epochs": 1})
+    train(config, run_dir=tmp_path / "run", device="cpu", progress=False)
+    path = tmp_path / "run" / RESUME_FILE
+    damage(path)
+    with pytest.raises(ResumeStateError) as caught:
+        train(config, run_dir=tmp_path / "run", device="cpu", progress=False, resume=True)
+    assert str(caught.value) == f"{path}: not a resume state written by mtbert ({reason})"
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "run" / "pwned").exists()
+
+
+def test_cli_resume_from_a_truncated_state_exits_2_with_one_line(tiny_config, tmp_path):
+    train(tiny_config(train={"epochs": 1}), run_dir=tmp_path / "run", device="cpu",
+          progress=False)
+    _truncated(tmp_path / "run" / RESUME_FILE)
+    result = CliRunner().invoke(app, ["--quiet", "train", "--resume", str(tmp_path / "run"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtbert: error: ")
+    assert lines[0].endswith("not a resume state written by mtbert (not a complete PyTorch "
+                             "file: truncated or damaged)")
