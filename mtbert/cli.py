@@ -159,7 +159,12 @@ def main(
                                         help="Only warnings and errors on stderr; no "
                                              "progress bars.")] = False,
 ) -> None:
+    from mtbert.studies.storage import mask_url
+
     _setup_logging(quiet)
+    # The command line is parsed; what stays in sys.argv is only read by others, such as
+    # W&B, which records it with every run: no storage password goes there.
+    sys.argv[:] = [mask_url(arg) for arg in sys.argv]
 
 
 # ---------------------------------------------------------------- one model
@@ -175,6 +180,9 @@ def train(
     device: DeviceOption = Device.auto,
     resume: Annotated[Optional[Path], typer.Option(
         "--resume", help="Continue a killed run from its last finished epoch.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the run that --out holds (refused without it).")]
+    = False,
 ) -> None:
     """Train one multitask model; writes config, metrics, summary and the best model."""
     from mtbert.config import load_config
@@ -191,7 +199,8 @@ def train(
         run_config = load_config(config, _overrides(set_, data_dir))
         run_dir = out or Path("mtbert-runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
     summary = run_training(run_config, run_dir=run_dir, device=device.value,
-                           resume=resume is not None, progress=_progress())
+                           resume=resume is not None, progress=_progress(),
+                           existing="replace" if overwrite else "refuse")
     best = summary["best"]
     typer.echo(f"run: {run_dir}")
     typer.echo(f"best: epoch {best['epoch']} step {best['step']} (by {summary['selection_metric']})")
@@ -485,7 +494,7 @@ def sweep(
         return typer.echo(spec_yaml(resolved), nl=False)
     options = SweepOptions(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
-        study=check_study_name(study) if study else None, storage=storage, out=out,
+        study=None if study is None else check_study_name(study), storage=storage, out=out,
         wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu)
     try:
@@ -729,13 +738,18 @@ def report(
         "--wandb-mode", help="W&B mode for --wandb (default: online with an API key, else "
                              "offline).")] = None,
     wandb_project: WandbProjectOption = "mtbert",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Write over a non-empty --to directory (refused without it; "
+                            "the default report directory is always rewritten).")] = False,
 ) -> None:
     """Write a study report: index.html (opens offline) and the figures as PNG files."""
     from mtbert.runtime import wandb_dir
-    from mtbert.studies.report import build_report, log_study_report
+    from mtbert.studies.report import build_report, check_destination, log_study_report
     from mtbert.studies.storage import mask_url, open_study
 
     mode = _wandb_mode(wandb_mode) if wandb else "disabled"
+    if to is not None:
+        check_destination(to, overwrite=overwrite)
     loaded, url = open_study(storage, out, study)
     dest = to or out / loaded.study_name / "report"
     written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
@@ -758,8 +772,16 @@ def _click_exceptions():
     return exceptions
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's stop) ends a command like Ctrl-C
+
+
 def run() -> None:
-    """Console-script entry point: usage errors are one line too (exit 2)."""
+    """Console-script entry point: usage errors are one line too (exit 2); SIGTERM and
+    Ctrl-C end a command with exit 130, its resume state intact."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
     exceptions = _click_exceptions()
     try:
         code = app(standalone_mode=False)

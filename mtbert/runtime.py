@@ -8,6 +8,8 @@ Every command imports this module, so it imports nothing of the training stack:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import platform
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mtbert.errors import TrainingError
+from mtbert.errors import MtbertError, TrainingError
 from mtbert.version import __version__
 
 
@@ -77,3 +79,33 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold `run_dir` for this process: a second process that asks for it while the first
+    runs is refused at once (an advisory lock, released when the process ends, even by
+    SIGKILL, so a killed run leaves nothing to clean up)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise MtbertError(f"{run_dir} is in use by another mtbert process (pid {holder}); "
+                              "wait for it to finish or pick another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import pickle
+import shutil
 import sys
 import time
 import warnings
@@ -37,14 +38,14 @@ from mtbert.contrastive import ContrastiveLoss, make_contrastive
 from mtbert.data import (Batch, EncodedSet, TaskSampler, make_task_sampler, read_examples,
                          sample_indices, tokenize_cached)
 from mtbert.encoder import load_pretrained
-from mtbert.errors import DataError, ResumeStateError, TrainingError
+from mtbert.errors import ConfigError, DataError, ResumeStateError, TrainingError
 from mtbert.evaluate import evaluate
 from mtbert.fastpath import configure_packing
 from mtbert.heads import MultitaskModel, TaskLoss
 from mtbert.modeldir import save_model_dir
 from mtbert.optim import apply_freezing, linear_schedule, make_optimizer
 from mtbert.runtime import (atomic_torch_save, atomic_write_jsonl, atomic_write_text,
-                            environment, resolve_device)
+                            environment, resolve_device, run_dir_lock)
 from mtbert.schedules import Schedule, epoch_batches, make_schedule, optimizer_steps, step_size
 from mtbert.tasks import get_task
 from mtbert.tokenize import Tokenizer
@@ -144,15 +145,49 @@ class LoopState:
         return cls(**saved)
 
 
+# What a run writes into its directory; `existing="replace"` removes these and nothing else.
+RUN_FILES = ("config.yaml", METRICS_FILE, "summary.json", RESUME_FILE, GRAD_CONFLICT_FILE,
+             "model")
+
+
 def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: bool = False,
-          progress: bool = True, on_eval: EvalCallback | None = None) -> dict:
+          progress: bool = True, on_eval: EvalCallback | None = None,
+          existing: str = "reuse") -> dict:
     """Train one multitask run into `run_dir`; returns summary.json's content.
 
     `on_eval(epoch, step, metrics)` is called after every evaluation with the
     metric keys and `train/loss` (a sweep reports to Optuna there and may raise
     to prune). With `resume`, training continues from the last finished epoch
-    saved in `run_dir`.
+    saved in `run_dir`. A run directory that already holds a run is reused (a
+    sweep or comparison manages its own), refused (`existing="refuse"`, what
+    `mtbert train --out` does) or cleared first (`"replace"`). One process at a
+    time trains in a directory.
     """
+    with run_dir_lock(run_dir):
+        if not resume:
+            claim_run_dir(Path(run_dir), existing)
+        return _train(config, run_dir=Path(run_dir), device=device, resume=resume,
+                      progress=progress, on_eval=on_eval)
+
+
+def claim_run_dir(run_dir: Path, existing: str) -> None:
+    """Refuse or clear a directory that holds another run's files (see `train`)."""
+    if existing not in ("reuse", "refuse", "replace"):
+        raise ValueError(f"existing={existing!r}; valid: reuse, refuse, replace")
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found or existing == "reuse":
+        return
+    if existing == "refuse":
+        raise ConfigError(f"{run_dir} holds a run already ({', '.join(found)}); continue it "
+                          f"with --resume {run_dir}, replace it with --overwrite, or pick "
+                          "another --out")
+    for name in found:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def _train(config: RunConfig, *, run_dir: Path, device: str, resume: bool, progress: bool,
+           on_eval: EvalCallback | None) -> dict:
     started = time.perf_counter()
     s = setup(config, Path(run_dir), resolve_device(device))
     state = start_or_resume(s, resume=resume)

@@ -399,6 +399,15 @@ def plot_seed_groups(groups: list, objective: str, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def check_destination(dest: Path, *, overwrite: bool) -> None:
+    """A report directory given by the user that holds files already is written over only
+    with `overwrite`: it may be another study's report, or anything else."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
+        raise MtbertError(f"{dest} exists and is not empty; pass --overwrite to write the "
+                          "report over it, or pick another --to")
+
+
 def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
     """Write the figures and index.html of `study` into `dest`; returns what was written."""
     import matplotlib
