@@ -180,9 +180,20 @@ def _split_line(line: str) -> tuple[list[str], bool]:
 
 
 def _printable(text: str, limit: int = 80) -> str:
-    """A short, printable prefix of `text` for an error message (headers can be binary)."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return shown + ("..." if len(text) > limit else "")
+    """A short, printable prefix of `text` for an error message (a header can be 5 MB of
+    binary): other characters escaped, undecodable bytes as \\xNN."""
+    shown: list[str] = []
+    length = 0
+    for c in text:
+        if "\udc80" <= c <= "\udcff":  # a byte that is not UTF-8 (surrogateescape)
+            c = f"\\x{ord(c) - 0xdc00:02x}"
+        elif not c.isprintable():
+            c = repr(c)[1:-1]
+        if length + len(c) > limit:
+            return "".join(shown) + "..."
+        shown.append(c)
+        length += len(c)
+    return "".join(shown)
 
 
 def sample_indices(n: int, cap: int, *, seed: int, key: str) -> np.ndarray:
