@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtbert.config import RunConfig, build_config, flatten, load_config
+from mtbert.config import SEED_MAX, RunConfig, build_config, flatten, load_config
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import (aligned_table, first_line, format_mean_std, markdown_table,
                                save_figure)
@@ -244,6 +244,9 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
         raise ConfigError(f"unknown metric '{metric}'; valid: {', '.join(METRIC_KEYS)}")
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ConfigError(f"seeds must be distinct and at least one; got {seeds}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"bad seed {seed!r} in {seeds}; valid range: 0..{SEED_MAX}")
     out = Path(out)
     plan = _plan(candidates, seeds, out)
     name = out.resolve().name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -23,8 +24,24 @@ from mtbert.errors import ConfigError
 from mtbert.tasks import METRIC_KEYS, TASKS
 
 
+# Seeds go to numpy, torch and CUDA generators; 32 bits is what all of them take.
+SEED_MAX = 2**32 - 1
+# Upper bounds of the size keys: far above any sensible run, low enough that a typo
+# (an extra digit or two) is refused at once rather than as an out-of-memory error
+# minutes into a run.
+MAX_UNITS = 65536  # model.head_hidden, batch sizes
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10_000_000
+MAX_EXAMPLES = 1_000_000_000
+
+
 def _opt(default: Any, help: str, **checks: Any) -> Any:
-    """A config field with its documentation and value checks."""
+    """A config field with its documentation and value checks.
+
+    Checks: `min`, `max` (numbers, or each number of a list or mapping; every float
+    must also be finite), `choices` (a tuple, or the name of a registry), `unique` (a
+    list names each item at most once).
+    """
     meta = {"help": help, **checks}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -41,7 +58,7 @@ class ModelConfig:
         "shared", "Dense+tanh pooler on the embedding: BERT's own (shared by all heads), one "
         "per task head (initialised from BERT's), or none.")
     head_hidden: int = _opt(0, "Units of a hidden ReLU layer in each head (0 = linear head).",
-                            min=0)
+                            min=0, max=MAX_UNITS)
     dropout: float = _opt(0.1, "Dropout before each head layer.", min=0.0, max=0.99)
     pair_encoding: Literal["concat", "siamese"] = _opt(
         "concat", "Pairs: one pass over '[CLS] a [SEP] b [SEP]' (concat) or one pass per "
@@ -63,28 +80,32 @@ class DataConfig:
     dir: str | None = _opt(None, "Directory of the task files; else $MTBERT_DATA_DIR, else "
                            "~/.cache/mtbert/data.")
     tasks: list[str] = _opt(list(TASKS), "Tasks to train and evaluate (one task = single-task "
-                            "training).", choices=tuple(TASKS))
+                            "training).", choices=tuple(TASKS), unique=True)
     files: dict[str, dict[str, str]] = _opt(
         {name: dict(task.files) for name, task in TASKS.items()},
         "File name per task and split, relative to data.dir.")
     max_train_examples: int = _opt(0, "Cap on training examples per task, a seeded random "
-                                   "sample (0 = all).", min=0)
+                                   "sample (0 = all).", min=0, max=MAX_EXAMPLES)
     max_eval_examples: int = _opt(0, "Cap on dev examples per task, a seeded random sample "
-                                  "(0 = all).", min=0)
+                                  "(0 = all).", min=0, max=MAX_EXAMPLES)
     cache_dir: str | None = _opt(None, "Token cache; else $MTBERT_CACHE_DIR, else "
                                  "~/.cache/mtbert/tokens.")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(3, "Training epochs (an evaluation on dev after each).", min=1)
+    epochs: int = _opt(3, "Training epochs (an evaluation on dev after each).", min=1,
+                       max=MAX_EPOCHS)
     steps_per_epoch: int = _opt(0, "Optimizer steps per epoch; 0 = one pass over all "
-                                "training examples.", min=0)
-    batch_size: int = _opt(32, "Examples per batch (one task per batch).", min=1)
-    eval_batch_size: int = _opt(128, "Examples per batch at evaluation.", min=1)
+                                "training examples.", min=0, max=MAX_STEPS)
+    batch_size: int = _opt(32, "Examples per batch (one task per batch).", min=1,
+                           max=MAX_UNITS)
+    eval_batch_size: int = _opt(128, "Examples per batch at evaluation.", min=1,
+                                max=MAX_UNITS)
     lr: float = _opt(5e-5, "Peak learning rate of the encoder's top layer and the heads.",
                      min=0.0)
-    seed: int = _opt(0, "Seed of sampling, shuffling, dropout and initialisation.")
+    seed: int = _opt(0, "Seed of sampling, shuffling, dropout and initialisation.", min=0,
+                     max=SEED_MAX)
     schedule: str = _opt("round_robin_batch", "Task-sampling schedule.",
                          choices="schedules")
     alpha: float = _opt(1.0, "proportional: p_i proportional to N_i^alpha (1 = by size, "
@@ -100,15 +121,18 @@ class TrainConfig:
     triple_batch_truncate: bool = _opt(
         False, "triple_batch with full passes: end the pass with the smallest task instead "
         "of cycling the smaller tasks until the largest is done.")
-    grad_accum: int = _opt(1, "Batches accumulated per optimizer step.", min=1)
+    grad_accum: int = _opt(1, "Batches accumulated per optimizer step.", min=1,
+                           max=MAX_UNITS)
     patience: int = _opt(0, "Stop after this many evaluations without improvement "
-                         "(0 = never).", min=0)
+                         "(0 = never).", min=0, max=MAX_EPOCHS)
     select_metric: str = _opt("overall/geometric", "Metric that picks the best checkpoint.",
                               choices=METRIC_KEYS)
-    log_every: int = _opt(10, "Optimizer steps between loss readings (progress bar).", min=1)
+    log_every: int = _opt(10, "Optimizer steps between loss readings (progress bar).", min=1,
+                          max=MAX_STEPS)
     log_grad_conflict_every: int = _opt(
         0, "Every this many optimizer steps, log the cosine similarity of each pair of task "
-        "gradients on the shared encoder as grad_cos/<a>-<b> (0 = off).", min=0)
+        "gradients on the shared encoder as grad_cos/<a>-<b> (0 = off).", min=0,
+        max=MAX_STEPS)
     # Fast path: how batches reach the encoder (mtbert/fastpath.py).
     packing: Literal["auto", "packed", "padded"] = _opt(
         "auto", "Batches as packed real tokens (no padding) or padded to their longest "
@@ -133,24 +157,24 @@ class OptimConfig:
                               "embeddings lr*xi^L (layers 1..L); 1.0 = off.", min=0.0, max=1.0)
     layer_scales: dict[str, float] = _opt(
         {}, "LR multiplier per encoder layer set, layers numbered 0..L-1: e.g. "
-        "{'0-7': 1.0, '8-11': 2.0}; keys are 'N', 'N-M' or 'embeddings'.")
+        "{'0-7': 1.0, '8-11': 2.0}; keys are 'N', 'N-M' or 'embeddings'.", min=0.0)
     freeze: Literal["none", "encoder", "embeddings"] = _opt(
         "none", "Frozen parameters: none, the whole encoder incl. its pooler (heads only), or "
         "the embeddings.")
     train_layers: list[int] = _opt(
         [], "If set, only these encoder layers (0..L-1) and the heads train: single-layer "
-        "probing.")
+        "probing.", min=0, unique=True)
     unfreeze_after: int = _opt(0, "Unfreeze everything after this many epochs (0 = never).",
-                               min=0)
+                               min=0, max=MAX_EPOCHS)
     head_lr: dict[str, float] = _opt({}, "Peak LR of each task's head and pooler (default: "
-                                     "train.lr).")
+                                     "train.lr).", min=0.0)
 
 
 @dataclass
 class LossConfig:
     method: str = _opt("sum", "How task losses combine.", choices="losses")
     weights: dict[str, float] = _opt({name: 1.0 for name in TASKS},
-                                     "weighted: weight of each task's loss.")
+                                     "weighted: weight of each task's loss.", min=0.0)
     weight_lr: float = _opt(0.01, "uncertainty, liebel, gradnorm: peak LR of the learned "
                             "loss weights (they follow the warm-up and decay of train.lr).",
                             min=0.0)
@@ -168,7 +192,7 @@ class LossConfig:
     contrastive_tasks: list[str] = _opt(
         [name for name, task in TASKS.items() if task.is_pair],
         "Pair tasks that get the auxiliary loss.",
-        choices=tuple(name for name, task in TASKS.items() if task.is_pair))
+        choices=tuple(name for name, task in TASKS.items() if task.is_pair), unique=True)
     mnrl_scale: float = _opt(20.0, "mnrl: scale of the cosine logits (Sentence-BERT's 20).",
                              min=1e-3)
     mnrl_threshold: float = _opt(4.0, "mnrl: a score-task (STS) pair with a gold score at "
@@ -210,24 +234,31 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
             raise ConfigError(f"bad value {value!r} for {key}; valid: {', '.join(args)}")
         return value
     if origin is list:
+        given = value
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"bad value {value!r} for {key}; expected a list")
-        items = [_coerce(key, v, args[0], {}) for v in value]
+        items = [_coerce(key, v, args[0], _bounds(meta)) for v in value]
         choices = meta.get("choices")
         for item in items:
             if choices and item not in choices:
                 raise ConfigError(f"bad value {item!r} in {key}; valid: {', '.join(choices)}")
         if not items and choices:
             raise ConfigError(f"{key} is empty; valid: {', '.join(choices)}")
+        repeated = [item for i, item in enumerate(items) if item in items[:i]]
+        if meta.get("unique") and repeated:
+            valid = f"; valid: {', '.join(choices)}" if choices else ""
+            raise ConfigError(f"bad value {given!r} for {key}; {repeated[0]!r} is listed more "
+                              f"than once (each at most once{valid})")
         return items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"bad value {value!r} for {key}; expected a mapping")
-        return {str(k): _coerce(f"{key}.{k}", v, args[1], {}) for k, v in value.items()}
+        return {str(k): _coerce(f"{key}.{k}", v, args[1], _bounds(meta))
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
@@ -235,16 +266,21 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
             raise ConfigError(f"bad value {value!r} for {key}; expected true or false")
         return value
     if tp in (int, float):
+        low, high = meta.get("min"), meta.get("max")
+        bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
         try:
             if isinstance(value, bool):
                 raise ValueError
             number = float(value) if tp is float else _as_int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int("inf")
             kind = "an integer" if tp is int else "a number"
-            raise ConfigError(f"bad value {value!r} for {key}; expected {kind}") from None
-        low, high = meta.get("min"), meta.get("max")
+            raise ConfigError(f"bad value {value!r} for {key}; expected {kind}, valid range: "
+                              f"{bounds}") from None
+        # NaN passes every comparison and inf every lower bound: neither is a setting.
+        if not math.isfinite(number):
+            raise ConfigError(f"bad value {value!r} for {key}; expected a finite number, "
+                              f"valid range: {bounds}")
         if (low is not None and number < low) or (high is not None and number > high):
-            bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
             raise ConfigError(f"bad value {value!r} for {key}; valid range: {bounds}")
         return number
     if tp is str:
@@ -260,7 +296,14 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
     raise TypeError(f"config field {key} has an unsupported type {tp!r}")
 
 
+def _bounds(meta: dict[str, Any]) -> dict[str, Any]:
+    """The checks of a list or mapping that apply to each of its numbers."""
+    return {name: meta[name] for name in ("min", "max") if name in meta}
+
+
 def _as_int(value: Any) -> int:
+    if isinstance(value, int):
+        return value  # exact, however large (a float would round it)
     number = float(value)
     if number != int(number):
         raise ValueError
@@ -297,21 +340,11 @@ def _check(config: RunConfig) -> None:
     for name in config.loss.weights:
         if name not in TASKS:
             raise ConfigError(f"unknown task '{name}' in loss.weights; valid: {', '.join(TASKS)}")
-    for name, weight in config.loss.weights.items():
-        if weight < 0:
-            raise ConfigError(f"bad value {weight!r} for loss.weights.{name}; must be >= 0")
-    for name, lr in config.optim.head_lr.items():
+    for name in config.optim.head_lr:
         if name not in TASKS:
             raise ConfigError(f"unknown task '{name}' in optim.head_lr; valid: {', '.join(TASKS)}")
-        if lr < 0:
-            raise ConfigError(f"bad value {lr!r} for optim.head_lr.{name}; must be >= 0")
-    for spec, scale in config.optim.layer_scales.items():
+    for spec in config.optim.layer_scales:
         parse_layer_set(spec)
-        if scale < 0:
-            raise ConfigError(f"bad value {scale!r} for optim.layer_scales.{spec}; must be >= 0")
-    if any(layer < 0 for layer in config.optim.train_layers):
-        raise ConfigError(f"bad value {config.optim.train_layers} for optim.train_layers; "
-                          "layers are numbered from 0")
     siamese = config.model.pair_encoding == "siamese"
     if config.model.sts_head == "cosine" and not siamese:
         raise ConfigError("model.sts_head=cosine compares the two sentence embeddings; set "
@@ -442,6 +475,12 @@ def describe() -> list[tuple[str, str, str]]:
             hint = typing.get_type_hints(type(section_value))[f.name]
             if typing.get_origin(hint) is Literal:
                 help_text += f" One of: {', '.join(typing.get_args(hint))}."
+            low, high = f.metadata.get("min"), f.metadata.get("max")
+            if low is not None or high is not None:
+                help_text += (f" Range: {low if low is not None else '-inf'}.."
+                              f"{high if high is not None else 'inf'}.")
+            if f.metadata.get("unique"):
+                help_text += " Each at most once."
             if isinstance(value, dict) and value:
                 for sub, sub_value in flatten(value, f"{key}.").items():
                     rows.append((sub, _show(sub_value), help_text))

@@ -1,9 +1,17 @@
 """Reading task files, the token cache, and batches padded to their longest member.
 
-Files are the CS224N ones: tab-separated, a header, columns used by name.
-Malformed rows (empty text, empty or out-of-range label, a short row) are
-skipped and counted, never kept and never fatal; a missing file or a missing
-required column is one `DataError` naming file and column.
+Files are the CS224N ones: tab-separated, a header, columns used by name,
+fields quoted CSV-style where needed. One line is one row: every line after
+the header is either kept or skipped and counted, so `rows` is always the
+file's lines minus the header. Malformed rows (empty text, empty or
+out-of-range label, too few or too many fields, a blank line, bytes that are
+not UTF-8) are skipped and counted, never kept and never fatal. A quote still
+open at the end of its line would make a CSV reader swallow every following
+line into one field; such a line is read again with its quotes as plain
+characters, still as one row, and counted (`unclosed_quotes`). Quoted fields
+spanning lines are therefore not supported; the task files have none. A
+missing file, a directory or a missing required column is one `DataError`
+naming the file and column.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tempfile
 import zlib
 from collections import Counter
@@ -38,13 +47,16 @@ class FileStats:
 
     file: str
     sha256: str
-    rows: int
+    rows: int  # lines after the header: kept + skipped
     skipped: int
     reasons: dict[str, int] = field(default_factory=dict)
+    # Lines whose quote never closed, read with the quote as a character (kept or skipped).
+    unclosed_quotes: int = 0
 
     def to_json(self) -> dict:
         return {"file": self.file, "sha256": self.sha256, "rows": self.rows,
-                "skipped": self.skipped, "skip_reasons": self.reasons}
+                "skipped": self.skipped, "skip_reasons": self.reasons,
+                "unclosed_quotes": self.unclosed_quotes}
 
 
 @dataclass
@@ -62,54 +74,126 @@ class Examples:
 def read_examples(path: Path, task: Task, *, labelled: bool = True) -> Examples:
     """The valid rows of `path`; `labelled=False` reads prediction-only files."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist; get the task files with "
-                        "`mtbert data download --data-dir DIR` or point data.dir at them")
-    raw = path.read_bytes()
+    raw = _read_task_file(path)
     digest = hashlib.sha256(raw).hexdigest()
-    text = raw.decode("utf-8", errors="replace")
-    # newline="" keeps line breaks inside quoted fields and odd separators (\x85,
-    # \u2028) in the text, as the csv module expects.
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
-    columns = [c for c in (reader.fieldnames or [])]
+    # Undecodable bytes become lone surrogates (one per byte, line breaks untouched), so
+    # the lines that hold them can be found, skipped and counted instead of silently
+    # carrying U+FFFD into training.
+    text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    not_utf8 = _SURROGATE.search(text) is not None
+    # newline="" splits lines where the csv module would (\n, \r\n, \r) and keeps odd
+    # separators (\x85, \u2028) inside the text.
+    lines = io.StringIO(text, newline="").readlines()
+    try:
+        columns, _ = _split_line(lines[0]) if lines else ([], False)
+    except csv.Error as err:
+        raise DataError(f"{path}: the header line cannot be read ({err})") from None
     required = list(task.text_columns) + ([task.label_column] if labelled else [])
     for column in ["id", *required]:
         if column not in columns:
-            shown = ", ".join(c for c in columns if c) or "none"
+            shown = _printable(", ".join(c for c in columns if c)) or "none"
             raise DataError(f"{path}: missing column '{column}' (found: {shown}); "
                             f"{task.name} needs {', '.join(['id', *required])}")
+    index = {name: i for i, name in enumerate(columns)}  # a repeated name: the last one
+    last_required = max(index[c] for c in ["id", *required])
     ids, texts, labels = [], [], []
     reasons: Counter[str] = Counter()
-    rows = 0
-    try:
-        for row in reader:
-            rows += 1
-            if None in row or any(row.get(c) is None for c in required):
-                reasons["short row"] += 1
+    unclosed: list[int] = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not_utf8 and _SURROGATE.search(line):
+            reasons["not UTF-8"] += 1
+            continue
+        try:
+            fields_, open_quote = _split_line(line)
+        except csv.Error:  # e.g. a field over csv.field_size_limit
+            reasons["unreadable line"] += 1
+            continue
+        if open_quote:
+            unclosed.append(number)
+        if not fields_:
+            reasons["blank line"] += 1
+            continue
+        if len(fields_) > len(columns):
+            reasons["too many fields"] += 1
+            continue
+        if len(fields_) <= last_required:
+            reasons["short row"] += 1
+            continue
+        row = tuple(fields_[index[c]].strip() for c in task.text_columns)
+        if not all(row):
+            reasons["empty text"] += 1
+            continue
+        if labelled:
+            raw_label = fields_[index[task.label_column]].strip()
+            label = task.parse_label(raw_label)
+            if label is None:
+                reasons["label out of range" if raw_label else "empty label"] += 1
                 continue
-            fields_ = tuple(row[c].strip() for c in task.text_columns)
-            if not all(fields_):
-                reasons["empty text"] += 1
-                continue
-            if labelled:
-                label = task.parse_label(row[task.label_column].strip())
-                if label is None:
-                    empty = not row[task.label_column].strip()
-                    reasons["empty label" if empty else "label out of range"] += 1
-                    continue
-                labels.append(label)
-            ids.append(row["id"].strip())
-            texts.append(fields_)
-    except csv.Error as err:
-        raise DataError(f"{path}: unreadable at row {rows + 1} ({err})") from None
+            labels.append(label)
+        ids.append(fields_[index["id"]].strip())
+        texts.append(row)
+    rows = max(len(lines) - 1, 0)
     skipped = sum(reasons.values())
     if skipped:
         detail = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
         log.warning("%s: skipped %d of %d rows (%s)", path.name, skipped, rows, detail)
+    if unclosed:
+        log.warning("%s: %d line(s) open a quote that never closes (line %s); read with the "
+                    "quote as a plain character, one row per line", path.name, len(unclosed),
+                    ", ".join(map(str, unclosed[:5])) + (", ..." if len(unclosed) > 5 else ""))
     stats = FileStats(file=path.name, sha256=digest, rows=rows, skipped=skipped,
-                      reasons=dict(reasons))
+                      reasons=dict(reasons), unclosed_quotes=len(unclosed))
     label_array = np.asarray(labels, dtype=np.float32) if labelled else None
     return Examples(task, ids, texts, label_array, stats, digest)
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _read_task_file(path: Path) -> bytes:
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory; name a task file in it, or point "
+                        "data.dir at it")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist; get the task files with "
+                        "`mtbert data download --data-dir DIR` or point data.dir at them"
+                        ) from None
+    except OSError as err:
+        raise DataError(f"data file {path} cannot be read ({err.strerror or err})") from None
+
+
+def _split_line(line: str) -> tuple[list[str], bool]:
+    """The fields of one line, and whether a quote in it never closes.
+
+    csv keeps the line break in a field whose quote is still open at the end of the
+    line (it would go on reading the next lines into it); such a line is split again
+    with quotes as plain characters.
+    """
+    if not line.endswith(("\n", "\r")):
+        line += "\n"  # the last line: an open quote then shows as a line break too
+    fields_ = next(csv.reader((line,), delimiter="\t"), [])
+    if any("\n" in f or "\r" in f for f in fields_):
+        return next(csv.reader((line,), delimiter="\t", quoting=csv.QUOTE_NONE), []), True
+    return fields_, False
+
+
+def _printable(text: str, limit: int = 80) -> str:
+    """A short, printable prefix of `text` for an error message (a header can be 5 MB of
+    binary): other characters escaped, undecodable bytes as \\xNN."""
+    shown: list[str] = []
+    length = 0
+    for c in text:
+        if "\udc80" <= c <= "\udcff":  # a byte that is not UTF-8 (surrogateescape)
+            c = f"\\x{ord(c) - 0xdc00:02x}"
+        elif not c.isprintable():
+            c = repr(c)[1:-1]
+        if length + len(c) > limit:
+            return "".join(shown) + "..."
+        shown.append(c)
+        length += len(c)
+    return "".join(shown)
 
 
 def sample_indices(n: int, cap: int, *, seed: int, key: str) -> np.ndarray:

@@ -10,19 +10,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mtbert.config import build_config
+from mtbert.config import RunConfig, build_config, read_yaml
 from mtbert.data import EncodedSet, Examples, FileStats, tokenize_cached
 from mtbert.encoder import BertConfig, BertEncoder
-from mtbert.errors import MtbertError
+from mtbert.errors import ConfigError, EncoderError, MtbertError
 from mtbert.evaluate import SetOutputs, predict_set, predict_set_outputs
+from mtbert.formatting import first_line
 from mtbert.heads import MultitaskModel
 from mtbert.modeldir import ENCODER_CONFIG, WEIGHTS
 from mtbert.tasks import RegressionTask, get_task
@@ -30,28 +32,140 @@ from mtbert.tokenize import Tokenizer
 
 log = logging.getLogger("mtbert")
 
+# Bounds of encoder_config.json's sizes, so that a corrupt file cannot make even the
+# shape check (a model on the meta device) build millions of layers; BERT-large is
+# 24 layers, hidden 1024, vocabulary 30522.
+_ENCODER_LIMITS = {"vocab_size": (1, 10_000_000), "hidden_size": (1, 65536),
+                   "num_hidden_layers": (0, 1024), "num_attention_heads": (1, 4096),
+                   "intermediate_size": (1, 1_000_000), "max_position_embeddings": (1, 1_000_000),
+                   "type_vocab_size": (1, 1024), "pad_token_id": (0, 10_000_000)}
+
+
+def _broken(path: Path, what: str) -> MtbertError:
+    return MtbertError(f"{path} {what}; export the model again with `mtbert train` or "
+                       "`mtbert best --export`")
+
+
+def _read_run_config(path: Path) -> RunConfig:
+    data = read_yaml(path)  # ConfigError naming the file: not YAML, not a mapping, unreadable
+    if not data:
+        raise _broken(path, "is empty")
+    try:
+        return build_config(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _read_encoder_config(path: Path) -> BertConfig:
+    try:
+        data = json.loads(path.read_bytes())
+    except UnicodeDecodeError:
+        raise _broken(path, "is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise _broken(path, f"is not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise _broken(path, "must hold a JSON object of BERT sizes")
+    for key, (low, high) in _ENCODER_LIMITS.items():
+        value = data.get(key, getattr(BertConfig, key))
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _broken(path, f"has {key} {_short(repr(value))}; valid: an integer in "
+                                f"{low}..{high}")
+    for key in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        value = data.get(key, getattr(BertConfig, key))
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not 0 <= value < 1):
+            raise _broken(path, f"has {key} {_short(repr(value))}; valid: a number in [0, 1)")
+    try:
+        return BertConfig.from_dict(data)
+    except EncoderError as err:
+        raise EncoderError(f"{path}: {err}") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise _broken(path, f"is not a readable safetensors file ({_short(first_line(err))})"
+                      ) from None
+
+
+def _fitting_model(directory: Path, bert: BertConfig, tasks: list, config: RunConfig,
+                   state: dict[str, torch.Tensor]) -> MultitaskModel:
+    """The model of the sizes in encoder_config.json and config.yaml, once the weights are
+    known to fit it: every key and shape is compared on a model on the meta device first
+    (no memory), so a mismatch is one line naming the keys, not a failed allocation or
+    load_state_dict's page of text."""
+    with torch.device("meta"):
+        skeleton = MultitaskModel(BertEncoder(bert), tasks, config.model)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+                 for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    problems = [f"{label} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                    ("misshaped", misshaped)) if keys]
+    if problems:
+        raise _broken(directory / WEIGHTS, f"does not fit {ENCODER_CONFIG} and config.yaml: "
+                      + "; ".join(problems))
+    return MultitaskModel(BertEncoder(bert), tasks, config.model)
+
+
+def _read_tokenizer(directory: Path) -> Tokenizer:
+    try:
+        return Tokenizer(directory)
+    except MtbertError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        raise _broken(directory, f"has tokenizer files that cannot be read "
+                                 f"({_short(first_line(err))})") from None
+
+
+def _read_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        metrics = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _broken(path, "is not valid JSON") from None
+    if not isinstance(metrics, dict):
+        raise _broken(path, "must hold a JSON object of metrics")
+    return metrics
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A short printable prefix of a value or message read from a file (it may hold
+    anything)."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
 class MultitaskPredictor:
     """A loaded model directory: `predict(task, texts)` and dataset helpers."""
 
     def __init__(self, directory: Path, device: str | torch.device = "cpu"):
         self.directory = Path(directory)
+        if not self.directory.is_dir():
+            what = "a file" if self.directory.exists() else "not there"
+            raise MtbertError(f"{self.directory} is not an mtbert model directory: it is {what}")
         for name in ("config.yaml", ENCODER_CONFIG, WEIGHTS):
-            if not (self.directory / name).exists():
+            if not (self.directory / name).is_file():
                 raise MtbertError(f"{self.directory} is not an mtbert model directory "
                                   f"(no {name}); export one with `mtbert train` or "
                                   "`mtbert best --export`")
-        self.config = build_config(yaml.safe_load((self.directory / "config.yaml").read_text()))
-        bert = BertConfig.from_dict(json.loads((self.directory / ENCODER_CONFIG).read_text()))
+        # Each file is checked as it is read: a broken one is one line naming it.
+        self.config = _read_run_config(self.directory / "config.yaml")
+        bert = _read_encoder_config(self.directory / ENCODER_CONFIG)
         self.tasks = {name: get_task(name, score_head=self.config.model.sts_head)
                       for name in self.config.data.tasks}
         self.device = torch.device(device)
-        self.model = MultitaskModel(BertEncoder(bert), list(self.tasks.values()),
-                                    self.config.model)
-        self.model.load_state_dict(load_file(str(self.directory / WEIGHTS)), strict=True)
+        state = _read_weights(self.directory / WEIGHTS)
+        self.model = _fitting_model(self.directory, bert, list(self.tasks.values()),
+                                    self.config, state)
+        self.model.load_state_dict(state, strict=True)
         self.model.to(self.device).eval()
-        self.tokenizer = Tokenizer(self.directory)
-        metrics_file = self.directory / "metrics.json"
-        self.metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        self.tokenizer = _read_tokenizer(self.directory)
+        self.metrics = _read_metrics(self.directory / "metrics.json")
 
     def task(self, name: str):
         if name not in self.tasks:

@@ -35,10 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mtbert.config import RunConfig, data_dir
+from mtbert.config import MAX_EPOCHS, MAX_STEPS, MAX_UNITS, SEED_MAX, RunConfig, data_dir
 from mtbert.data import TaskSampler, pad_rows, read_examples
 from mtbert.encoder import BertEncoder, _normalise_hf_key, load_pretrained, read_checkpoint
-from mtbert.errors import DataError, MtbertError, TrainingError
+from mtbert.errors import ConfigError, DataError, MtbertError, TrainingError
 from mtbert.modeldir import write_hf_encoder
 from mtbert.optim import linear_schedule
 from mtbert.runtime import autocast, resolve_device
@@ -78,24 +78,30 @@ class PretrainOptions:
     log_every: int = 10
 
     def check(self) -> None:
-        if not 0.0 < self.mask_prob < 1.0:
-            raise MtbertError(f"bad --mask-prob {self.mask_prob}; valid: between 0 and 1")
-        for name in ("batch_size", "save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise MtbertError(f"bad --{name.replace('_', '-')} {getattr(self, name)}; "
-                                  "must be >= 1")
-        if self.steps < 0 or self.epochs <= 0:
-            raise MtbertError("bad --steps/--epochs; --steps >= 0 (0 = by epochs) and "
-                              "--epochs > 0")
-        if self.lr <= 0:
-            raise MtbertError(f"bad --lr {self.lr}; must be > 0")
-        if not 8 <= self.max_length <= 512:
-            raise MtbertError(f"bad --max-length {self.max_length}; valid range: 8..512")
+        """Every option in its range: one ConfigError naming the option, the value received
+        and what is valid. Floats must be finite (NaN passes every comparison)."""
+        for name, low, high in (("steps", 0, MAX_STEPS), ("batch_size", 1, MAX_UNITS),
+                                ("save_every", 1, MAX_STEPS), ("log_every", 1, MAX_STEPS),
+                                ("max_length", 8, 512), ("seed", 0, SEED_MAX)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"bad --{name.replace('_', '-')} {value!r}; valid range: "
+                                  f"{low}..{high}")
+        for name, valid, ok in (
+                ("epochs", f"a number > 0 and <= {MAX_EPOCHS}", lambda v: 0 < v <= MAX_EPOCHS),
+                ("lr", "a finite number > 0", lambda v: v > 0),
+                ("mask_prob", "between 0 and 1", lambda v: 0 < v < 1),
+                ("warmup", "between 0 and 1, inclusive", lambda v: 0 <= v <= 1),
+                ("weight_decay", "a finite number >= 0", lambda v: v >= 0)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or not ok(value)):
+                raise ConfigError(f"bad --{name.replace('_', '-')} {value!r}; valid: {valid}")
         for split in self.splits:
             if split not in SPLITS:
-                raise MtbertError(f"bad split '{split}' in --splits; valid: {', '.join(SPLITS)}")
+                raise ConfigError(f"bad split '{split}' in --splits; valid: {', '.join(SPLITS)}")
         if not self.splits:
-            raise MtbertError(f"--splits is empty; valid: {', '.join(SPLITS)}")
+            raise ConfigError(f"--splits is empty; valid: {', '.join(SPLITS)}")
 
 
 class MaskedLMHead(nn.Module):

@@ -31,7 +31,7 @@ def test_yaml_file_then_set(tmp_path):
     ("train.schedule=zigzag", "bad value 'zigzag' for train.schedule; valid: round_robin_batch, "
                               "proportional, annealed"),
     ("model.pooling=max", "bad value 'max' for model.pooling; valid: cls, mean"),
-    ("train.epochs=0", "bad value 0 for train.epochs; valid range: 1..inf"),
+    ("train.epochs=0", "bad value 0 for train.epochs; valid range: 1..10000"),
     ("train.batch_size=many", "bad value 'many' for train.batch_size; expected an integer"),
     ("optim.layer_decay=1.5", "bad value 1.5 for optim.layer_decay; valid range: 0.0..1.0"),
     ("data.tasks=sst,mnli", "bad value 'mnli' in data.tasks; valid: sst, qqp, sts"),
