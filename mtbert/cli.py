@@ -159,7 +159,7 @@ def main(
                                         help="Only warnings and errors on stderr; no "
                                              "progress bars.")] = False,
 ) -> None:
-    from mtbert.studies.storage import mask_url
+    from mtbert.formatting import mask_url
 
     _setup_logging(quiet)
     # The command line is parsed; what stays in sys.argv is only read by others, such as

@@ -1,11 +1,25 @@
-"""How results are shown: numbers, mean ± std, text and Markdown tables, error lines and
-PNG figures. One home for each, shared by the commands that print or write them."""
+"""How results are shown: numbers, mean ± std, text and Markdown tables, error lines, PNG
+figures, and URLs with their credentials masked. One home for each, shared by the
+commands that print or write them."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
+
+
+# user:password@ in a URL (SQLAlchemy reads the password up to the first '@'), and
+# password-like query or keyword arguments (?password=..., sslpassword=...).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+_KEY_PASSWORD = re.compile(r"(\b(?:password|passwd|pwd|sslpassword|sslkey|secret)=)"
+                           r"[^&\s'\"]*", re.IGNORECASE)
+
+
+def mask_url(text: str) -> str:
+    """`text` (a URL, or a message quoting one) with every credential replaced by ***."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 def first_line(err: BaseException | str | None, default: str = "") -> str:

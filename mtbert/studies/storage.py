@@ -17,28 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import ConfigError, MtbertError
-from mtbert.formatting import first_line
+from mtbert.formatting import first_line, mask_url
 
 STORAGE_FILE = "mtbert.db"
 # Study names become directory names (<out>/<study>/trial-NNNN): letters, digits, '.', '_'
 # and '-', starting with a letter or digit, so that no name is absolute, '..' or hidden.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# user:password@ in a URL (SQLAlchemy reads the password up to the first '@'), and
-# password-like query or keyword arguments (?password=..., sslpassword=...).
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
-_KEY_PASSWORD = re.compile(r"(\b(?:password|passwd|pwd|sslpassword|sslkey|secret)=)"
-                           r"[^&\s'\"]*", re.IGNORECASE)
 
 
 class StorageError(MtbertError):
     """The study storage cannot be reached."""
 
     exit_code = 1
-
-
-def mask_url(text: str) -> str:
-    """`text` (a URL, or a message quoting one) with every credential replaced by ***."""
-    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 def check_study_name(name: str) -> str:
