@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from mtbert.data import EncodedSet
 from mtbert.heads import MultitaskModel
-from mtbert.runtime import autocast
+from mtbert.runtime import autocast, naming
 from mtbert.tasks import Task, overall_scores
 
 
@@ -82,7 +82,7 @@ def evaluate(model: MultitaskModel, dev_sets: dict[str, EncodedSet], *, batch_si
 def write_predictions(path: Path, task: Task, ids: list[str], predictions: np.ndarray) -> None:
     """CS224N output format: a header, then `id<TAB>prediction` per example."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with naming(path), open(path, "w") as f:
         f.write(f"id\t{task.prediction_header}\n")
         for example_id, value in zip(ids, predictions):
             f.write(f"{example_id}\t{task.format_prediction(value)}\n")

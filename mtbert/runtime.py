@@ -38,13 +38,28 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def naming(path: Path, partial: Path | None = None):
+    """An OSError inside names `path` (a failed write, e.g. a full disk, names no file by
+    itself), and `partial`, a half-written temporary file, is removed."""
+    try:
+        yield
+    except OSError as err:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `path` so that a reader (or a crash) sees the old content or the new, never
     half of it: a temporary file beside it, then a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with naming(path, partial=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -54,8 +69,9 @@ def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
 def atomic_torch_save(payload: object, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with naming(path, partial=tmp):
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
 
 
 def wandb_dir(default: Path) -> Path:

@@ -294,3 +294,111 @@ def test_a_failing_connection_never_prints_the_password(tmp_path):
     assert result.exit_code == 1, result.output
     assert "cannot reach the study storage postgresql://:***@127.0.0.1:1/test" in result.stderr
     assert SECRET not in result.output
+
+
+def _signal_then_rerun(command: list[str], ready, tmp_path) -> subprocess.CompletedProcess:
+    """Start `mtbert COMMAND`, SIGTERM it once `ready()`, expect 130 and one line, then run
+    the same command again (the resume command where it differs) to the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "mtbert", "--quiet", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: ready() or proc.poll() is not None)
+    assert proc.poll() is None, "the command ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "mtbert: interrupted"
+    return proc
+
+
+def test_sigterm_ends_compare_with_130_and_the_same_command_finishes(tiny_config, tmp_path):
+    config = tmp_path / "slow.yaml"
+    save_config(tiny_config(train={"epochs": 4, "steps_per_epoch": 40}), config)
+    out = tmp_path / "cmp"
+    command = ["compare", str(config), "--seeds", "1", "--out", str(out), "--device", "cpu"]
+    metrics = out / "slow" / "seed0" / "metrics.jsonl"
+    _signal_then_rerun(command, lambda: metrics.exists() and metrics.read_text().count("\n")
+                       >= 1 and (metrics.parent / "resume.pt").exists(), tmp_path)
+    stopped_at = len(metrics.read_text().splitlines())
+    again = subprocess.run([sys.executable, "-m", "mtbert", "--quiet", *command],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert 1 <= stopped_at < 4 and len(metrics.read_text().splitlines()) == 4
+    assert (out / "compare.json").exists()
+
+
+def test_sigterm_ends_pretrain_with_130_and_resume_finishes(tiny_config, tmp_path):
+    config = tmp_path / "pre.yaml"
+    save_config(tiny_config(), config)
+    out = tmp_path / "pre"
+    command = ["pretrain", str(config), "--out", str(out), "--steps", "600", "--save-every",
+               "5", "--batch-size", "8", "--device", "cpu"]
+    _signal_then_rerun(command, lambda: (out / "pretrain_state.pt").exists(), tmp_path)
+    assert not (out / "model.safetensors").exists()
+    again = subprocess.run([sys.executable, "-m", "mtbert", "--quiet", *command, "--resume"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (out / "model.safetensors").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_exit_1(tmp_path, tiny_config):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    from mtbert.train import train
+
+    train(tiny_config(train={"epochs": 1, "steps_per_epoch": 1}), run_dir=tmp_path / "run",
+          device="cpu", progress=False)
+    data = tmp_path / "sst.csv"
+    data.write_text("\tid\tsentence\n0\ta\tgood film\n1\tb\tbad plot\n")
+    result = runner.invoke(app, ["predict", str(tmp_path / "run" / "model"), "--task", "sst",
+                                 "--input", str(data), "--output", "/dev/full"])
+    line = _one_line_error(result, 1)
+    assert "No space left on device" in line and "/dev/full" in line
+
+
+@pytest.fixture
+def study_with_a_checkpoint(tiny_config, tmp_path) -> Path:
+    """A study whose one trial has a real checkpoint, as a sweep leaves it."""
+    from mtbert.train import train
+
+    out = tmp_path / "out"
+    run_dir = out / "lw" / "trial-0000"
+    train(tiny_config(train={"epochs": 1, "steps_per_epoch": 1}), run_dir=run_dir,
+          device="cpu", progress=False)
+    study = optuna.create_study(study_name="lw", storage=f"sqlite:///{out / 'mtbert.db'}",
+                                direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
+        "run_dir": str(run_dir), "checkpoint": str(run_dir / "model")}))
+    return out
+
+
+def test_a_truncated_checkpoint_is_refused_before_anything_is_exported(study_with_a_checkpoint,
+                                                                       tmp_path):
+    weights = study_with_a_checkpoint / "lw" / "trial-0000" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    dest = tmp_path / "exports" / "best"
+    result = runner.invoke(app, ["best", "--out", str(study_with_a_checkpoint), "--export",
+                                 str(dest)])
+    assert "trial 0's checkpoint" in _one_line_error(result, 2)
+    assert not (tmp_path / "exports").exists() or list((tmp_path / "exports").iterdir()) == []
+
+
+def test_a_failed_hf_export_leaves_nothing_and_the_rerun_works(study_with_a_checkpoint,
+                                                               tmp_path, monkeypatch):
+    import errno
+
+    import mtbert.studies.export as export_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "exports"))
+
+    dest = tmp_path / "exports" / "best"
+    args = ["best", "--out", str(study_with_a_checkpoint), "--export", str(dest), "--hf"]
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "export_hf_encoder", disk_full)
+        result = runner.invoke(app, args)
+    assert "No space left on device" in _one_line_error(result, 1)
+    assert list((tmp_path / "exports").iterdir()) == []  # no half export, no temporary
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert (dest / "model.safetensors").exists() and (dest / "encoder" / "config.json").exists()
