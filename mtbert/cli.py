@@ -82,6 +82,10 @@ KeepTopOption = Annotated[int, typer.Option(
                               "--reseed: and of as many best configurations by mean).")]
 MetricOption = Annotated[Optional[str], typer.Option(
     "--metric", help="Rank by this metric key instead of the study objective.")]
+MaxRetriesOption = Annotated[int, typer.Option(
+    "--max-retries", min=0, help="Queue a trial whose worker died (or was stopped) again up "
+                                 "to R times; the retry resumes from its last finished epoch "
+                                 "where its run directory is reachable.")]
 TopOption = Annotated[Optional[int], typer.Option(
     "--top", min=1, help="Print the N best COMPLETE trials, ranked by the (first) objective "
                          "or --metric.")]
@@ -463,8 +467,9 @@ def sweep(
         "--heartbeat", min=1, help="Seconds between a running trial's heartbeats.")] = 10,
     grace: Annotated[int, typer.Option(
         "--grace", min=1, help="Seconds without heartbeat before a trial counts as dead "
-                               "(FAIL, retried once).")] = 30,
+                               "(FAIL, queued again; see --max-retries).")] = 30,
     device: DeviceOption = Device.auto,
+    max_retries: MaxRetriesOption = 2,
     trials_per_gpu: Annotated[int, typer.Option(
         "--trials-per-gpu", min=1, help="Trials run at once, each its own process on the one "
                                         "device, so that small encoders fill a big GPU.")] = 1,
@@ -496,7 +501,8 @@ def sweep(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
         study=None if study is None else check_study_name(study), storage=storage, out=out,
         wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
-        heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu)
+        heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
+        max_retries=max_retries)
     try:
         result, before = run_sweep(resolved, options)
     except KeyboardInterrupt:

@@ -47,7 +47,10 @@ class Tracker:
     """One W&B run; every call is a no-op once W&B is disabled or has failed."""
 
     def __init__(self, *, mode: str, project: str, group: str | None, job_type: str | None,
-                 name: str | None, config: dict[str, Any], tags: list[str], directory: Path):
+                 name: str | None, config: dict[str, Any], tags: list[str], directory: Path,
+                 resume_id: str | None = None):
+        """`resume_id`: online, continue that run (a retried trial's); offline W&B cannot
+        resume a run, so a new one starts."""
         self.run = None
         if mode == "disabled":
             return
@@ -55,8 +58,11 @@ class Tracker:
             import wandb
 
             directory.mkdir(parents=True, exist_ok=True)
+            resume = {"id": resume_id, "resume": "allow"} if resume_id and mode == "online" \
+                else {}
             self.run = wandb.init(project=project, group=group, job_type=job_type, name=name,
-                                  config=config, tags=tags, dir=str(directory), mode=mode)
+                                  config=config, tags=tags, dir=str(directory), mode=mode,
+                                  **resume)
             self.run.define_metric("step")
             for key in METRIC_KEYS:
                 self.run.define_metric(key, step_metric="step", summary="max")

@@ -166,8 +166,13 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
     with run_dir_lock(run_dir):
         if not resume:
             claim_run_dir(Path(run_dir), existing)
-        return _train(config, run_dir=Path(run_dir), device=device, resume=resume,
-                      progress=progress, on_eval=on_eval)
+        try:
+            return _train(config, run_dir=Path(run_dir), device=device, resume=resume,
+                          progress=progress, on_eval=on_eval)
+        except torch.cuda.OutOfMemoryError:
+            # Anywhere: moving the model, building the optimizer, a step, an evaluation.
+            raise TrainingError("out of GPU memory; lower train.batch_size or "
+                                "model.max_length (or run fewer trials per GPU)") from None
 
 
 def claim_run_dir(run_dir: Path, existing: str) -> None:
@@ -206,7 +211,8 @@ def _train(config: RunConfig, *, run_dir: Path, device: str, resume: bool, progr
                                             if k not in ("step", "epoch")})
     except torch.cuda.OutOfMemoryError:
         raise TrainingError(f"out of GPU memory at step {state.step}; lower "
-                            "train.batch_size or model.max_length") from None
+                            "train.batch_size or model.max_length (or run fewer trials per "
+                            "GPU)") from None
     return write_summary(s, state, wall_time=time.perf_counter() - started)
 
 
@@ -351,6 +357,19 @@ def read_resume_file(path: Path) -> dict:
     except ValueError as err:
         raise refused(str(err)) from None
     return payload
+
+
+def epochs_finished(run_dir: Path) -> int:
+    """How many epochs the resume state in `run_dir` holds (0 without one), read without
+    loading its tensors (memory-mapped), so that a sweep worker can tell cheaply."""
+    path = Path(run_dir) / RESUME_FILE
+    if not path.exists():
+        return 0
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(payload["state"]["epoch"]) + 1
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _restore(s: TrainingSetup, saved: dict) -> LoopState:

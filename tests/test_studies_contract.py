@@ -28,7 +28,10 @@ def test_an_old_job_file_reads_into_the_typed_job_and_writes_back_the_same_keys(
     assert job.number == 6 and job.trial_id == 7 and job.prune is True
     assert job.wandb == WandbSettings("offline", "mtbert", "/runs")
     assert job.params == {"loss.weights.sst": 1.5}
-    assert json.loads(job.to_json()) == OLD_JOB
+    assert job.retry_of is None and job.resume is False and job.wandb_resume_id is None
+    written = json.loads(job.to_json())
+    assert {k: written[k] for k in OLD_JOB} == OLD_JOB  # the old keys, unchanged
+    assert TrialJob.from_json(job.to_json()) == job
 
 
 def test_a_job_with_an_unknown_key_names_it_and_the_valid_ones():

@@ -30,6 +30,12 @@ WANDB_RUN_ID = "wandb_run_id"
 FAIL_REASON = "fail_reason"
 RESEED_OF = "reseed_of"  # a reseed: the number of the trial whose configuration it repeats
 SEED = "seed"  # a reseed's train.seed
+RETRY_OF = "retry_of"  # a retry: the number of the trial it takes over (killed or stopped)
+RESUMED_FROM_EPOCH = "resumed_from_epoch"  # epochs the retry took over; 0 = started fresh
+# System attributes of a retry, as Optuna's RetryHeartbeatStaleTrialCallback writes them:
+# the first trial of the series, and every trial of it before this one, oldest first.
+FAILED_TRIAL = "failed_trial"
+RETRY_HISTORY = "retry_history"
 # Study user attributes: the spec's name, its objectives and the resolved spec itself (base
 # with the sweep's --set), so that `best --reseed` runs new trials as the sweep ran its own.
 STUDY_SPEC_NAME = "spec"
@@ -59,6 +65,9 @@ class TrialJob:
     seed: int
     device: str = "auto"
     reseed_of: int | None = None
+    retry_of: int | None = None  # a retry: the trial it takes over
+    resume: bool = False  # the run directory holds the taken-over trial's resume state
+    wandb_resume_id: str | None = None  # the W&B run to continue (online mode)
     wandb: WandbSettings = field(default_factory=WandbSettings)
 
     def to_json(self) -> str:
@@ -111,3 +120,9 @@ class TrialResult:
             return cls.from_json(path.read_text())
         except (OSError, json.JSONDecodeError):
             return cls()
+
+
+def retried_from(trial) -> int | None:
+    """The trial a retry takes over (the last of its retry history), else None."""
+    history = trial.system_attrs.get(RETRY_HISTORY)
+    return history[-1] if history else None

@@ -40,9 +40,10 @@ def ranked(study, metric: str | None = None) -> list:
     return sorted(done, key=lambda t: sign * t.values[0])
 
 
-def new_finished(study, before: int) -> list:
-    """Trials numbered from `before` on that COMPLETEd or were PRUNED (finished as planned)."""
-    return [t for t in study.get_trials(deepcopy=False) if t.number >= before
+def new_finished(study, finished_before: set[int]) -> list:
+    """Trials that COMPLETEd or were PRUNED (finished as planned) since the numbers
+    `finished_before` had finished."""
+    return [t for t in study.get_trials(deepcopy=False) if t.number not in finished_before
             and t.state.name in ("COMPLETE", "PRUNED")]
 
 

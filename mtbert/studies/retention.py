@@ -3,9 +3,10 @@
 A sweep keeps the model directories of its best trials only (`--keep-top`),
 so that hundreds of trials do not fill the disk; every seed run of the best
 configurations by mean stays, and so does everything a running or queued
-trial still needs. `studies --delete --runs` removes run directories only
-when they are what a sweep wrote, strictly inside the directory the command
-was given: a study name or a stored path never reaches anywhere else.
+trial still needs (a queued retry resumes from the run of the trial it
+retries). `studies --delete --runs` removes run directories only when they
+are what a sweep wrote, strictly inside the directory the command was given:
+a study name or a stored path never reaches anywhere else.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtbert.studies.job import CHECKPOINT, JOB_FILE, RESEED_OF, RUN_DIR
+from mtbert.studies.job import CHECKPOINT, JOB_FILE, RESEED_OF, RUN_DIR, retried_from
 from mtbert.studies.results import ranked, seed_groups
 from mtbert.studies.storage import STUDY_NAME, mask_url
 
@@ -35,10 +36,14 @@ def prune_checkpoints(study, *, keep_top: int, multi_objective: bool) -> int:
                   if not multi_objective else []):
         keep |= {t.number for t in group.trials}
     for t in trials:
-        if RESEED_OF in t.user_attrs and t.state in (TrialState.RUNNING, TrialState.WAITING):
+        if t.state not in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        if RESEED_OF in t.user_attrs:
             keep.add(t.user_attrs[RESEED_OF])
             keep |= {u.number for u in trials
                      if u.user_attrs.get(RESEED_OF) == t.user_attrs[RESEED_OF]}
+        if retried_from(t) is not None:  # a queued retry resumes from that trial's run
+            keep.add(retried_from(t))
     if multi_objective:
         keep |= {t.number for t in study.best_trials}
     removed = 0

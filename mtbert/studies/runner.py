@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtbert.config import save_config
+from mtbert.config import load_config, save_config
 from mtbert.errors import ConfigError
 from mtbert.runtime import wandb_dir
-from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, PARENT_ENV, RESEED_OF,
-                                RUN_DIR, SEED, STORAGE_ENV, STUDY_OBJECTIVES, STUDY_SPEC,
-                                STUDY_SPEC_NAME, WANDB_RUN_ID, TrialJob, TrialResult,
-                                WandbSettings)
+from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
+                                PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
+                                RETRY_OF, RUN_DIR, SEED, STORAGE_ENV, STUDY_OBJECTIVES,
+                                STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID, TrialJob,
+                                TrialResult, WandbSettings, retried_from)
 from mtbert.studies.results import SeedGroup, describe_trial, ranked, reseed_seeds, seed_groups
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
@@ -61,6 +63,7 @@ class SweepOptions:
     grace: int = 30
     device: str = "auto"
     trials_per_gpu: int = 1
+    max_retries: int = 2  # a killed or stopped trial is queued again this many times
 
     @property
     def url(self) -> str:
@@ -86,6 +89,11 @@ def best_record(run_dir: Path, metric: str, direction: str = "maximize") -> dict
     return max(records, key=lambda r: sign * r[metric])
 
 
+def _frozen(trial):
+    """A running trial's record as the storage holds it (system attributes included)."""
+    return trial.storage.get_trial(trial._trial_id)
+
+
 class TrialRunner:
     """The objective: sample, write the trial's run dir, train in a child process."""
 
@@ -109,6 +117,9 @@ class TrialRunner:
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, STORAGE_ENV: with_driver(self.options.url),
                PARENT_ENV: str(os.getpid())}
+        # Fewer fragmentation OOMs when batch shapes vary (PyTorch's CUDA caching allocator);
+        # the user's own setting wins.
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         k = self.options.trials_per_gpu
         if k > 1 and "OMP_NUM_THREADS" not in env:
             # K trials share the machine's cores: K x all-cores threads would oversubscribe
@@ -134,20 +145,16 @@ class TrialRunner:
         import optuna
 
         params = suggest(trial, self.spec)
-        # A reseed (`mtbert best --reseed`) is an enqueued copy of a finished trial's
-        # parameters with another train.seed.
-        seed = trial.user_attrs.get(SEED)
-        config = trial_config(self.spec, params if trial.user_attrs.get(RESEED_OF) is None
-                              else {**params, "train.seed": int(seed)})
         run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-        self._job(trial, params, config.train.seed).write(run_dir)
+        job = self._prepare(trial, params, run_dir)
         trial.set_user_attr(RUN_DIR, str(run_dir))
         trial.set_user_attr(CHECKPOINT, str(run_dir / "model"))
         code = self._run_process(trial, run_dir)
         result = self._record(trial, run_dir)
-        (run_dir / "resume.pt").unlink(missing_ok=True)  # a trial is never resumed
+        # A finished trial (complete, pruned or failed) is never resumed; an interrupted one
+        # keeps its resume state for its retry (see _run_process).
+        (run_dir / "resume.pt").unlink(missing_ok=True)
         reason = result.reason or (f"killed by signal {-code}" if code < 0 else
                                    _last_line(run_dir / "trial.log"))
         if code == EXIT_PRUNED:
@@ -156,8 +163,78 @@ class TrialRunner:
             trial.set_user_attr(FAIL_REASON, reason)
             raise TrialFailed(reason)
         summary = json.loads((run_dir / "summary.json").read_text())
-        values = [summary["best"]["metrics"][key] for key in self.spec.objectives]
+        values = [summary["best"]["metrics"][key] for key in job.objectives]
         return values[0] if len(values) == 1 else values
+
+    def _prepare(self, trial, params: dict[str, Any], run_dir: Path) -> TrialJob:
+        """The run directory's config.yaml and job.json: a fresh trial's from the spec; a
+        retry's taken over from the trial it retries when that one's run directory (and its
+        resume state) is reachable from here, so that it goes on from its last epoch."""
+        retry_of = retried_from(_frozen(trial))
+        epochs = self._take_over(trial, retry_of, run_dir) if retry_of is not None else 0
+        if epochs:
+            config = load_config(run_dir / "config.yaml")
+        else:
+            # A reseed (`mtbert best --reseed`) is an enqueued copy of a finished trial's
+            # parameters with another train.seed.
+            seed = trial.user_attrs.get(SEED)
+            config = trial_config(self.spec, params if trial.user_attrs.get(RESEED_OF) is None
+                                  else {**params, "train.seed": int(seed)})
+            save_config(config, run_dir / "config.yaml")
+        if retry_of is not None:
+            trial.set_user_attr(RETRY_OF, retry_of)
+            trial.set_user_attr(FAIL_REASON, None)  # copied from the trial it retries
+        trial.set_user_attr(RESUMED_FROM_EPOCH, epochs)
+        job = self._job(trial, params, config.train.seed)
+        job.retry_of, job.resume = retry_of, epochs > 0
+        job.wandb_resume_id = trial.user_attrs.get(WANDB_RUN_ID) if retry_of is not None \
+            else None
+        job.write(run_dir)
+        return job
+
+    def _take_over(self, trial, retry_of: int, run_dir: Path) -> int:
+        """Copy the retried trial's run (config, metrics, best model, resume state) into
+        `run_dir`; returns the epochs it had finished, 0 when it cannot be continued."""
+        from mtbert.train import RUN_FILES, epochs_finished
+
+        dead = Path(trial.user_attrs.get(RUN_DIR) or "")
+        if not (dead / "resume.pt").is_file() or not (dead / "config.yaml").is_file():
+            log.info("trial %d retries trial %d from the start: no resume state of it at %s "
+                     "on this machine", trial.number, retry_of, dead)
+            return 0
+        for name in RUN_FILES:
+            source = dead / name
+            if source.is_dir():
+                shutil.copytree(source, run_dir / name, dirs_exist_ok=True)
+            elif source.is_file():
+                shutil.copy2(source, run_dir / name)
+        epochs = epochs_finished(run_dir)
+        if epochs:
+            log.info("trial %d resumes trial %d after epoch %d", trial.number, retry_of, epochs)
+        else:
+            log.info("trial %d retries trial %d from the start: its resume state at %s is "
+                     "unreadable", trial.number, retry_of, dead)
+            (run_dir / "resume.pt").unlink(missing_ok=True)
+        return epochs
+
+    def _queue_retry(self, trial) -> None:
+        """Queue a stopped trial again, as Optuna queues a dead worker's (the same system
+        attributes), so that the next worker resumes it; at most `max_retries` times."""
+        import optuna
+
+        frozen = _frozen(trial)
+        history = [*frozen.system_attrs.get(RETRY_HISTORY, []), trial.number]
+        if len(history) > self.options.max_retries:
+            log.warning("trial %d was stopped; not queued again: retried %d times already "
+                        "(--max-retries %d)", trial.number, len(history) - 1,
+                        self.options.max_retries)
+            return
+        trial.study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=frozen.params,
+            distributions=frozen.distributions,
+            user_attrs={**frozen.user_attrs, FAIL_REASON: "interrupted"},
+            system_attrs={**frozen.system_attrs, FAILED_TRIAL: history[0],
+                          RETRY_HISTORY: history}))
 
     def _run_process(self, trial, run_dir: Path) -> int:
         """Train in `python -m mtbert.studies.trial RUN_DIR`; its exit code. A stop (signal
@@ -182,7 +259,7 @@ class TrialRunner:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                 trial.set_user_attr(FAIL_REASON, "interrupted")
-                (run_dir / "resume.pt").unlink(missing_ok=True)
+                self._queue_retry(trial)  # resumes from run_dir's resume state
                 raise
             finally:
                 with self._lock:
@@ -206,11 +283,13 @@ class TrialRunner:
 
 def create_study(spec: SweepSpec, options: SweepOptions):
     """Create the sweep's study, or load it to add trials; returns it and its number of
-    trials before this sweep (the trials it enqueues count as this sweep's)."""
+    trials before this sweep and the numbers of those that had finished (whatever is
+    queued, by the spec's enqueue or as a retry, is this sweep's to run)."""
     import optuna
 
     name = check_study_name(options.study or spec.name)
-    storage = open_storage(options.url, heartbeat=options.heartbeat, grace=options.grace)
+    storage = open_storage(options.url, heartbeat=options.heartbeat, grace=options.grace,
+                           max_retries=options.max_retries)
     directions = spec.directions
     try:
         study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
@@ -220,7 +299,8 @@ def create_study(spec: SweepSpec, options: SweepOptions):
         raise ConfigError(f"study '{name}': {err}") from None
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise ConfigError(f"study '{name}' exists with other directions; use --study NEW_NAME")
-    before = len(study.trials)
+    trials = study.get_trials(deepcopy=False)
+    before = (len(trials), {t.number for t in trials if t.state.is_finished()})
     if STUDY_SPEC_NAME not in study.user_attrs:
         study.set_user_attr(STUDY_SPEC_NAME, spec.name)
         study.set_user_attr(STUDY_OBJECTIVES, spec.objectives)
@@ -233,20 +313,20 @@ def create_study(spec: SweepSpec, options: SweepOptions):
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
     """Create or resume the study and run `options.trials` more trials (or until the
-    timeout); returns the study and its number of trials before this run."""
+    timeout); returns the study and the numbers of the trials that had finished before."""
     import optuna
 
     # mtbert prints one line per trial itself; Optuna's would add tracebacks of failures.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     options.out.mkdir(parents=True, exist_ok=True)
     with storage_errors(options.url):
-        study, before = create_study(spec, options)
+        study, (count, finished) = create_study(spec, options)
         optuna.storages.fail_stale_trials(study)
     log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
-             mask_url(options.url), before,
+             mask_url(options.url), count,
              options.trials if options.trials is not None else "until the timeout")
     optimize(study, spec, options, n_trials=options.trials, timeout=options.timeout)
-    return study, before
+    return study, finished
 
 
 def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | None,
@@ -348,7 +428,7 @@ def reseed_study(options: SweepOptions, *, top: int, seeds: int, metric: str | N
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(options.url, heartbeat=options.heartbeat, grace=options.grace,
-                       must_exist=True)
+                       max_retries=options.max_retries, must_exist=True)
     with storage_errors(options.url):
         name = select_study(rdb, options.study)
         spec = stored_spec(optuna.load_study(study_name=name, storage=rdb), overrides)

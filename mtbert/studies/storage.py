@@ -77,8 +77,9 @@ def _check_url(url: str) -> None:
 
 
 def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = None,
-                 must_exist: bool = False):
-    """Optuna's RDB storage for `url`, with heartbeat and one retry of stale trials."""
+                 max_retries: int = 2, must_exist: bool = False):
+    """Optuna's RDB storage for `url`; with `heartbeat`, a trial whose worker died is
+    queued again (at most `max_retries` times; the worker that takes it resumes it)."""
     import optuna
     import sqlalchemy.exc
 
@@ -92,7 +93,8 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=grace or 3 * heartbeat,
                       heartbeat_stale_trial_callback=(
-                          optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)))
+                          optuna.storages.RetryHeartbeatStaleTrialCallback(
+                              max_retry=max_retries)))
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         # Workers on one machine wait for SQLite's lock instead of failing at once.

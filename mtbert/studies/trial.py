@@ -8,6 +8,7 @@ process per trial carries no GPU memory from one trial to the next.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -38,14 +39,27 @@ def _tracker(job: TrialJob, config):
     from mtbert.tracking import Tracker
 
     name = f"{job.study}-trial-{job.number}"
+    if job.reseed_of is not None:
+        name += f"-reseed-of-{job.reseed_of}"
+    if job.retry_of is not None:
+        name += f"-retry-of-{job.retry_of}"
+    tags = [config.train.schedule, config.loss.method]
+    tags += ["reseed"] * (job.reseed_of is not None) + ["retry"] * (job.retry_of is not None)
     return Tracker(
         mode=job.wandb.mode, project=job.wandb.project, group=job.study, job_type=job.spec,
-        name=name if job.reseed_of is None else f"{name}-reseed-of-{job.reseed_of}",
-        config={**config.to_dict(), "params": job.params, "study": job.study,
-                "trial": job.number, "reseed_of": job.reseed_of},
-        tags=[config.train.schedule, config.loss.method] + (["reseed"] if job.reseed_of
-                                                            is not None else []),
-        directory=Path(job.wandb.dir))
+        name=name, config={**config.to_dict(), "params": job.params, "study": job.study,
+                           "trial": job.number, "reseed_of": job.reseed_of,
+                           "retry_of": job.retry_of},
+        tags=tags, directory=Path(job.wandb.dir), resume_id=job.wandb_resume_id)
+
+
+def _history(run_dir: Path, objective: str) -> list[tuple[int, float]]:
+    """(epoch, objective value) of the evaluations in the run's metrics.jsonl: what a
+    resumed retry took over."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.exists() else []
+    return [(r["epoch"], r[objective]) for r in records if objective in r]
 
 
 def run(run_dir: Path) -> int:
@@ -68,17 +82,26 @@ def run(run_dir: Path) -> int:
     tracker = _tracker(job, config)
     result = TrialResult(wandb_run_id=tracker.run_id)
 
+    taken_over = _history(run_dir, objective) if job.resume else []
+
     def report(epoch: int, step: int, metrics: dict[str, float]) -> None:
-        if job.prune:
-            trial.report(metrics[objective], epoch + 1)
-            if trial.should_prune():
+        if not job.prune:
+            return
+        # First the evaluations of the epochs taken over (an evaluation the dead trial made
+        # after its last saved state is made again), so that the pruner sees one curve.
+        for earlier, value in taken_over:
+            if earlier <= epoch:
+                trial.report(value, earlier)
+        taken_over.clear()
+        trial.report(metrics[objective], epoch + 1)
+        if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {objective} "
                                          f"{metrics[objective]:.4f}")
 
     code = 1
     try:
         train_tracked(config, run_dir=run_dir, tracker=tracker, device=job.device,
-                      on_eval=report, clean_stops=(optuna.TrialPruned,))
+                      resume=job.resume, on_eval=report, clean_stops=(optuna.TrialPruned,))
         code = 0
     except optuna.TrialPruned as err:
         code, result.reason = EXIT_PRUNED, str(err)

@@ -1,0 +1,246 @@
+"""Long studies that survive: a trial whose worker is killed, or a sweep that is stopped,
+is queued again and its retry resumes from the last finished epoch; out of GPU memory is a
+trial's FAIL with its reason, never the study's end. Real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from mtbert.studies.job import RETRY_HISTORY
+from mtbert.studies.retention import prune_checkpoints
+
+# One configuration (the seed is the only "parameter"), 3 epochs, an objective reported
+# every epoch to a pruner that never prunes: the retry must continue the one curve.
+SPEC = """name: survive
+space:
+  train.seed: {type: categorical, choices: [0]}
+objective: overall/arithmetic
+pruner: {name: median, n_startup_trials: 1000}
+"""
+PG = os.environ.get("MTBERT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_error() -> str | None:
+    import sqlalchemy
+
+    from mtbert.studies.storage import with_driver
+    try:
+        with sqlalchemy.create_engine(with_driver(PG)).connect() as conn:
+            conn.execute(sqlalchemy.text("select 1"))
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        return f"no PostgreSQL at {PG}: {str(err).splitlines()[0]}"
+    return None
+
+
+def _wait_for(predicate, seconds: float = 180.0, what: str = "a condition") -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _worker(spec: Path, storage: str, study: str, out: Path, encoder: Path, data: Path,
+            *extra: str, steps: int = 60, env: dict | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "mtbert", "-q", "sweep", str(spec), "--study", study,
+            "--storage", storage, "--out", str(out), "--data-dir", str(data), "--device", "cpu",
+            "--wandb-mode", "disabled", "--heartbeat", "1", "--grace", "2",
+            "--set", f"model.encoder={encoder}", "--set", "model.max_length=32",
+            "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0",
+            "--set", "train.epochs=3", "--set", f"train.steps_per_epoch={steps}",
+            "--set", "train.batch_size=8", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**(env or os.environ), "OMP_NUM_THREADS": "1"})
+
+
+def _epochs_done(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.read_text().count("\n") if metrics.exists() else 0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.db'}"
+        return
+    reason = _postgres_error()
+    if reason:
+        pytest.skip(reason)
+    yield PG
+
+
+def test_a_killed_workers_trial_resumes_in_another_worker_and_ends_as_uninterrupted(
+        storage, tiny_encoder, task_dir, tmp_path):
+    spec = tmp_path / "survive.yaml"
+    spec.write_text(SPEC)
+    study = f"survive-{uuid.uuid4().hex[:8]}"
+    shared = tmp_path / "runs"  # one file system for both workers, as on one machine
+    try:
+        doomed = _worker(spec, storage, study, shared, tiny_encoder, task_dir, "--trials", "1")
+        first = shared / study / "trial-0000"
+        _wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
+                  or doomed.poll() is not None, what="the first epoch")
+        assert doomed.poll() is None, doomed.communicate()[1]
+        doomed.send_signal(signal.SIGKILL)  # the trial process follows (parent-death signal)
+        doomed.wait(timeout=30)
+        killed_after = _epochs_done(first)
+        assert 1 <= killed_after < 3
+        time.sleep(2.5)  # let the heartbeat go stale: past --grace, as a real preemption
+        later = _worker(spec, storage, study, shared, tiny_encoder, task_dir, "--trials", "1")
+        _, err = later.communicate(timeout=300)
+        assert later.returncode == 0, err
+        trials = optuna.load_study(study_name=study, storage=_driver(storage)).trials
+    finally:
+        _delete(storage, study)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    retry = trials[1]
+    assert retry.user_attrs["retry_of"] == 0 and retry.system_attrs[RETRY_HISTORY] == [0]
+    assert retry.user_attrs["resumed_from_epoch"] >= 1
+    assert retry.user_attrs["run_dir"].endswith("trial-0001")
+    assert sorted(retry.intermediate_values) == [1, 2, 3]  # one curve, not a restart
+    summary = json.loads((shared / study / "trial-0001" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3
+
+    # The same configuration trained without interruption gives the same model.
+    clean = tmp_path / "clean"
+    whole = _worker(spec, f"sqlite:///{clean / 'mtbert.db'}", "clean", clean, tiny_encoder,
+                    task_dir, "--trials", "1")
+    assert whole.wait(timeout=300) == 0
+    expected = json.loads((clean / "clean" / "trial-0000" / "summary.json").read_text())
+    assert summary["best"]["metrics"] == pytest.approx(expected["best"]["metrics"], abs=1e-6)
+    assert retry.values == pytest.approx(
+        [expected["best"]["metrics"]["overall/arithmetic"]], abs=1e-6)
+
+
+def _driver(storage: str) -> str:
+    from mtbert.studies.storage import with_driver
+    return with_driver(storage)
+
+
+def _delete(storage: str, study: str) -> None:
+    if study in optuna.study.get_all_study_names(_driver(storage)):
+        optuna.delete_study(study_name=study, storage=_driver(storage))
+
+
+def test_a_stopped_sweep_queues_its_trial_and_the_same_command_resumes_it(tiny_encoder,
+                                                                          task_dir, tmp_path):
+    spec = tmp_path / "survive.yaml"
+    spec.write_text(SPEC)
+    storage = f"sqlite:///{tmp_path / 'mtbert.db'}"
+    out = tmp_path / "runs"
+    worker = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "1")
+    first = out / "survive" / "trial-0000"
+    _wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
+              or worker.poll() is not None, what="the first epoch")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130, err
+    trials = optuna.load_study(study_name="survive", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
+    assert trials[0].user_attrs["fail_reason"] == "interrupted"
+    assert (first / "resume.pt").exists()  # kept for the retry
+
+    again = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "1")
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    trials = optuna.load_study(study_name="survive", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["retry_of"] == 0
+    assert trials[1].user_attrs["resumed_from_epoch"] >= 1
+    assert trials[1].user_attrs.get("fail_reason") is None
+    summary = json.loads((out / "survive" / "trial-0001" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3
+
+
+def _finished(number: int, run_dir: Path, state=optuna.trial.TrialState.FAIL, **system):
+    run_dir.mkdir(parents=True)
+    (run_dir / "model").mkdir()
+    (run_dir / "resume.pt").write_bytes(b"state")
+    return optuna.trial.create_trial(
+        state=state, value=0.5 if state == optuna.trial.TrialState.COMPLETE else None,
+        user_attrs={"run_dir": str(run_dir), "checkpoint": str(run_dir / "model")},
+        system_attrs=system)
+
+
+def test_keep_top_never_removes_what_a_queued_retry_resumes_from(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'm.db'}", direction="maximize")
+    study.add_trial(_finished(0, tmp_path / "trial-0000"))
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING,
+        system_attrs={"failed_trial": 0, RETRY_HISTORY: [0]}))
+    assert prune_checkpoints(study, keep_top=0, multi_objective=False) == 0
+    assert (tmp_path / "trial-0000" / "resume.pt").exists()
+    assert (tmp_path / "trial-0000" / "model").exists()
+    # Once the retry has run, the dead trial's files go like any other's.
+    other = optuna.create_study(storage=f"sqlite:///{tmp_path / 'n.db'}", direction="maximize")
+    other.add_trial(_finished(0, tmp_path / "b" / "trial-0000"))
+    assert prune_checkpoints(other, keep_top=0, multi_objective=False) == 1
+    assert not (tmp_path / "b" / "trial-0000" / "resume.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["setup", "step"])
+def test_out_of_memory_anywhere_is_a_training_error_with_its_reason(where, tiny_config,
+                                                                    tmp_path, monkeypatch):
+    from mtbert.errors import TrainingError
+    from mtbert.heads import MultitaskModel
+    from mtbert.train import train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MultitaskModel, "to" if where == "setup" else "forward", out_of_memory)
+    with pytest.raises(TrainingError, match="out of GPU memory"):
+        train(tiny_config(), run_dir=tmp_path / "run", device="cpu", progress=False)
+
+
+SITECUSTOMIZE = '''
+import sys
+
+import torch
+
+from mtbert.heads import MultitaskModel
+
+_forward = MultitaskModel.forward
+
+
+def forward(self, *args, **kwargs):
+    if sys.argv[-1].endswith("trial-0000"):  # the first trial's process runs out of memory
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return _forward(self, *args, **kwargs)
+
+
+MultitaskModel.forward = forward
+'''
+
+
+def test_a_trial_out_of_memory_fails_with_the_reason_and_the_study_goes_on(tiny_encoder,
+                                                                           task_dir, tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    spec = tmp_path / "survive.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "runs"
+    storage = f"sqlite:///{out / 'mtbert.db'}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    worker = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "2",
+                     steps=2, env=env)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    trials = optuna.load_study(study_name="survive", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert "out of GPU memory" in trials[0].user_attrs["fail_reason"]
+    result = json.loads((out / "survive" / "trial-0000" / "trial.json").read_text())
+    assert "out of GPU memory" in result["reason"]
