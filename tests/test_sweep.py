@@ -1,6 +1,7 @@
 """Sweeps on a tiny random model: every shipped spec, failures, best/export, studies."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from mtbert.cli import app
 from mtbert.spec import shipped_specs
+from mtbert.tasks import METRIC_KEYS
 from conftest import write_tiny_encoder
 
 runner = CliRunner()
@@ -64,12 +66,18 @@ def test_every_shipped_spec_runs_two_trials(spec, six_layer_encoder, task_dir, t
     assert len(trials) == 2
     for t in trials:
         assert t.state.name in ("COMPLETE", "PRUNED"), t.user_attrs.get("fail_reason")
-        for key in ("sst/acc", "qqp/acc", "sts/pearson", "overall/arithmetic",
-                    "overall/geometric"):
-            assert 0.0 <= t.user_attrs[key] <= 1.0 or key == "sts/pearson"
-        assert (out / spec / f"trial-{t.number:04d}" / "summary.json").exists() or \
-            t.state.name == "PRUNED"
-        assert t.user_attrs["run_dir"].startswith(str(out.resolve()))
+        metrics = {key: t.user_attrs[key] for key in METRIC_KEYS}
+        assert all(0.0 <= metrics[key] <= 1.0 for key in METRIC_KEYS if key != "sts/pearson")
+        assert math.isfinite(metrics["sts/pearson"]) and -1.0 <= metrics["sts/pearson"] <= 1.0
+        run = out / spec / f"trial-{t.number:04d}"
+        assert t.user_attrs["run_dir"] == str(run.resolve())
+        if t.state.name == "COMPLETE":  # the metrics of the model the run kept
+            best = json.loads((run / "summary.json").read_text())["best"]["metrics"]
+            assert metrics == {key: best[key] for key in METRIC_KEYS}
+        else:  # pruned: those of one of its evaluations
+            records = [json.loads(line) for line in
+                       (run / "metrics.jsonl").read_text().splitlines()]
+            assert metrics in [{key: r[key] for key in METRIC_KEYS} for r in records]
     assert result.stdout.splitlines()[0].startswith("trial ")
 
 
