@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -15,7 +14,7 @@ from typer.testing import CliRunner
 from mtbert.cli import app
 from mtbert.spec import shipped_specs
 from mtbert.tasks import METRIC_KEYS
-from conftest import write_tiny_encoder
+from conftest import wait_for, write_tiny_encoder
 
 runner = CliRunner()
 
@@ -30,15 +29,21 @@ def _sweep_args(spec, tiny_encoder, task_dir, out, *extra):
 
 
 def _terminate_when_running(args, logs, *, stdout: list | None = None) -> str:
-    """Start a sweep worker, SIGTERM it once every trial log exists; its stderr (exit 130).
-    Its stdout is appended to `stdout` when given."""
+    """Start a sweep worker, SIGTERM it once every trial log says its training started; its
+    stderr (exit 130). Its stdout is appended to `stdout` when given."""
     worker = subprocess.Popen([sys.executable, "-m", "mtbert", *args], stderr=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not all(log.exists() for log in logs):
-        time.sleep(0.5)
-    time.sleep(3)
+
+    def training():
+        if worker.poll() is not None:
+            pytest.fail(f"the worker exited {worker.returncode} before every trial trained: "
+                        f"{worker.communicate()[1]}")
+        # train() logs "training TASKS on DEVICE: ..., N optimizer steps in E epochs"
+        # right before its first step.
+        return all(log.exists() and "optimizer steps in" in log.read_text() for log in logs)
+
+    wait_for(training, timeout=120, what=f"training to start in {', '.join(map(str, logs))}")
     worker.send_signal(signal.SIGTERM)
     out, err = worker.communicate(timeout=60)
     assert worker.returncode == 130, err
