@@ -39,8 +39,13 @@ def test_train_step_bench_prints_both_sides_and_the_ratio(encoder_without_dropou
     monkeypatch.setattr(bench, "build_config", lambda data: build_config(
         {**data, "model": {**data["model"], "dropout": 0.0}}))
     sides = []
-    side = bench.Side
-    monkeypatch.setattr(bench, "Side", lambda *a, **k: sides.append(side(*a, **k)) or sides[-1])
+
+    class RecordedSide(bench.Side):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sides.append(self)
+
+    monkeypatch.setattr(bench, "Side", RecordedSide)
     out = tmp_path / "bench.json"
     ratio = bench.main(["--device", "cpu", "--encoder", str(encoder_without_dropout),
                         "--data-dir", str(task_dir), "--warmup", "1", "--steps", "2",
