@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,19 @@ def tiny_config(tiny_encoder, task_dir, tmp_path):
             data.setdefault(section, {}).update(values)
         return build_config(data)
     return make
+
+
+def wait_for(condition, *, timeout: float, what: str, interval: float = 0.2):
+    """Poll `condition()` until it returns a true value, and return that value; fail the
+    test naming `what` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 class Killed(Exception):

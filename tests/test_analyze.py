@@ -1,6 +1,7 @@
 """`mtbert analyze` and `mtbert predict --all` on a tiny trained model: files, numbers, codes."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,27 +14,48 @@ from mtbert.cli import app
 from mtbert.data import read_examples
 from mtbert.tasks import TASKS
 
+from conftest import write_task_files
+
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def trained(tiny_encoder, task_dir, tmp_path):
+@pytest.fixture(scope="module")
+def trained_root(tiny_encoder, tmp_path_factory):
+    """One training shared by the tests that only read it: root/run/model, its dev files in
+    root/data. A test that changes either works on a copy (`own_copy`)."""
+    root = tmp_path_factory.mktemp("analyze")
+    task_dir = write_task_files(root / "data")
     result = runner.invoke(app, [
-        "-q", "train", "--data-dir", str(task_dir), "--out", str(tmp_path / "run"),
+        "-q", "train", "--data-dir", str(task_dir), "--out", str(root / "run"),
         "--device", "cpu", "--set", f"model.encoder={tiny_encoder}",
-        "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.epochs=1",
+        "--set", f"data.cache_dir={root / 'cache'}", "--set", "train.epochs=1",
         "--set", "train.steps_per_epoch=6", "--set", "train.batch_size=8",
         "--set", "model.max_length=32", "--set", "train.lr=1e-3"])
     assert result.exit_code == 0, result.output
-    return tmp_path / "run" / "model"
+    return root
 
 
 @pytest.fixture
-def analysed(trained, task_dir, tmp_path):
-    out = tmp_path / "analysis"
-    result = runner.invoke(app, ["analyze", str(trained), "--data-dir", str(task_dir),
-                                 "--out", str(out), "--examples", "3", "--device", "cpu"])
+def trained(trained_root):
+    return trained_root / "run" / "model"
+
+
+@pytest.fixture
+def task_dir(trained_root):
+    return trained_root / "data"
+
+
+def own_copy(path, tmp_path):
+    return shutil.copytree(path, tmp_path / path.name)
+
+
+@pytest.fixture(scope="module")
+def analysed(trained_root):
+    out = trained_root / "analysis"
+    result = runner.invoke(app, ["analyze", str(trained_root / "run" / "model"), "--data-dir",
+                                 str(trained_root / "data"), "--out", str(out),
+                                 "--examples", "3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert result.stdout == f"report: {out / 'analysis.md'}\n"
     return out, json.loads((out / "analysis.json").read_text())
@@ -177,7 +199,8 @@ def test_sts_numbers_match_scipy(analysed, trained, task_dir):
         np.abs(error).max(), abs=1e-6)
 
 
-def test_analyze_notes_a_missing_file_and_defaults_to_model_dir(trained, task_dir):
+def test_analyze_notes_a_missing_file_and_defaults_to_model_dir(trained, task_dir, tmp_path):
+    trained, task_dir = own_copy(trained, tmp_path), own_copy(task_dir, tmp_path)
     (task_dir / "quora-dev.csv").unlink()
     result = runner.invoke(app, ["analyze", str(trained), "--data-dir", str(task_dir),
                                  "--device", "cpu"])
@@ -229,6 +252,7 @@ def _write_test_files(task_dir):
 
 
 def test_predict_all_writes_the_cs224n_files_that_have_inputs(trained, task_dir, tmp_path):
+    task_dir = own_copy(task_dir, tmp_path)
     _write_test_files(task_dir)
     out = tmp_path / "predictions"
     result = runner.invoke(app, ["predict", str(trained), "--all", "--data-dir", str(task_dir),
@@ -292,7 +316,8 @@ def test_predict_one_file_still_works_and_rejects_all_options_without_all(traine
 
 
 @pytest.mark.parametrize("head", ["classes", "cosine"])
-def test_analyze_and_predict_all_take_every_sts_head(head, tiny_encoder, task_dir, tmp_path):
+def test_analyze_and_predict_all_take_every_sts_head(head, tiny_encoder, tmp_path):
+    task_dir = write_task_files(tmp_path / "data")
     result = runner.invoke(app, [
         "-q", "train", "--data-dir", str(task_dir), "--out", str(tmp_path / "run"),
         "--device", "cpu", "--set", f"model.encoder={tiny_encoder}",

@@ -167,12 +167,50 @@ def test_learned_weights_move_during_training(tiny_config, tmp_path, method):
 
 
 @pytest.mark.parametrize("schedule", ["triple_batch", "round_robin_batch"])
-def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_path, schedule):
-    config = tiny_config(loss={"method": "pcgrad"}, train={"schedule": schedule, "epochs": 1})
-    summary = train(config, run_dir=tmp_path / schedule, device="cpu", progress=False)
+def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_path, schedule,
+                                                             monkeypatch):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from mtbert.balancing import PCGrad
+    from mtbert.data import EncodedSet
+
+    # What the loop does, in order: each training batch cut, each PCGrad backward and the
+    # tasks it received, each optimizer step.
+    events = []
+    cut, backward = EncodedSet.batch, PCGrad.backward
+
+    def record_batch(self, indices):
+        events.append(("batch", self.task.name, len(indices)))
+        return cut(self, indices)
+
+    def record_backward(self, losses, model, scale):
+        events.append(("backward", tuple(sorted(losses))))
+        return backward(self, losses, model, scale)
+
+    monkeypatch.setattr(EncodedSet, "batch", record_batch)
+    monkeypatch.setattr(PCGrad, "backward", record_backward)
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: events.append(("step",)))
+    try:
+        config = tiny_config(loss={"method": "pcgrad"},
+                             train={"schedule": schedule, "epochs": 1})
+        summary = train(config, run_dir=tmp_path / schedule, device="cpu", progress=False)
+    finally:
+        hook.remove()
     assert summary["steps"] == 6
-    # every step saw a batch of each task: 6 steps x 3 tasks x 8 examples
-    assert summary["examples_per_s"] > 0
+    last_step = max(i for i, e in enumerate(events) if e == ("step",))
+    steps, current = [], []
+    for event in events[:last_step + 1]:  # after the last step: the dev set's batches
+        if event == ("step",):
+            steps.append(current)
+            current = []
+        else:
+            current.append(event)
+    # Every optimizer step: one batch of 8 of each task, then one backward of all three.
+    assert len(steps) == 6
+    for step in steps:
+        assert sorted(step[:3]) == [("batch", "qqp", 8), ("batch", "sst", 8), ("batch", "sts", 8)]
+        assert step[3:] == [("backward", ("qqp", "sst", "sts"))]
     record = json.loads((tmp_path / schedule / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train/loss_sst", "train/loss_qqp", "train/loss_sts"} <= set(record)
 

@@ -6,6 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mtbert.cli import app
+from mtbert.tasks import METRIC_KEYS
+
+from conftest import write_task_files
 
 runner = CliRunner()
 
@@ -18,11 +21,20 @@ def _train_args(tiny_encoder, task_dir, tmp_path):
             "--set", "model.max_length=32"]
 
 
-@pytest.fixture
-def trained(tiny_encoder, task_dir, tmp_path):
-    result = runner.invoke(app, ["-q", *_train_args(tiny_encoder, task_dir, tmp_path)])
+@pytest.fixture(scope="module")
+def trained_run(tiny_encoder, tmp_path_factory):
+    """One training through the CLI, shared by the tests that only read it: the run
+    directory (root/run, its data in root/data) and the CLI's result."""
+    root = tmp_path_factory.mktemp("cli")
+    task_dir = write_task_files(root / "data")
+    result = runner.invoke(app, ["-q", *_train_args(tiny_encoder, task_dir, root)])
     assert result.exit_code == 0, result.output
-    return tmp_path / "run"
+    return root / "run", result
+
+
+@pytest.fixture
+def trained(trained_run):
+    return trained_run[0]
 
 
 def _strategies():
@@ -44,27 +56,49 @@ def test_every_schedule_and_loss_method_trains_by_name_alone(tiny_encoder, task_
     assert record["step"] == 4 and 0.0 <= record["overall/geometric"] <= 1.0
 
 
-def test_train_writes_the_run_and_prints_the_best_metrics(trained):
-    assert (trained / "summary.json").exists() and (trained / "model" / "model.safetensors").exists()
+def test_train_writes_the_run_and_prints_the_best_metrics(trained_run):
+    trained, result = trained_run
+    assert (trained / "model" / "model.safetensors").exists()
     config = (trained / "config.yaml").read_text()
     assert "steps_per_epoch: 4" in config
+    summary = json.loads((trained / "summary.json").read_text())
+    best = summary["best"]
+    assert (best["epoch"], best["step"], summary["selection_metric"]) == \
+        (1, 4, "overall/geometric")
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"run: {trained}"
+    assert lines[1] == "best: epoch 1 step 4 (by overall/geometric)"
+    assert lines[-1] == f"model: {trained / 'model'}"
+    printed = dict(line.split() for line in lines[2:-1])
+    assert list(printed) == list(METRIC_KEYS) == list(best["metrics"])
+    for key, value in printed.items():  # summary.json's value to the 4 decimals printed
+        assert value == f"{best['metrics'][key]:.4f}", key
 
 
 def test_eval_json_on_an_unseen_file_and_skip_counts(trained, tmp_path):
+    import mtbert
+
+    pairs = [("good movie", "good movie"), ("bad plot", "the cat"), ("the dog", "fast piano")]
+    predicted = mtbert.load(trained / "model").predict("qqp", pairs)
+    # Labels that agree with the model on the first two pairs and not on the third: 2/3
+    # if every labelled row is scored against its own label and the empty one skipped.
+    labels = [predicted[0], predicted[1], 1 - predicted[2]]
+    rows = [f"{i}\t{i}x\t{a}\t{b}\t{float(y)}" for i, ((a, b), y) in
+            enumerate(zip(pairs, labels))]
     path = tmp_path / "pairs.csv"
-    path.write_text("\tid\tsentence1\tsentence2\tis_duplicate\n"
-                    "0\ta\tgood movie\tgood movie\t1.0\n1\tb\tbad plot\tthe cat\t0.0\n"
-                    "2\tc\tthe dog\tthe dog\t\n")
+    path.write_text("\tid\tsentence1\tsentence2\tis_duplicate\n" + "\n".join(rows[:2]) +
+                    "\n9\tc\tthe dog\tthe dog\t\n" + rows[2] + "\n")
     result = runner.invoke(app, ["eval", str(trained / "model"), "--task", "qqp", "--file",
                                  str(path), "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    assert list(metrics) == ["qqp/acc"] and metrics["qqp/acc"] in (0.0, 0.5, 1.0)
-    assert "skipped 1 of 3 rows (1 empty label)" in result.stderr
+    assert list(metrics) == ["qqp/acc"] and metrics["qqp/acc"] == pytest.approx(2 / 3)
+    assert "skipped 1 of 4 rows (1 empty label)" in result.stderr
 
 
-def test_eval_on_the_dev_files(trained, task_dir):
-    result = runner.invoke(app, ["eval", str(trained / "model"), "--data-dir", str(task_dir),
+def test_eval_on_the_dev_files(trained):
+    result = runner.invoke(app, ["eval", str(trained / "model"), "--data-dir",
+                                 str(trained.parent / "data"),
                                  "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)) == {"sst/acc", "qqp/acc", "sts/pearson",
@@ -126,7 +160,10 @@ def test_missing_data_dir_is_one_line(tiny_encoder, tmp_path):
     assert "data directory" in result.stderr and "mtbert data download" in result.stderr
 
 
-def test_resume_a_finished_run_changes_nothing(trained):
+def test_resume_a_finished_run_changes_nothing(trained, tmp_path):
+    import shutil
+
+    trained = shutil.copytree(trained, tmp_path / "run")  # the shared run stays as it is
     before = (trained / "metrics.jsonl").read_text()
     result = runner.invoke(app, ["-q", "train", "--resume", str(trained), "--device", "cpu"])
     assert result.exit_code == 0, result.output

@@ -1,6 +1,7 @@
 """Every head option gives the right output shape and range on a tiny model."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -62,11 +63,27 @@ def test_hidden_layer_and_mean_pooling_ignore_padding():
     assert torch.allclose(short, padded, atol=1e-5)
 
 
-@pytest.mark.parametrize("output, low, high", [("sigmoid", 0.0, 5.0), ("clamp", 0.0, 5.0)])
-def test_sts_output_range(output, low, high):
+@pytest.mark.parametrize("output", ["sigmoid", "clamp"])
+def test_sts_output_range(output):
     torch.manual_seed(0)
-    model = MultitaskModel(BertEncoder(TINY), [TASKS["sts"]], ModelConfig(sts_output=output))
+    model = MultitaskModel(BertEncoder(TINY), [TASKS["sts"]],
+                           ModelConfig(sts_output=output)).eval()
+    batch = _batch("sts", [_view(4, 6, 0)])
+    last = model.heads["sts"].mlp[-1]
     with torch.no_grad():
-        model.heads["sts"].mlp[-1].bias.fill_(100.0)
-    out = model(_batch("sts", [_view(4, 6, 0)]))
-    assert out.min().item() >= low and out.max().item() == pytest.approx(high)
+        free = model(batch).squeeze(-1)
+        # A bias far beyond either bound: the output must stop at that bound.
+        last.bias.fill_(-100.0)
+        lowest = model(batch).squeeze(-1)
+        last.bias.fill_(100.0)
+        highest = model(batch).squeeze(-1)
+        # No weights, bias 1.5: inside the range the transform is the documented one.
+        last.weight.zero_()
+        last.bias.fill_(1.5)
+        inside = model(batch).squeeze(-1)
+    assert ((free >= 0.0) & (free <= 5.0)).all(), free
+    assert ((lowest >= 0.0) & (highest <= 5.0)).all()
+    assert lowest.tolist() == pytest.approx([0.0] * 4, abs=1e-6)
+    assert highest.tolist() == pytest.approx([5.0] * 4, abs=1e-6)
+    middle = 1.5 if output == "clamp" else 5 / (1 + math.exp(-1.5))
+    assert inside.tolist() == pytest.approx([middle] * 4)

@@ -165,9 +165,11 @@ def test_task_loss_is_the_head_loss_plus_the_weighted_auxiliary_loss():
     ("regression", "cosine_mse", "packed"), ("cosine", "mnrl", "packed")])
 def test_training_with_each_option_logs_exports_and_predicts(tiny_config, tmp_path, sts_head,
                                                             contrastive, packing):
+    # Dev batches of 64, as `mtbert eval` scores below (MultitaskPredictor's batch size):
+    # see the end of the test.
     config = tiny_config(model={"pair_encoding": "siamese", "sts_head": sts_head},
                          loss={"contrastive": contrastive, "contrastive_weight": 0.5},
-                         train={"packing": packing})
+                         train={"packing": packing, "eval_batch_size": 64})
     summary = train(config, run_dir=tmp_path / "run", device="cpu", progress=False)
     records = [json.loads(line) for line in
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -188,11 +190,14 @@ def test_training_with_each_option_logs_exports_and_predicts(tiny_config, tmp_pa
     if sts_head == "classes":
         assert all(0.0 <= s <= 5.0 for s in scores)
         assert model.model.heads["sts"].mlp[-1].out_features == 6
-    # The exported model scores the dev files as training did.
+    # The exported model scores the dev files as training did. Batched alike, packed
+    # (training) and padded (`mtbert eval`) give the same bits here. In batches of 16
+    # against 64 some predictions move by one float32 ulp (4.8e-7 at 5.0), and the cosine
+    # head of this barely trained model scores every dev pair 4.9997..5.0000 (std 9e-5):
+    # one ulp then moves Pearson by up to 2.4e-4. Rounding, not a bug; so the same batches.
     result = runner.invoke(app, ["eval", str(model_dir), "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["sts/pearson"] == pytest.approx(
-        summary["best"]["metrics"]["sts/pearson"], abs=1e-4)
+    assert json.loads(result.stdout) == pytest.approx(summary["best"]["metrics"], abs=1e-6)
 
 
 @pytest.mark.parametrize("sts_head", ["cosine", "classes"])

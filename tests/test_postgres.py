@@ -1,34 +1,41 @@
 """Distributed sweeps: several workers on one study in the local PostgreSQL.
 
-Skipped, with the reason, where no PostgreSQL server answers on 127.0.0.1:5432.
+Skipped, with the connection error, only where nothing accepts connections on
+127.0.0.1:5432 (or $MTBERT_TEST_POSTGRES's host and port); a missing driver, a refused
+login or a missing database fails.
 """
 
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import optuna
 import pytest
+import sqlalchemy
+
+from conftest import wait_for
 
 URL = os.environ.get("MTBERT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def _server_up() -> str | None:
+    """None where a server accepts connections on the URL's host and port, else the
+    connection error. Past that, any failure (driver, login, database) fails the tests."""
+    address = sqlalchemy.engine.make_url(URL)
+    host, port = address.host or "localhost", address.port or 5432
     try:
-        import sqlalchemy as sa
-
-        from mtbert.studies.storage import with_driver
-        with sa.create_engine(with_driver(URL)).connect() as conn:
-            conn.execute(sa.text("select 1"))
-    except Exception as err:  # noqa: BLE001 - any failure means: skip
-        return f"no PostgreSQL at {URL} ({type(err).__name__})"
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        shown = address.render_as_string(hide_password=True)
+        return f"no PostgreSQL server reachable at {host}:{port} ({shown}): {err}"
     return None
 
 
-pytestmark = pytest.mark.skipif(_server_up() is not None, reason=str(_server_up()))
+_DOWN = _server_up()
+pytestmark = pytest.mark.skipif(_DOWN is not None, reason=str(_DOWN))
 
 
 @pytest.fixture
@@ -70,25 +77,44 @@ def test_two_workers_share_one_study(tiny_encoder, task_dir, tmp_path, study_nam
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
 
 
+def _heartbeat_age(study_name, number) -> float | None:
+    """Seconds since trial `number` last recorded its heartbeat, on the database's clock as
+    Optuna's stale-trial check reads it; None before its first heartbeat."""
+    from mtbert.studies.storage import with_driver
+    query = sqlalchemy.text(
+        "select extract(epoch from localtimestamp - h.heartbeat) from trial_heartbeats h "
+        "join trials t on t.trial_id = h.trial_id join studies s on s.study_id = t.study_id "
+        "where s.study_name = :study and t.number = :number")
+    engine = sqlalchemy.create_engine(with_driver(URL))
+    try:
+        with engine.connect() as conn:
+            age = conn.execute(query, {"study": study_name, "number": number}).scalar()
+    finally:
+        engine.dispose()
+    return None if age is None else float(age)
+
+
 def test_a_killed_worker_leaves_no_running_trial(tiny_encoder, task_dir, tmp_path, study_name):
     doomed = _worker(tiny_encoder, task_dir, tmp_path / "doomed", study_name, "--trials", "1",
                      "--heartbeat", "1", "--grace", "3",
                      "--set", "train.steps_per_epoch=2000", "--set", "train.epochs=1")
-    deadline = time.time() + 120
-    running = []
-    while time.time() < deadline and not running:
-        time.sleep(0.5)
+
+    def running():
         try:
-            running = [t for t in _study(study_name).trials if t.state.name == "RUNNING"]
+            return [t for t in _study(study_name).trials if t.state.name == "RUNNING"]
         except KeyError:  # the study is not created yet
-            continue
-    assert running, "the doomed worker never started a trial"
-    time.sleep(2)
+            return []
+
+    killed = wait_for(running, timeout=120, what="the doomed worker to start a trial")[0]
+    # Optuna never counts a trial without a heartbeat as stale: kill after the first one.
+    wait_for(lambda: _heartbeat_age(study_name, killed.number) is not None, timeout=60,
+             what=f"trial {killed.number}'s first heartbeat")
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(timeout=30)
-    killed = running[0]
     assert _study(study_name).trials[killed.number].state.name == "RUNNING"
-    time.sleep(4)  # past the grace period
+    # Past the grace period (--grace 3): the next worker finds the trial stale.
+    wait_for(lambda: _heartbeat_age(study_name, killed.number) > 3.5, timeout=60,
+             what=f"trial {killed.number}'s heartbeat to be older than the grace period")
 
     later = _worker(tiny_encoder, task_dir, tmp_path / "later", study_name, "--trials", "1",
                     "--heartbeat", "1", "--grace", "3", "--set", "train.steps_per_epoch=3")
