@@ -62,13 +62,7 @@ class Tokenizer:
             a = a[: max_length - 2]
             ids = np.concatenate([[self.cls_id], a, [self.sep_id]])
             return ids.astype(np.int64), np.zeros(len(ids), dtype=np.int64)
-        # Longest-first truncation, as BERT's reference implementation.
-        la, lb = len(a), len(b)
-        while la + lb > max_length - 3:
-            if la >= lb:
-                la -= 1
-            else:
-                lb -= 1
+        la, lb = _longest_first(len(a), len(b), max_length - 3)
         ids = np.concatenate([[self.cls_id], a[:la], [self.sep_id], b[:lb], [self.sep_id]])
         types = np.concatenate([np.zeros(la + 2), np.ones(lb + 1)])
         return ids.astype(np.int64), types.astype(np.int64)
@@ -77,6 +71,20 @@ class Tokenizer:
         """The tokenizer files to copy into an exported model directory."""
         names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
         return [self.directory / n for n in names if (self.directory / n).exists()]
+
+
+def _longest_first(la: int, lb: int, budget: int) -> tuple[int, int]:
+    """Lengths of a pair cut longest-first to `budget` tokens as Hugging Face's tokenizers
+    cut it: the shorter sentence is kept whole where the longer can give up enough; else
+    both get half, the odd token going to the longer (to b on a tie)."""
+    if la + lb <= budget:
+        return la, lb
+    swap = la > lb
+    short, long = (lb, la) if swap else (la, lb)
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short, long = budget // 2, budget // 2 + budget % 2
+    return (long, short) if swap else (short, long)
 
 
 def _sha256(path: Path) -> str:

@@ -65,15 +65,6 @@ def test_unknown_characters_become_unk(tokenizers):
     assert ids == [ours.cls_id, hf.unk_token_id, ours.sep_id]
 
 
-# Both sentences cut, a the longer, an odd budget (max_length - 3; 125 at the default
-# max_length 128): build_inputs trims the longer side down to the shorter one and then
-# trims a first, so a keeps the smaller half (62 + 63 of 125); transformers, like BERT's
-# _truncate_seq_pair, gives the smaller half to the shorter sentence (63 + 62).
-A_LONGER_ODD_BUDGET = pytest.mark.xfail(strict=True, reason=(
-    "mtbert.tokenize.build_inputs: a longer and both cut with an odd budget, a keeps "
-    "floor(budget / 2) tokens where transformers keeps ceil(budget / 2)"))
-
-
 @pytest.mark.parametrize("a, b, max_length", [
     (ACCENTS, UPPER, 128),
     (UNKNOWN, ACCENTS, 128),
@@ -85,8 +76,8 @@ A_LONGER_ODD_BUDGET = pytest.mark.xfail(strict=True, reason=(
     (words(20), words(20), 12),  # equal lengths, odd budget of 9
     (words(10), words(11), 12),  # b longer by one, odd budget
     (words(11), words(10), 13),  # a longer by one, even budget
-    pytest.param(LONG * 3, LONG * 2, 128, marks=A_LONGER_ODD_BUDGET),
-    pytest.param(words(11), words(10), 12, marks=A_LONGER_ODD_BUDGET),
+    (LONG * 3, LONG * 2, 128),  # both cut, a the longer, odd budget: a keeps 63 of 125
+    (words(11), words(10), 12),  # a longer by one, odd budget
 ], ids=["accents-upper", "unknown-accents", "a-cut", "b-cut", "b-longer", "equal",
         "a-longer-even", "equal-odd", "b-longer-by-1-odd", "a-longer-by-1-even",
         "a-longer-odd", "a-longer-by-1-odd"])
