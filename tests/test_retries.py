@@ -244,3 +244,38 @@ def test_a_trial_out_of_memory_fails_with_the_reason_and_the_study_goes_on(tiny_
     assert "out of GPU memory" in trials[0].user_attrs["fail_reason"]
     result = json.loads((out / "survive" / "trial-0000" / "trial.json").read_text())
     assert "out of GPU memory" in result["reason"]
+
+
+def _trial_process(run_dir: Path) -> int | None:
+    """The pid of the trial process training in `run_dir`, from /proc."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mtbert.studies.trial" in argv and str(run_dir).encode() in argv:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the trial process in /proc")
+def test_a_trial_process_killed_from_outside_is_queued_and_resumed_by_the_same_worker(
+        tiny_encoder, task_dir, tmp_path):
+    """The OOM killer, or a scheduler signalling every process of a job: the worker lives
+    on, records the trial as killed and runs its retry, which resumes."""
+    spec = tmp_path / "survive.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "runs"
+    storage = f"sqlite:///{out / 'mtbert.db'}"
+    worker = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "2")
+    first = (out / "survive" / "trial-0000").resolve()
+    _wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
+              and _trial_process(first) or worker.poll() is not None, what="the first epoch")
+    os.kill(_trial_process(first), signal.SIGKILL)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err
+    trials = optuna.load_study(study_name="survive", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[0].user_attrs["fail_reason"] == "killed by signal 9"
+    assert trials[1].user_attrs["retry_of"] == 0
+    assert trials[1].user_attrs["resumed_from_epoch"] >= 1

@@ -152,11 +152,17 @@ class TrialRunner:
         trial.set_user_attr(CHECKPOINT, str(run_dir / "model"))
         code = self._run_process(trial, run_dir)
         result = self._record(trial, run_dir)
-        # A finished trial (complete, pruned or failed) is never resumed; an interrupted one
-        # keeps its resume state for its retry (see _run_process).
+        if code < 0:
+            # Killed by a signal this worker did not send (a scheduler signalling the whole
+            # job, the OOM killer): like a dead worker's trial, queued again to resume.
+            reason = f"killed by signal {-code}"
+            trial.set_user_attr(FAIL_REASON, reason)
+            self._queue_retry(trial)
+            raise TrialFailed(reason)
+        # A finished trial (complete, pruned or failed) is never resumed; a stopped or
+        # killed one keeps its resume state for its retry.
         (run_dir / "resume.pt").unlink(missing_ok=True)
-        reason = result.reason or (f"killed by signal {-code}" if code < 0 else
-                                   _last_line(run_dir / "trial.log"))
+        reason = result.reason or _last_line(run_dir / "trial.log")
         if code == EXIT_PRUNED:
             raise optuna.TrialPruned(reason)
         if code != 0:
