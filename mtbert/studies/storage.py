@@ -2,7 +2,8 @@
 
 A URL names it (SQLite by default, `<out>/mtbert.db`; PostgreSQL for many
 workers). This module turns a URL into a working storage (the driver mtbert
-installs, heartbeats, one retry of a dead worker's trial), opens the study a
+installs, heartbeats, one retry of a dead worker's trial), lets any number of
+workers create a new storage's tables at the same instant, opens the study a
 command names, masks every credential before a URL is shown or written, and
 says which study names may become directory names.
 """
@@ -10,9 +11,11 @@ says which study names may become directory names.
 from __future__ import annotations
 
 import importlib.util
+import random
 import re
+import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,18 @@ STORAGE_FILE = "mtbert.db"
 # Study names become directory names (<out>/<study>/trial-NNNN): letters, digits, '.', '_'
 # and '-', starting with a letter or digit, so that no name is absolute, '..' or hidden.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Optuna creates its tables on first use; workers started together on a new database
+# (docker/compose.yaml starts two) would all create them at once. On PostgreSQL they take
+# turns under this session advisory lock (the key spells "mtbert"; every database has its
+# own advisory locks); on every backend the losers of the race retry a few times.
+SCHEMA_LOCK_KEY = int.from_bytes(b"mtbert", "big")
+SCHEMA_LOCK_WAIT_S = 120
+SCHEMA_RETRY_FIRST_S = 0.2
+SCHEMA_RETRY_TOTAL_S = 30.0
+# What a lost race says, besides an IntegrityError (the pg_type row of a table, the version
+# row or alembic's revision inserted twice): a table created a moment before by another
+# worker, or SQLite's lock on a file another process is creating.
+_RACE_WORDS = ("already exists", "duplicate", "locked")
 
 
 class StorageError(MtbertError):
@@ -79,7 +94,12 @@ def _check_url(url: str) -> None:
 def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = None,
                  max_retries: int = 2, must_exist: bool = False):
     """Optuna's RDB storage for `url`; with `heartbeat`, a trial whose worker died is
-    queued again (at most `max_retries` times; the worker that takes it resumes it)."""
+    queued again (at most `max_retries` times; the worker that takes it resumes it).
+
+    Workers that open a new storage together take turns creating its tables (PostgreSQL,
+    `_schema_lock`); one that still loses that race retries with a growing pause for up to
+    SCHEMA_RETRY_TOTAL_S. Any other error fails at once, as one line with the URL masked.
+    """
     import optuna
     import sqlalchemy.exc
 
@@ -99,14 +119,76 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     if url.startswith("sqlite"):
         # Workers on one machine wait for SQLite's lock instead of failing at once.
         engine = {"connect_args": {"timeout": 60}}
+    deadline = time.monotonic() + SCHEMA_RETRY_TOTAL_S
+    delay = SCHEMA_RETRY_FIRST_S
+    while True:
+        try:
+            with _schema_lock(url):
+                return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine,
+                                                  **kwargs)
+        except sqlalchemy.exc.ArgumentError:
+            raise ConfigError(f"bad storage URL {mask_url(url)}; e.g. sqlite:///runs/mtbert.db "
+                              "or postgresql://user:password@host:5432/db") from None
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as err:
+            # Jitter: workers that lost together should not collide again together.
+            pause = delay * random.uniform(0.5, 1.0)
+            if not is_schema_race(err) or time.monotonic() + pause > deadline:
+                raise StorageError(f"cannot reach the study storage {mask_url(url)}: "
+                                   f"{mask_url(first_line(err))}") from None
+        time.sleep(pause)
+        delay *= 2
+
+
+def is_schema_race(err: BaseException) -> bool:
+    """Whether `err` is another worker creating the same tables at the same moment."""
+    import sqlalchemy.exc
+
+    if isinstance(err, sqlalchemy.exc.IntegrityError):
+        return True
+    if isinstance(err, (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError)):
+        # The driver's message only: the SQL statement SQLAlchemy appends may hold any word.
+        text = first_line(err.orig if err.orig is not None else err).lower()
+        return any(word in text for word in _RACE_WORDS)
+    return False
+
+
+@contextmanager
+def _schema_lock(url: str):
+    """PostgreSQL: hold mtbert's advisory lock while Optuna creates or checks its tables.
+
+    A session lock on its own short-lived connection, so that no transaction of Optuna's
+    ends it early; closing that connection would release it too (a killed worker never
+    leaves it held).
+    """
+    import sqlalchemy
+
+    if sqlalchemy.make_url(with_driver(url)).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(with_driver(url), poolclass=sqlalchemy.pool.NullPool,
+                                      isolation_level="AUTOCOMMIT")
     try:
-        return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine, **kwargs)
-    except sqlalchemy.exc.ArgumentError:
-        raise ConfigError(f"bad storage URL {mask_url(url)}; e.g. sqlite:///runs/mtbert.db or "
-                          "postgresql://user:password@host:5432/db") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as err:
-        raise StorageError(f"cannot reach the study storage {mask_url(url)}: "
-                           f"{mask_url(first_line(err))}") from None
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"SET lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'"))
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                             {"key": SCHEMA_LOCK_KEY})
+            except sqlalchemy.exc.OperationalError as err:
+                if "lock timeout" not in first_line(err):
+                    raise
+                raise StorageError(
+                    f"cannot reach the study storage {mask_url(url)}: waited "
+                    f"{SCHEMA_LOCK_WAIT_S} s for another worker creating its tables (it holds "
+                    f"advisory lock {SCHEMA_LOCK_KEY}; see pg_locks)") from None
+            try:
+                yield
+            finally:
+                # A connection that broke meanwhile released the lock with its session.
+                with suppress(sqlalchemy.exc.DBAPIError):
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                                 {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 @contextmanager

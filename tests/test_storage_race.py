@@ -1,0 +1,224 @@
+"""Workers that start together on a new, empty storage all open it.
+
+Optuna creates its tables on first use; processes that do so at the same instant on
+PostgreSQL collide on the `pg_type` index, on a table or `alembic_version` that another
+created a moment before, or on the version row; on SQLite, on the file's lock. These
+tests start real processes at once on fresh databases (each dropped afterwards) and
+files. The PostgreSQL ones skip, with the connection error, where no server answers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+import mtbert.studies.storage as storage
+from mtbert.errors import ConfigError
+from mtbert.studies.storage import StorageError, open_storage, with_driver
+
+PG = os.environ.get("MTBERT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+ROOT = Path(__file__).resolve().parents[1]
+# `mtbert studies` on an empty storage: the table's header, no study.
+HEADER = "study                    trials complete pruned fail running  best"
+
+
+def _postgres_error() -> str | None:
+    try:
+        with sqlalchemy.create_engine(with_driver(PG)).connect() as conn:
+            conn.execute(sqlalchemy.text("select 1"))
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        return f"no PostgreSQL at {PG}: {str(err).splitlines()[0]}"
+    return None
+
+
+needs_postgres = pytest.mark.skipif(_postgres_error() is not None,
+                                    reason=str(_postgres_error()))
+
+
+def _env() -> dict[str, str]:
+    # The processes import this checkout's mtbert, one thread each (2-core machine).
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def fresh_database():
+    """The URL of a new, empty PostgreSQL database, dropped afterwards."""
+    name = f"mtbert_race_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(with_driver(PG), isolation_level="AUTOCOMMIT",
+                                     poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sqlalchemy.make_url(PG).set(database=name).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _start_together(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Popen every command, then wait for all of them."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(), cwd=ROOT) for cmd in commands]
+    results = []
+    for proc, cmd in zip(procs, commands):
+        out, err = proc.communicate(timeout=180)
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return results
+
+
+# Imports first, then every process waits for the same instant before it opens the
+# storage, so that the schema creation of all of them overlaps (imports take seconds).
+# With "unlocked", PostgreSQL's advisory lock is left out: the retry alone must win.
+CREATE_STUDY = """
+import contextlib, sys, time
+import optuna
+import mtbert.studies.storage
+from mtbert.studies.storage import open_storage
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+url, start, lock = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+if lock == "unlocked":
+    mtbert.studies.storage._schema_lock = lambda url: contextlib.nullcontext()
+time.sleep(max(0.0, start - time.time()))
+rdb = open_storage(url, heartbeat=10)
+study = optuna.create_study(study_name="race", storage=rdb, load_if_exists=True)
+print(study.study_name, len(optuna.study.get_all_study_names(rdb)))
+"""
+
+
+def _create_study_together(url: str, n: int, lock: str = "locked"
+                           ) -> list[subprocess.CompletedProcess]:
+    start = time.time() + 4.0 + 0.5 * n  # after every process has imported optuna
+    return _start_together([[sys.executable, "-c", CREATE_STUDY, url, str(start), lock]
+                            for _ in range(n)])
+
+
+@needs_postgres
+@pytest.mark.parametrize("round_", range(3))
+def test_five_studies_commands_started_at_once_on_a_new_database_all_list_it(
+        round_, fresh_database):
+    results = _start_together([[sys.executable, "-m", "mtbert", "studies", "--storage",
+                                fresh_database] for _ in range(5)])
+    failed = [r.stderr.strip() for r in results if r.returncode != 0]
+    assert failed == [], f"{len(failed)} of 5 failed: {failed}"
+    assert [r.stdout.splitlines() for r in results] == [[HEADER]] * 5
+
+
+@needs_postgres
+@pytest.mark.parametrize("lock", ["locked", "unlocked"])
+def test_three_workers_creating_one_study_at_once_on_a_new_database_all_succeed(
+        lock, fresh_database):
+    results = _create_study_together(fresh_database, 3, lock)
+    failed = [r.stderr.strip() for r in results if r.returncode != 0]
+    assert failed == [], f"{len(failed)} of 3 failed: {failed}"
+    assert [r.stdout.split() for r in results] == [["race", "1"]] * 3
+
+
+def test_four_workers_creating_one_study_at_once_in_a_new_sqlite_file_all_succeed(
+        tmp_path):
+    url = f"sqlite:///{tmp_path / 'mtbert.db'}"
+    results = _create_study_together(url, 4)
+    failed = [r.stderr.strip() for r in results if r.returncode != 0]
+    assert failed == [], f"{len(failed)} of 4 failed: {failed}"
+    assert [r.stdout.split() for r in results] == [["race", "1"]] * 4
+
+
+@pytest.fixture
+def backoffs(monkeypatch) -> list[float]:
+    """Every backoff `open_storage` sleeps (it still sleeps them)."""
+    slept: list[float] = []
+    real = time.sleep
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real(seconds)
+
+    monkeypatch.setattr(storage.time, "sleep", sleep)
+    return slept
+
+
+@needs_postgres
+@pytest.mark.parametrize("change, says", [
+    (dict(database="mtbert_race_absent"), 'database "mtbert_race_absent" does not exist'),
+    (dict(username="mtbert_race_nobody", password="s3cret"),
+     'role "mtbert_race_nobody" does not exist'),
+    (dict(port=1, password="s3cret"), "port 1 failed"),
+])
+def test_an_error_that_is_not_the_race_fails_at_once_with_one_line(change, says, backoffs):
+    url = sqlalchemy.make_url(PG).set(**change).render_as_string(hide_password=False)
+    began = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        open_storage(url)
+    elapsed = time.monotonic() - began
+    message = str(caught.value)
+    assert message.startswith(f"cannot reach the study storage {storage.mask_url(url)}: ")
+    assert says in message and "\n" not in message and "s3cret" not in message
+    assert backoffs == []
+    assert elapsed < 5, f"took {elapsed:.1f} s"
+
+
+def test_a_bad_url_is_still_a_config_error(backoffs):
+    with pytest.raises(ConfigError, match="bad storage URL nosuchdb://u:\\*\\*\\*@h/db"):
+        open_storage("nosuchdb://u:s3cret@h/db")
+    assert backoffs == []
+
+
+@pytest.mark.parametrize("error, race", [
+    (sqlalchemy.exc.IntegrityError("INSERT", {}, Exception(
+        'duplicate key value violates unique constraint "pg_type_typname_nsp_index"')), True),
+    (sqlalchemy.exc.IntegrityError("INSERT", {}, Exception(
+        'duplicate key value violates unique constraint "version_info_pkey"')), True),
+    (sqlalchemy.exc.ProgrammingError("CREATE TABLE", {}, Exception(
+        'relation "studies" already exists')), True),
+    (sqlalchemy.exc.ProgrammingError("CREATE TABLE", {}, Exception(
+        'relation "alembic_version" already exists')), True),
+    (sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception(
+        "table studies already exists")), True),
+    (sqlalchemy.exc.OperationalError("BEGIN", {}, Exception("database is locked")), True),
+    (sqlalchemy.exc.OperationalError("connect", {}, Exception(
+        'FATAL:  database "x" does not exist')), False),
+    (sqlalchemy.exc.OperationalError("connect", {}, Exception(
+        'FATAL:  password authentication failed for user "u"')), False),
+    (sqlalchemy.exc.ProgrammingError("SELECT", {}, Exception(
+        'permission denied for schema public')), False),
+    (ImportError("no module named psycopg2"), False),
+])
+def test_only_the_schema_race_is_retried(error, race):
+    assert storage.is_schema_race(error) is race
+
+
+def _advisory_locks(conn) -> int:
+    return conn.execute(sqlalchemy.text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+        "database = (SELECT oid FROM pg_database WHERE datname = current_database())")).scalar()
+
+
+@needs_postgres
+def test_the_schema_lock_is_released_and_a_held_one_is_waited_for_then_named(
+        fresh_database, monkeypatch):
+    holder = sqlalchemy.create_engine(with_driver(fresh_database), isolation_level="AUTOCOMMIT",
+                                      poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with holder.connect() as conn:
+            open_storage(fresh_database)
+            assert _advisory_locks(conn) == 0
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"),
+                         {"key": storage.SCHEMA_LOCK_KEY})
+            monkeypatch.setattr(storage, "SCHEMA_LOCK_WAIT_S", 1)
+            with pytest.raises(StorageError, match="waited 1 s for another worker creating "
+                                                   "its tables"):
+                open_storage(fresh_database)
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                         {"key": storage.SCHEMA_LOCK_KEY})
+            open_storage(fresh_database)
+            assert _advisory_locks(conn) == 0
+    finally:
+        holder.dispose()
