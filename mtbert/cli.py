@@ -86,6 +86,10 @@ MaxRetriesOption = Annotated[int, typer.Option(
     "--max-retries", min=0, help="Queue a trial whose worker died (or was stopped) again up "
                                  "to R times; the retry resumes from its last finished epoch "
                                  "where its run directory is reachable.")]
+GpusOption = Annotated[Optional[str], typer.Option(
+    "--gpus", help="Run trials on these GPUs (PyTorch's indices, e.g. 0,1,2,3, or all), "
+                   "--trials-per-gpu at a time on each, each trial pinned to its GPU with "
+                   "CUDA_VISIBLE_DEVICES.")]
 TopOption = Annotated[Optional[int], typer.Option(
     "--top", min=1, help="Print the N best COMPLETE trials, ranked by the (first) objective "
                          "or --metric.")]
@@ -470,9 +474,11 @@ def sweep(
                                "(FAIL, queued again; see --max-retries).")] = 30,
     device: DeviceOption = Device.auto,
     max_retries: MaxRetriesOption = 2,
+    gpus: GpusOption = None,
     trials_per_gpu: Annotated[int, typer.Option(
-        "--trials-per-gpu", min=1, help="Trials run at once, each its own process on the one "
-                                        "device, so that small encoders fill a big GPU.")] = 1,
+        "--trials-per-gpu", min=1, help="Trials run at once on each device (each GPU of "
+                                        "--gpus), each its own process, so that small "
+                                        "encoders fill a big GPU.")] = 1,
     print_spec: Annotated[bool, typer.Option(
         "--print", help="Print the resolved spec and exit.")] = False,
     list_specs: Annotated[bool, typer.Option("--list", help="List the shipped specs.")] = False,
@@ -482,19 +488,14 @@ def sweep(
                           "enqueued again.")] = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run."""
-    from mtbert.studies.results import new_finished, state_counts, trials_table
     from mtbert.studies.runner import SweepOptions, interrupted_table, run_sweep
-    from mtbert.studies.spec import load_enqueue, load_spec, spec_list, spec_yaml
+    from mtbert.studies.slots import parse_gpus
+    from mtbert.studies.spec import spec_list, spec_yaml
     from mtbert.studies.storage import check_study_name
 
     if list_specs:
         return _echo_lines(spec_list())
-    if spec is None:
-        raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
-                          "(see `mtbert sweep --list`)")
-    resolved = load_spec(spec, _overrides(set_, data_dir))
-    if enqueue is not None:
-        resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
+    resolved = _resolve_spec(spec, _overrides(set_, data_dir), enqueue)
     if print_spec:
         return typer.echo(spec_yaml(resolved), nl=False)
     options = SweepOptions(
@@ -502,15 +503,34 @@ def sweep(
         study=None if study is None else check_study_name(study), storage=storage, out=out,
         wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
-        max_retries=max_retries)
+        max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None)
     try:
-        result, before = run_sweep(resolved, options)
+        result, finished_before = run_sweep(resolved, options)
     except KeyboardInterrupt:
         _echo_lines(interrupted_table(options, resolved.name))
         raise
+    _end_of_sweep(result, finished_before, out)
+
+
+def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path]):
+    from mtbert.studies.spec import load_enqueue, load_spec
+
+    if spec is None:
+        raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
+                          "(see `mtbert sweep --list`)")
+    resolved = load_spec(spec, overrides)
+    if enqueue is not None:
+        resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
+    return resolved
+
+
+def _end_of_sweep(result, finished_before: set[int], out: Path) -> None:
+    """The study's states on stderr; the table on stdout, or exit 1 if no trial finished."""
+    from mtbert.studies.results import new_finished, state_counts, trials_table
+
     log.info("study %s: %s", result.study_name,
              ", ".join(f"{n} {s.lower()}" for s, n in state_counts(result).items()))
-    if not new_finished(result, before):
+    if not new_finished(result, finished_before):
         typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
                    f"{out / result.study_name}", err=True)
         raise typer.Exit(1)

@@ -32,6 +32,8 @@ RESEED_OF = "reseed_of"  # a reseed: the number of the trial whose configuration
 SEED = "seed"  # a reseed's train.seed
 RETRY_OF = "retry_of"  # a retry: the number of the trial it takes over (killed or stopped)
 RESUMED_FROM_EPOCH = "resumed_from_epoch"  # epochs the retry took over; 0 = started fresh
+RETRY_REASON = "retry_reason"  # "oom": out of memory beside other trials, retried alone
+GPU = "gpu"  # the CUDA_VISIBLE_DEVICES value the trial ran with (--gpus)
 # System attributes of a retry, as Optuna's RetryHeartbeatStaleTrialCallback writes them:
 # the first trial of the series, and every trial of it before this one, oldest first.
 FAILED_TRIAL = "failed_trial"

@@ -26,7 +26,7 @@ from typing import Any
 
 from mtbert.errors import MtbertError
 from mtbert.formatting import first_line, format_mean_std, save_figure
-from mtbert.studies.job import RESEED_OF, RUN_DIR, SEED, TrialResult
+from mtbert.studies.job import GPU, RESEED_OF, RUN_DIR, SEED, TrialResult
 from mtbert.studies.results import (complete_trials, fail_reason, ranked, seed_groups,
                                     state_counts, study_objectives)
 from mtbert.tasks import METRIC_KEYS
@@ -68,6 +68,7 @@ class TrialRow:
     duration_s: float | None
     note: str
     run_dir: str | None
+    gpu: str | None = None  # with --gpus: the GPU it ran on
 
 
 @dataclass
@@ -106,7 +107,8 @@ def trial_rows(study) -> list[TrialRow]:
             params=dict(t.params),
             metrics={k: t.user_attrs[k] for k in METRIC_KEYS if k in t.user_attrs},
             duration_s=t.duration.total_seconds() if t.duration else None,
-            note=_reseed_note(t) or trial_note(t), run_dir=t.user_attrs.get(RUN_DIR)))
+            note=_reseed_note(t) or trial_note(t), run_dir=t.user_attrs.get(RUN_DIR),
+            gpu=t.user_attrs.get(GPU)))
     return rows
 
 
@@ -484,9 +486,13 @@ def _html_cell(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _with_gpus(report: Report) -> bool:
+    return any(row.gpu is not None for row in report.rows)
+
+
 def table_columns(report: Report) -> list[str]:
-    return ["trial", "state", *report.objectives, "duration (s)", "params", *METRIC_KEYS,
-            "note"]
+    return ["trial", "state", *report.objectives, "duration (s)",
+            *(["gpu"] if _with_gpus(report) else []), "params", *METRIC_KEYS, "note"]
 
 
 def table_values(report: Report, row: TrialRow) -> list[Any]:
@@ -495,7 +501,8 @@ def table_values(report: Report, row: TrialRow) -> list[Any]:
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.params.items())
     return [row.number, row.state, *values,
-            None if row.duration_s is None else round(row.duration_s), params,
+            None if row.duration_s is None else round(row.duration_s),
+            *([row.gpu] if _with_gpus(report) else []), params,
             *[row.metrics.get(k) for k in METRIC_KEYS], row.note]
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, format_mean_std, format_params
-from mtbert.studies.job import FAIL_REASON, RESEED_OF, RUN_DIR, SEED, STUDY_OBJECTIVES
+from mtbert.studies.job import (FAIL_REASON, GPU, RESEED_OF, RUN_DIR, SEED,
+                                STUDY_OBJECTIVES)
 from mtbert.tasks import METRIC_KEYS
 
 
@@ -85,13 +86,17 @@ def describe_trial(t, objectives: list[str]) -> str:
 def trials_table(study, *, limit: int = 5, metric: str | None = None,
                  front: bool = True) -> list[str]:
     """Text table of the best complete trials, best first: by `metric` when given, else
-    the Pareto front of a multi-objective study (`front`) or the first objective's ranking."""
+    the Pareto front of a multi-objective study (`front`) or the first objective's ranking.
+    A `gpu` column when the trials ran on several GPUs (`--gpus`)."""
     multi = len(study.directions) > 1
-    done = study.best_trials if front and multi and metric is None else ranked(study, metric)
-    rows = ["trial  " + "  ".join(f"{k:>18}" for k in METRIC_KEYS) + "  params"]
-    for t in done[:limit]:
+    done = (study.best_trials if front and multi and metric is None else
+            ranked(study, metric))[:limit]
+    gpu = any(GPU in t.user_attrs for t in done)
+    rows = ["trial  " + "  ".join(f"{k:>18}" for k in METRIC_KEYS) + "  gpu" * gpu + "  params"]
+    for t in done:
         values = "  ".join(f"{t.user_attrs.get(k, float('nan')):>18.4f}" for k in METRIC_KEYS)
-        rows.append(f"{t.number:>5}  {values}  {format_params(t.params)}")
+        where = f"  {t.user_attrs.get(GPU, '-'):>3}" if gpu else ""
+        rows.append(f"{t.number:>5}  {values}{where}  {format_params(t.params)}")
     return rows
 
 

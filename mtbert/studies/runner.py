@@ -30,12 +30,13 @@ from mtbert.config import load_config, save_config
 from mtbert.errors import ConfigError
 from mtbert.runtime import wandb_dir
 from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
-                                PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
-                                RETRY_OF, RUN_DIR, SEED, STORAGE_ENV, STUDY_OBJECTIVES,
+                                GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH,
+                                RETRY_HISTORY, RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV, STUDY_OBJECTIVES,
                                 STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID, TrialJob,
                                 TrialResult, WandbSettings, retried_from)
 from mtbert.studies.results import SeedGroup, describe_trial, ranked, reseed_seeds, seed_groups
 from mtbert.studies.retention import prune_checkpoints
+from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
                                  trial_config)
 from mtbert.studies.storage import (check_study_name, mask_url, open_storage, select_study,
@@ -43,6 +44,9 @@ from mtbert.studies.storage import (check_study_name, mask_url, open_storage, se
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
+
+
+OUT_OF_MEMORY = "out of GPU memory"  # the reason train() gives (mtbert.train)
 
 
 class TrialFailed(Exception):
@@ -64,6 +68,7 @@ class SweepOptions:
     device: str = "auto"
     trials_per_gpu: int = 1
     max_retries: int = 2  # a killed or stopped trial is queued again this many times
+    gpus: list[str] | None = None  # CUDA_VISIBLE_DEVICES of each GPU; None: one device
 
     @property
     def url(self) -> str:
@@ -105,6 +110,7 @@ class TrialRunner:
         self._lock = threading.Lock()
         self._procs: set[subprocess.Popen] = set()
         self.stopping = False
+        self.slots = DeviceSlots(options.gpus, options.trials_per_gpu)
 
     def stop(self) -> None:
         """End every running trial process (the worker was told to stop)."""
@@ -114,16 +120,18 @@ class TrialRunner:
         for proc in procs:
             proc.terminate()
 
-    def _child_env(self) -> dict[str, str]:
+    def _child_env(self, slot: Slot) -> dict[str, str]:
         env = {**os.environ, STORAGE_ENV: with_driver(self.options.url),
                PARENT_ENV: str(os.getpid())}
+        if slot.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         # Fewer fragmentation OOMs when batch shapes vary (PyTorch's CUDA caching allocator);
         # the user's own setting wins.
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        k = self.options.trials_per_gpu
-        if k > 1 and "OMP_NUM_THREADS" not in env:
+        k = self.slots.total
+        if k > 1 and "OMP_NUM_THREADS" not in os.environ:
             # K trials share the machine's cores: K x all-cores threads would oversubscribe
-            # them (the GPU is shared as is, K processes, no device settings changed).
+            # them (each GPU is shared as is, its trials' processes side by side).
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // k))
         return env
 
@@ -150,7 +158,14 @@ class TrialRunner:
         job = self._prepare(trial, params, run_dir)
         trial.set_user_attr(RUN_DIR, str(run_dir))
         trial.set_user_attr(CHECKPOINT, str(run_dir / "model"))
-        code = self._run_process(trial, run_dir)
+        alone = trial.user_attrs.get(RETRY_REASON) == "oom"
+        slot = self.slots.acquire(alone=alone)
+        try:
+            if slot.gpu is not None:
+                trial.set_user_attr(GPU, slot.gpu)
+            code = self._run_process(trial, run_dir, slot)
+        finally:
+            self.slots.release(slot)
         result = self._record(trial, run_dir)
         if code < 0:
             # Killed by a signal this worker did not send (a scheduler signalling the whole
@@ -159,10 +174,18 @@ class TrialRunner:
             trial.set_user_attr(FAIL_REASON, reason)
             self._queue_retry(trial)
             raise TrialFailed(reason)
+        reason = result.reason or _last_line(run_dir / "trial.log")
+        if code not in (0, EXIT_PRUNED) and OUT_OF_MEMORY in reason and slot.neighbours \
+                and not alone:
+            # Out of memory beside other trials on its GPU: once more, alone on a GPU, from
+            # its last epoch, so that the study does not learn whom it shared the GPU with.
+            trial.set_user_attr(FAIL_REASON, reason)
+            self._queue_retry(trial, retry_reason="oom")
+            raise TrialFailed(f"{reason} (beside {slot.neighbours} other trials: queued to "
+                              "run again alone)")
         # A finished trial (complete, pruned or failed) is never resumed; a stopped or
         # killed one keeps its resume state for its retry.
         (run_dir / "resume.pt").unlink(missing_ok=True)
-        reason = result.reason or _last_line(run_dir / "trial.log")
         if code == EXIT_PRUNED:
             raise optuna.TrialPruned(reason)
         if code != 0:
@@ -223,9 +246,10 @@ class TrialRunner:
             (run_dir / "resume.pt").unlink(missing_ok=True)
         return epochs
 
-    def _queue_retry(self, trial) -> None:
+    def _queue_retry(self, trial, retry_reason: str | None = None) -> None:
         """Queue a stopped trial again, as Optuna queues a dead worker's (the same system
-        attributes), so that the next worker resumes it; at most `max_retries` times."""
+        attributes), so that the next worker resumes it; at most `max_retries` times.
+        `retry_reason` "oom": the retry runs alone on a GPU."""
         import optuna
 
         frozen = _frozen(trial)
@@ -238,11 +262,12 @@ class TrialRunner:
         trial.study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING, params=frozen.params,
             distributions=frozen.distributions,
-            user_attrs={**frozen.user_attrs, FAIL_REASON: "interrupted"},
+            user_attrs={**frozen.user_attrs,
+                        **({RETRY_REASON: retry_reason} if retry_reason else {})},
             system_attrs={**frozen.system_attrs, FAILED_TRIAL: history[0],
                           RETRY_HISTORY: history}))
 
-    def _run_process(self, trial, run_dir: Path) -> int:
+    def _run_process(self, trial, run_dir: Path, slot: Slot) -> int:
         """Train in `python -m mtbert.studies.trial RUN_DIR`; its exit code. A stop (signal
         or another thread's `stop()`) ends the process and fails the trial as interrupted."""
         with open(run_dir / "trial.log", "w") as log_file:
@@ -251,7 +276,7 @@ class TrialRunner:
                     raise KeyboardInterrupt
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "mtbert.studies.trial", str(run_dir)],
-                    stdout=log_file, stderr=subprocess.STDOUT, env=self._child_env())
+                    stdout=log_file, stderr=subprocess.STDOUT, env=self._child_env(slot))
                 self._procs.add(proc)
             try:
                 code = proc.wait()
@@ -352,7 +377,7 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
 
     def on_stop(signum, frame):
         runner.stop()
-        if options.trials_per_gpu == 1:
+        if runner.slots.total == 1:
             raise KeyboardInterrupt  # the trial runs in this thread: end it here
         # Several trials: Optuna's threads end their trials, record them as FAIL and
         # re-raise KeyboardInterrupt, which reaches this thread through their futures.
@@ -362,7 +387,7 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
     try:
         with storage_errors(options.url):
             study.optimize(runner, n_trials=n_trials, timeout=timeout,
-                           n_jobs=options.trials_per_gpu, catch=(TrialFailed,),
+                           n_jobs=runner.slots.total, catch=(TrialFailed,),
                            callbacks=[on_trial_end], gc_after_trial=False)
         if runner.stopping:
             raise KeyboardInterrupt
