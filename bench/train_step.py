@@ -197,12 +197,13 @@ class Side:
     def figures(self) -> dict:
         """examples/s, real tokens/s, TFLOP/s, MFU (CUDA) and peak memory of the timed steps."""
         cuda = self.device.type == "cuda"
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return {"examples_per_s": self.examples / self.time,
                 "real_tokens_per_s": self.tokens / self.time,
                 "tflops": self.flops / self.time / 1e12,
                 "mfu": f"{100 * self.flops / self.time / PEAK_BF16_FLOPS:.1f}%" if cuda else "n/a",
                 "peak_memory": f"{self.peak / 2**30:.2f} GiB" if cuda else
-                f"n/a (process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)",
+                f"n/a (process max RSS {rss:.2f} GiB)",
                 "seconds": self.time, "warmup_steps": self.warmup_steps}
 
 
@@ -263,14 +264,16 @@ def make_sides(encoder: BertEncoder, sets, config, device: torch.device, *,
     return sides
 
 
-def measure(sides: list[Side], batches: list[tuple], *, warmup: int, steps: int,
-            blocks: int, device: torch.device) -> None:
-    """Warm every side up (its shapes included), then time `blocks` blocks of `steps`
-    steps per side, the order of the sides rotating block by block so that a shared
-    machine slows all alike."""
-    warm, timed = batches[:warmup], batches[warmup:]
+def warm_up(sides: list[Side], warm: list[tuple], timed: list[tuple]) -> None:
+    """The warm-up steps of every side, its timed batch shapes included (`Side.warm_up`)."""
     for side in sides:
         side.warm_up(warm, timed)
+
+
+def time_blocks(sides: list[Side], timed: list[tuple], *, steps: int, blocks: int,
+                device: torch.device) -> None:
+    """`blocks` blocks of `steps` timed steps per side, the order of the sides rotating
+    block by block so that a shared machine slows all alike."""
     for b in range(blocks):
         block = timed[b * steps:(b + 1) * steps]
         for side in sides[b % len(sides):] + sides[:b % len(sides)]:
@@ -279,6 +282,13 @@ def measure(sides: list[Side], batches: list[tuple], *, warmup: int, steps: int,
             side.run(block, timed=True)
             if device.type == "cuda":
                 side.peak = max(side.peak, torch.cuda.max_memory_allocated(device))
+
+
+def measure(sides: list[Side], batches: list[tuple], *, warmup: int, steps: int,
+            blocks: int, device: torch.device) -> None:
+    """Warm every side up, then time it (`warm_up`, `time_blocks`)."""
+    warm_up(sides, batches[:warmup], batches[warmup:])
+    time_blocks(sides, batches[warmup:], steps=steps, blocks=blocks, device=device)
 
 
 def main(argv: list[str] | None = None) -> float:
