@@ -32,7 +32,8 @@ and measures:
    and all at once (K = 4).
 
 It writes OUT/gpu_check.json and OUT/gpu_check.md after every section (a run
-cut short keeps what it measured) and exits 1 when a check fails (0 when
+cut short keeps what it measured; run directories and caches go to a scratch
+folder, removed at the end unless --keep-work) and exits 1 when a check fails (0 when
 every check passes or is skipped, 2 for bad arguments). Without CUDA, or with
 --tiny, it runs a tiny random model on CPU in seconds: the checks that run on
 CPU pass or fail as on a GPU, the CUDA-only ones are listed as skipped, by
@@ -54,6 +55,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -766,6 +768,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="short trainings run one at a time, then all at once (K)")
     parser.add_argument("--train-steps", type=int, default=200,
                         help="optimizer steps of each short training")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep the scratch folder (run directories, token cache) and "
+                             "print where it is")
     args = parser.parse_args(argv)
     args.kernels = [k for k in args.kernels.split(",") if k]
     args.sections = [s for s in args.sections.split(",") if s]
@@ -804,15 +809,27 @@ def environment(device: torch.device, mode: str, argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Run directories, token cache, toy files: in a scratch folder, not in --out, which
+    # then holds the two reports only (and fits what a GPU machine sends back).
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    cache = os.environ.get("MTBERT_CACHE_DIR")
+    os.environ.setdefault("MTBERT_CACHE_DIR", str(work / "cache"))
+    try:
+        return run_checks(args, work, sys.argv[1:] if argv is None else argv)
+    finally:
+        if cache is None:
+            os.environ.pop("MTBERT_CACHE_DIR", None)
+        if args.keep_work:
+            print(f"gpu_check: scratch folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_checks(args: argparse.Namespace, work: Path, argv: list[str]) -> int:
     device = torch.device(args.device)
     started = time.perf_counter()
     out = args.out.resolve()  # children run in other folders
-    work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    os.environ.setdefault("MTBERT_CACHE_DIR", str(work / "cache"))
-    report = Report(out, environment(device, "cpu-tiny" if args.tiny else "cuda",
-                                     sys.argv[1:] if argv is None else argv))
+    report = Report(out, environment(device, "cpu-tiny" if args.tiny else "cuda", argv))
 
     data_dir = args.data_dir or str(write_toy_data(work / "data"))
     if args.tiny:

@@ -50,6 +50,7 @@ def test_gpu_check_on_cpu_passes_its_cpu_parts_and_lists_the_cuda_parts_skipped(
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].startswith("gpu_check: PASS (0 failed)")
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
     report = json.loads((out / "gpu_check.json").read_text())
     status = {c["name"]: c["status"] for c in report["checks"]}
     assert (report["verdict"], report["mode"], report["device"]) == ("PASS", "cpu-tiny", "cpu")
