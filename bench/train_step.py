@@ -4,14 +4,19 @@
         --data-dir DIR
 
 Ours: minBERT on packed batches (train.packing; `--ours-packing padded` for the
-plain path), fused AdamW, bf16 autocast on CUDA, no host-device sync inside
-the step. The peer is what a user writes today: `transformers.BertModel`
-(attn_implementation="sdpa") with the same three heads, batches padded to
-their longest member, torch AdamW, bf16 autocast on CUDA (fp32 on CPU for
-both). Both start from the same weights and train on the same examples; the
-timed blocks alternate between the two so that a shared machine slows both
-alike. Both sides include building each batch from pre-tokenized rows and
-copying it to the device; tokenization is outside the timed loop for both.
+plain path, `--packed-attention KERNEL` for the packed attention kernel),
+padded and grid lengths rounded up to a multiple of 8, fused AdamW, bf16
+autocast on CUDA, no host-device sync inside the step. The peer is what a user
+writes today: `transformers.BertModel` (attn_implementation="sdpa") with the
+same three heads, batches padded to their longest member, torch AdamW, bf16
+autocast on CUDA (fp32 on CPU for both). Both start from the same weights and
+train on the same examples; the timed blocks alternate between the two so
+that a shared machine slows both alike. Both sides include building each
+batch from pre-tokenized rows and copying it to the device; tokenization is
+outside the timed loop for both. The warm-up runs, per side, one step of
+every batch shape the timed steps hold (a dense kernel may prepare itself
+once per shape: cuDNN attention builds a plan per shape), so that the timed
+steps are steady state for both.
 
 MFU counts real tokens only: 6·N·tokens + 12·L·d·sum(T_i^2) FLOPs per step
 (N = the encoder's non-embedding matmul weights, T_i each sequence's real
@@ -41,9 +46,10 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from mtbert.config import build_config  # noqa: E402
-from mtbert.data import Batch  # noqa: E402
-from mtbert.encoder import (BertConfig, BertEncoder, load_hf_state_dict, read_bert_config,  # noqa: E402
-                            read_checkpoint, resolve_encoder, to_hf_state_dict)
+from mtbert.data import PAD_MULTIPLE, Batch  # noqa: E402
+from mtbert.encoder import (PACKED_KERNELS, BertConfig, BertEncoder,  # noqa: E402
+                            load_hf_state_dict, read_bert_config, read_checkpoint,
+                            resolve_encoder, to_hf_state_dict)
 from mtbert.errors import MtbertError  # noqa: E402
 from mtbert.runtime import autocast  # noqa: E402
 from mtbert.heads import MultitaskModel  # noqa: E402
@@ -123,27 +129,55 @@ def flops_per_step(config: BertConfig, sequence_lengths: np.ndarray) -> float:
     return 6 * n_matmul * sequence_lengths.sum() + 12 * L * d * (sequence_lengths ** 2).sum()
 
 
-class Side:
-    """One contender: model, optimizer, and its way of building a batch."""
+def batch_shape(batch: Batch) -> tuple:
+    """What a dense attention kernel sees of a batch: (rows, padded length) of each view.
+    A kernel that prepares itself per shape (cuDNN attention builds a plan per shape)
+    pays once per distinct value, so the warm-up runs every one the timed blocks hold."""
+    if batch.packed:
+        view = batch.views[0]
+        return ((view.n_seqs, view.grid_len),)
+    return tuple(tuple(view[0].shape) for view in batch.views)
 
-    def __init__(self, name, model, optimizer, sets, packed: bool, device):
+
+class Side:
+    """One contender: model, optimizer, and its way of building a batch (packed or padded,
+    padded lengths rounded up to `pad_multiple`)."""
+
+    def __init__(self, name, model, optimizer, sets, *, packed: bool, pad_multiple: int,
+                 device):
         self.name, self.model, self.optimizer = name, model, optimizer
-        self.sets, self.packed, self.device = sets, packed, device
+        self.sets, self.packed, self.pad_multiple, self.device = sets, packed, pad_multiple, device
         self.time, self.examples, self.tokens, self.flops, self.peak = 0.0, 0, 0, 0.0, 0
         self.first_loss = None
+        self.warmup_steps = 0
+
+    def host_batch(self, task: str, indices: np.ndarray) -> Batch:
+        dataset = self.sets[task]
+        dataset.packed, dataset.pad_multiple = self.packed, self.pad_multiple
+        return dataset.batch(indices)
 
     def step(self, task: str, indices: np.ndarray) -> torch.Tensor:
-        dataset = self.sets[task]
-        dataset.packed = self.packed
-        batch = dataset.batch(indices).to(self.device)
+        batch = self.host_batch(task, indices).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device):
             output = self.model(batch)
-        loss = dataset.task.loss(output, batch.labels)
+        loss = self.sets[task].task.loss(output, batch.labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         return loss.detach()
+
+    def warm_up(self, warm, timed) -> None:
+        """The warm-up steps, then one step of every batch shape of `timed` not seen yet."""
+        seen = {batch_shape(self.host_batch(task, indices)) for task, indices, _ in warm}
+        extra = []
+        for item in timed:
+            shape = batch_shape(self.host_batch(item[0], item[1]))
+            if shape not in seen:
+                seen.add(shape)
+                extra.append(item)
+        self.warmup_steps = len(warm) + len(extra)
+        self.run(list(warm) + extra, timed=False)
 
     def run(self, batches, *, timed: bool) -> None:
         sync(self.device)
@@ -160,10 +194,101 @@ class Side:
                 self.tokens += n_tokens
                 self.flops += flops
 
+    def figures(self) -> dict:
+        """examples/s, real tokens/s, TFLOP/s, MFU (CUDA) and peak memory of the timed steps."""
+        cuda = self.device.type == "cuda"
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {"examples_per_s": self.examples / self.time,
+                "real_tokens_per_s": self.tokens / self.time,
+                "tflops": self.flops / self.time / 1e12,
+                "mfu": f"{100 * self.flops / self.time / PEAK_BF16_FLOPS:.1f}%" if cuda else "n/a",
+                "peak_memory": f"{self.peak / 2**30:.2f} GiB" if cuda else
+                f"n/a (process max RSS {rss:.2f} GiB)",
+                "seconds": self.time, "warmup_steps": self.warmup_steps}
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def load_sets(tokenizer_dir: Path, data_dir: str, max_examples: int):
+    """The run config and training sets the benchmark cuts its batches from."""
+    tokenizer = Tokenizer(tokenizer_dir)
+    config = build_config({
+        "model": {"encoder": str(tokenizer_dir), "max_length": 128},
+        "data": {"dir": data_dir, "max_train_examples": max_examples,
+                 "max_eval_examples": 1,
+                 "cache_dir": os.environ.get("MTBERT_CACHE_DIR") or
+                 str(Path(tempfile.gettempdir()) / "mtbert-bench-tokens")},
+        "train": {"seed": 0}})
+    return config, load_task_data(config, tokenizer).train
+
+
+def step_batches(sets, encoder_config: BertConfig, *, batch_size: int, tokens: int, n: int,
+                 seed: int = 0) -> list[tuple]:
+    """`n` (task, indices, (examples, real tokens, FLOPs)) batches (see make_batches)."""
+    batches = make_batches(sets, batch_size=batch_size, tokens=tokens, n=n, seed=seed)
+    for k, (task, indices) in enumerate(batches):
+        lengths = np.concatenate([[len(view[i][0]) for i in indices]
+                                  for view in sets[task].views])
+        batches[k] = (task, indices, (len(indices), int(lengths.sum()),
+                                      flops_per_step(encoder_config, lengths)))
+    return batches
+
+
+def make_sides(encoder: BertEncoder, sets, config, device: torch.device, *,
+               kernels: list[str], peer: bool = True) -> list[Side]:
+    """One side per kernel of ours ("padded" = train.packing=padded, else the packed
+    attention kernel), then the peer; all start from the same weights and heads."""
+    torch.manual_seed(0)
+    first = MultitaskModel(encoder, [get_task(t) for t in TASKS], config.model)
+    models = [first] + [copy.deepcopy(first) for _ in kernels[1:]]
+    # Built before anything moves to the device: the peer copies our CPU weights.
+    peer_model = PeerModel(encoder, copy.deepcopy(first.heads)) if peer else None
+    sides = []
+    for kernel, model in zip(kernels, models):
+        if kernel != "padded":
+            model.encoder.packed_kernel = kernel
+        model.to(device).train()
+        sides.append(Side(f"ours-{kernel}" if len(kernels) > 1 else "ours", model,
+                          make_optimizer(model, lr=2e-5, config=config.optim, device=device),
+                          sets, packed=kernel != "padded", pad_multiple=PAD_MULTIPLE,
+                          device=device))
+    if peer_model is not None:
+        # What a user writes today: padded to the longest member, no rounding.
+        peer_model.to(device).train()
+        sides.append(Side("peer", peer_model, torch.optim.AdamW(
+            peer_model.parameters(), lr=2e-5, weight_decay=0.01), sets, packed=False,
+            pad_multiple=1, device=device))
+    return sides
+
+
+def warm_up(sides: list[Side], warm: list[tuple], timed: list[tuple]) -> None:
+    """The warm-up steps of every side, its timed batch shapes included (`Side.warm_up`)."""
+    for side in sides:
+        side.warm_up(warm, timed)
+
+
+def time_blocks(sides: list[Side], timed: list[tuple], *, steps: int, blocks: int,
+                device: torch.device) -> None:
+    """`blocks` blocks of `steps` timed steps per side, the order of the sides rotating
+    block by block so that a shared machine slows all alike."""
+    for b in range(blocks):
+        block = timed[b * steps:(b + 1) * steps]
+        for side in sides[b % len(sides):] + sides[:b % len(sides)]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            side.run(block, timed=True)
+            if device.type == "cuda":
+                side.peak = max(side.peak, torch.cuda.max_memory_allocated(device))
+
+
+def measure(sides: list[Side], batches: list[tuple], *, warmup: int, steps: int,
+            blocks: int, device: torch.device) -> None:
+    """Warm every side up, then time it (`warm_up`, `time_blocks`)."""
+    warm_up(sides, batches[:warmup], batches[warmup:])
+    time_blocks(sides, batches[warmup:], steps=steps, blocks=blocks, device=device)
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -184,12 +309,16 @@ def main(argv: list[str] | None = None) -> float:
                         help="CS224N task files (default $MTBERT_DATA_DIR)")
     parser.add_argument("--max-examples", type=int, default=3000,
                         help="training examples read per task (a seeded sample)")
-    parser.add_argument("--warmup", type=int, default=6, help="untimed steps per side")
+    parser.add_argument("--warmup", type=int, default=6,
+                        help="untimed steps per side, then one of every batch shape the timed "
+                             "steps hold")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per block and side")
     parser.add_argument("--blocks", type=int, default=3,
                         help="timed blocks; ours and the peer alternate block by block")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     parser.add_argument("--ours-packing", default="packed", choices=("packed", "padded"))
+    parser.add_argument("--packed-attention", default="auto", choices=PACKED_KERNELS,
+                        help="packed batches' attention kernel (train.packed_attention)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if not args.data_dir:
@@ -201,46 +330,14 @@ def main(argv: list[str] | None = None) -> float:
         parser.error("--device cuda: PyTorch sees no CUDA device")
 
     encoder, tok_dir = build_encoder(args.encoder, args.tokenizer)
-    tokenizer = Tokenizer(tok_dir)
-    config = build_config({
-        "model": {"encoder": str(tok_dir), "max_length": 128},
-        "data": {"dir": args.data_dir, "max_train_examples": args.max_examples,
-                 "max_eval_examples": 1,
-                 "cache_dir": os.environ.get("MTBERT_CACHE_DIR") or
-                 str(Path(tempfile.gettempdir()) / "mtbert-bench-tokens")},
-        "train": {"seed": 0}})
-    sets = load_task_data(config, tokenizer).train
+    config, sets = load_sets(tok_dir, args.data_dir, args.max_examples)
     n = args.warmup + args.steps * args.blocks
-    batches = make_batches(sets, batch_size=args.batch_size, tokens=args.tokens_per_step,
-                           n=n, seed=0)
-    for k, (task, indices) in enumerate(batches):
-        lengths = np.concatenate([[len(view[i][0]) for i in indices]
-                                  for view in sets[task].views])
-        batches[k] = (task, indices, (len(indices), int(lengths.sum()),
-                                      flops_per_step(encoder.config, lengths)))
-
-    torch.manual_seed(0)
-    ours = MultitaskModel(encoder, [get_task(t) for t in TASKS], config.model)
-    peer = PeerModel(encoder, copy.deepcopy(ours.heads))  # same start, trained apart
-    ours.to(device).train()
-    peer.to(device).train()
-    sides = [
-        Side("ours", ours, make_optimizer(ours, lr=2e-5, config=config.optim, device=device),
-             sets, args.ours_packing == "packed", device),
-        Side("peer", peer, torch.optim.AdamW(peer.parameters(), lr=2e-5, weight_decay=0.01),
-             sets, False, device),
-    ]
-    warm, timed = batches[:args.warmup], batches[args.warmup:]
-    for side in sides:
-        side.run(warm, timed=False)
-    for b in range(args.blocks):
-        block = timed[b * args.steps:(b + 1) * args.steps]
-        for side in (sides if b % 2 == 0 else sides[::-1]):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            side.run(block, timed=True)
-            if device.type == "cuda":
-                side.peak = max(side.peak, torch.cuda.max_memory_allocated(device))
+    batches = step_batches(sets, encoder.config, batch_size=args.batch_size,
+                           tokens=args.tokens_per_step, n=n)
+    kernel = "padded" if args.ours_packing == "padded" else args.packed_attention
+    sides = make_sides(encoder, sets, config, device, kernels=[kernel])
+    measure(sides, batches, warmup=args.warmup, steps=args.steps, blocks=args.blocks,
+            device=device)
 
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     try:
@@ -253,25 +350,22 @@ def main(argv: list[str] | None = None) -> float:
     c = encoder.config
     setting = (f"{args.tokens_per_step} real tokens per batch" if args.tokens_per_step
                else f"batch {args.batch_size}")
+    ours_how = "padded" if kernel == "padded" else f"packed, attention kernel {kernel}"
     print(f"device {device.type} ({name}); " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"encoder {args.encoder} ({c.num_hidden_layers} layers, hidden {c.hidden_size}), "
           f"{setting}, tasks {'/'.join(TASKS)} round-robin, {args.blocks} x {args.steps} "
-          f"timed steps per side after {args.warmup} warm-up; ours {args.ours_packing}")
+          f"timed steps per side after {args.warmup} warm-up and one of every timed batch "
+          f"shape; ours {ours_how}")
     print(f"first-step loss: ours {sides[0].first_loss:.5f}, peer {sides[1].first_loss:.5f}")
     results = {"device": device.type, "device_name": name, "versions": versions,
-               "encoder": args.encoder, "setting": setting, "argv": sys.argv[1:]}
+               "encoder": args.encoder, "setting": setting, "argv": sys.argv[1:],
+               "kernel": kernel}
     for side in sides:
-        ex_s, tok_s = side.examples / side.time, side.tokens / side.time
-        tflops = side.flops / side.time / 1e12
-        mfu = f"{100 * side.flops / side.time / PEAK_BF16_FLOPS:.1f}%" \
-            if device.type == "cuda" else "n/a"
-        peak = f"{side.peak / 2**30:.2f} GiB" if device.type == "cuda" else \
-            f"n/a (process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)"
-        print(f"{side.name}: {ex_s:.1f} examples/s, {tok_s:.0f} real tokens/s, "
-              f"{tflops:.3f} TFLOP/s, MFU {mfu}, peak memory {peak}")
-        results[side.name] = {"examples_per_s": ex_s, "real_tokens_per_s": tok_s,
-                              "tflops": tflops, "mfu": mfu, "peak_memory": peak,
-                              "seconds": side.time}
+        f = side.figures()
+        print(f"{side.name}: {f['examples_per_s']:.1f} examples/s, "
+              f"{f['real_tokens_per_s']:.0f} real tokens/s, {f['tflops']:.3f} TFLOP/s, "
+              f"MFU {f['mfu']}, peak memory {f['peak_memory']}")
+        results[side.name] = f
     ratio = sides[0].examples / sides[0].time / (sides[1].examples / sides[1].time)
     results["ratio"] = ratio
     if args.json:

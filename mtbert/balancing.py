@@ -208,6 +208,16 @@ class GradNorm(LossCombiner):
         super().__init__(config, tasks, **kwargs)
         self.weights = nn.Parameter(torch.ones(len(tasks)))
         self.register_buffer("initial", torch.full((len(tasks),), math.nan))
+        # The index tensor of each task order seen, built once on the device: building it
+        # every step from a Python list is a blocking host-to-device copy.
+        self._indices: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    def _index_tensor(self, tasks: tuple[str, ...]) -> torch.Tensor:
+        key = (tasks, self.weights.device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor([self._index(t) for t in tasks],
+                                              device=self.weights.device)
+        return self._indices[key]
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([self.weights[self._index(t)].detach() * loss
@@ -215,7 +225,7 @@ class GradNorm(LossCombiner):
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
                  scale: float) -> torch.Tensor:
-        index = torch.tensor([self._index(t) for t in losses], device=self.weights.device)
+        index = self._index_tensor(tuple(losses))
         values = torch.stack(list(losses.values()))  # (K,)
         with torch.no_grad():
             unset = torch.isnan(self.initial[index])

@@ -138,9 +138,11 @@ class TrainConfig:
         "auto", "Batches as packed real tokens (no padding) or padded to their longest "
         "member; auto = packed (faster on CPU, see bench/RESULTS.md), padded = the reference "
         "path.")
-    packed_attention: Literal["auto", "grid", "nested"] = _opt(
-        "auto", "Attention kernel of packed batches: nested jagged SDPA (FlashAttention "
-        "varlen on CUDA) or one padded SDPA over a grid; auto = nested on CUDA, grid on CPU.")
+    packed_attention: Literal["auto", "grid", "nested", "varlen"] = _opt(
+        "auto", "Attention kernel of packed batches: grid = one padded SDPA over a grid, "
+        "nested = nested jagged SDPA, varlen = torch's varlen_attn (CUDA, torch >= 2.10, no "
+        "attention dropout); auto = grid on every device until bench/gpu_check.py measures "
+        "otherwise (mtbert/encoder.py).")
     bucket_by_length: bool = _opt(False, "Training batches of similar lengths (shuffled "
                                   "windows of 50 batches sorted by length), batch order "
                                   "shuffled; each example still once per pass.")

@@ -1,4 +1,5 @@
-"""Reading task files, the token cache, and batches padded to their longest member.
+"""Reading task files, the token cache, batches (padded or packed), and their copy to the
+device.
 
 Files are the CS224N ones: tab-separated, a header, columns used by name,
 fields quoted CSV-style where needed. One line is one row: every line after
@@ -25,7 +26,7 @@ import re
 import tempfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -253,24 +254,46 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
         log.warning("could not write the token cache %s (%s); going on without it", path, err)
 
 
+# Padded lengths (and the packed grid's) are rounded up to a multiple of this, up to
+# model.max_length: with at most max_length / 8 lengths (16 at length 128), a dense
+# attention kernel that prepares itself per shape (cuDNN builds a plan per shape) sees
+# few shapes instead of nearly one per batch, and bf16 tensor cores get aligned tiles.
+# Padded tokens are masked, so outputs do not change (tests/test_fastpath.py).
+PAD_MULTIPLE = 8
+# Each tensor of a staged batch starts at a multiple of this many bytes of its buffer.
+_STAGE_ALIGN = 16
+
+
+def padded_length(longest: int, multiple: int, limit: int | None = None) -> int:
+    """`longest` rounded up to a multiple of `multiple`, but never past `limit` (the
+    longest a sequence can be) when that is at least `longest`."""
+    rounded = -(-longest // multiple) * multiple
+    return min(rounded, limit) if limit is not None and limit >= longest else rounded
+
+
 @dataclass
 class PackedView:
     """The real tokens of a batch's sequences, concatenated without padding.
 
     Sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]. `pad_index` places each
-    token in a (S, max_len) padded grid, for attention kernels that need one.
-    Built on the host, so the encoder never asks the device where sequences end
-    (a `nonzero` on a CUDA mask would be a host-device sync every step).
+    token in a (S, grid_len) padded grid, for attention kernels that need one;
+    `grid_len` is max_len rounded up (`PAD_MULTIPLE`) so that the grid takes few
+    shapes. Built on the host, so the encoder never asks the device where
+    sequences end (a `nonzero` on a CUDA mask would be a host-device sync every step).
     """
 
     ids: torch.Tensor  # (N,)
     types: torch.Tensor  # (N,)
     positions: torch.Tensor  # (N,) position of each token inside its sequence
     cu_seqlens: torch.Tensor  # (S+1,) int32 offsets
-    pad_index: torch.Tensor  # (N,) flat index into (S, max_len)
+    pad_index: torch.Tensor  # (N,) flat index into (S, grid_len)
     max_len: int
     min_len: int
     groups: int = 1  # siamese: 2 stacked views, sentences a first then sentences b
+    grid_len: int = 0  # the padded grid's length, >= max_len; 0 = max_len
+
+    def __post_init__(self) -> None:
+        self.grid_len = self.grid_len or self.max_len
 
     @property
     def n_seqs(self) -> int:
@@ -282,26 +305,43 @@ class PackedView:
 
     @property
     def seq_index(self) -> torch.Tensor:
-        return self.pad_index // self.max_len  # (N,) sequence of each token
+        return self.pad_index // self.grid_len  # (N,) sequence of each token
 
-    def to(self, device: torch.device) -> PackedView:
-        move = _mover(device)
-        return PackedView(move(self.ids), move(self.types), move(self.positions),
-                          move(self.cu_seqlens), move(self.pad_index), self.max_len, self.min_len,
-                          self.groups)
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.ids, self.types, self.positions, self.cu_seqlens, self.pad_index]
 
-
-def _mover(device: torch.device):
-    """Copy to `device`; through pinned memory to CUDA, so the copy does not block the host."""
-    if torch.device(device).type == "cuda":
-        return lambda t: t.pin_memory().to(device, non_blocking=True)
-    return lambda t: t.to(device)
+    def with_tensors(self, tensors: list[torch.Tensor]) -> PackedView:
+        """The same view over `tensors` (in the order of `tensors()`)."""
+        return replace(self, **dict(zip(("ids", "types", "positions", "cu_seqlens",
+                                         "pad_index"), tensors)))
 
 
-def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token ids, type ids) rows as padded (B, T) ids, attention mask and type ids."""
-    T = max(len(ids) for ids, _ in rows)
+def stage(tensors: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """`tensors` on `device` through one host buffer and one copy.
+
+    Their bytes are laid out in one buffer (pinned when the device is CUDA, so that the
+    copy runs asynchronously, with one pinned allocation instead of one per tensor),
+    copied once, and cut back into views of the right dtype and shape.
+    """
+    device = torch.device(device)
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += -(-size // _STAGE_ALIGN) * _STAGE_ALIGN
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for t, start, size in zip(tensors, starts, sizes):
+        host[start:start + size].view(t.dtype).view(t.shape).copy_(t)
+    moved = host.to(device, non_blocking=True)
+    return [moved[start:start + size].view(t.dtype).view(t.shape)
+            for t, start, size in zip(tensors, starts, sizes)]
+
+
+def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int, *, multiple: int = 1,
+             limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, type ids) rows as padded (B, T) ids, attention mask and type ids; T is
+    the longest row rounded up to `multiple` (never past `limit`, see `padded_length`)."""
+    T = padded_length(max(len(ids) for ids, _ in rows), multiple, limit)
     ids = np.full((len(rows), T), pad_id, dtype=np.int64)
     types = np.zeros((len(rows), T), dtype=np.int64)
     mask = np.zeros((len(rows), T), dtype=np.int64)
@@ -312,10 +352,12 @@ def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int
     return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)
 
 
-def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]], groups: int = 1) -> PackedView:
-    """A PackedView of (ids, types) rows."""
+def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]], groups: int = 1, *,
+              multiple: int = 1, limit: int | None = None) -> PackedView:
+    """A PackedView of (ids, types) rows; its grid is the longest row rounded up to
+    `multiple` (never past `limit`)."""
     lengths = np.fromiter((len(ids) for ids, _ in rows), dtype=np.int64, count=len(rows))
-    T = int(lengths.max())
+    T = padded_length(int(lengths.max()), multiple, limit)
     cu = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     positions = np.arange(cu[-1]) - np.repeat(cu[:-1], lengths)
@@ -323,7 +365,8 @@ def pack_rows(rows: list[tuple[np.ndarray, np.ndarray]], groups: int = 1) -> Pac
     return PackedView(torch.from_numpy(np.concatenate([r[0] for r in rows])),
                       torch.from_numpy(np.concatenate([r[1] for r in rows])),
                       torch.from_numpy(positions), torch.from_numpy(cu.astype(np.int32)),
-                      torch.from_numpy(pad_index), T, int(lengths.min()), groups)
+                      torch.from_numpy(pad_index), int(lengths.max()), int(lengths.min()),
+                      groups, T)
 
 
 @dataclass
@@ -344,10 +387,16 @@ class Batch:
         return isinstance(self.views[0], PackedView)
 
     def to(self, device: torch.device) -> Batch:
-        move = _mover(device)
-        views = [view.to(device) if isinstance(view, PackedView) else
-                 tuple(move(t) for t in view) for view in self.views]
-        labels = move(self.labels) if self.labels is not None else None
+        """The batch on `device`: every tensor through one buffer and one copy (`stage`)."""
+        tensors = [t for view in self.views for t in
+                   (view.tensors() if isinstance(view, PackedView) else view)]
+        if self.labels is not None:
+            tensors.append(self.labels)
+        moved = iter(stage(tensors, device))
+        views = [view.with_tensors([next(moved) for _ in view.tensors()])
+                 if isinstance(view, PackedView) else tuple(next(moved) for _ in view)
+                 for view in self.views]
+        labels = next(moved) if self.labels is not None else None
         return Batch(self.task, views, labels, self.indices)
 
 
@@ -370,6 +419,9 @@ class EncodedSet:
         else:
             self.views = [[build(columns[0][i], columns[1][i], max_length) for i in keep]]
         self.pad_id = tokenizer.pad_id
+        self.max_length = max_length
+        # Padded (and grid) lengths are rounded up to this multiple: few batch shapes.
+        self.pad_multiple = PAD_MULTIPLE
         self._by_length: np.ndarray | None = None
         # Batches as PackedView (no padding) instead of padded (B, T) tensors.
         self.packed = False
@@ -385,9 +437,11 @@ class EncodedSet:
         labels = None if self.labels is None else torch.from_numpy(self.labels[indices])
         if self.packed:
             rows = [view[i] for view in self.views for i in indices]
-            return Batch(self.task.name, [pack_rows(rows, len(self.views))], labels,
-                         np.asarray(indices))
-        views = [pad_rows([view[i] for i in indices], self.pad_id) for view in self.views]
+            view = pack_rows(rows, len(self.views), multiple=self.pad_multiple,
+                             limit=self.max_length)
+            return Batch(self.task.name, [view], labels, np.asarray(indices))
+        views = [pad_rows([view[i] for i in indices], self.pad_id, multiple=self.pad_multiple,
+                          limit=self.max_length) for view in self.views]
         return Batch(self.task.name, views, labels, np.asarray(indices))
 
     def batches(self, batch_size: int):

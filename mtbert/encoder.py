@@ -9,16 +9,27 @@ fastest kernel for the device. Query, key and value are one fused projection.
 `forward_packed` runs the same weights on a packed batch (`data.PackedView`):
 the real tokens of all sequences concatenated, no padding. Embeddings,
 every Linear, LayerNorm and GELU see only real tokens; attention stays within
-each sequence through one of two kernels (`PackedAttention`):
+each sequence through one of three kernels (`PackedAttention`):
 
-- `nested`: a nested jagged tensor through SDPA. On CUDA this is
-  FlashAttention's variable-length kernel: no padded token is ever computed.
-- `grid`: q, k, v scattered into a (S, T) grid for one padded SDPA call and
+- `grid`: q, k, v scattered into a (S, T) grid (T rounded up to a multiple of
+  8, `data.PAD_MULTIPLE`) for one dense SDPA call with a key mask, and
   gathered back. Measured on 2 CPU cores (64 sequences of 10-60 tokens,
   12 heads, forward + backward): grid 0.072 s, nested 0.21-0.28 s, because
   on CPU nested SDPA falls back to one call per sequence.
+- `nested`: a nested jagged tensor through SDPA. On CUDA it can reach
+  FlashAttention's variable-length kernel, but it builds three nested tensors
+  per layer and goes through SDPA's Python dispatch and nested autograd nodes:
+  at ~1,000 real tokens per step that may cost more than it saves (PyTorch PR
+  #145402), and where flash refuses the input the math fallback splits per
+  sequence.
+- `varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA only),
+  FlashAttention's variable-length kernel on the packed (N, heads, head size)
+  layout with no nested tensor at all. It has no dropout argument: attention
+  runs without dropout there (hidden dropout stays). fp32 inputs (outside
+  autocast) go through the grid kernel, since flash runs in fp16/bf16 only.
 
-`auto` picks nested on CUDA and grid elsewhere.
+`auto` takes the kernel of `AUTO_KERNEL` for the device: `grid` everywhere
+until a GPU measurement (`bench/gpu_check.py`) says otherwise.
 
 Checkpoints are Hugging Face BERT directories (config.json + model.safetensors
 or pytorch_model.bin). The model is built first, then every weight is copied
@@ -28,6 +39,7 @@ its name.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -45,7 +57,12 @@ if TYPE_CHECKING:
     from mtbert.data import PackedView
 
 log = logging.getLogger("mtbert")
-PACKED_KERNELS = ("auto", "grid", "nested")
+PACKED_KERNELS = ("auto", "grid", "nested", "varlen")
+# What `auto` picks per device type. CPU: grid, measured 3x faster than nested. CUDA:
+# grid too, the least risky choice until measured: one dense SDPA call over a few
+# bounded shapes, the same kernel family as the padded path and the peer, while nested
+# and varlen had never run on a GPU. Change it when bench/gpu_check.py says so.
+AUTO_KERNEL = {"cpu": "grid", "cuda": "grid"}
 
 # Keys of Hugging Face checkpoints that are not part of the encoder: the
 # pre-training heads of BertForPreTraining and a buffer of position ids.
@@ -124,38 +141,77 @@ class PackedAttention:
                                f"{', '.join(PACKED_KERNELS)}")
         device = view.ids.device
         if kernel == "auto":
-            # nested_tensor_from_jagged with min/max lengths exists from torch 2.5 on;
-            # without it the grid kernel (plain SDPA) runs everywhere.
-            nested = device.type == "cuda" and hasattr(torch.nested, "nested_tensor_from_jagged")
-            kernel = "nested" if nested else "grid"
+            kernel = AUTO_KERNEL.get(device.type, "grid")
+        if kernel == "varlen" and (device.type != "cuda" or varlen_attention() is None):
+            raise EncoderError(f"packed attention kernel 'varlen' needs CUDA and torch >= "
+                               f"2.10 (torch.nn.attention.varlen); this is torch "
+                               f"{torch.__version__} on {device.type}; valid elsewhere: "
+                               "auto, grid, nested")
         self.kernel, self.view = kernel, view
-        if kernel == "grid":
-            # Key mask from lengths, built on the device: no host-device sync.
-            T = view.max_len
-            self.mask = (torch.arange(T, device=device)
-                         < view.lengths[:, None])[:, None, None, :]  # (S, 1, 1, T)
-        else:
-            self.offsets = view.cu_seqlens.long()
+        self._mask: torch.Tensor | None = None
+        self.offsets = view.cu_seqlens.long() if kernel == "nested" else None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The grid's key mask (S, 1, 1, T), built on the device once per batch: no
+        host-device sync."""
+        if self._mask is None:
+            T = self.view.grid_len
+            self._mask = (torch.arange(T, device=self.view.ids.device)
+                          < self.view.lengths[:, None])[:, None, None, :]  # (S, 1, 1, T)
+        return self._mask
 
     def __call__(self, qkv: torch.Tensor, n_head: int, dropout: float) -> torch.Tensor:
         N, C3 = qkv.shape
         C = C3 // 3
         hs = C // n_head
-        if self.kernel == "grid":
-            S, T = self.view.n_seqs, self.view.max_len
-            grid = qkv.new_zeros(S * T, C3).index_copy(0, self.view.pad_index, qkv)
-            q, k, v = grid.view(S, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # 3 x (S, nh, T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout)
-            return y.transpose(1, 2).reshape(S * T, C)[self.view.pad_index]  # (N, C)
+        if self.kernel == "varlen" and qkv.dtype in (torch.float16, torch.bfloat16):
+            return self._varlen(qkv, n_head, dropout)
+        if self.kernel == "nested":
+            return self._nested(qkv, n_head, dropout)
+        S, T = self.view.n_seqs, self.view.grid_len
+        grid = qkv.new_zeros(S * T, C3).index_copy(0, self.view.pad_index, qkv)
+        q, k, v = grid.view(S, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)  # 3 x (S, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout)
+        return y.transpose(1, 2).reshape(S * T, C)[self.view.pad_index]  # (N, C)
+
+    def _nested(self, qkv: torch.Tensor, n_head: int, dropout: float) -> torch.Tensor:
+        N, C = qkv.shape[0], qkv.shape[1] // 3
         # Jagged q, k, v whose (N, nh, hs) values are contiguous, the layout the
         # flash and memory-efficient kernels take; min/max lengths are passed so
         # that PyTorch does not read them back from the device.
         q, k, v = (torch.nested.nested_tensor_from_jagged(
-            t.reshape(N, n_head, hs).contiguous(), offsets=self.offsets,
+            t.reshape(N, n_head, C // n_head).contiguous(), offsets=self.offsets,
             min_seqlen=self.view.min_len, max_seqlen=self.view.max_len).transpose(1, 2)
             for t in qkv.split(C, dim=1))  # 3 x (S, nh, j, hs)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return y.transpose(1, 2).values().reshape(N, C)  # (N, C)
+
+    def _varlen(self, qkv: torch.Tensor, n_head: int, dropout: float) -> torch.Tensor:
+        if dropout > 0:
+            _warn_once("packed attention kernel 'varlen' has no attention dropout: attention "
+                       "runs without it (hidden dropout stays)")
+        N, C = qkv.shape[0], qkv.shape[1] // 3
+        q, k, v = (t.contiguous() for t in qkv.view(N, 3, n_head, C // n_head).unbind(1))
+        T = self.view.max_len  # 3 x (N, nh, hs) above
+        # Positional arguments only: the keyword ones differ between torch 2.10 and 2.11.
+        y = varlen_attention()(q, k, v, self.view.cu_seqlens, self.view.cu_seqlens, T, T)
+        return y.reshape(N, C)  # (N, C)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+@functools.cache
+def varlen_attention():
+    """`torch.nn.attention.varlen.varlen_attn` where this torch has it (>= 2.10), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 class Layer(nn.Module):

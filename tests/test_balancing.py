@@ -254,3 +254,32 @@ def test_pcgrad_step_counter_travels_with_the_state_dict():
     restored = _combiner("pcgrad")
     restored.load_state_dict(combiner.state_dict())
     assert restored.steps == combiner.steps == 3
+
+
+@pytest.mark.parametrize("method", sorted(LOSS_METHODS))
+def test_a_step_builds_no_tensor_from_python_values(method, monkeypatch):
+    """torch.tensor(list, device=cuda) and .item() block the host on a GPU; after the
+    first step (GradNorm builds its index tensor then, once) no method does either."""
+    model = _tiny_model()
+    combiner = _combiner(method, weights={"sst": 2.0})
+    calls = []
+    tensor, item = torch.tensor, torch.Tensor.item
+    for step in range(2):
+        model.zero_grad()
+        losses = _task_losses(model)  # labels made with torch.tensor: before the watch
+        if step == 1:
+            monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append("tensor") or
+                                tensor(*a, **k))
+            monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or item(t))
+        if combiner.per_step:
+            combiner.backward(losses, model, scale=1.0)
+        else:
+            for task, loss in losses.items():
+                combiner.backward({task: loss}, model, scale=1.0)
+        combiner.after_step()
+        monkeypatch.undo()
+    assert calls == []
+    if method == "gradnorm":  # built once per task order and device, then reused
+        assert combiner._index_tensor(tuple(TASK_NAMES)) is \
+            combiner._index_tensor(tuple(TASK_NAMES))
+        assert combiner._index_tensor(tuple(TASK_NAMES)).tolist() == [0, 1, 2]

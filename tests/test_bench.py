@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_tiny_encoder
 
@@ -27,7 +28,8 @@ def encoder_without_dropout(tmp_path_factory):
                               attention_probs_dropout_prob=0.0)
 
 
-@pytest.mark.parametrize("extra", [["--batch-size", "8"], ["--tokens-per-step", "200"]])
+@pytest.mark.parametrize("extra", [["--batch-size", "8"], ["--tokens-per-step", "200"],
+                                   ["--batch-size", "8", "--packed-attention", "nested"]])
 def test_train_step_bench_prints_both_sides_and_the_ratio(encoder_without_dropout, task_dir,
                                                           tmp_path, monkeypatch, capsys, extra):
     import transformers  # noqa: F401 - the peer; a dev dependency, never skipped
@@ -67,6 +69,33 @@ def test_train_step_bench_prints_both_sides_and_the_ratio(encoder_without_dropou
     assert f"first-step loss: ours {ours.first_loss:.5f}, peer {peer.first_loss:.5f}" in lines
     if "--tokens-per-step" in extra:
         assert "200 real tokens per batch" in "\n".join(lines)
+    kernel = extra[-1] if "--packed-attention" in extra else "auto"
+    assert results["kernel"] == kernel
+    assert f"ours packed, attention kernel {kernel}" in "\n".join(lines)
+
+
+def test_the_warm_up_runs_every_batch_shape_the_timed_steps_hold(tiny_encoder, task_dir,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBERT_CACHE_DIR", str(tmp_path / "cache"))
+    bench = _load_bench()
+    encoder, tok_dir = bench.build_encoder(str(tiny_encoder), "")
+    config, sets = bench.load_sets(tok_dir, str(task_dir), 48)
+    batches = bench.step_batches(sets, encoder.config, batch_size=5, tokens=0, n=14)
+    warm, timed = batches[:2], batches[2:]
+    for side in bench.make_sides(encoder, sets, config, torch.device("cpu"),
+                                 kernels=["grid", "padded"]):
+        ran = []
+        monkeypatch.setattr(side, "run", lambda items, timed: ran.extend(items))
+        side.warm_up(warm, timed)
+        shape = lambda item: bench.batch_shape(side.host_batch(item[0], item[1]))  # noqa: E731
+        want = {shape(item) for item in timed}
+        assert len(want) > 2  # the timed steps hold several shapes
+        assert want <= {shape(item) for item in ran}
+        assert ran[:2] == warm and side.warmup_steps == len(ran) <= len(warm) + len(want)
+        if side.name == "peer":  # padded to the longest member
+            assert any(s[0][1] % 8 for s in want)
+        else:  # rounded up to a multiple of 8
+            assert all(s[0][1] % 8 == 0 for s in want)
 
 
 def test_flops_count_matmuls_and_attention():

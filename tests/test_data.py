@@ -89,9 +89,13 @@ def test_batch_shapes_and_padding(tmp_path, tiny_encoder):
                       max_length=32, siamese=False)
     batch = data.batch(np.array([0, 2]))
     ids, mask, types = batch.views[0]
-    assert ids.shape == (2, 4)  # [CLS] bad film [SEP]: the longest of the two
-    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    # [CLS] bad film [SEP], the longest of the two (4), rounded up to a multiple of 8
+    assert ids.shape == (2, 8)
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]]
     assert batch.labels.tolist() == [1.0, 0.0]
+    data.pad_multiple = 1  # padded to the longest member
+    ids, mask, types = data.batch(np.array([0, 2])).views[0]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     covered = np.concatenate([b.indices for b in data.batches(2)])
     assert sorted(covered.tolist()) == [0, 1, 2]
 

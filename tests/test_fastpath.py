@@ -180,3 +180,113 @@ def test_fast_path_config_keys_are_checked():
     from mtbert.errors import ConfigError
     with pytest.raises(ConfigError, match="train.packing; valid: auto, packed, padded"):
         build_config({"train": {"packing": "unpadded"}})
+
+
+# ---------------------------------------------------------------- bounded shapes
+
+@pytest.mark.parametrize("longest,multiple,limit,want", [
+    (60, 8, None, 64), (64, 8, None, 64), (3, 8, None, 8), (1, 1, None, 1),
+    (125, 8, 128, 128), (125, 8, 126, 126), (61, 8, 32, 64)])
+def test_padded_length_rounds_up_to_the_multiple_but_not_past_the_limit(longest, multiple,
+                                                                        limit, want):
+    from mtbert.data import padded_length
+    assert padded_length(longest, multiple, limit) == want
+
+
+def test_rounded_padding_masks_exactly_the_real_tokens():
+    from mtbert.data import pad_rows
+    rows = _rows(LENGTHS)
+    ids, mask, types = pad_rows(rows, 0, multiple=8, limit=64)
+    assert ids.shape == mask.shape == types.shape == (8, 64)  # longest 60 -> 64
+    assert mask.sum(1).tolist() == LENGTHS
+    for r, n in enumerate(LENGTHS):  # real tokens first, then only padding
+        assert mask[r, :n].all() and not mask[r, n:].any()
+        assert ids[r, :n].tolist() == rows[r][0].tolist() and not ids[r, n:].any()
+    assert pad_rows(rows, 0, multiple=8, limit=62)[0].shape == (8, 62)  # never past the limit
+
+
+@pytest.mark.parametrize("packing", ["padded", "grid"])
+def test_rounded_shapes_give_the_same_outputs_and_gradients(packing):
+    """Padding a batch (or the packed grid) to a multiple of 8 instead of its longest
+    member (60 -> 64) changes no output and no gradient: the extra tokens are masked."""
+    from mtbert.data import pad_rows
+    rows = _rows(LENGTHS, pair=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    results = []
+    for multiple in (1, 8):
+        if packing == "padded":
+            view = pad_rows(rows, 0, multiple=multiple)
+            assert view[0].shape[1] == {1: 60, 8: 64}[multiple]
+        else:
+            view = pack_rows(rows, multiple=multiple)
+            assert (view.max_len, view.grid_len) == (60, {1: 60, 8: 64}[multiple])
+        model = _model("sst", pooling="mean", pooler="none")
+        model.encoder.packed_kernel = "grid"
+        out = model(Batch("sst", [view], labels, np.arange(8)))
+        get_task("sst").loss(out, labels).backward()
+        results.append((out, _grads(model)))
+    (out1, grads1), (out8, grads8) = results
+    torch.testing.assert_close(out8, out1, atol=1e-6, rtol=1e-5)
+    for name in grads1:
+        torch.testing.assert_close(grads8[name], grads1[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_pack_rows_grid_index_follows_the_rounded_length():
+    view = pack_rows(_rows([3, 1, 2]), multiple=4)
+    assert (view.max_len, view.grid_len) == (3, 4)
+    assert view.pad_index.tolist() == [0, 1, 2, 4, 8, 9]  # rows of 4
+    assert view.seq_index.tolist() == [0, 0, 0, 1, 2, 2]
+
+
+# ---------------------------------------------------------------- one copy per batch
+
+def _staged_batches():
+    from mtbert.data import pad_rows
+    a, b = _rows([4, 40, 9], seed=1), _rows([30, 3, 12], seed=2)
+    labels = torch.tensor([0.5, 4.0, 2.5])
+    return [Batch("sts", [pack_rows(a + b, groups=2)], labels, np.arange(3)),
+            Batch("sts", [pad_rows(a, 0, multiple=8), pad_rows(b, 0, multiple=8)], labels,
+                  np.arange(3))]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_a_batch_reaches_the_device_in_one_buffer_and_one_copy(layout, monkeypatch):
+    batch = _staged_batches()[layout == "padded"]
+    copies, pins = [], []
+    to, pin = torch.Tensor.to, torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copies.append(t) or to(t, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda t, *a, **k: pins.append(t) or pin(t, *a, **k))
+    moved = batch.to(torch.device("cpu"))
+    monkeypatch.undo()
+    assert (len(copies), len(pins)) == (1, 0)  # one copy (pinned: by torch.empty) per batch
+    before = [t for v in batch.views for t in (v.tensors() if batch.packed else v)]
+    after = [t for v in moved.views for t in (v.tensors() if moved.packed else v)]
+    before.append(batch.labels)
+    after.append(moved.labels)
+    assert len(after) == (6 if layout == "packed" else 7)
+    storages = {t.untyped_storage().data_ptr() for t in after}
+    assert storages == {copies[0].untyped_storage().data_ptr()}  # all views of one buffer
+    for old, new in zip(before, after):
+        assert (new.dtype, new.shape) == (old.dtype, old.shape)
+        assert torch.equal(new, old)
+    if layout == "packed":
+        view, old = moved.views[0], batch.views[0]
+        assert (view.max_len, view.min_len, view.grid_len, view.groups) == \
+            (old.max_len, old.min_len, old.grid_len, 2)
+
+
+# ---------------------------------------------------------------- kernel choice
+
+def test_auto_takes_the_grid_kernel_until_a_gpu_measurement_says_otherwise():
+    from mtbert.encoder import AUTO_KERNEL, PackedAttention
+    assert AUTO_KERNEL == {"cpu": "grid", "cuda": "grid"}
+    assert PackedAttention(pack_rows(_rows([3, 5])), "auto").kernel == "grid"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_varlen_kernel_without_cuda_is_an_error_naming_the_others():
+    encoder = BertEncoder(TINY)
+    encoder.packed_kernel = "varlen"
+    with pytest.raises(EncoderError, match="'varlen' needs CUDA.*valid elsewhere: auto, grid"):
+        encoder.forward_packed(pack_rows(_rows([4])))
