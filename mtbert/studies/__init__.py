@@ -6,7 +6,8 @@
   safe study names) and opening the study a command names.
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
   `TrialResult`) and the attribute names both write into the study.
-- `runner`: the worker: trial processes, threads per device, signals, reseeding.
+- `runner`: the worker: trial processes, retries that resume, signals, reseeding.
+- `slots`: which GPU each running trial gets (`--gpus`, `--trials-per-gpu`).
 - `trial`: the trial process's entry point (`python -m mtbert.studies.trial RUN_DIR`).
 - `retention`: which checkpoints a study keeps, and what deleting a study may remove.
 - `results`: ranking, configurations over seeds, and the choice of `mtbert best`.
