@@ -7,6 +7,7 @@ make a full multitask run take about a second on CPU.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -112,6 +113,28 @@ def wait_for(condition, *, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
+POSTGRES_URL = os.environ.get("MTBERT_TEST_POSTGRES",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_unreachable(url: str = POSTGRES_URL) -> str | None:
+    """None where a server accepts connections on the URL's host and port, else the
+    connection error (password masked), the reason to skip. Past that, any failure
+    (driver, login, database) fails the tests that use it: a broken setup must not skip."""
+    import socket
+
+    import sqlalchemy
+
+    address = sqlalchemy.engine.make_url(url)
+    host, port = address.host or "localhost", address.port or 5432
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        shown = address.render_as_string(hide_password=True)
+        return f"no PostgreSQL server reachable at {host}:{port} ({shown}): {err}"
+    return None
+
+
 class Killed(Exception):
     """Raised from an on_eval callback: the run dies as a killed process would."""
 
@@ -137,6 +160,34 @@ def train_killed_and_resumed(config, root: Path, kill_epoch: int = 0,
     resumed = train(config, run_dir=root / "killed", device="cpu", progress=False,
                     resume=True)
     return full, resumed
+
+
+def rng_states_across_a_resume(config, root: Path, device: str, read_state,
+                               before_resume=None) -> tuple[dict, dict]:
+    """`read_state()` after every epoch of an uninterrupted run (root/full), of the same
+    run killed after epoch 1 and of its resumption (root/killed), keyed (run, epoch); and
+    the killed run's resume.pt, read before it resumed. `before_resume()` runs between."""
+    from mtbert.train import RESUME_FILE, train
+
+    states = {}
+
+    def record(run):
+        def on_eval(epoch, step, metrics):
+            states[run, epoch] = read_state()
+            if run == "killed":
+                raise Killed
+        return on_eval
+
+    train(config, run_dir=root / "full", device=device, progress=False, on_eval=record("full"))
+    with pytest.raises(Killed):
+        train(config, run_dir=root / "killed", device=device, progress=False,
+              on_eval=record("killed"))
+    saved = torch.load(root / "killed" / RESUME_FILE, weights_only=True)
+    if before_resume is not None:
+        before_resume()
+    train(config, run_dir=root / "killed", device=device, progress=False, resume=True,
+          on_eval=record("resumed"))
+    return states, saved
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Killed
+from conftest import rng_states_across_a_resume
 from mtbert.data import Batch, pack_rows, pad_rows
 from mtbert.encoder import BertConfig, BertEncoder, varlen_attention
 from mtbert.errors import TrainingError
-from mtbert.train import RESUME_FILE, train
+from mtbert.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -95,26 +95,13 @@ def test_a_training_step_makes_no_host_sync(tiny_config, tmp_path, method):
 
 
 def test_resume_restores_the_cuda_random_states(tiny_config, tmp_path):
-    config = tiny_config()  # dropout 0.1: every step draws from the CUDA generator
-    states = {}
-
-    def record(run):
-        def on_eval(epoch, step, metrics):
-            states[run, epoch] = [s.clone() for s in torch.cuda.get_rng_state_all()]
-            if run == "killed":
-                raise Killed
-        return on_eval
-
-    train(config, run_dir=tmp_path / "full", device="cuda", progress=False,
-          on_eval=record("full"))
-    with pytest.raises(Killed):
-        train(config, run_dir=tmp_path / "killed", device="cuda", progress=False,
-              on_eval=record("killed"))
-    saved = torch.load(tmp_path / "killed" / RESUME_FILE, weights_only=True)
+    # Dropout 0.1: every step draws from the CUDA generator; whatever the resumed run
+    # finds (another seed here), it restores the saved states.
+    states, saved = rng_states_across_a_resume(
+        tiny_config(), tmp_path, "cuda", lambda: [s.clone() for s in
+                                                  torch.cuda.get_rng_state_all()],
+        before_resume=lambda: torch.cuda.manual_seed_all(12345))
     assert all(torch.equal(a, b) for a, b in zip(saved["cuda_rng"], states["full", 0]))
-    torch.cuda.manual_seed_all(12345)  # whatever the resumed run finds, it restores
-    train(config, run_dir=tmp_path / "killed", device="cuda", progress=False, resume=True,
-          on_eval=record("resumed"))
     assert not torch.equal(states["full", 0][0], states["full", 1][0])  # epoch 2 drew
     assert torch.equal(states["resumed", 1][0], states["full", 1][0])
 

@@ -4,11 +4,9 @@ password reaches a file or a terminal."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
+from conftest import POSTGRES_URL, postgres_unreachable, wait_for
 from mtbert.cli import app
 from mtbert.config import save_config
 from mtbert.studies.storage import mask_url
@@ -192,14 +191,6 @@ def test_report_refuses_a_to_directory_that_holds_files_unless_overwrite(tmp_pat
     assert (to / "index.html").exists() and (to / "notes.txt").read_text() == "mine"
 
 
-def _wait_for(predicate, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.1)
-
-
 def test_sigterm_ends_train_with_130_and_resume_finishes_the_run(tiny_config, tmp_path):
     """A real signal to a real process: a scheduler's stop keeps the finished epochs."""
     config = tmp_path / "slow.yaml"
@@ -209,8 +200,9 @@ def test_sigterm_ends_train_with_130_and_resume_finishes_the_run(tiny_config, tm
                              "--out", str(out), "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1
-              and (out / "resume.pt").exists() or proc.poll() is not None)
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1
+             and (out / "resume.pt").exists() or proc.poll() is not None, timeout=120,
+             what="the first epoch")
     assert proc.poll() is None, "the training ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -228,19 +220,7 @@ def test_sigterm_ends_train_with_130_and_resume_finishes_the_run(tiny_config, tm
     assert len(metrics.read_text().splitlines()) == 4
 
 
-PG = os.environ.get("MTBERT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_error() -> str | None:
-    import sqlalchemy
-
-    from mtbert.studies.storage import with_driver
-    try:
-        with sqlalchemy.create_engine(with_driver(PG)).connect() as conn:
-            conn.execute(sqlalchemy.text("select 1"))
-    except sqlalchemy.exc.SQLAlchemyError as err:
-        return f"no PostgreSQL at {PG}: {str(err).splitlines()[0]}"
-    return None
+PG = POSTGRES_URL
 
 
 def _files_holding(root: Path, text: str) -> list[Path]:
@@ -253,7 +233,7 @@ def test_no_password_of_the_storage_url_reaches_any_file_or_terminal(form, tiny_
                                                                      monkeypatch):
     """Sweep, export, report --wandb (offline): every file they and W&B write is read.
     The server trusts local connections, so the password is accepted and ignored."""
-    reason = _postgres_error()
+    reason = postgres_unreachable()
     if reason:
         pytest.skip(reason)
     url = (f"postgresql://postgres:{SECRET}@127.0.0.1:5432/test" if form == "userinfo" else
@@ -301,7 +281,7 @@ def _signal_then_rerun(command: list[str], ready, tmp_path) -> subprocess.Comple
     the same command again (the resume command where it differs) to the end."""
     proc = subprocess.Popen([sys.executable, "-m", "mtbert", "--quiet", *command],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: ready() or proc.poll() is not None)
+    wait_for(lambda: ready() or proc.poll() is not None, timeout=120, what="the first save")
     assert proc.poll() is None, "the command ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

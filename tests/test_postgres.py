@@ -7,7 +7,6 @@ login or a missing database fails.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -16,25 +15,12 @@ import optuna
 import pytest
 import sqlalchemy
 
-from conftest import wait_for
+from conftest import POSTGRES_URL, postgres_unreachable, wait_for
 
-URL = os.environ.get("MTBERT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _server_up() -> str | None:
-    """None where a server accepts connections on the URL's host and port, else the
-    connection error. Past that, any failure (driver, login, database) fails the tests."""
-    address = sqlalchemy.engine.make_url(URL)
-    host, port = address.host or "localhost", address.port or 5432
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as err:
-        shown = address.render_as_string(hide_password=True)
-        return f"no PostgreSQL server reachable at {host}:{port} ({shown}): {err}"
-    return None
+URL = POSTGRES_URL
 
 
-_DOWN = _server_up()
+_DOWN = postgres_unreachable()
 pytestmark = pytest.mark.skipif(_DOWN is not None, reason=str(_DOWN))
 
 

@@ -17,6 +17,7 @@ import optuna
 import pytest
 import torch
 
+from conftest import POSTGRES_URL, postgres_unreachable, wait_for
 from mtbert.studies.job import RETRY_HISTORY
 from mtbert.studies.retention import prune_checkpoints
 
@@ -28,27 +29,7 @@ space:
 objective: overall/arithmetic
 pruner: {name: median, n_startup_trials: 1000}
 """
-PG = os.environ.get("MTBERT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_error() -> str | None:
-    import sqlalchemy
-
-    from mtbert.studies.storage import with_driver
-    try:
-        with sqlalchemy.create_engine(with_driver(PG)).connect() as conn:
-            conn.execute(sqlalchemy.text("select 1"))
-    except sqlalchemy.exc.SQLAlchemyError as err:
-        return f"no PostgreSQL at {PG}: {str(err).splitlines()[0]}"
-    return None
-
-
-def _wait_for(predicate, seconds: float = 180.0, what: str = "a condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+PG = POSTGRES_URL
 
 
 def _worker(spec: Path, storage: str, study: str, out: Path, encoder: Path, data: Path,
@@ -74,7 +55,7 @@ def storage(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'shared.db'}"
         return
-    reason = _postgres_error()
+    reason = postgres_unreachable()
     if reason:
         pytest.skip(reason)
     yield PG
@@ -89,8 +70,8 @@ def test_a_killed_workers_trial_resumes_in_another_worker_and_ends_as_uninterrup
     try:
         doomed = _worker(spec, storage, study, shared, tiny_encoder, task_dir, "--trials", "1")
         first = shared / study / "trial-0000"
-        _wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
-                  or doomed.poll() is not None, what="the first epoch")
+        wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
+                 or doomed.poll() is not None, timeout=180, what="the first epoch")
         assert doomed.poll() is None, doomed.communicate()[1]
         doomed.send_signal(signal.SIGKILL)  # the trial process follows (parent-death signal)
         doomed.wait(timeout=30)
@@ -141,8 +122,8 @@ def test_a_stopped_sweep_queues_its_trial_and_the_same_command_resumes_it(tiny_e
     out = tmp_path / "runs"
     worker = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "1")
     first = out / "survive" / "trial-0000"
-    _wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
-              or worker.poll() is not None, what="the first epoch")
+    wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
+             or worker.poll() is not None, timeout=180, what="the first epoch")
     worker.send_signal(signal.SIGTERM)
     _, err = worker.communicate(timeout=60)
     assert worker.returncode == 130, err
@@ -269,8 +250,9 @@ def test_a_trial_process_killed_from_outside_is_queued_and_resumed_by_the_same_w
     storage = f"sqlite:///{out / 'mtbert.db'}"
     worker = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "2")
     first = (out / "survive" / "trial-0000").resolve()
-    _wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
-              and _trial_process(first) or worker.poll() is not None, what="the first epoch")
+    wait_for(lambda: _epochs_done(first) >= 1 and (first / "resume.pt").exists()
+             and _trial_process(first) or worker.poll() is not None, timeout=180,
+             what="the first epoch")
     os.kill(_trial_process(first), signal.SIGKILL)
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err

@@ -20,26 +20,18 @@ import pytest
 import sqlalchemy
 
 import mtbert.studies.storage as storage
+from conftest import POSTGRES_URL, postgres_unreachable
 from mtbert.errors import ConfigError
 from mtbert.studies.storage import StorageError, open_storage, with_driver
 
-PG = os.environ.get("MTBERT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+PG = POSTGRES_URL
 ROOT = Path(__file__).resolve().parents[1]
 # `mtbert studies` on an empty storage: the table's header, no study.
 HEADER = "study                    trials complete pruned fail running  best"
 
 
-def _postgres_error() -> str | None:
-    try:
-        with sqlalchemy.create_engine(with_driver(PG)).connect() as conn:
-            conn.execute(sqlalchemy.text("select 1"))
-    except sqlalchemy.exc.SQLAlchemyError as err:
-        return f"no PostgreSQL at {PG}: {str(err).splitlines()[0]}"
-    return None
-
-
-needs_postgres = pytest.mark.skipif(_postgres_error() is not None,
-                                    reason=str(_postgres_error()))
+needs_postgres = pytest.mark.skipif(postgres_unreachable() is not None,
+                                    reason=str(postgres_unreachable()))
 
 
 def _env() -> dict[str, str]:

@@ -75,7 +75,9 @@ def test_a_study_with_the_old_attribute_names_ranks_by_mean_over_seeds(tmp_path)
     assert lines[0] == ("study old: best configuration trial 1 by mean overall/geometric "
                         "over 3 seeds: 0.4400 ± 0.0361")
     # The seed run closest to the mean 0.44 is the reseed with 0.45 (trial 2).
-    assert lines[1] == "  its seed run closest to the mean: trial 2 (seed 1), overall/geometric 0.4500"
+    assert lines[1] == ("  its seed run closest to the mean: trial 2 (seed 1), "
+                        "overall/geometric 0.4500")
     by_trial = runner.invoke(app, ["best", "--out", str(tmp_path), "--top", "2", "--by-trial"])
-    assert by_trial.stdout.splitlines()[0] == "study old: top 2 of 4 complete trials by overall/geometric"
+    assert by_trial.stdout.splitlines()[0] == ("study old: top 2 of 4 complete trials by "
+                                               "overall/geometric")
     assert [row.split()[0] for row in by_trial.stdout.splitlines()[2:]] == ["0", "3"]

@@ -11,7 +11,7 @@ import mtbert
 from mtbert.cli import app
 from mtbert.errors import ResumeStateError, TrainingError
 from mtbert.tasks import METRIC_KEYS
-from conftest import Killed, train_killed_and_resumed
+from conftest import rng_states_across_a_resume, train_killed_and_resumed
 from mtbert.train import RESUME_FILE, train
 
 
@@ -144,26 +144,11 @@ def test_a_resume_state_of_the_old_format_resumes_to_the_uninterrupted_result(ti
 
 
 def test_resume_restores_the_cpu_random_state(tiny_config, tmp_path):
-    config = tiny_config()  # dropout 0.1: every training step draws from the CPU generator
-    states = {}
-
-    def record(run):
-        def on_eval(epoch, step, metrics):
-            states[run, epoch] = torch.get_rng_state()
-            if run == "killed":
-                raise Killed
-        return on_eval
-
-    train(config, run_dir=tmp_path / "full", device="cpu", progress=False,
-          on_eval=record("full"))
-    with pytest.raises(Killed):
-        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
-              on_eval=record("killed"))
-    saved = torch.load(tmp_path / "killed" / RESUME_FILE, weights_only=True)
+    # Dropout 0.1: every training step draws from the CPU generator.
+    states, saved = rng_states_across_a_resume(tiny_config(), tmp_path, "cpu",
+                                               torch.get_rng_state)
     assert torch.equal(saved["rng"], states["full", 0])
     assert saved["cuda_rng"] == []  # CUDA never started in a CPU run
-    train(config, run_dir=tmp_path / "killed", device="cpu", progress=False, resume=True,
-          on_eval=record("resumed"))
     assert not torch.equal(states["full", 0], states["full", 1])  # epoch 2 drew
     assert torch.equal(states["resumed", 1], states["full", 1])
 

@@ -29,11 +29,11 @@ from typing import Any
 from mtbert.config import load_config, save_config
 from mtbert.errors import ConfigError
 from mtbert.runtime import wandb_dir
-from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
-                                GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH,
-                                RETRY_HISTORY, RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV, STUDY_OBJECTIVES,
-                                STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID, TrialJob,
-                                TrialResult, WandbSettings, retried_from)
+from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL, GPU,
+                                PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
+                                RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
+                                STUDY_OBJECTIVES, STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID,
+                                TrialJob, TrialResult, WandbSettings, retried_from)
 from mtbert.studies.results import SeedGroup, describe_trial, ranked, reseed_seeds, seed_groups
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.slots import DeviceSlots, Slot
