@@ -477,9 +477,9 @@ def sweep(
                           "enqueued again.")] = None,
     budget_hours: Annotated[Optional[float], typer.Option(
         "--budget-hours", help="Start no new trial once the study's hours (wall time × GPU "
-                               "share, all workers, running trials too) reach H; stored in "
-                               "the study, so every worker obeys it, and a later --budget-hours "
-                               "replaces it.")] = None,
+                               "share, all workers, running trials too) reach this many; "
+                               "stored in the study, so every worker obeys it; a later "
+                               "--budget-hours replaces it.")] = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
