@@ -486,9 +486,18 @@ def sweep(
         "--enqueue", help="YAML list of parameter mappings (space keys to values) to run as "
                           "the first trials; a configuration the study holds is not "
                           "enqueued again.")] = None,
+    budget_hours: Annotated[Optional[float], typer.Option(
+        "--budget-hours", help="Start no new trial once the study's hours (wall time × GPU "
+                               "share, all workers, running trials too) reach this many; "
+                               "stored in the study, so every worker obeys it; a later "
+                               "--budget-hours replaces it.")] = None,
 ) -> None:
-    """Run an Optuna study over a sweep spec: each trial a multitask training run."""
-    from mtbert.studies.runner import SweepOptions, interrupted_table, run_sweep
+    """Run an Optuna study over a sweep spec: each trial a multitask training run.
+
+    A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
+    trials, exit 0, with the reason on stderr.
+    """
+    from mtbert.studies.runner import SweepOptions
     from mtbert.studies.slots import parse_gpus
     from mtbert.studies.spec import spec_list, spec_yaml
     from mtbert.studies.storage import check_study_name
@@ -503,13 +512,31 @@ def sweep(
         study=None if study is None else check_study_name(study), storage=storage, out=out,
         wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
-        max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None)
+        max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
+        budget_hours=budget_hours)
+    _run_sweep(resolved, options)
+
+
+def _run_sweep(spec, options) -> None:
+    """Run the sweep, say why it stopped early, print its table (exit 1: nothing finished)."""
+    from mtbert.studies.results import state_counts, trials_table
+    from mtbert.studies.runner import interrupted_table, run_sweep
+
     try:
-        result, finished_before = run_sweep(resolved, options)
+        run = run_sweep(spec, options)
     except KeyboardInterrupt:
-        _echo_lines(interrupted_table(options, resolved.name))
+        _echo_lines(interrupted_table(options, spec.name))
         raise
-    _end_of_sweep(result, finished_before, out)
+    name = run.study.study_name
+    log.info("study %s: %s", name,
+             ", ".join(f"{n} {s.lower()}" for s, n in state_counts(run.study).items()))
+    if run.stopped:
+        typer.echo(f"mtbert: {run.stopped}", err=True)
+    if run.failed:
+        typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
+                   f"{options.out / name}", err=True)
+        raise typer.Exit(1)
+    _echo_lines(trials_table(run.study))
 
 
 def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path]):
@@ -522,19 +549,6 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
     if enqueue is not None:
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
     return resolved
-
-
-def _end_of_sweep(result, finished_before: set[int], out: Path) -> None:
-    """The study's states on stderr; the table on stdout, or exit 1 if no trial finished."""
-    from mtbert.studies.results import new_finished, state_counts, trials_table
-
-    log.info("study %s: %s", result.study_name,
-             ", ".join(f"{n} {s.lower()}" for s, n in state_counts(result).items()))
-    if not new_finished(result, finished_before):
-        typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
-                   f"{out / result.study_name}", err=True)
-        raise typer.Exit(1)
-    _echo_lines(trials_table(result))
 
 
 def _check_best_options(*, metric, export, trial, top, hf, reseed, set_, data_dir) -> None:
@@ -724,14 +738,30 @@ def studies(
         "--runs", help="With --delete: also remove the study's run directories "
                        "(<out>/<study>/ and every trial's run_dir under --out on this "
                        "machine).")] = False,
+    stop: Annotated[Optional[str], typer.Option(
+        "--stop", help="Ask every worker of this study to start no new trial: running "
+                       "trials finish, then each worker exits 0; a new sweep of it runs "
+                       "nothing until --resume.")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Lift --stop: workers started afterwards run trials of this "
+                         "study again.")] = None,
 ) -> None:
-    """List the studies of a storage: trials by state and best values; --delete one."""
+    """List the studies of a storage: trials by state, hours, budget, best values.
+
+    --delete one, --stop its workers after their running trials, --resume it.
+    """
+    from mtbert.studies.budget import set_stop
     from mtbert.studies.results import studies_table
     from mtbert.studies.retention import plan_deletion
     from mtbert.studies.storage import open_storage, select_study, storage_url
 
+    given = [o for o, v in (("--delete", delete), ("--stop", stop), ("--resume", resume)) if v]
+    if len(given) > 1:
+        raise MtbertError(f"{' and '.join(given)} do not go together; pick one")
     if runs and delete is None:
         raise MtbertError("--runs goes with --delete NAME")
+    if stop or resume:
+        return typer.echo(set_stop(storage, out, stop or resume, requested=bool(stop)))
     url = storage_url(storage, out)
     rdb = open_storage(url, must_exist=True)
     if delete is None:

@@ -10,10 +10,13 @@
 - `slots`: which GPU each running trial gets (`--gpus`, `--trials-per-gpu`).
 - `trial`: the trial process's entry point (`python -m mtbert.studies.trial RUN_DIR`).
 - `retention`: which checkpoints a study keeps, and what deleting a study may remove.
+- `budget`: what a study costs (`hours`: wall time × device share over its trials),
+  its budget and a stop asked for, which every worker reads from the storage.
 - `results`: ranking, configurations over seeds, and the choice of `mtbert best`.
 - `export`: a chosen trial's model as a self-contained model directory.
 - `report`: figures and an offline HTML report of a study, and its W&B run.
 
-Dependencies point one way: runner -> retention -> results -> job; every module
-may use storage and spec; nothing here is imported by the training stack.
+Dependencies point one way: runner -> retention -> results -> budget and job (report
+uses results and budget too); every module may use storage and spec; nothing here is
+imported by the training stack.
 """

@@ -26,6 +26,8 @@ from typing import Any
 
 from mtbert.errors import MtbertError
 from mtbert.formatting import first_line, format_mean_std, save_figure
+from mtbert.studies.budget import (BUDGET_HOURS, STOP_REQUESTED, WALL_S, format_hours,
+                                   trial_hours)
 from mtbert.studies.job import GPU, RESEED_OF, RUN_DIR, SEED, TrialResult
 from mtbert.studies.results import (complete_trials, fail_reason, ranked, seed_groups,
                                     state_counts, study_objectives)
@@ -69,6 +71,8 @@ class TrialRow:
     note: str
     run_dir: str | None
     gpu: str | None = None  # with --gpus: the GPU it ran on
+    wall_s: float | None = None  # the trial process's wall time (None: not recorded)
+    hours: float = 0.0  # wall time × device share; a running trial's so far
 
 
 @dataclass
@@ -101,6 +105,7 @@ def trial_note(trial) -> str:
 
 def trial_rows(study) -> list[TrialRow]:
     rows = []
+    now = datetime.now()  # Optuna's naive local time: running trials' hours so far
     for t in study.get_trials(deepcopy=False):
         rows.append(TrialRow(
             number=t.number, state=t.state.name, values=list(t.values) if t.values else None,
@@ -108,7 +113,8 @@ def trial_rows(study) -> list[TrialRow]:
             metrics={k: t.user_attrs[k] for k in METRIC_KEYS if k in t.user_attrs},
             duration_s=t.duration.total_seconds() if t.duration else None,
             note=_reseed_note(t) or trial_note(t), run_dir=t.user_attrs.get(RUN_DIR),
-            gpu=t.user_attrs.get(GPU)))
+            gpu=t.user_attrs.get(GPU), wall_s=t.user_attrs.get(WALL_S),
+            hours=trial_hours(t, now)))
     return rows
 
 
@@ -491,7 +497,7 @@ def _with_gpus(report: Report) -> bool:
 
 
 def table_columns(report: Report) -> list[str]:
-    return ["trial", "state", *report.objectives, "duration (s)",
+    return ["trial", "state", *report.objectives, "duration (s)", "wall (s)", "hours",
             *(["gpu"] if _with_gpus(report) else []), "params", *METRIC_KEYS, "note"]
 
 
@@ -502,6 +508,7 @@ def table_values(report: Report, row: TrialRow) -> list[Any]:
                        for k, v in row.params.items())
     return [row.number, row.state, *values,
             None if row.duration_s is None else round(row.duration_s),
+            None if row.wall_s is None else round(row.wall_s, 1), row.hours,
             *([row.gpu] if _with_gpus(report) else []), params,
             *[row.metrics.get(k) for k in METRIC_KEYS], row.note]
 
@@ -513,7 +520,7 @@ def render_html(study, report: Report, storage: str) -> str:
     summary = [f"<b>{len(report.rows)}</b> trials: "
                + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
                f"objective: {html.escape(directions)}",
-               f"storage: <code>{html.escape(storage)}</code>"]
+               _hours_item(study, report), f"storage: <code>{html.escape(storage)}</code>"]
     done = complete_trials(study)
     if done and len(study.directions) == 1:
         best = study.best_trial
@@ -562,6 +569,18 @@ def render_html(study, report: Report, storage: str) -> str:
     parts += ["<h2>Trials</h2>", f"<table id=\"trials\"><tr>{header}</tr>", *body, "</table>",
               "</body></html>", ""]
     return "\n".join(parts)
+
+
+def _hours_item(study, report: Report) -> str:
+    """The summary's cost line: the study's hours, its budget, a stop asked for."""
+    attrs = study.user_attrs
+    item = (f"hours: <b>{format_hours(sum(r.hours for r in report.rows))}</b> (each trial's "
+            "wall time × its share of the device, running trials so far)")
+    if attrs.get(BUDGET_HOURS) is not None:
+        item += f"; budget {format_hours(attrs[BUDGET_HOURS])} hours"
+    if attrs.get(STOP_REQUESTED):
+        item += "; asked to stop (mtbert studies --stop)"
+    return item
 
 
 def _groups_table(groups: list) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, format_mean_std, format_params
+from mtbert.studies.budget import BUDGET_HOURS, STOP_REQUESTED, format_hours, study_hours
 from mtbert.studies.job import (FAIL_REASON, GPU, RESEED_OF, RUN_DIR, SEED,
                                 STUDY_OBJECTIVES)
 from mtbert.tasks import METRIC_KEYS
@@ -262,7 +263,7 @@ class Choice:
         if self.trial is None:
             front = self.study.best_trials
             return [f"study {name}: Pareto front of {len(front)} trials",
-                    *trials_table(self.study, limit=len(front))]
+                    *trials_table(self.study, limit=len(front)), self.hours_line()]
         t = self.trial
         if self.group is not None:
             g = self.group
@@ -282,7 +283,10 @@ class Choice:
         lines += [f"  metric {key:<22} {t.user_attrs[key]:.4f}" for key in METRIC_KEYS
                   if key in t.user_attrs]
         lines.append(f"  run    {t.user_attrs.get(RUN_DIR, '?')}")
-        return lines
+        return lines + [self.hours_line()]
+
+    def hours_line(self) -> str:
+        return f"hours: {format_hours(study_hours(self.study))}"
 
 
 def choose(study, *, metric: str | None = None, trial: int | None = None,
@@ -313,11 +317,12 @@ def choose(study, *, metric: str | None = None, trial: int | None = None,
 
 
 def studies_table(rdb) -> list[str]:
-    """`mtbert studies`: every study of a storage, its trials by state and best values."""
+    """`mtbert studies`: every study of a storage, its trials by state, its hours (and
+    budget), best values, and whether it was asked to stop."""
     import optuna
 
     rows = [f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
-            f"{'running':>7}  best"]
+            f"{'running':>7} {'hours':>9} {'budget':>9}  best"]
     for name in optuna.study.get_all_study_names(rdb):
         study = optuna.load_study(study_name=name, storage=rdb)
         counts = state_counts(study)
@@ -326,7 +331,11 @@ def studies_table(rdb) -> list[str]:
                      if len(study.directions) == 1 else f"{len(study.best_trials)} on the front")
         except ValueError:
             bests = "-"
+        attrs = study.user_attrs
+        budget = attrs.get(BUDGET_HOURS)
         rows.append(f"{name:<24} {sum(counts.values()):>6} {counts.get('COMPLETE', 0):>8} "
                     f"{counts.get('PRUNED', 0):>6} {counts.get('FAIL', 0):>4} "
-                    f"{counts.get('RUNNING', 0):>7}  {bests}")
+                    f"{counts.get('RUNNING', 0):>7} {format_hours(study_hours(study)):>9} "
+                    f"{'-' if budget is None else format_hours(budget):>9}  {bests}"
+                    + ("  (stop requested)" if attrs.get(STOP_REQUESTED) else ""))
     return rows

@@ -9,7 +9,9 @@ K > 1 one worker runs K trials at once (Optuna's `n_jobs` threads, each
 waiting on its own trial process on the same device). Ctrl-C or SIGTERM ends
 every running trial process, records it as FAIL ("interrupted") and exits.
 `best --reseed` queues copies of the best trials with new seeds and runs them
-through the same loop.
+through the same loop. Before its first trial and after every trial a worker
+reads the study's stop request and budget from the storage (`budget`); either
+ends the loop once the running trials finish.
 """
 
 from __future__ import annotations
@@ -22,19 +24,23 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mtbert.config import load_config, save_config
-from mtbert.errors import ConfigError
-from mtbert.runtime import wandb_dir
+from mtbert.errors import ConfigError, TrainingError
+from mtbert.runtime import resolve_device, wandb_dir
+from mtbert.studies.budget import (DEVICE, GPU_SHARE, WALL_S, check_budget, device_share,
+                                   set_budget, stop_reason)
 from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL, GPU,
                                 PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 STUDY_OBJECTIVES, STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID,
                                 TrialJob, TrialResult, WandbSettings, retried_from)
-from mtbert.studies.results import SeedGroup, describe_trial, ranked, reseed_seeds, seed_groups
+from mtbert.studies.results import (SeedGroup, describe_trial, new_finished, ranked,
+                                    reseed_seeds, seed_groups)
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
@@ -69,6 +75,7 @@ class SweepOptions:
     trials_per_gpu: int = 1
     max_retries: int = 2  # a killed or stopped trial is queued again this many times
     gpus: list[str] | None = None  # CUDA_VISIBLE_DEVICES of each GPU; None: one device
+    budget_hours: float | None = None  # stored in the study; None keeps the stored one
 
     @property
     def url(self) -> str:
@@ -97,6 +104,20 @@ def best_record(run_dir: Path, metric: str, direction: str = "maximize") -> dict
 def _frozen(trial):
     """A running trial's record as the storage holds it (system attributes included)."""
     return trial.storage.get_trial(trial._trial_id)
+
+
+def record_cost(trial, options: SweepOptions, wall_s: float | None = None) -> None:
+    """Set a trial's cost attributes: the device type it trains on and its share of it
+    (from its start, so that a running trial counts in the study's hours), and, once its
+    process ended, the seconds it ran."""
+    try:
+        device = resolve_device(options.device).type  # the device the trial process uses
+    except TrainingError:  # --device cuda without one: the trial fails; the asked name
+        device = options.device
+    trial.set_user_attr(DEVICE, device)
+    trial.set_user_attr(GPU_SHARE, device_share(device, options.trials_per_gpu))
+    if wall_s is not None:
+        trial.set_user_attr(WALL_S, round(wall_s, 3))
 
 
 class TrialRunner:
@@ -274,6 +295,7 @@ class TrialRunner:
             with self._lock:
                 if self.stopping:
                     raise KeyboardInterrupt
+                started = time.monotonic()
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "mtbert.studies.trial", str(run_dir)],
                     stdout=log_file, stderr=subprocess.STDOUT, env=self._child_env(slot))
@@ -295,6 +317,7 @@ class TrialRunner:
             finally:
                 with self._lock:
                     self._procs.discard(proc)
+                record_cost(trial, self.options, time.monotonic() - started)
 
     def _record(self, trial, run_dir: Path) -> TrialResult:
         """Set the metric and W&B user attributes; returns the trial process's result."""
@@ -342,38 +365,77 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     return study, before
 
 
-def run_sweep(spec: SweepSpec, options: SweepOptions) -> tuple[Any, int]:
-    """Create or resume the study and run `options.trials` more trials (or until the
-    timeout); returns the study and the numbers of the trials that had finished before."""
+@dataclass
+class SweepRun:
+    """What `run_sweep` did: the study, which trials had finished before, and why it started
+    no more trials than it did (a stop asked for, the budget spent; None: it ran them)."""
+
+    study: Any
+    before: set[int]  # the numbers of the trials that had finished before
+    stopped: str | None = None
+    ran: bool = True  # False: stopped before its first trial
+
+    @property
+    def failed(self) -> bool:
+        """It ran trials and none of them finished (COMPLETE or PRUNED)."""
+        return self.ran and not new_finished(self.study, self.before)
+
+
+def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
+    """Create or resume the study, store `options.budget_hours` in it, and run
+    `options.trials` more trials (or until the timeout, a stop or the budget)."""
     import optuna
 
+    if options.budget_hours is not None:
+        check_budget(options.budget_hours)
     # mtbert prints one line per trial itself; Optuna's would add tracebacks of failures.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     options.out.mkdir(parents=True, exist_ok=True)
     with storage_errors(options.url):
-        study, (count, finished) = create_study(spec, options)
+        study, (count, before) = create_study(spec, options)
+        if options.budget_hours is not None:
+            set_budget(study, options.budget_hours)
         optuna.storages.fail_stale_trials(study)
+        stopped = stop_reason(study)
+    if stopped:
+        return SweepRun(study, before, stopped, ran=False)
     log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
              mask_url(options.url), count,
              options.trials if options.trials is not None else "until the timeout")
-    optimize(study, spec, options, n_trials=options.trials, timeout=options.timeout)
-    return study, finished
+    stopped = optimize(study, spec, options, n_trials=options.trials, timeout=options.timeout)
+    return SweepRun(study, before, stopped)
 
 
 def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | None,
-             timeout: float | None) -> None:
+             timeout: float | None) -> str | None:
     """Run trials of `study` in this worker: each in its own process, with the checkpoint
-    pruning after each and Ctrl-C / SIGTERM ending the running trials."""
+    pruning after each and Ctrl-C / SIGTERM ending the running trials. Returns why it
+    started no more (a stop asked for, the budget spent: checked before the first trial
+    and after every trial, running trials finish), or None."""
+    with storage_errors(options.url):
+        stopped = stop_reason(study)
+    if stopped:
+        return stopped
     runner = TrialRunner(spec, options, study.study_name)
     prune_lock = threading.Lock()
+    reasons: list[str] = []
+
+    def objective(trial):
+        record_cost(trial, options)  # its share, so that it counts in the hours while it runs
+        return runner(trial)
 
     def on_trial_end(study, trial) -> None:
         log.info("%s", describe_trial(trial, spec.objectives))
         with prune_lock:  # callbacks run in Optuna's worker threads with trials_per_gpu > 1
             removed = prune_checkpoints(study, keep_top=options.keep_top,
                                         multi_objective=spec.multi_objective)
+            reason = stop_reason(study)
+            if reason and not reasons:
+                reasons.append(reason)
         if removed:
             log.info("removed %d checkpoints outside the top %d", removed, options.keep_top)
+        if reason:
+            study.stop()  # this worker's other running trials finish; none starts
 
     def on_stop(signum, frame):
         runner.stop()
@@ -386,7 +448,7 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
     previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with storage_errors(options.url):
-            study.optimize(runner, n_trials=n_trials, timeout=timeout,
+            study.optimize(objective, n_trials=n_trials, timeout=timeout,
                            n_jobs=runner.slots.total, catch=(TrialFailed,),
                            callbacks=[on_trial_end], gc_after_trial=False)
         if runner.stopping:
@@ -394,6 +456,7 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return reasons[0] if reasons else None
 
 
 def reseed(study, spec: SweepSpec, options: SweepOptions, *, top: int, seeds: int,
@@ -442,7 +505,10 @@ def reseed(study, spec: SweepSpec, options: SweepOptions, *, top: int, seeds: in
     while left:
         # Optuna runs queued trials oldest first: trials enqueued earlier by others run
         # too (they belong to the study), then these.
-        optimize(study, spec, options, n_trials=left, timeout=None)
+        stopped = optimize(study, spec, options, n_trials=left, timeout=None)
+        if stopped:  # the queued reseeds stay queued for a later worker
+            log.warning("%s", stopped)
+            break
         now = waiting()
         if now >= left:  # another worker holds the queue's head; it runs them
             break
