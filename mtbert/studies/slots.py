@@ -51,7 +51,7 @@ def parse_gpus(text: str) -> list[str]:
     return [available[g] for g in wanted]
 
 
-@dataclass
+@dataclass(eq=False)  # each slot is itself: two on one GPU are never the same slot
 class Slot:
     """A running trial's place: its GPU (None: the one default device) and the most
     other trials that shared that device with it at once."""
