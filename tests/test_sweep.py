@@ -321,5 +321,7 @@ def test_sigterm_with_trials_per_gpu_ends_every_running_trial(tiny_encoder, task
         args, [out / "alpha" / f"trial-{n:04d}" / "trial.log" for n in (0, 1)])
     assert "Traceback" not in err and "interrupted" in err
     trials = _trials(out, "alpha")
-    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
-    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in trials)
+    # Both stopped trials are queued again, to resume when the sweep runs again.
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in trials[:2])
+    assert sorted(t.system_attrs["retry_history"][-1] for t in trials[2:]) == [0, 1]
