@@ -113,6 +113,16 @@ def wait_for(condition, *, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
+def tiny_sweep_args(spec, tiny_encoder, task_dir, out, trials, *extra) -> list[str]:
+    """`mtbert sweep` arguments for short trials of the tiny encoder on the tiny files."""
+    return ["-q", "sweep", str(spec), "--trials", str(trials), "--out", str(out),
+            "--data-dir", str(task_dir), "--wandb-mode", "disabled", "--device", "cpu",
+            "--set", f"model.encoder={tiny_encoder}", "--set", f"data.cache_dir={out}/cache",
+            "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2",
+            "--set", "train.batch_size=8", "--set", "model.max_length=32",
+            "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0", *extra]
+
+
 POSTGRES_URL = os.environ.get("MTBERT_TEST_POSTGRES",
                               "postgresql://postgres@127.0.0.1:5432/test")
 

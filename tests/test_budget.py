@@ -17,22 +17,13 @@ from typer.testing import CliRunner
 from mtbert.cli import app
 from mtbert.studies.budget import set_budget, stop_reason, study_hours
 
-from conftest import write_task_files
+from conftest import tiny_sweep_args as _args, write_task_files
 from test_report import _parse
 
 runner = CliRunner()
 SPEC = "name: cost\nspace:\n  model.dropout: {type: float, low: 0.0, high: 0.3}\n" \
        "pruner: {name: none}\n"
 START = datetime(2025, 1, 1, 12, 0, 0)
-
-
-def _args(spec, tiny_encoder, task_dir, out, trials, *extra):
-    return ["-q", "sweep", str(spec), "--trials", str(trials), "--out", str(out),
-            "--data-dir", str(task_dir), "--wandb-mode", "disabled", "--device", "cpu",
-            "--set", f"model.encoder={tiny_encoder}", "--set", f"data.cache_dir={out}/cache",
-            "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2",
-            "--set", "train.batch_size=8", "--set", "model.max_length=32",
-            "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0", *extra]
 
 
 def _study(out, name="cost"):

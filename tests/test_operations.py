@@ -13,19 +13,10 @@ from typer.testing import CliRunner
 from mtbert.cli import app
 from mtbert.studies.spec import load_spec, shipped_specs
 
-from conftest import write_task_files
+from conftest import tiny_sweep_args as _args, write_task_files
 from test_report import make_study
 
 runner = CliRunner()
-
-
-def _args(spec, tiny_encoder, task_dir, out, trials, *extra):
-    return ["-q", "sweep", str(spec), "--trials", str(trials), "--out", str(out),
-            "--data-dir", str(task_dir), "--wandb-mode", "disabled", "--device", "cpu",
-            "--set", f"model.encoder={tiny_encoder}", "--set", f"data.cache_dir={out}/cache",
-            "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2",
-            "--set", "train.batch_size=8", "--set", "model.max_length=32",
-            "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0", *extra]
 
 
 SPEC = """name: enq
