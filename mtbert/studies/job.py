@@ -29,7 +29,10 @@ CHECKPOINT = "checkpoint"  # its model directory (absolute), removed outside --k
 WANDB_RUN_ID = "wandb_run_id"
 FAIL_REASON = "fail_reason"
 RESEED_OF = "reseed_of"  # a reseed: the number of the trial whose configuration it repeats
-SEED = "seed"  # a reseed's train.seed
+SEED = "seed"  # the train.seed of the trial's run (every trial)
+CONFIG_ID = "config_id"  # the configuration's first trial: shared by its seed runs
+RACED_OUT = "raced_out"  # True: this seed run ended its configuration's race (--seeds)
+FEASIBLE = "feasible"  # whether the trial's metrics meet the spec's constraints
 RETRY_OF = "retry_of"  # a retry: the number of the trial it takes over (killed or stopped)
 RESUMED_FROM_EPOCH = "resumed_from_epoch"  # epochs the retry took over; 0 = started fresh
 RETRY_REASON = "retry_reason"  # "oom": out of memory beside other trials, retried alone
@@ -43,6 +46,7 @@ RETRY_HISTORY = "retry_history"
 STUDY_SPEC_NAME = "spec"
 STUDY_OBJECTIVES = "objectives"
 STUDY_SPEC = "spec_def"
+STUDY_CONSTRAINTS = "constraints"  # the spec's constraints, thresholds resolved
 
 
 @dataclass
@@ -67,6 +71,7 @@ class TrialJob:
     seed: int
     device: str = "auto"
     reseed_of: int | None = None
+    config_id: int | None = None  # the configuration's first trial (its seed runs share it)
     retry_of: int | None = None  # a retry: the trial it takes over
     resume: bool = False  # the run directory holds the taken-over trial's resume state
     wandb_resume_id: str | None = None  # the W&B run to continue (online mode)

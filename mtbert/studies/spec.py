@@ -22,10 +22,11 @@ from mtbert.studies.job import STUDY_SPEC, STUDY_SPEC_NAME
 from mtbert.tasks import METRIC_KEYS
 
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
-             "sampler", "pruner", "enqueue")
+             "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 SAMPLERS = ("tpe", "random", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
+RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
 log = logging.getLogger("mtbert")
 
 
@@ -54,6 +55,9 @@ class SweepSpec:
     enqueue: list[dict[str, Any]]
     source: str
     base_values: dict[str, Any]  # every run config key under the base, dotted
+    seeds: int = 1  # seed runs per configuration, raced (mtbert.studies.racing)
+    race_alpha: float = RACE_ALPHA
+    constraints: list[str] = field(default_factory=list)  # "KEY >= VALUE" / "KEY <= VALUE"
 
     @property
     def multi_objective(self) -> bool:
@@ -79,7 +83,10 @@ class SweepSpec:
                       else {"directions": self.directions})
         return {"name": self.name, "description": self.description, "base": self.base,
                 "space": space, "objective": objective, **directions, "sampler": self.sampler,
-                "pruner": self.pruner, **({"enqueue": self.enqueue} if self.enqueue else {})}
+                "pruner": self.pruner, **({"enqueue": self.enqueue} if self.enqueue else {}),
+                **({"seeds": self.seeds, "race_alpha": self.race_alpha} if self.seeds > 1
+                   else {}),
+                **({"constraints": self.constraints} if self.constraints else {})}
 
 
 def shipped_specs() -> dict[str, Path]:
@@ -211,16 +218,33 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     if len(objectives) > 1 and pruner["name"] != "none":
         pruner = {"name": "none"}  # Optuna prunes single-objective studies only
     enqueue = check_enqueue(raw.get("enqueue") or [], space, base_values, fail)
+    seeds, race_alpha = check_racing(raw.get("seeds", 1), raw.get("race_alpha", RACE_ALPHA),
+                                     fail)
+    if seeds > 1 and len(objectives) > 1:
+        raise fail("seeds: racing compares one objective; a multi-objective spec has several")
+    constraints = raw.get("constraints") or []
+    if not isinstance(constraints, list) or not all(isinstance(c, str) for c in constraints):
+        raise fail('constraints must be a list of strings such as "sst/acc >= 0.5"')
     spec = SweepSpec(name=str(raw.get("name") or stem), base_values=base_values,
                      description=str(raw.get("description") or ""), base=base, space=space,
                      objectives=objectives, directions=directions, sampler=sampler,
-                     pruner=pruner, enqueue=enqueue, source=source)
+                     pruner=pruner, enqueue=enqueue, source=source, seeds=seeds,
+                     race_alpha=race_alpha, constraints=list(constraints))
     try:  # constructor arguments checked before any trial
         make_sampler(sampler)
         make_pruner(pruner)
     except ConfigError as err:
         raise fail(str(err)) from None
     return spec
+
+
+def check_racing(seeds: Any, alpha: Any, fail) -> tuple[int, float]:
+    """A spec's (or `--seeds` / `--race-alpha`'s) seeds per configuration and race level."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise fail(f"seeds must be a whole number >= 1, got {seeds!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise fail(f"race_alpha must be a number between 0 and 1, got {alpha!r}")
+    return seeds, float(alpha)
 
 
 def check_enqueue(items: Any, space: dict[str, Param], base_values: dict[str, Any],
