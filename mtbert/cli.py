@@ -94,6 +94,42 @@ TopOption = Annotated[Optional[int], typer.Option(
     "--top", min=1, help="Print the N best COMPLETE trials, ranked by the (first) objective "
                          "or --metric.")]
 
+# The options of `mtbert sweep`, one line each in its signature.
+SpecArg = Annotated[Optional[str], typer.Argument(
+    help="A shipped spec (see --list) or a path to a spec YAML file.")]
+TrialsOption = Annotated[Optional[int], typer.Option(
+    "--trials", min=1, help="Trials to run now, added to the study's earlier ones (default 10, "
+                            "or unlimited with --timeout); with --seeds: new configurations.")]
+TimeoutOption = Annotated[Optional[float], typer.Option(
+    "--timeout", min=0, help="Stop starting new trials after this many seconds.")]
+HeartbeatOption = Annotated[int, typer.Option(
+    "--heartbeat", min=1, help="Seconds between a running trial's heartbeats.")]
+GraceOption = Annotated[int, typer.Option(
+    "--grace", min=1, help="Seconds without heartbeat before a trial counts as dead (FAIL, "
+                           "queued again; see --max-retries).")]
+TrialsPerGpuOption = Annotated[int, typer.Option(
+    "--trials-per-gpu", min=1, help="Trials run at once on each device (each GPU of --gpus), "
+                                    "each its own process, so that small encoders fill a big "
+                                    "GPU.")]
+PrintSpecOption = Annotated[bool, typer.Option(
+    "--print", help="Print the resolved spec and exit.")]
+ListSpecsOption = Annotated[bool, typer.Option("--list", help="List the shipped specs.")]
+EnqueueOption = Annotated[Optional[Path], typer.Option(
+    "--enqueue", help="YAML list of parameter mappings (space keys to values) to run as the "
+                      "first trials; a configuration the study holds is not enqueued again.")]
+BudgetHoursOption = Annotated[Optional[float], typer.Option(
+    "--budget-hours", help="Start no new trial once the study's hours (wall time × GPU share, "
+                           "all workers, running trials too) reach this many; stored in the "
+                           "study, so every worker obeys it; a later --budget-hours replaces "
+                           "it.")]
+SeedsOption = Annotated[Optional[int], typer.Option(
+    "--seeds", min=1, help="Race each configuration over up to N seeds (train.seed s, s+1, "
+                           "...): the sampler learns from its mean, and it gets no more seeds "
+                           "once worse than the incumbent (spec key seeds).")]
+RaceAlphaOption = Annotated[Optional[float], typer.Option(
+    "--race-alpha", help="With --seeds: the level at which a configuration is raced out "
+                         "(default 0.1; spec key race_alpha).")]
+
 
 # ---------------------------------------------------------------- plumbing
 
@@ -452,13 +488,9 @@ def data_download(
 @app.command()
 @handle_errors
 def sweep(
-    spec: Annotated[Optional[str], typer.Argument(
-        help="A shipped spec (see --list) or a path to a spec YAML file.")] = None,
-    trials: Annotated[Optional[int], typer.Option(
-        "--trials", min=1, help="Trials to run now, added to the study's earlier ones "
-                                "(default 10, or unlimited with --timeout).")] = None,
-    timeout: Annotated[Optional[float], typer.Option(
-        "--timeout", min=0, help="Stop starting new trials after this many seconds.")] = None,
+    spec: SpecArg = None,
+    trials: TrialsOption = None,
+    timeout: TimeoutOption = None,
     study: StudyOption = None,
     storage: StorageOption = None,
     set_: SetOption = None,
@@ -467,30 +499,18 @@ def sweep(
     wandb_mode: SweepWandbMode = None,
     wandb_project: WandbProjectOption = "mtbert",
     keep_top: KeepTopOption = 3,
-    heartbeat: Annotated[int, typer.Option(
-        "--heartbeat", min=1, help="Seconds between a running trial's heartbeats.")] = 10,
-    grace: Annotated[int, typer.Option(
-        "--grace", min=1, help="Seconds without heartbeat before a trial counts as dead "
-                               "(FAIL, queued again; see --max-retries).")] = 30,
+    heartbeat: HeartbeatOption = 10,
+    grace: GraceOption = 30,
     device: DeviceOption = Device.auto,
     max_retries: MaxRetriesOption = 2,
     gpus: GpusOption = None,
-    trials_per_gpu: Annotated[int, typer.Option(
-        "--trials-per-gpu", min=1, help="Trials run at once on each device (each GPU of "
-                                        "--gpus), each its own process, so that small "
-                                        "encoders fill a big GPU.")] = 1,
-    print_spec: Annotated[bool, typer.Option(
-        "--print", help="Print the resolved spec and exit.")] = False,
-    list_specs: Annotated[bool, typer.Option("--list", help="List the shipped specs.")] = False,
-    enqueue: Annotated[Optional[Path], typer.Option(
-        "--enqueue", help="YAML list of parameter mappings (space keys to values) to run as "
-                          "the first trials; a configuration the study holds is not "
-                          "enqueued again.")] = None,
-    budget_hours: Annotated[Optional[float], typer.Option(
-        "--budget-hours", help="Start no new trial once the study's hours (wall time × GPU "
-                               "share, all workers, running trials too) reach this many; "
-                               "stored in the study, so every worker obeys it; a later "
-                               "--budget-hours replaces it.")] = None,
+    trials_per_gpu: TrialsPerGpuOption = 1,
+    print_spec: PrintSpecOption = False,
+    list_specs: ListSpecsOption = False,
+    enqueue: EnqueueOption = None,
+    budget_hours: BudgetHoursOption = None,
+    seeds: SeedsOption = None,
+    race_alpha: RaceAlphaOption = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
@@ -504,7 +524,7 @@ def sweep(
 
     if list_specs:
         return _echo_lines(spec_list())
-    resolved = _resolve_spec(spec, _overrides(set_, data_dir), enqueue)
+    resolved = _resolve_spec(spec, _overrides(set_, data_dir), enqueue, seeds, race_alpha)
     if print_spec:
         return typer.echo(spec_yaml(resolved), nl=False)
     options = SweepOptions(
@@ -519,7 +539,7 @@ def sweep(
 
 def _run_sweep(spec, options) -> None:
     """Run the sweep, say why it stopped early, print its table (exit 1: nothing finished)."""
-    from mtbert.studies.results import state_counts, trials_table
+    from mtbert.studies.results import state_counts, sweep_table
     from mtbert.studies.runner import interrupted_table, run_sweep
 
     try:
@@ -536,11 +556,12 @@ def _run_sweep(spec, options) -> None:
         typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
                    f"{options.out / name}", err=True)
         raise typer.Exit(1)
-    _echo_lines(trials_table(run.study))
+    _echo_lines(sweep_table(run.study))
 
 
-def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path]):
-    from mtbert.studies.spec import load_enqueue, load_spec
+def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path],
+                  seeds: Optional[int] = None, race_alpha: Optional[float] = None):
+    from mtbert.studies.spec import load_enqueue, load_spec, with_racing
 
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
@@ -548,7 +569,9 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
     resolved = load_spec(spec, overrides)
     if enqueue is not None:
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
-    return resolved
+    if race_alpha is not None and (seeds or resolved.seeds) < 2:
+        raise MtbertError("--race-alpha goes with --seeds N (N >= 2), or a spec with seeds")
+    return with_racing(resolved, seeds, race_alpha)
 
 
 def _check_best_options(*, metric, export, trial, top, hf, reseed, set_, data_dir) -> None:

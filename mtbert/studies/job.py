@@ -72,6 +72,9 @@ class TrialJob:
     device: str = "auto"
     reseed_of: int | None = None
     config_id: int | None = None  # the configuration's first trial (its seed runs share it)
+    seeds: int = 1  # > 1: the configuration races over this many seeds (studies.racing)
+    race_alpha: float = 0.1
+    direction: str = "maximize"  # of the first objective, for the race
     retry_of: int | None = None  # a retry: the trial it takes over
     resume: bool = False  # the run directory holds the taken-over trial's resume state
     wandb_resume_id: str | None = None  # the W&B run to continue (online mode)
@@ -107,6 +110,8 @@ class TrialResult:
 
     wandb_run_id: str | None = None
     reason: str | None = None
+    race: str | None = None  # a raced study's decision after this seed (studies.racing)
+    race_note: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

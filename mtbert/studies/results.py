@@ -18,8 +18,8 @@ from typing import Any
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, format_mean_std, format_params
 from mtbert.studies.budget import BUDGET_HOURS, STOP_REQUESTED, format_hours, study_hours
-from mtbert.studies.job import (FAIL_REASON, GPU, RESEED_OF, RUN_DIR, SEED,
-                                STUDY_OBJECTIVES)
+from mtbert.studies.job import (FAIL_REASON, GPU, RACED_OUT, RESEED_OF, RUN_DIR, SEED,
+                                STUDY_OBJECTIVES, STUDY_SPEC)
 from mtbert.tasks import METRIC_KEYS
 
 
@@ -55,6 +55,11 @@ def state_counts(study) -> dict[str, int]:
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
+
+
+def study_seeds(study) -> int:
+    """The seeds each configuration of a study races over (`--seeds`; 1: not raced)."""
+    return int((study.user_attrs.get(STUDY_SPEC) or {}).get("seeds", 1))
 
 
 def study_objectives(study) -> list[str]:
@@ -110,6 +115,16 @@ class SeedGroup:
     trials: list  # COMPLETE members, the original first
     key: str | None  # the metric ranked by; None = the study's (first) objective
     pending: int = 0  # reseeds WAITING or RUNNING
+    planned: int = 1  # seeds a raced study gives a configuration that is not raced out
+
+    @property
+    def raced_out(self) -> bool:
+        return any(t.user_attrs.get(RACED_OUT) for t in self.trials)
+
+    @property
+    def complete(self) -> bool:
+        """It has every seed the race plans for it (always, in a study without racing)."""
+        return len(self.trials) >= self.planned
 
     def values(self, key: str | None = None) -> list[float]:
         """Each member's `key` metric (default: the ranking value), in member order."""
@@ -149,7 +164,8 @@ def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False
 
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in complete_trials(study) if metric is None or metric in t.user_attrs]
-    groups = {t.number: SeedGroup(t.number, dict(t.params), [t], metric)
+    planned = study_seeds(study)
+    groups = {t.number: SeedGroup(t.number, dict(t.params), [t], metric, planned=planned)
               for t in complete if RESEED_OF not in t.user_attrs}
     reseeded = set()
     done = {t.number for t in complete}
@@ -162,15 +178,20 @@ def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False
             groups[origin].trials.append(t)
         elif t.state in (TrialState.WAITING, TrialState.RUNNING):
             groups[origin].pending += 1
-    chosen = [g for g in groups.values() if g.number in reseeded or not reseeded_only]
+    chosen = [g for g in groups.values()
+              if g.number in reseeded or not reseeded_only or planned > 1]
     sign = -1 if metric is not None or study.directions[0].name == "MAXIMIZE" else 1
-    return sorted(chosen, key=lambda g: (sign * g.mean(), g.number))
+    # A raced study: the configurations that ran every seed first, those raced out last.
+    return sorted(chosen, key=lambda g: (g.raced_out, not g.complete, sign * g.mean(),
+                                         g.number))
 
 
-def reseed_seeds(base_seed: int, k: int) -> list[int]:
-    """The K new seeds of a trial whose train.seed is `base_seed`: base+1 .. base+K,
-    distinct from it and from each other; `--reseed 3` after `--reseed 2` adds one."""
-    return [base_seed + i for i in range(1, k + 1)]
+def reseed_seeds(base_seed: int, k: int, raced: int = 1) -> list[int]:
+    """The seeds of a configuration whose first train.seed is `base_seed` beyond it, after
+    `--reseed K`: base+1 .. base+K, or, in a study raced over `raced` seeds, its seeds
+    after the race's, base+1 .. base+raced-1+K (those it has are not run again);
+    `--reseed 3` after `--reseed 2` adds one."""
+    return [base_seed + i for i in range(1, raced + k)]
 
 
 def groups_table(groups: list[SeedGroup]) -> list[str]:
@@ -181,10 +202,22 @@ def groups_table(groups: list[SeedGroup]) -> list[str]:
             + "  params"]
     for g in groups:
         cells = "  ".join(f"{format_mean_std(g.mean(k), g.std(k)):>{width}}" for k in METRIC_KEYS)
-        note = f"  ({g.pending} more queued or running)" if g.pending else ""
+        note = (f"  ({g.pending} more queued or running)" if g.pending else
+                "  (raced out)" if g.raced_out else "")
         rows.append(f"{g.number:>5}  {len(g.trials):>5}  {cells}  "
                     f"{format_params(g.params)}{note}")
     return rows
+
+
+def sweep_table(study, limit: int = 5) -> list[str]:
+    """What a sweep prints at its end: its best trials; in a raced study its best
+    configurations by mean over their seeds, and the seed runs racing spent."""
+    from mtbert.studies.racing import spend
+
+    seeds = study_seeds(study)
+    if seeds < 2:
+        return trials_table(study, limit=limit)
+    return [*groups_table(seed_groups(study)[:limit]), spend(study, seeds).line()]
 
 
 def check_metric(metric: str | None) -> None:

@@ -34,13 +34,15 @@ from mtbert.errors import ConfigError, TrainingError
 from mtbert.runtime import resolve_device, wandb_dir
 from mtbert.studies.budget import (DEVICE, GPU_SHARE, WALL_S, check_budget, device_share,
                                    set_budget, stop_reason)
-from mtbert.studies.job import (CHECKPOINT, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL, GPU,
+from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL, GPU,
                                 PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 STUDY_OBJECTIVES, STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID,
                                 TrialJob, TrialResult, WandbSettings, retried_from)
 from mtbert.studies.results import (SeedGroup, describe_trial, new_finished, ranked,
                                     reseed_seeds, seed_groups)
+from mtbert.studies.racing import (CONTINUE, is_new_configuration, mean_sampler, next_seed,
+                                   queue_seed)
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
@@ -132,6 +134,7 @@ class TrialRunner:
         self._procs: set[subprocess.Popen] = set()
         self.stopping = False
         self.slots = DeviceSlots(options.gpus, options.trials_per_gpu)
+        self.new_configurations = 0  # trials this worker started that sample a configuration
 
     def stop(self) -> None:
         """End every running trial process (the worker was told to stop)."""
@@ -158,6 +161,7 @@ class TrialRunner:
 
     def _job(self, trial, params: dict[str, Any], seed: int) -> TrialJob:
         reseed_of = trial.user_attrs.get(RESEED_OF)
+        spec = self.spec
         return TrialJob(
             study=self.study_name, trial_id=trial._trial_id, number=trial.number,
             spec=self.spec.name, objectives=self.spec.objectives,
@@ -166,7 +170,8 @@ class TrialRunner:
             prune=(reseed_of is None and not self.spec.multi_objective
                    and self.spec.pruner["name"] != "none"),
             pruner=self.spec.pruner, params=params, seed=seed, device=self.options.device,
-            reseed_of=reseed_of,
+            reseed_of=reseed_of, config_id=trial.number if reseed_of is None else reseed_of,
+            seeds=spec.seeds, race_alpha=spec.race_alpha, direction=spec.directions[0],
             wandb=WandbSettings(self.options.wandb_mode, self.options.wandb_project,
                                 str(self.wandb_dir)))
 
@@ -174,6 +179,9 @@ class TrialRunner:
         import optuna
 
         params = suggest(trial, self.spec)
+        if is_new_configuration(_frozen(trial)):
+            with self._lock:
+                self.new_configurations += 1
         run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         job = self._prepare(trial, params, run_dir)
@@ -214,7 +222,23 @@ class TrialRunner:
             raise TrialFailed(reason)
         summary = json.loads((run_dir / "summary.json").read_text())
         values = [summary["best"]["metrics"][key] for key in job.objectives]
+        if result.race:
+            self._next_seed(trial, job, result)
         return values[0] if len(values) == 1 else values
+
+    def _next_seed(self, trial, job: TrialJob, result: TrialResult) -> None:
+        """A raced study: queue the configuration's next seed when the race goes on."""
+        log.info("trial %d (configuration %d, seed %d): %s", trial.number, job.config_id,
+                 job.seed, result.race_note)
+        if result.race != CONTINUE:
+            return
+        config = trial.study.get_trials(deepcopy=False)[job.config_id] \
+            if job.config_id != trial.number else trial
+        first = int(config.user_attrs.get(SEED, job.seed))
+        seed = next_seed(trial.study, config=job.config_id, first_seed=first,
+                         seeds=self.spec.seeds)
+        if seed is not None:
+            queue_seed(trial.study, config=job.config_id, params=job.params, seed=seed)
 
     def _prepare(self, trial, params: dict[str, Any], run_dir: Path) -> TrialJob:
         """The run directory's config.yaml and job.json: a fresh trial's from the spec; a
@@ -231,6 +255,8 @@ class TrialRunner:
             config = trial_config(self.spec, params if trial.user_attrs.get(RESEED_OF) is None
                                   else {**params, "train.seed": int(seed)})
             save_config(config, run_dir / "config.yaml")
+        trial.set_user_attr(SEED, config.train.seed)
+        trial.set_user_attr(CONFIG_ID, trial.user_attrs.get(RESEED_OF, trial.number))
         if retry_of is not None:
             trial.set_user_attr(RETRY_OF, retry_of)
             trial.set_user_attr(FAIL_REASON, None)  # copied from the trial it retries
@@ -335,6 +361,12 @@ class TrialRunner:
         return result
 
 
+def study_sampler(spec: SweepSpec):
+    """The spec's sampler; in a raced study it learns from configurations' means."""
+    sampler = make_sampler(spec.sampler)
+    return mean_sampler(sampler) if spec.seeds > 1 else sampler
+
+
 def create_study(spec: SweepSpec, options: SweepOptions):
     """Create the sweep's study, or load it to add trials; returns it and its number of
     trials before this sweep and the numbers of those that had finished (whatever is
@@ -347,7 +379,7 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     directions = spec.directions
     try:
         study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
-                                    sampler=make_sampler(spec.sampler),
+                                    sampler=study_sampler(spec),
                                     pruner=make_pruner(spec.pruner), directions=directions)
     except ValueError as err:  # e.g. the existing study has other directions
         raise ConfigError(f"study '{name}': {err}") from None
@@ -358,8 +390,13 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     if STUDY_SPEC_NAME not in study.user_attrs:
         study.set_user_attr(STUDY_SPEC_NAME, spec.name)
         study.set_user_attr(STUDY_OBJECTIVES, spec.objectives)
-    if STUDY_SPEC not in study.user_attrs:
+    stored = study.user_attrs.get(STUDY_SPEC)
+    if stored is None:
         study.set_user_attr(STUDY_SPEC, spec.to_dict())
+    elif stored.get("seeds", 1) != spec.seeds:
+        raise ConfigError(f"study '{name}' races each configuration over "
+                          f"{stored.get('seeds', 1)} seed(s), this sweep over {spec.seeds}; "
+                          f"pass --seeds {stored.get('seeds', 1)}, or use --study NEW_NAME")
     for params in spec.enqueue:  # known configurations run first, and once per study
         study.enqueue_trial(params, skip_if_exists=True)
     return study, before
@@ -402,12 +439,40 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
     log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
              mask_url(options.url), count,
              options.trials if options.trials is not None else "until the timeout")
-    stopped = optimize(study, spec, options, n_trials=options.trials, timeout=options.timeout)
+    if spec.seeds > 1 and options.trials is not None:
+        stopped = race_configurations(study, spec, options)
+    else:
+        stopped = optimize(study, spec, options, n_trials=options.trials,
+                           timeout=options.timeout)
     return SweepRun(study, before, stopped)
 
 
+def race_configurations(study, spec: SweepSpec, options: SweepOptions) -> str | None:
+    """A raced study: start `options.trials` new configurations and run the seed runs the
+    race queues (theirs and any other queued trial of the study) until none is left.
+
+    Each round runs as many trials as there are configurations still to start plus
+    queued trials that start none (seed runs, retries): queued trials run first, so
+    this worker never starts more configurations than asked."""
+    from optuna.trial import TrialState
+
+    runner = TrialRunner(spec, options, study.study_name)
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    while True:
+        with storage_errors(options.url):
+            queued = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                         if not is_new_configuration(t))
+        todo = max(0, options.trials - runner.new_configurations) + queued
+        left = None if deadline is None else deadline - time.monotonic()
+        if todo == 0 or (left is not None and left <= 0):
+            return None
+        stopped = optimize(study, spec, options, n_trials=todo, timeout=left, runner=runner)
+        if stopped:
+            return stopped
+
+
 def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | None,
-             timeout: float | None) -> str | None:
+             timeout: float | None, runner: TrialRunner | None = None) -> str | None:
     """Run trials of `study` in this worker: each in its own process, with the checkpoint
     pruning after each and Ctrl-C / SIGTERM ending the running trials. Returns why it
     started no more (a stop asked for, the budget spent: checked before the first trial
@@ -416,7 +481,7 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
         stopped = stop_reason(study)
     if stopped:
         return stopped
-    runner = TrialRunner(spec, options, study.study_name)
+    runner = runner or TrialRunner(spec, options, study.study_name)
     prune_lock = threading.Lock()
     reasons: list[str] = []
 
@@ -475,7 +540,12 @@ def reseed(study, spec: SweepSpec, options: SweepOptions, *, top: int, seeds: in
     if spec.multi_objective and metric is None:
         raise ConfigError("a multi-objective study has no single ranking; reseed by one "
                           "metric with --metric")
-    originals = [t for t in ranked(study, metric) if RESEED_OF not in t.user_attrs][:top]
+    if spec.seeds > 1:  # a raced study: its best configurations by mean, none raced out
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        originals = [by_number[g.number] for g in seed_groups(study, metric)
+                     if not g.raced_out][:top]
+    else:
+        originals = [t for t in ranked(study, metric) if RESEED_OF not in t.user_attrs][:top]
     if not originals:
         raise ConfigError(f"study {study.study_name} has no COMPLETE trial to reseed")
     # A reseed whose worker died is RUNNING until its heartbeat is stale: fail it (and
@@ -485,7 +555,7 @@ def reseed(study, spec: SweepSpec, options: SweepOptions, *, top: int, seeds: in
     queued = 0
     for original in originals:
         base_seed = trial_config(spec, original.params).train.seed
-        for seed in reseed_seeds(base_seed, seeds):
+        for seed in reseed_seeds(base_seed, seeds, spec.seeds):
             states = {t.state for t in trials if t.user_attrs.get(RESEED_OF) == original.number
                       and t.user_attrs.get(SEED) == seed}
             if states & {TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING}:
@@ -530,13 +600,13 @@ def reseed_study(options: SweepOptions, *, top: int, seeds: int, metric: str | N
         name = select_study(rdb, options.study)
         spec = stored_spec(optuna.load_study(study_name=name, storage=rdb), overrides)
         study = optuna.load_study(study_name=name, storage=rdb,
-                                  sampler=make_sampler(spec.sampler),
+                                  sampler=study_sampler(spec),
                                   pruner=make_pruner(spec.pruner))
         groups = reseed(study, spec, options, top=top, seeds=seeds, metric=metric)
     for g in groups:
-        if len(g.trials) < seeds + 1:
+        if len(g.trials) < seeds + spec.seeds:
             log.warning("trial %d: %d of %d seeds complete%s; run the command again to retry "
-                        "the others", g.number, len(g.trials), seeds + 1,
+                        "the others", g.number, len(g.trials), seeds + spec.seeds,
                         f" ({g.pending} queued or running)" if g.pending else "")
     return name, metric or spec.objectives[0], groups
 

@@ -7,6 +7,7 @@ the spec, the key and what would be valid.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
 from dataclasses import dataclass, field
@@ -245,6 +246,21 @@ def check_racing(seeds: Any, alpha: Any, fail) -> tuple[int, float]:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise fail(f"race_alpha must be a number between 0 and 1, got {alpha!r}")
     return seeds, float(alpha)
+
+
+def with_racing(spec: SweepSpec, seeds: int | None, alpha: float | None) -> SweepSpec:
+    """`spec` with `--seeds` / `--race-alpha` in place of its own `seeds:` / `race_alpha:`."""
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(message.replace("seeds must", "--seeds must")
+                           .replace("race_alpha must", "--race-alpha must"))
+
+    seeds, alpha = check_racing(spec.seeds if seeds is None else seeds,
+                                spec.race_alpha if alpha is None else alpha, fail)
+    if seeds > 1 and spec.multi_objective:
+        raise ConfigError("--seeds: racing compares one objective; this spec has "
+                          f"{len(spec.objectives)}")
+    return dataclasses.replace(spec, seeds=seeds, race_alpha=alpha)
 
 
 def check_enqueue(items: Any, space: dict[str, Param], base_values: dict[str, Any],

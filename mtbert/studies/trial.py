@@ -62,6 +62,21 @@ def _history(run_dir: Path, objective: str) -> list[tuple[int, float]]:
     return [(r["epoch"], r[objective]) for r in records if objective in r]
 
 
+def _race(study, trial, job: TrialJob, run_dir: Path, result: TrialResult) -> None:
+    """A raced study: decide, before this seed run ends, whether its configuration gets
+    another seed; the worker queues it (studies.racing)."""
+    from mtbert.studies.job import RACED_OUT
+    from mtbert.studies.racing import RACED, decide
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    decision = decide(study, config=job.config_id if job.config_id is not None else job.number,
+                      value=summary["best"]["metrics"][job.objectives[0]], seeds=job.seeds,
+                      alpha=job.race_alpha, direction=job.direction)
+    result.race, result.race_note = decision.state, decision.note
+    if decision.state == RACED:
+        trial.set_user_attr(RACED_OUT, True)
+
+
 def run(run_dir: Path) -> int:
     import optuna
 
@@ -103,6 +118,8 @@ def run(run_dir: Path) -> int:
         train_tracked(config, run_dir=run_dir, tracker=tracker, device=job.device,
                       resume=job.resume, on_eval=report, clean_stops=(optuna.TrialPruned,))
         code = 0
+        if job.seeds > 1:
+            _race(study, trial, job, run_dir, result)
     except optuna.TrialPruned as err:
         code, result.reason = EXIT_PRUNED, str(err)
     except MtbertError as err:

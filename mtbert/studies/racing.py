@@ -1,0 +1,275 @@
+"""Racing configurations over seeds inside a study (`mtbert sweep --seeds N`).
+
+Each configuration is evaluated on up to N seeds, `train.seed` s, s+1, ...;
+after each seed it is compared with the incumbent and gets no more seeds
+("raced out") once it is worse at level `race_alpha`.
+
+Design: one Optuna trial per seed run, grouped by configuration (user
+attribute `config_id`, the number of the configuration's first trial; its
+later seeds are queued with `reseed_of` pointing there, exactly like the seed
+runs of `mtbert best --reseed`). So every seed run is a run directory, a W&B
+run, a process with its own retry, resume, GPU slot, heartbeat and cost like
+any trial, and many workers share the seeds of one configuration through the
+storage's queue, a seed never run twice (a queued trial is handed to one
+worker). The first seed is sampled, and pruned by epochs like any trial; the
+later ones are queued only after the previous seed finished and the race let
+the configuration go on, and are never pruned by epochs. The sampler learns
+from each configuration's mean: `SeedMeanSampler` shows it one trial per
+configuration whose value is the mean over the seeds that completed.
+
+The test. After each seed, configuration c (n_c seeds, mean m_c) is compared
+with the incumbent I (the best mean among the configurations with all N seeds;
+before there is one, the best mean so far; never a raced-out or infeasible
+one) by a one-sided two-sample t-test whose variance is the study's pooled
+within-configuration seed variance s² (all configurations with >= 2 seeds,
+Σ(n_i - 1) degrees of freedom):
+    t = (m_I - m_c) / (s · sqrt(1/n_c + 1/n_I)),   p = P(T_df > t).
+c is raced out when p < race_alpha. A test on the pair's own 2-3 seeds could
+not decide at N = 3: an exact Wilcoxon signed-rank test on 3 pairs never
+gets below p = 0.125, and a paired t-test on 2 pairs has one degree of
+freedom. The seed variance is a property of the data and the encoder far more
+than of a loss weight, so pooling it over the study's configurations is what
+makes the race decide after one or two seeds; a first seed can be raced out
+once the pooled estimate exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from mtbert.studies.job import FEASIBLE, RACED_OUT, RESEED_OF, RETRY_HISTORY, SEED
+
+CONTINUE, COMPLETE, RACED = "continue", "complete", "raced out"
+
+
+def config_of(trial) -> int:
+    """The configuration a trial is a seed run of: its first trial's number."""
+    origin = trial.user_attrs.get(RESEED_OF)
+    return trial.number if origin is None else int(origin)
+
+
+@dataclass
+class Race:
+    """One configuration's seed values so far, as the race sees them."""
+
+    config: int
+    values: list[float] = field(default_factory=list)
+    raced_out: bool = False
+    feasible: bool = True
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+
+def races(study, *, extra: tuple[int, float] | None = None) -> dict[int, Race]:
+    """Every configuration with a COMPLETE seed run, by its first trial's number;
+    `extra` (configuration, value) adds a seed run that is about to complete."""
+    from optuna.trial import TrialState
+
+    found: dict[int, Race] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if not t.values or math.isnan(t.values[0]):
+            continue
+        race = found.setdefault(config_of(t), Race(config_of(t)))
+        race.values.append(t.values[0])
+        race.raced_out |= bool(t.user_attrs.get(RACED_OUT))
+        race.feasible &= t.user_attrs.get(FEASIBLE, True) is not False
+    if extra is not None:
+        found.setdefault(extra[0], Race(extra[0])).values.append(extra[1])
+    return found
+
+
+def pooled_variance(groups) -> tuple[float, int] | None:
+    """The within-configuration variance pooled over configurations with >= 2 seeds, and
+    its degrees of freedom; None before any configuration has two seeds."""
+    squares, df = 0.0, 0
+    for race in groups:
+        if len(race.values) >= 2:
+            mean = statistics.fmean(race.values)
+            squares += sum((v - mean) ** 2 for v in race.values)
+            df += len(race.values) - 1
+    return (squares / df, df) if df else None
+
+
+def incumbent(groups: dict[int, Race], seeds: int, sign: int) -> Race | None:
+    """The best mean among configurations with all `seeds` seeds, else the best mean so
+    far; raced-out and infeasible configurations never lead."""
+    eligible = [r for r in groups.values() if not r.raced_out and r.feasible]
+    complete = [r for r in eligible if len(r.values) >= seeds]
+    pool = complete or eligible
+    return max(pool, key=lambda r: (sign * r.mean, -r.config)) if pool else None
+
+
+def p_worse(race: Race, leader: Race, pooled: tuple[float, int], sign: int) -> float:
+    """One-sided p-value of "`race` is no worse than `leader`" (module docstring)."""
+    from scipy.stats import t as student_t
+
+    variance, df = pooled
+    gap = sign * (leader.mean - race.mean)
+    scale = math.sqrt(variance * (1 / len(race.values) + 1 / len(leader.values)))
+    if scale == 0.0:  # every seed gave the same value: any gap is certain
+        return 0.0 if gap > 0 else 1.0
+    return float(student_t.sf(gap / scale, df))
+
+
+@dataclass
+class Decision:
+    """What the race says after a seed run: go on, done (all seeds), or raced out."""
+
+    state: str
+    seeds_done: int
+    note: str = ""
+
+
+def decide(study, *, config: int, value: float, seeds: int, alpha: float,
+           direction: str = "maximize") -> Decision:
+    """The race's decision for `config` after a seed run scored `value` (not yet stored
+    as COMPLETE): COMPLETE at `seeds` seeds, RACED when worse than the incumbent at
+    level `alpha`, else CONTINUE."""
+    sign = 1 if direction == "maximize" else -1
+    groups = races(study, extra=(config, value))
+    race = groups[config]
+    n = len(race.values)
+    if n >= seeds:
+        return Decision(COMPLETE, n, f"all {seeds} seeds: mean {race.mean:.4f}")
+    leader = incumbent(groups, seeds, sign)
+    pooled = pooled_variance(groups.values())
+    if leader is None or leader.config == config or pooled is None:
+        why = ("no pooled seed variance yet" if pooled is None else "it leads")
+        return Decision(CONTINUE, n, f"{n} of {seeds} seeds, mean {race.mean:.4f} ({why})")
+    p = p_worse(race, leader, pooled, sign)
+    versus = (f"mean {race.mean:.4f} over {n} seed{'s' * (n != 1)} against trial "
+              f"{leader.config}'s {leader.mean:.4f} over {len(leader.values)}, "
+              f"p = {p:.3g}")
+    if p < alpha:
+        return Decision(RACED, n, f"raced out: {versus} < {alpha:g}")
+    return Decision(CONTINUE, n, f"{n} of {seeds} seeds: {versus}")
+
+
+def next_seed(study, *, config: int, first_seed: int, seeds: int) -> int | None:
+    """The configuration's next seed to queue: the lowest of first_seed + 1 ..
+    first_seed + seeds - 1 that no seed run of it holds (COMPLETE, queued or running);
+    None when every one is held."""
+    from optuna.trial import TrialState
+
+    held = {t.user_attrs.get(SEED) for t in study.get_trials(deepcopy=False)
+            if config_of(t) == config and t.state in
+            (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)}
+    return next((first_seed + k for k in range(1, seeds) if first_seed + k not in held), None)
+
+
+def queue_seed(study, *, config: int, params: dict, seed: int) -> None:
+    """Queue a seed run of configuration `config` (any worker of the study runs it)."""
+    study.enqueue_trial(params, user_attrs={RESEED_OF: config, SEED: seed})
+
+
+def is_new_configuration(trial) -> bool:
+    """A trial that starts a configuration: neither a seed run of another trial's
+    configuration nor the retry of an earlier trial."""
+    return RESEED_OF not in trial.user_attrs and not trial.system_attrs.get(RETRY_HISTORY)
+
+
+@dataclass
+class Spend:
+    """Seed runs a raced study spent, against the fixed protocol on its configurations."""
+
+    spent: int  # finished seed runs (COMPLETE or PRUNED)
+    fixed: int  # N seeds for every configuration that finished its first seed
+    configurations: int  # those that finished their first seed
+    seeds: int
+
+    def line(self) -> str:
+        saved = 1 - self.spent / self.fixed if self.fixed else 0.0
+        return (f"seed runs: {self.spent} spent by racing; the fixed protocol ({self.seeds} "
+                f"seeds for each of the {self.configurations} configurations that finished "
+                f"a first seed) would spend {self.fixed} ({saved:.0%} saved)")
+
+
+def spend(study, seeds: int) -> Spend:
+    """Count the study's seed runs (a pruned first seed costs both protocols one run)."""
+    from optuna.trial import TrialState
+
+    spent, fixed, configs = 0, 0, 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        spent += 1
+        if RESEED_OF in t.user_attrs:
+            continue
+        configs += 1
+        fixed += seeds if t.state == TrialState.COMPLETE else 1
+    return Spend(spent, fixed, configs, seeds)
+
+
+class _MeanView:
+    """A study as the sampler should see it: one trial per configuration, valued by its
+    mean over the seeds that completed; the later seed runs left out."""
+
+    def __init__(self, study):
+        self._study = study
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
+        trials = self._study._get_trials(deepcopy=False, states=None, use_cache=use_cache)
+        groups = races(_Listed(trials))
+        shown = []
+        for t in trials:
+            if RESEED_OF in t.user_attrs or (states is not None and t.state not in states):
+                continue
+            race = groups.get(t.number)
+            if race is not None and len(race.values) > 1 and t.values:
+                t = copy.copy(t)
+                t.values = [race.mean, *t.values[1:]]
+            shown.append(copy.deepcopy(t) if deepcopy else t)
+        return shown
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self):
+        return self._get_trials()
+
+
+class _Listed:
+    """A fixed list of trials with the study's `get_trials` signature."""
+
+    def __init__(self, trials):
+        self._trials = trials
+
+    def get_trials(self, deepcopy: bool = False, states=None):
+        return [t for t in self._trials if states is None or t.state in states]
+
+
+def mean_sampler(base):
+    """Wrap an Optuna sampler so that it learns from configurations' means (`_MeanView`)."""
+    import optuna
+
+    class SeedMeanSampler(optuna.samplers.BaseSampler):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def infer_relative_search_space(self, study, trial):
+            return self.inner.infer_relative_search_space(_MeanView(study), trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.inner.sample_relative(_MeanView(study), trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.inner.sample_independent(_MeanView(study), trial, param_name,
+                                                 param_distribution)
+
+        def before_trial(self, study, trial):
+            self.inner.before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values):
+            self.inner.after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            self.inner.reseed_rng()
+
+    return SeedMeanSampler(base)

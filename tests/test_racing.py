@@ -1,0 +1,215 @@
+"""Racing configurations over seeds (`mtbert sweep --seeds N`): the decisions on controlled
+per-seed values, the sampler's view of the study, and real sweeps of the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from mtbert.cli import app
+from mtbert.studies import racing
+from mtbert.studies import trial as trial_process
+from mtbert.studies.job import RACED_OUT, RESEED_OF, SEED, TrialJob, TrialResult
+from mtbert.studies.runner import SweepOptions, TrialRunner, run_sweep
+from mtbert.studies.spec import load_spec
+from mtbert.tasks import METRIC_KEYS
+
+runner = CliRunner()
+
+SPEC = """name: race
+base:
+  train: {seed: 7}
+space:
+  train.lr: {type: categorical, choices: [1.0e-5, 2.0e-5, 3.0e-5, 4.0e-5, 5.0e-5]}
+objective: overall/geometric
+pruner: {name: none}
+seeds: 3
+enqueue:
+  - {train.lr: 1.0e-5}
+  - {train.lr: 2.0e-5}
+  - {train.lr: 3.0e-5}
+"""
+
+# The objective's value of each configuration (by train.lr) on seeds 7, 8, 9: 1e-5 is
+# best on every seed, 2e-5 worse than it on every seed, 3e-5 in between, and 5e-5 far
+# below everything (for a race that ends on its first seed).
+VALUES = {1e-5: [0.80, 0.82, 0.81], 2e-5: [0.50, 0.52, 0.51], 3e-5: [0.79, 0.80, 0.78],
+          4e-5: [0.70, 0.71, 0.70], 5e-5: [0.20, 0.21, 0.22]}
+
+
+def controlled_process(self, trial, run_dir: Path, slot) -> int:
+    """A trial process whose training gives the VALUES above: it writes what a training
+    writes for its worker, then decides the race like the real trial process."""
+    job = TrialJob.read(run_dir)
+    value = VALUES[job.params["train.lr"]][job.seed - 7]
+    metrics = {key: value for key in METRIC_KEYS}
+    (run_dir / "summary.json").write_text(json.dumps({"best": {"metrics": metrics}}))
+    result = TrialResult()
+    if job.seeds > 1:
+        trial_process._race(trial.study, trial, job, run_dir, result)
+    result.write(run_dir)
+    return 0
+
+
+@pytest.fixture
+def controlled(monkeypatch):
+    monkeypatch.setattr(TrialRunner, "_run_process", controlled_process)
+
+
+def _sweep(tmp_path, trials: int, spec_text: str = SPEC):
+    path = tmp_path / "race.yaml"
+    path.write_text(spec_text)
+    options = SweepOptions(trials=trials, out=tmp_path / "runs", device="cpu")
+    return run_sweep(load_spec(str(path)), options).study
+
+
+def _by_config(study) -> dict[float, list]:
+    groups: dict[float, list] = {}
+    for t in study.get_trials(deepcopy=False):
+        groups.setdefault(t.params["train.lr"], []).append(t)
+    return groups
+
+
+def test_race_stops_the_worse_configuration_and_gives_the_incumbent_every_seed(
+        tmp_path, controlled):
+    study = _sweep(tmp_path, trials=3)
+    groups = _by_config(study)
+    assert set(groups) == {1e-5, 2e-5, 3e-5}  # --trials counts configurations
+    seeds = {lr: sorted(t.user_attrs[SEED] for t in ts) for lr, ts in groups.items()}
+    # The best configuration got all three seeds, s, s+1, s+2 of its train.seed 7.
+    assert seeds[1e-5] == [7, 8, 9]
+    # The one worse on every seed was raced out before its third seed.
+    assert seeds[2e-5] == [7, 8]
+    raced = [t for t in groups[2e-5] if t.user_attrs.get(RACED_OUT)]
+    assert [t.user_attrs[SEED] for t in raced] == [8]
+    # The close one was not (its difference is within the seed noise): all three seeds.
+    assert seeds[3e-5] == [7, 8, 9]
+    assert not any(t.user_attrs.get(RACED_OUT) for t in groups[1e-5] + groups[3e-5])
+    # Every seed run is a trial of its own, COMPLETE, grouped by its first trial.
+    for ts in groups.values():
+        first = min(t.number for t in ts)
+        assert {t.user_attrs["config_id"] for t in ts} == {first}
+        assert all(t.state.name == "COMPLETE" for t in ts)
+        assert all(t.user_attrs.get(RESEED_OF) == first for t in ts if t.number != first)
+    spend = racing.spend(study, 3)
+    assert (spend.spent, spend.fixed, spend.configurations) == (8, 9, 3)
+
+
+def test_a_first_seed_is_raced_out_once_the_pooled_variance_exists(tmp_path, controlled):
+    _sweep(tmp_path, trials=3)
+    study = _sweep(tmp_path, trials=1, spec_text=SPEC.replace(
+        "  - {train.lr: 3.0e-5}\n", "  - {train.lr: 3.0e-5}\n  - {train.lr: 5.0e-5}\n"))
+    hopeless = _by_config(study)[5e-5]
+    assert [(t.user_attrs[SEED], t.user_attrs.get(RACED_OUT)) for t in hopeless] == \
+        [(7, True)]
+
+
+def test_the_sweep_prints_configurations_by_mean_and_the_seed_runs_spent(tmp_path,
+                                                                          controlled):
+    path = tmp_path / "race.yaml"
+    path.write_text(SPEC.replace("seeds: 3\n", ""))
+    result = runner.invoke(app, ["-q", "sweep", str(path), "--seeds", "3", "--trials", "3",
+                                 "--out", str(tmp_path / "runs"), "--device", "cpu",
+                                 "--wandb-mode", "disabled"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["trial", "seeds"]
+    rows = [line.split() for line in lines[1:4]]
+    # Best mean first (0.81 over 3 seeds), the raced-out configuration last.
+    assert [(r[0], r[1]) for r in rows] == [("0", "3"), ("2", "3"), ("1", "2")]
+    assert lines[3].endswith("(raced out)")
+    assert lines[4] == ("seed runs: 8 spent by racing; the fixed protocol (3 seeds for each "
+                        "of the 3 configurations that finished a first seed) would spend 9 "
+                        "(11% saved)")
+    # `best` reads the raced study: the best mean, its seed run closest to the mean.
+    best = runner.invoke(app, ["-q", "best", "--out", str(tmp_path / "runs")])
+    assert best.exit_code == 0, best.output
+    assert best.stdout.splitlines()[0] == ("study race: best configuration trial 0 by mean "
+                                           "overall/geometric over 3 seeds: 0.8100 ± 0.0100")
+
+
+def test_a_resumed_study_keeps_its_seeds(tmp_path, controlled):
+    _sweep(tmp_path, trials=1)
+    path = tmp_path / "race.yaml"
+    result = runner.invoke(app, ["-q", "sweep", str(path), "--seeds", "2", "--trials", "1",
+                                 "--out", str(tmp_path / "runs"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "races each configuration over 3 seed(s), this sweep over 2" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "--seeds"),
+    (["--race-alpha", "0.05"], "--race-alpha goes with --seeds"),
+    (["--seeds", "3", "--race-alpha", "1.5"], "--race-alpha must be a number between 0 and 1"),
+])
+def test_bad_racing_options_are_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["sweep", "loss-weights", "--print", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_spec_keys_print_and_load_back(tmp_path):
+    result = runner.invoke(app, ["sweep", "loss-weights", "--print", "--seeds", "4",
+                                 "--race-alpha", "0.05"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "printed.yaml"
+    path.write_text(result.stdout)
+    spec = load_spec(str(path))
+    assert (spec.seeds, spec.race_alpha) == (4, 0.05)
+
+
+def _study_with(values: dict[int, list[float]]):
+    """An in-memory study whose configuration c (first trial number) has these seed
+    values, its later seeds linked like racing links them."""
+    study = optuna.create_study(direction="maximize")
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    firsts = {}
+    for config, seeds in values.items():
+        for i, value in enumerate(seeds):
+            attrs = {SEED: 7 + i} if i == 0 else {SEED: 7 + i, RESEED_OF: firsts[config]}
+            study.add_trial(optuna.trial.create_trial(
+                params={"x": config / 10}, distributions={"x": dist}, value=value,
+                user_attrs=attrs))
+            if i == 0:
+                firsts[config] = study.trials[-1].number
+    return study, firsts
+
+
+def test_the_pooled_t_test_by_hand():
+    # Two configurations of 3 seeds: within-variances 1e-4 each, pooled 1e-4 on 4 df.
+    study, firsts = _study_with({1: [0.80, 0.82, 0.81], 2: [0.70, 0.72, 0.71]})
+    groups = racing.races(study)
+    variance, df = racing.pooled_variance(groups.values())
+    assert df == 4 and variance == pytest.approx(1e-4)
+    # A third configuration at 0.795 after one seed against the leader's 0.81 over 3:
+    # t = 0.015 / sqrt(1e-4 (1 + 1/3)) = 1.299 on 4 df, one-sided p = 0.132.
+    decision = racing.decide(study, config=99, value=0.795, seeds=3, alpha=0.1)
+    assert decision.state == racing.CONTINUE and "p = 0.132" in decision.note
+    decision = racing.decide(study, config=99, value=0.78, seeds=3, alpha=0.1)
+    t = 0.03 / math.sqrt(1e-4 * (1 + 1 / 3))
+    assert decision.state == racing.RACED and "p = 0.0" in decision.note and t > 2.13
+    # Minimising, the leader is the lowest mean (0.71): 0.70 goes on, 0.78 is raced out.
+    assert racing.decide(study, config=99, value=0.70, seeds=3, alpha=0.1,
+                         direction="minimize").state == racing.CONTINUE
+    assert racing.decide(study, config=99, value=0.78, seeds=3, alpha=0.1,
+                         direction="minimize").state == racing.RACED
+
+
+def test_the_sampler_sees_one_trial_per_configuration_valued_by_its_mean():
+    study, firsts = _study_with({1: [0.80, 0.82, 0.81], 2: [0.70], 3: [0.60, 0.64]})
+    seen = racing._MeanView(study).get_trials(deepcopy=False)
+    assert [(t.number, round(t.value, 4)) for t in seen] == \
+        [(firsts[1], 0.81), (firsts[2], 0.70), (firsts[3], 0.62)]
+    # The study itself is unchanged.
+    assert [t.value for t in study.trials][:3] == [0.80, 0.82, 0.81]
+    sampler = racing.mean_sampler(optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    view_study = optuna.load_study(study_name=study.study_name, storage=study._storage,
+                                   sampler=sampler)
+    view_study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(view_study.trials) == 8
