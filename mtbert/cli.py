@@ -129,6 +129,13 @@ SeedsOption = Annotated[Optional[int], typer.Option(
 RaceAlphaOption = Annotated[Optional[float], typer.Option(
     "--race-alpha", help="With --seeds: the level at which a configuration is raced out "
                          "(default 0.1; spec key race_alpha).")]
+ByTrialOption = Annotated[bool, typer.Option(
+    "--by-trial", help="Rank single trials even when the study holds reseeds or races "
+                       "(default then: configurations by their mean over seeds).")]
+RankingJsonOption = Annotated[bool, typer.Option(
+    "--json", help="Print the ranking (every configuration, or the first N of --top N) as a "
+                   "JSON array, best first: params, n_seeds, seeds, trials, mean, std, state, "
+                   "raced_out, feasible, representative_trial.")]
 
 
 # ---------------------------------------------------------------- plumbing
@@ -574,10 +581,14 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
     return with_racing(resolved, seeds, race_alpha)
 
 
-def _check_best_options(*, metric, export, trial, top, hf, reseed, set_, data_dir) -> None:
+def _check_best_options(*, metric, export, trial, top, hf, reseed, set_, data_dir,
+                        as_json) -> None:
     from mtbert.studies.results import check_metric
 
     check_metric(metric)
+    if as_json and (export is not None or trial is not None or reseed is not None):
+        raise MtbertError("--json prints the ranking (with --top N: its first N); it does not "
+                          "go with --export, --trial or --reseed")
     if hf and export is None:
         raise MtbertError("--hf goes with --export DIR (it writes DIR/encoder/)")
     if top is not None and (export is not None or trial is not None):
@@ -611,9 +622,8 @@ def best(
                                 "seeds each (new trials of the study, never pruned; seeds "
                                 "already run are skipped), then rank by the mean over seeds.")
     ] = None,
-    by_trial: Annotated[bool, typer.Option(
-        "--by-trial", help="Rank single trials even when the study holds reseeds (default "
-                           "then: configurations by their mean over seeds).")] = False,
+    by_trial: ByTrialOption = False,
+    as_json: RankingJsonOption = False,
     set_: SetOption = None,
     data_dir: DataDirOption = None,
     device: DeviceOption = Device.auto,
@@ -634,15 +644,15 @@ def best(
     from mtbert.studies.storage import mask_url, open_study
 
     _check_best_options(metric=metric, export=export, trial=trial, top=top, hf=hf,
-                        reseed=reseed, set_=set_, data_dir=data_dir)
+                        reseed=reseed, set_=set_, data_dir=data_dir, as_json=as_json)
     if reseed is not None:
         return _reseed(study=study, storage=storage, out=out, metric=metric, top=top,
                        seeds=reseed, overrides=_overrides(set_, data_dir), device=device,
                        wandb_mode=wandb_mode, wandb_project=wandb_project, keep_top=keep_top)
     loaded, url = open_study(storage, out, study)
-    if top is not None:
-        ranking = rank(loaded, top=top, metric=metric, by_trial=by_trial)
-        _echo_lines(ranking.lines)
+    if top is not None or as_json:
+        ranking = rank(loaded, top=top or len(loaded.trials), metric=metric, by_trial=by_trial)
+        _echo_lines([ranking.to_json()] if as_json else ranking.lines)
         for note in ranking.notes:
             log.info("%s", note)
         return

@@ -213,3 +213,47 @@ def test_the_sampler_sees_one_trial_per_configuration_valued_by_its_mean():
                                    sampler=sampler)
     view_study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     assert len(view_study.trials) == 8
+
+
+def _top_rows(stdout: str) -> list[list[str]]:
+    return [line.split() for line in stdout.splitlines()[2:]]
+
+
+@pytest.mark.parametrize("seeds", [3, 1])
+def test_best_json_matches_best_top(tmp_path, controlled, seeds):
+    spec = SPEC.replace("seeds: 3\n", f"seeds: {seeds}\n")
+    _sweep(tmp_path, trials=3, spec_text=spec)
+    out = ["--out", str(tmp_path / "runs")]
+    top = runner.invoke(app, ["-q", "best", "--top", "2", *out])
+    as_json = runner.invoke(app, ["-q", "best", "--top", "2", "--json", *out])
+    everything = runner.invoke(app, ["-q", "best", "--json", *out])
+    assert top.exit_code == as_json.exit_code == everything.exit_code == 0, as_json.output
+    ranking = json.loads(as_json.stdout)
+    assert len(ranking) == 2 and json.loads(everything.stdout)[:2] == ranking
+    assert len(json.loads(everything.stdout)) == 3
+    rows = _top_rows(top.stdout)
+    for row, element in zip(rows, ranking):
+        assert int(row[0]) == element["trials"][0]
+        assert set(element) == {"params", "n_seeds", "seeds", "trials", "mean", "std", "state",
+                                "raced_out", "feasible", "representative_trial"}
+        values = VALUES[element["params"]["train.lr"]][:element["n_seeds"]]
+        assert element["seeds"] == [7 + i for i in range(element["n_seeds"])]
+        assert element["mean"]["sst/acc"] == pytest.approx(sum(values) / len(values))
+        assert element["raced_out"] is False and element["feasible"] is True
+        if seeds == 3:
+            assert int(row[1]) == element["n_seeds"] == 3
+            assert row[2:5] == [f"{element['mean']['sst/acc']:.4f}", "±",
+                                f"{element['std']['sst/acc']:.4f}"]
+            assert element["state"] == "complete"
+            # The seed run closest to the mean (0.81 of 0.80, 0.82, 0.81: the third).
+            assert element["representative_trial"] in element["trials"]
+        else:
+            assert float(row[1]) == pytest.approx(element["mean"]["sst/acc"], abs=5e-5)
+            assert element["std"]["sst/acc"] is None and element["n_seeds"] == 1
+    if seeds == 3:
+        assert ranking[0]["representative_trial"] == ranking[0]["trials"][2]
+
+
+def test_best_json_refuses_export(tmp_path):
+    result = runner.invoke(app, ["best", "--json", "--export", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "--json prints the ranking" in result.output

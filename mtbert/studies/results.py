@@ -18,7 +18,7 @@ from typing import Any
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, format_mean_std, format_params
 from mtbert.studies.budget import BUDGET_HOURS, STOP_REQUESTED, format_hours, study_hours
-from mtbert.studies.job import (FAIL_REASON, GPU, RACED_OUT, RESEED_OF, RUN_DIR, SEED,
+from mtbert.studies.job import (FAIL_REASON, FEASIBLE, GPU, RACED_OUT, RESEED_OF, RUN_DIR, SEED,
                                 STUDY_OBJECTIVES, STUDY_SPEC)
 from mtbert.tasks import METRIC_KEYS
 
@@ -146,6 +146,32 @@ class SeedGroup:
     def seeds(self) -> list[int | None]:
         return [t.user_attrs.get(SEED) for t in self.trials]
 
+    @property
+    def feasible(self) -> bool:
+        """No seed run broke the spec's constraints."""
+        return all(t.user_attrs.get(FEASIBLE, True) is not False for t in self.trials)
+
+    @property
+    def state(self) -> str:
+        """"raced out", "seeds pending", "complete" (every planned seed) or "incomplete"."""
+        if self.raced_out:
+            return "raced out"
+        if self.pending:
+            return "seeds pending"
+        return "complete" if self.complete else "incomplete"
+
+    def to_dict(self) -> dict[str, Any]:
+        """One element of `mtbert best --json` (a NaN, e.g. the std of one seed, is null)."""
+        def number(value: float) -> float | None:
+            return None if math.isnan(value) else value
+
+        return {"params": self.params, "n_seeds": len(self.trials), "seeds": self.seeds,
+                "trials": [t.number for t in self.trials],
+                "mean": {k: number(self.mean(k)) for k in METRIC_KEYS},
+                "std": {k: number(self.std(k)) for k in METRIC_KEYS},
+                "state": self.state, "raced_out": self.raced_out, "feasible": self.feasible,
+                "representative_trial": self.representative().number}
+
     def representative(self):
         """The member whose value is closest to the group mean (the lower trial number on
         a tie): a model whose dev score is what the configuration gives on average, not
@@ -230,7 +256,15 @@ class Ranking:
     """What `mtbert best --top N` prints: a title and table lines, and notes for the log."""
 
     lines: list[str]
+    groups: list[SeedGroup]  # the configurations shown, best first (one trial each when
+    # ranked by trial)
     notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """`mtbert best --json`: the configurations shown, as a JSON array."""
+        import json
+
+        return json.dumps([g.to_dict() for g in self.groups], indent=2)
 
 
 def _reseeded_groups(study, metric: str | None, by_trial: bool) -> list[SeedGroup]:
@@ -259,11 +293,14 @@ def rank(study, *, top: int, metric: str | None = None, by_trial: bool = False) 
     groups = _reseeded_groups(study, metric, by_trial)
     if not groups:
         rows = trials_table(study, limit=top, metric=metric, front=False)
+        single = [SeedGroup(t.number, dict(t.params), [t], metric)
+                  for t in ranked(study, metric)[:top]]
         return Ranking([f"study {study.study_name}: top {len(rows) - 1} of {len(done)} "
-                        f"complete trials by {by}", *rows])
+                        f"complete trials by {by}", *rows], single)
+    kind = "raced" if study_seeds(study) > 1 else "reseeded"
     ranking = Ranking([f"study {study.study_name}: top {min(top, len(groups))} of "
-                       f"{len(groups)} reseeded configurations by mean {by} over their seeds "
-                       "(mean ± std)", *groups_table(groups[:top])])
+                       f"{len(groups)} {kind} configurations by mean {by} over their seeds "
+                       "(mean ± std)", *groups_table(groups[:top])], groups[:top])
     singles = len(seed_groups(study, metric)) - len(groups)
     if singles:
         ranking.notes.append(f"{singles} configuration{'s' * (singles != 1)} ran with one "
