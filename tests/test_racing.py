@@ -257,3 +257,24 @@ def test_best_json_matches_best_top(tmp_path, controlled, seeds):
 def test_best_json_refuses_export(tmp_path):
     result = runner.invoke(app, ["best", "--json", "--export", str(tmp_path / "m")])
     assert result.exit_code == 2 and "--json prints the ranking" in result.output
+
+
+def test_keep_top_keeps_every_seed_run_of_the_best_configurations_and_no_raced_out_one(
+        tmp_path, monkeypatch):
+    def with_model(self, trial, run_dir, slot):
+        (run_dir / "model").mkdir(exist_ok=True)
+        return controlled_process(self, trial, run_dir, slot)
+
+    monkeypatch.setattr(TrialRunner, "_run_process", with_model)
+    path = tmp_path / "race.yaml"
+    path.write_text(SPEC.replace("  - {train.lr: 3.0e-5}\n",
+                                 "  - {train.lr: 3.0e-5}\n  - {train.lr: 4.0e-5}\n"))
+    options = SweepOptions(trials=4, out=tmp_path / "runs", device="cpu", keep_top=1)
+    study = run_sweep(load_spec(str(path)), options).study
+    kept = {lr: sorted(Path(t.user_attrs["checkpoint"]).is_dir() for t in ts)
+            for lr, ts in _by_config(study).items()}
+    # Only the best configuration by mean keeps its models, all three of them; the
+    # raced-out 2e-5 keeps none (its seeds stay in the study, their models go).
+    assert kept[1e-5] == [True, True, True]
+    assert kept[2e-5] == [False, False] or kept[2e-5] == [False]
+    assert not any(kept[3e-5]) and not any(kept[4e-5])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtbert.studies.job import CHECKPOINT, JOB_FILE, RESEED_OF, RUN_DIR, retried_from
-from mtbert.studies.results import ranked, seed_groups
+from mtbert.studies.results import ranked, seed_groups, study_seeds
 from mtbert.studies.storage import STUDY_NAME, mask_url
 
 
@@ -28,13 +28,16 @@ def prune_checkpoints(study, *, keep_top: int, multi_objective: bool) -> int:
     # Snapshot first, rank second: a trial that finishes in between (another thread,
     # another worker) is RUNNING in the snapshot and left alone, never removed unranked.
     trials = study.get_trials(deepcopy=False)
-    keep = {t.number for t in ranked(study)[:keep_top]}
+    # A raced study ranks configurations only: a raced-out one's lucky seed keeps nothing.
+    raced = study_seeds(study) > 1
+    keep = set() if raced else {t.number for t in ranked(study)[:keep_top]}
     # Reseeded configurations compete by their mean: every seed run of the best
     # `keep_top` of them keeps its model, and so does every member of a group whose
     # seeds are still running (its mean, and so its rank, is not known yet).
     for group in (seed_groups(study, reseeded_only=True)[:keep_top]
                   if not multi_objective else []):
-        keep |= {t.number for t in group.trials}
+        if not group.raced_out:
+            keep |= {t.number for t in group.trials}
     for t in trials:
         if t.state not in (TrialState.RUNNING, TrialState.WAITING):
             continue
