@@ -136,6 +136,13 @@ RankingJsonOption = Annotated[bool, typer.Option(
     "--json", help="Print the ranking (every configuration, or the first N of --top N) as a "
                    "JSON array, best first: params, n_seeds, seeds, trials, mean, std, state, "
                    "raced_out, feasible, representative_trial.")]
+StopAfterFlatOption = Annotated[Optional[int], typer.Option(
+    "--stop-after-flat", help="End the study once M finished configurations in a row did not "
+                              "beat the incumbent by more than its seed std (with --seeds) or "
+                              "--min-delta; stored in the study, every worker stops.")]
+MinDeltaOption = Annotated[Optional[float], typer.Option(
+    "--min-delta", help="With --stop-after-flat: the improvement that counts (default 0; "
+                        "with --seeds the larger of it and the incumbent's seed std).")]
 
 
 # ---------------------------------------------------------------- plumbing
@@ -518,6 +525,8 @@ def sweep(
     budget_hours: BudgetHoursOption = None,
     seeds: SeedsOption = None,
     race_alpha: RaceAlphaOption = None,
+    stop_after_flat: StopAfterFlatOption = None,
+    min_delta: MinDeltaOption = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
@@ -540,7 +549,7 @@ def sweep(
         wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
         max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
-        budget_hours=budget_hours)
+        budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta)
     _run_sweep(resolved, options)
 
 

@@ -278,3 +278,122 @@ def test_keep_top_keeps_every_seed_run_of_the_best_configurations_and_no_raced_o
     assert kept[1e-5] == [True, True, True]
     assert kept[2e-5] == [False, False] or kept[2e-5] == [False]
     assert not any(kept[3e-5]) and not any(kept[4e-5])
+
+
+# Real sweeps of the tiny model: real processes, real storages, a real SIGKILL.
+TINY = """name: tiny-race
+base:
+  train: {seed: 3}
+space:
+  loss.weights.sst: {type: float, low: 0.5, high: 2.0}
+objective: overall/arithmetic
+pruner: {name: none}
+"""
+
+
+def _worker(spec: Path, storage: str, study: str, out: Path, encoder: Path, data: Path,
+            *extra: str, epochs: int = 1, steps: int = 2):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "mtbert", "-q", "sweep", str(spec), "--study", study,
+            "--storage", storage, "--out", str(out), "--data-dir", str(data), "--device", "cpu",
+            "--wandb-mode", "disabled", "--heartbeat", "1", "--grace", "2",
+            "--set", f"model.encoder={encoder}", "--set", "model.max_length=32",
+            "--set", f"data.cache_dir={out}/cache",
+            "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0",
+            "--set", f"train.epochs={epochs}", "--set", f"train.steps_per_epoch={steps}",
+            "--set", "train.batch_size=8", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _seed_runs(trials) -> list[tuple[int, int]]:
+    """(configuration, seed) of every seed run that did not fail."""
+    return sorted((racing.config_of(t), t.user_attrs["seed"]) for t in trials
+                  if t.state.name != "FAIL")
+
+
+@pytest.mark.timeout(900)
+def test_two_workers_on_one_postgresql_raced_study_never_run_a_seed_twice(
+        tiny_encoder, task_dir, tmp_path):
+    import uuid
+
+    from conftest import POSTGRES_URL, postgres_unreachable
+    from mtbert.studies.storage import with_driver
+
+    reason = postgres_unreachable()
+    if reason:
+        pytest.skip(reason)
+    spec = tmp_path / "tiny-race.yaml"
+    spec.write_text(TINY)
+    study = f"race-{uuid.uuid4().hex[:8]}"
+    try:
+        # A level no race reaches: every configuration gets its three seeds.
+        workers = [_worker(spec, POSTGRES_URL, study, tmp_path / "runs", tiny_encoder,
+                           task_dir, "--trials", "1", "--seeds", "3", "--race-alpha", "1e-9")
+                   for _ in range(2)]
+        for w in workers:
+            _, err = w.communicate(timeout=600)
+            assert w.returncode == 0, err
+        trials = optuna.load_study(study_name=study, storage=with_driver(POSTGRES_URL)).trials
+    finally:
+        if study in optuna.study.get_all_study_names(with_driver(POSTGRES_URL)):
+            optuna.delete_study(study_name=study, storage=with_driver(POSTGRES_URL))
+    runs = _seed_runs(trials)
+    assert len(runs) == len(set(runs)) == 6  # 2 configurations x 3 seeds, none twice
+    configs = {c for c, _ in runs}
+    assert len(configs) == 2
+    assert all(sorted(s for c2, s in runs if c2 == c) == [3, 4, 5] for c in configs)
+    assert all(t.state.name == "COMPLETE" for t in trials)
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_workers_seed_is_retried_and_reseed_continues_the_seeds(
+        tiny_encoder, task_dir, tmp_path):
+    import signal
+    import time
+
+    from conftest import wait_for
+
+    spec = tmp_path / "tiny-race.yaml"
+    spec.write_text(TINY)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    out = tmp_path / "runs"
+    args = ("--trials", "1", "--seeds", "2")
+    doomed = _worker(spec, storage, "race", out, tiny_encoder, task_dir, *args, epochs=3,
+                     steps=40)
+    second = out / "race" / "trial-0001"  # the configuration's second seed run
+    wait_for(lambda: (second / "metrics.jsonl").exists() and (second / "resume.pt").exists()
+             or doomed.poll() is not None,
+             timeout=300, what="the second seed's first epoch")
+    assert doomed.poll() is None, doomed.communicate()[1]
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=30)
+    time.sleep(2.5)  # past --grace: the seed run's heartbeat is stale
+    later = _worker(spec, storage, "race", out, tiny_encoder, task_dir, *args, epochs=3,
+                    steps=40)
+    _, err = later.communicate(timeout=600)
+    assert later.returncode == 0, err
+    trials = optuna.load_study(study_name="race", storage=storage).trials
+    killed = trials[1]
+    assert killed.state.name == "FAIL" and killed.user_attrs[RESEED_OF] == 0
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == 1)
+    assert retry.state.name == "COMPLETE"
+    assert (retry.user_attrs[RESEED_OF], retry.user_attrs[SEED]) == (0, 4)
+    assert retry.user_attrs["resumed_from_epoch"] >= 1
+    assert [s for c, s in _seed_runs(trials) if c == 0] == [3, 4]
+
+    # `best --reseed` continues after the race's seeds, in the same configuration.
+    result = runner.invoke(app, ["-q", "best", "--storage", storage, "--study", "race",
+                                 "--out", str(out), "--reseed", "1", "--top", "1",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    runs = _seed_runs(optuna.load_study(study_name="race", storage=storage).trials)
+    reseeded = [c for c, s in runs if s == 5]
+    assert len(reseeded) == 1 and len(runs) == 5  # one new seed run: the third seed
+    assert [s for c, s in runs if c == reseeded[0]] == [3, 4, 5]
+    ranking = json.loads(runner.invoke(app, ["-q", "best", "--storage", storage, "--study",
+                                             "race", "--json"]).stdout)
+    assert sorted(e["seeds"] for e in ranking) == [[3, 4], [3, 4, 5]]

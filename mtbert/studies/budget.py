@@ -28,6 +28,7 @@ GPU_SHARE = "gpu_share"  # 1/K with --trials-per-gpu K on a GPU; 1.0 on the CPU
 # Study user attributes, read by every worker.
 BUDGET_HOURS = "budget_hours"
 STOP_REQUESTED = "stop_requested"
+FLAT_STOP = "flat_stop"  # why `--stop-after-flat` stopped the study (studies.flat)
 
 
 def check_budget(hours: float) -> float:
@@ -72,6 +73,8 @@ def stop_reason(study) -> str | None:
     (`mtbert studies --stop`) or the study's hours reached its budget."""
     attrs = study.user_attrs  # read from the storage: another worker may have set them
     name = study.study_name
+    if attrs.get(STOP_REQUESTED) and attrs.get(FLAT_STOP):
+        return f"{attrs[FLAT_STOP]} (`mtbert studies --resume {name}` lifts it)"
     if attrs.get(STOP_REQUESTED):
         return (f"study {name} was asked to stop (mtbert studies --stop); no new trial "
                 f"starts until `mtbert studies --resume {name}`")
@@ -96,6 +99,8 @@ def set_stop(storage: str | None, out: Path, name: str, *, requested: bool) -> s
     study, url = open_study(storage, out, name)
     with storage_errors(url):
         study.set_user_attr(STOP_REQUESTED, requested)
+        if not requested:
+            study.set_user_attr(FLAT_STOP, None)
     if requested:
         return (f"study {name}: asked to stop; its workers start no new trial, running "
                 f"trials finish (`mtbert studies --resume {name}` lifts it)")

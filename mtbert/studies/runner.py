@@ -41,6 +41,7 @@ from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON,
                                 TrialJob, TrialResult, WandbSettings, retried_from)
 from mtbert.studies.results import (SeedGroup, describe_trial, new_finished, ranked,
                                     reseed_seeds, seed_groups)
+from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.racing import (CONTINUE, is_new_configuration, mean_sampler, next_seed,
                                    queue_seed)
 from mtbert.studies.retention import prune_checkpoints
@@ -78,6 +79,8 @@ class SweepOptions:
     max_retries: int = 2  # a killed or stopped trial is queued again this many times
     gpus: list[str] | None = None  # CUDA_VISIBLE_DEVICES of each GPU; None: one device
     budget_hours: float | None = None  # stored in the study; None keeps the stored one
+    stop_after_flat: int | None = None  # stored in the study (studies.flat); None keeps it
+    min_delta: float | None = None
 
     @property
     def url(self) -> str:
@@ -425,6 +428,10 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
 
     if options.budget_hours is not None:
         check_budget(options.budget_hours)
+    check_flat(options.stop_after_flat, options.min_delta)
+    if options.stop_after_flat is not None and spec.multi_objective:
+        raise ConfigError("--stop-after-flat compares one objective; this spec has "
+                          f"{len(spec.objectives)}")
     # mtbert prints one line per trial itself; Optuna's would add tracebacks of failures.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -432,6 +439,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
         study, (count, before) = create_study(spec, options)
         if options.budget_hours is not None:
             set_budget(study, options.budget_hours)
+        if options.stop_after_flat is not None:
+            set_flat_rule(study, options.stop_after_flat, options.min_delta)
         optuna.storages.fail_stale_trials(study)
         stopped = stop_reason(study)
     if stopped:
@@ -494,6 +503,7 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
         with prune_lock:  # callbacks run in Optuna's worker threads with trials_per_gpu > 1
             removed = prune_checkpoints(study, keep_top=options.keep_top,
                                         multi_objective=spec.multi_objective)
+            check_flat_stop(study)  # stores a stop when the study went flat
             reason = stop_reason(study)
             if reason and not reasons:
                 reasons.append(reason)
