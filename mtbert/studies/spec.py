@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from mtbert.tasks import METRIC_KEYS
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
              "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
-SAMPLERS = ("tpe", "random", "nsga2")
-PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
 RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
 log = logging.getLogger("mtbert")
 
@@ -376,7 +377,8 @@ def make_sampler(options: dict[str, Any]):
     import optuna
 
     classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-               "nsga2": optuna.samplers.NSGAIISampler}
+               "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
+               "qmc": optuna.samplers.QMCSampler}
     return _construct("sampler", classes, options)
 
 
@@ -385,17 +387,24 @@ def make_pruner(options: dict[str, Any]):
     import optuna
 
     classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
                "none": optuna.pruners.NopPruner}
     return _construct("pruner", classes, options)
 
 
 def _construct(kind: str, classes: dict[str, type], options: dict[str, Any]):
+    from optuna.exceptions import ExperimentalWarning
+
     name = options.get("name")
     arguments = {k: v for k, v in options.items() if k != "name"}
     if name not in classes:
         raise ConfigError(f"{kind} '{name}'; valid: {', '.join(classes)}")
     try:
-        return classes[name](**arguments)
+        with warnings.catch_warnings():
+            # Optuna marks QMCSampler experimental at every construction; the README says so
+            # once, where it documents the sampler.
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return classes[name](**arguments)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{kind} {name}: {err}") from None
 
