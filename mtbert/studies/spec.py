@@ -85,8 +85,8 @@ class SweepSpec:
         return {"name": self.name, "description": self.description, "base": self.base,
                 "space": space, "objective": objective, **directions, "sampler": self.sampler,
                 "pruner": self.pruner, **({"enqueue": self.enqueue} if self.enqueue else {}),
-                **({"seeds": self.seeds, "race_alpha": self.race_alpha} if self.seeds > 1
-                   else {}),
+                **({"seeds": self.seeds, "race_alpha": self.race_alpha}
+                   if self.seeds > 1 or self.race_alpha != RACE_ALPHA else {}),
                 **({"constraints": self.constraints} if self.constraints else {})}
 
 
@@ -435,8 +435,18 @@ def trial_config(spec: SweepSpec, params: dict[str, Any]) -> RunConfig:
     return build_config(data)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value shared by several keys (a YAML anchor in the source) in full at
+    each, as a person writes a spec."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def spec_yaml(spec: SweepSpec) -> str:
-    return yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)
+    """`mtbert sweep --print`: the resolved spec as a file `mtbert sweep FILE.yaml` runs
+    unchanged (the --set overrides folded into its base)."""
+    return yaml.dump(spec.to_dict(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
 
 
 def stored_spec(study, overrides: list[str] | None = None) -> SweepSpec:
