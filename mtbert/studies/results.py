@@ -370,7 +370,7 @@ def _best_per_objective(study) -> list[dict[str, Any]]:
     return best
 
 
-def study_summary(study, now=None) -> StudySummary:
+def study_summary(study, now: datetime | None = None) -> StudySummary:
     """What `mtbert studies` shows of one study (`now`: when running trials are counted)."""
     from optuna.trial import TrialState
 
