@@ -112,7 +112,7 @@ TrialsPerGpuOption = Annotated[int, typer.Option(
                                     "each its own process, so that small encoders fill a big "
                                     "GPU.")]
 PrintSpecOption = Annotated[bool, typer.Option(
-    "--print", help="Print the resolved spec and exit.")]
+    "--print", help="Print the resolved spec (a file sweep runs) and exit.")]
 ListSpecsOption = Annotated[bool, typer.Option("--list", help="List the shipped specs.")]
 EnqueueOption = Annotated[Optional[Path], typer.Option(
     "--enqueue", help="YAML list of parameter mappings (space keys to values) to run as the "
@@ -787,17 +787,21 @@ def studies(
     resume: Annotated[Optional[str], typer.Option(
         "--resume", help="Lift --stop: workers started afterwards run trials of this "
                          "study again.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the list as a JSON array, one object per study.")] = False,
 ) -> None:
     """List the studies of a storage: trials by state, hours, budget, best values.
 
-    --delete one, --stop its workers after their running trials, --resume it.
+    --json for scripts; --delete one, --stop its workers after their running trials,
+    --resume it.
     """
     from mtbert.studies.budget import set_stop
-    from mtbert.studies.results import studies_table
+    from mtbert.studies.results import studies_table, study_summaries
     from mtbert.studies.retention import plan_deletion
     from mtbert.studies.storage import open_storage, select_study, storage_url
 
-    given = [o for o, v in (("--delete", delete), ("--stop", stop), ("--resume", resume)) if v]
+    given = [o for o, v in (("--delete", delete), ("--stop", stop), ("--resume", resume),
+                            ("--json", as_json)) if v]
     if len(given) > 1:
         raise MtbertError(f"{' and '.join(given)} do not go together; pick one")
     if runs and delete is None:
@@ -807,7 +811,10 @@ def studies(
     url = storage_url(storage, out)
     rdb = open_storage(url, must_exist=True)
     if delete is None:
-        return _echo_lines(studies_table(rdb))
+        summaries = study_summaries(rdb)
+        if as_json:
+            return typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
+        return _echo_lines(studies_table(summaries))
     plan = plan_deletion(rdb, select_study(rdb, delete), url=url, out=out, runs=runs)
     for note in plan.left:
         log.warning("%s", note)

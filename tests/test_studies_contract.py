@@ -35,8 +35,8 @@ def test_an_old_job_file_reads_into_the_typed_job_and_writes_back_the_same_keys(
 
 
 def test_a_job_with_an_unknown_key_names_it_and_the_valid_ones():
-    with pytest.raises(ValueError, match=r"job.json has unknown keys colour; valid: device, "
-                                         r"number, objectives, params"):
+    with pytest.raises(ValueError, match=r"job.json has unknown keys colour; valid: config_id, "
+                                         r"device, direction, number, objectives, params"):
         TrialJob.from_json(json.dumps({**OLD_JOB, "colour": "red"}))
 
 

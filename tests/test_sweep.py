@@ -165,7 +165,7 @@ def test_wandb_offline_runs_one_per_trial(tiny_encoder, task_dir, tmp_path, monk
     ("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\nobjective: sst/f1\n",
      "objective 'sst/f1' is not a metric"),
     ("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\npruner: {name: magic}\n",
-     "pruner 'magic'; valid: median, hyperband, none"),
+     "pruner 'magic'; valid: median, hyperband, successive_halving, none"),
     ("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\nsampler: {name: tpe, "
      "n_startup: 3}\n", "sampler tpe:"),
     ("spaces: {}\n", "unknown key 'spaces'; valid: name, description, base, space"),

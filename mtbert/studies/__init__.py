@@ -7,6 +7,9 @@
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
   `TrialResult`) and the attribute names both write into the study.
 - `runner`: the worker: trial processes, retries that resume, signals, reseeding.
+- `racing`: racing configurations over seeds (`--seeds`): one trial per seed run,
+  the pooled-variance test, the sampler's view of configurations by their mean.
+- `flat`: the noise-aware stop (`--stop-after-flat`), stored in the study.
 - `slots`: which GPU each running trial gets (`--gpus`, `--trials-per-gpu`).
 - `trial`: the trial process's entry point (`python -m mtbert.studies.trial RUN_DIR`).
 - `retention`: which checkpoints a study keeps, and what deleting a study may remove.
@@ -16,7 +19,7 @@
 - `export`: a chosen trial's model as a self-contained model directory.
 - `report`: figures and an offline HTML report of a study, and its W&B run.
 
-Dependencies point one way: runner -> retention -> results -> budget and job (report
-uses results and budget too); every module may use storage and spec; nothing here is
-imported by the training stack.
+Dependencies point one way: runner -> flat and retention -> results -> racing, budget
+and job (report uses results and budget too; the trial process uses racing); every
+module may use storage and spec; nothing here is imported by the training stack.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from mtbert.tasks import METRIC_KEYS
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
              "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
-SAMPLERS = ("tpe", "random", "nsga2")
-PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
 RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
 log = logging.getLogger("mtbert")
 
@@ -85,8 +86,8 @@ class SweepSpec:
         return {"name": self.name, "description": self.description, "base": self.base,
                 "space": space, "objective": objective, **directions, "sampler": self.sampler,
                 "pruner": self.pruner, **({"enqueue": self.enqueue} if self.enqueue else {}),
-                **({"seeds": self.seeds, "race_alpha": self.race_alpha} if self.seeds > 1
-                   else {}),
+                **({"seeds": self.seeds, "race_alpha": self.race_alpha}
+                   if self.seeds > 1 or self.race_alpha != RACE_ALPHA else {}),
                 **({"constraints": self.constraints} if self.constraints else {})}
 
 
@@ -392,7 +393,8 @@ def make_sampler(options: dict[str, Any]):
     import optuna
 
     classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-               "nsga2": optuna.samplers.NSGAIISampler}
+               "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
+               "qmc": optuna.samplers.QMCSampler}
     return _construct("sampler", classes, options)
 
 
@@ -401,17 +403,24 @@ def make_pruner(options: dict[str, Any]):
     import optuna
 
     classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
                "none": optuna.pruners.NopPruner}
     return _construct("pruner", classes, options)
 
 
 def _construct(kind: str, classes: dict[str, type], options: dict[str, Any]):
+    from optuna.exceptions import ExperimentalWarning
+
     name = options.get("name")
     arguments = {k: v for k, v in options.items() if k != "name"}
     if name not in classes:
         raise ConfigError(f"{kind} '{name}'; valid: {', '.join(classes)}")
     try:
-        return classes[name](**arguments)
+        with warnings.catch_warnings():
+            # Optuna marks QMCSampler experimental at every construction; the README says so
+            # once, where it documents the sampler.
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return classes[name](**arguments)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{kind} {name}: {err}") from None
 
@@ -442,8 +451,18 @@ def trial_config(spec: SweepSpec, params: dict[str, Any]) -> RunConfig:
     return build_config(data)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a value shared by several keys (a YAML anchor in the source) in full at
+    each, as a person writes a spec."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def spec_yaml(spec: SweepSpec) -> str:
-    return yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)
+    """`mtbert sweep --print`: the resolved spec as a file `mtbert sweep FILE.yaml` runs
+    unchanged (the --set overrides folded into its base)."""
+    return yaml.dump(spec.to_dict(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
 
 
 def stored_spec(study, overrides: list[str] | None = None) -> SweepSpec:
