@@ -397,3 +397,20 @@ def test_a_killed_workers_seed_is_retried_and_reseed_continues_the_seeds(
     ranking = json.loads(runner.invoke(app, ["-q", "best", "--storage", storage, "--study",
                                              "race", "--json"]).stdout)
     assert sorted(e["seeds"] for e in ranking) == [[3, 4], [3, 4, 5]]
+
+
+def test_the_report_shows_the_raced_configurations_and_marks_the_raced_out(tmp_path,
+                                                                           controlled):
+    _sweep(tmp_path, trials=3)
+    dest = tmp_path / "report"
+    result = runner.invoke(app, ["-q", "report", "--out", str(tmp_path / "runs"),
+                                 "--to", str(dest)])
+    assert result.exit_code == 0, result.output
+    page = (dest / "index.html").read_text()
+    assert (dest / "seeds.png").stat().st_size > 1000
+    seeds_table = page[page.index('<table id="seeds">'):]
+    seeds_table = seeds_table[:seeds_table.index("</table>")]
+    rows = seeds_table.split("<tr>")[2:]
+    assert [r.split("</td>")[0].removeprefix("<td>") for r in rows] == ["0", "2", "1"]
+    assert "<td>raced out</td>" in rows[2] and "<td>complete</td>" in rows[0]
+    assert "trial 1 with seed 8: raced out" in page

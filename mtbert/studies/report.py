@@ -28,7 +28,7 @@ from mtbert.errors import MtbertError
 from mtbert.formatting import first_line, format_mean_std, save_figure
 from mtbert.studies.budget import (BUDGET_HOURS, STOP_REQUESTED, WALL_S, format_hours,
                                    trial_hours)
-from mtbert.studies.job import GPU, RESEED_OF, RUN_DIR, SEED, TrialResult
+from mtbert.studies.job import GPU, RACED_OUT, RESEED_OF, RUN_DIR, SEED, TrialResult
 from mtbert.studies.results import (complete_trials, fail_reason, ranked, seed_groups,
                                     state_counts, study_objectives)
 from mtbert.tasks import METRIC_KEYS
@@ -119,10 +119,11 @@ def trial_rows(study) -> list[TrialRow]:
 
 
 def _reseed_note(trial) -> str:
+    raced = "raced out" if trial.user_attrs.get(RACED_OUT) else ""
     if RESEED_OF not in trial.user_attrs:
-        return ""
+        return raced
     note = f"trial {trial.user_attrs[RESEED_OF]} with seed {trial.user_attrs.get(SEED)}"
-    reason = trial_note(trial)
+    reason = trial_note(trial) or raced
     return f"{note}: {reason}" if reason else note
 
 
@@ -386,11 +387,14 @@ def plot_seed_groups(groups: list, objective: str, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.9 * len(groups)), 4.0),
                            layout="constrained")
+    raced = any(g.planned > 1 for g in groups)
+    first_out = next((g for g in groups if g.raced_out), None)  # labelled once
     for x, group in enumerate(groups):
         values = group.values()
         n = len(values)
         jitter = [x + (0.3 * i / (n - 1) - 0.15 if n > 1 else 0.0) for i in range(n)]
-        ax.scatter(jitter, values, s=24, color="tab:blue", alpha=0.8, zorder=2)
+        ax.scatter(jitter, values, s=24, color="tab:gray" if group.raced_out else "tab:blue",
+                   alpha=0.8, zorder=2, label="raced out" if group is first_out else None)
         ax.scatter(jitter[:1], values[:1], s=90, facecolors="none", edgecolors="tab:red",
                    zorder=3, label="original trial" if x == 0 else None)
         std = group.std()
@@ -398,10 +402,12 @@ def plot_seed_groups(groups: list, objective: str, path: Path) -> Path:
                     color="k", ms=14, capsize=4, zorder=3,
                     label="mean ± std" if x == 0 else None)
     ax.set_xticks(range(len(groups)),
-                  [f"trial {g.number}\n{len(g.trials)} seeds" for g in groups], fontsize=8)
+                  [f"trial {g.number}\n{len(g.trials)} seeds" + "\nraced out" * g.raced_out
+                   for g in groups], fontsize=8)
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel(metric_label(objective) if objective in METRIC_KEYS else objective)
-    ax.set_title("Reseeded configurations, best mean first", fontsize=10)
+    ax.set_title(f"Configurations raced over {groups[0].planned} seeds, best mean first" if raced
+                 else "Reseeded configurations, best mean first", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
@@ -585,11 +591,11 @@ def _hours_item(study, report: Report) -> str:
 
 def _groups_table(groups: list) -> str:
     header = "".join(f"<th>{html.escape(c)}</th>"
-                     for c in ("trial", "seeds", *METRIC_KEYS, "params"))
+                     for c in ("trial", "seeds", "state", *METRIC_KEYS, "params"))
     rows = []
     for g in groups:
         seeds = ", ".join("original" if s is None else str(s) for s in g.seeds)
-        cells = [str(g.number), f"{len(g.trials)} ({seeds})"]
+        cells = [str(g.number), f"{len(g.trials)} ({seeds})", g.state]
         cells += [format_mean_std(g.mean(key), g.std(key)) for key in METRIC_KEYS]
         cells.append(", ".join(f"{k}={_html_cell(v)}" for k, v in g.params.items()))
         rows.append("<tr>" + "".join(f"<td>{html.escape(c) if i < len(cells) - 1 else c}</td>"
