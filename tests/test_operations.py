@@ -346,7 +346,7 @@ def test_report_shows_the_reseeded_configurations_by_mean(reseeded, tmp_path):
     assert [int(row.split("</td>")[0].removeprefix("<td>")) for row in rows] == numbers
     for number, row in zip(numbers, rows):
         mean, std, _ = _group_stats(trials, number)
-        assert "<td>3 (original, 1, 2)</td>" in row and f"{mean:.4f} ± {std:.4f}" in row
+        assert "<td>3 (0, 1, 2)</td>" in row and f"{mean:.4f} ± {std:.4f}" in row
     for t in trials[3:]:
         assert f"trial {t.user_attrs['reseed_of']} with seed {t.user_attrs['seed']}" in page
 
