@@ -19,7 +19,8 @@ from mtbert.errors import ConfigError
 from mtbert.studies.constraints import (parse_constraint, resolve_constraints,
                                         store_constraints, study_constraints,
                                         trials_record_constraints)
-from mtbert.studies.job import FEASIBLE, STUDY_CONSTRAINTS, STUDY_OBJECTIVES
+from mtbert.studies.job import (FEASIBLE, RESEED_OF, SEED, STUDY_CONSTRAINTS,
+                                STUDY_OBJECTIVES)
 from mtbert.studies.runner import SweepOptions, create_study
 from mtbert.studies.spec import load_spec, make_sampler
 from mtbert.tasks import METRIC_KEYS
@@ -155,11 +156,12 @@ DISTRIBUTIONS = {"train.lr": FloatDistribution(1e-6, 1.0, log=True),
                  "train.batch_size": IntDistribution(4, 64)}
 
 
-def _add(study, value, params, **metrics):
+def _add(study, value, params, reseed_of=None, **metrics):
+    reseed = {} if reseed_of is None else {RESEED_OF: reseed_of, SEED: 1}
     study.add_trial(create_trial(
         state=TrialState.COMPLETE, values=[value], params=params,
         distributions={k: DISTRIBUTIONS[k] for k in params},
-        user_attrs={"overall/geometric": value, **metrics, "run_dir": "/nowhere"}))
+        user_attrs={"overall/geometric": value, **metrics, "run_dir": "/nowhere", **reseed}))
 
 
 def _ranked_study(tmp_path, constraints: list[str]):
@@ -208,6 +210,30 @@ def test_no_feasible_trial_best_is_one_line_exit_1(tmp_path):
         assert result.stderr == ("mtbert: error: study ranked: none of its 4 complete trials "
                                  "meets the constraints (sst/acc >= 0.9900)\n")
         assert result.stdout == ""
+
+
+def test_configurations_over_seeds_are_feasible_by_their_means(tmp_path):
+    url = f"sqlite:///{tmp_path}/mtbert.db"
+    study = optuna.create_study(study_name="seeds", storage=url, direction="maximize")
+    study.set_user_attr(STUDY_OBJECTIVES, ["overall/geometric"])
+    store_constraints(study, resolve_constraints(["sst/acc >= 0.5"], None, {}))
+    # Configuration 0: one seed below the bound, its mean above it; configuration 2: the
+    # best mean, its sst/acc mean below the bound; configuration 4: feasible on both.
+    for value, sst, origin, lr in ((0.80, 0.56, None, 1e-4), (0.78, 0.46, 0, 1e-4),
+                                   (0.90, 0.45, None, 2e-4), (0.88, 0.53, 2, 2e-4),
+                                   (0.70, 0.60, None, 3e-4), (0.72, 0.62, 4, 3e-4)):
+        _add(study, value, {"train.lr": lr}, reseed_of=origin, **{"sst/acc": sst})
+    top = runner.invoke(app, ["best", "--out", str(tmp_path), "--top", "5"])
+    assert top.exit_code == 0, top.output
+    rows = top.stdout.splitlines()
+    assert rows[0] == ("study seeds: top 2 of 2 feasible reseeded configurations by mean "
+                       "overall/geometric over their seeds (mean ± std)")
+    assert [r.split()[:2] for r in rows[2:]] == [["0", "2"], ["4", "2"]]
+    assert "1 of 3 reseeded configurations infeasible, not ranked (sst/acc >= 0.5000)" in \
+        top.stderr
+    best = runner.invoke(app, ["-q", "best", "--out", str(tmp_path)])
+    assert best.stdout.splitlines()[0] == ("study seeds: best configuration trial 0 by mean "
+                                           "overall/geometric over 2 seeds: 0.7900 ± 0.0141")
 
 
 def test_report_marks_infeasible_trials(tmp_path):

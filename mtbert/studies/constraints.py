@@ -162,7 +162,8 @@ def read_baseline(path: Path) -> Baseline:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{where} is not JSON ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("summary"), dict) \
-            or data.get("baseline") not in data["summary"]:
+            or not isinstance(data.get("baseline"), str) \
+            or not isinstance(data["summary"].get(data["baseline"]), dict):
         raise ConfigError(f"{where} is not a `mtbert compare` JSON (it needs 'baseline' and "
                           "its 'summary')")
     name = data["baseline"]

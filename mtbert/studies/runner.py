@@ -51,7 +51,7 @@ from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_sp
                                  trial_config)
 from mtbert.studies.storage import (check_study_name, mask_url, open_storage, select_study,
                                     storage_errors, storage_url, with_driver)
-from mtbert.studies.warmstart import warm_start
+from mtbert.studies.warmstart import WARM_TOP, warm_start
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -84,7 +84,7 @@ class SweepOptions:
     baseline: Path | None = None  # a `mtbert compare` JSON: `baseline` in constraints
     warm_start: str | None = None  # an earlier study whose best configurations run first
     warm_storage: str | None = None  # its storage URL; None: the sweep's own
-    warm_top: int = 5  # how many of its best configurations
+    warm_top: int = WARM_TOP  # how many of its best configurations
 
     @property
     def url(self) -> str:
