@@ -90,6 +90,17 @@ GpusOption = Annotated[Optional[str], typer.Option(
     "--gpus", help="Run trials on these GPUs (PyTorch's indices, e.g. 0,1,2,3, or all), "
                    "--trials-per-gpu at a time on each, each trial pinned to its GPU with "
                    "CUDA_VISIBLE_DEVICES.")]
+BaselineOption = Annotated[Optional[Path], typer.Option(
+    "--baseline", help="The compare.json of `mtbert compare`: `baseline` in the spec's "
+                       "constraints is its baseline config's mean per metric.")]
+WarmStartOption = Annotated[Optional[str], typer.Option(
+    "--warm-start", help="An earlier study whose best COMPLETE, feasible configurations run "
+                         "first (parameters outside the space dropped, misfits skipped; "
+                         "never queued twice).")]
+WarmStorageOption = Annotated[Optional[str], typer.Option(
+    "--warm-storage", help="Storage URL of the --warm-start study (default: the sweep's).")]
+WarmTopOption = Annotated[int, typer.Option(
+    "--warm-top", min=1, help="How many of the --warm-start study's best configurations.")]
 TopOption = Annotated[Optional[int], typer.Option(
     "--top", min=1, help="Print the N best COMPLETE trials, ranked by the (first) objective "
                          "or --metric.")]
@@ -527,6 +538,10 @@ def sweep(
     race_alpha: RaceAlphaOption = None,
     stop_after_flat: StopAfterFlatOption = None,
     min_delta: MinDeltaOption = None,
+    baseline: BaselineOption = None,
+    warm_start: WarmStartOption = None,
+    warm_storage: WarmStorageOption = None,
+    warm_top: WarmTopOption = 5,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
@@ -549,7 +564,8 @@ def sweep(
         wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
         max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
-        budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta)
+        budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
+        baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top)
     _run_sweep(resolved, options)
 
 

@@ -15,11 +15,16 @@
 - `retention`: which checkpoints a study keeps, and what deleting a study may remove.
 - `budget`: what a study costs (`hours`: wall time × device share over its trials),
   its budget and a stop asked for, which every worker reads from the storage.
-- `results`: ranking, configurations over seeds, and the choice of `mtbert best`.
+- `constraints`: a spec's bounds on metrics (`"sst/acc >= baseline - 0.01"`), resolved
+  against a `mtbert compare` baseline, stored in the study, judged per trial.
+- `warmstart`: an earlier study's best configurations queued as a sweep's first trials.
+- `results`: ranking (feasible results only), configurations over seeds, and the choice
+  of `mtbert best`.
 - `export`: a chosen trial's model as a self-contained model directory.
 - `report`: figures and an offline HTML report of a study, and its W&B run.
 
-Dependencies point one way: runner -> flat and retention -> results -> racing, budget
-and job (report uses results and budget too; the trial process uses racing); every
-module may use storage and spec; nothing here is imported by the training stack.
+Dependencies point one way: runner -> flat, warmstart and retention -> results ->
+racing, constraints, budget and job (report uses results and budget too; the trial
+process uses racing); every module may use storage and spec (which uses constraints);
+nothing here is imported by the training stack.
 """

@@ -5,9 +5,9 @@ incumbent by more than the noise: the incumbent's standard deviation over its
 seeds in a raced study (`--seeds`), else D (default 0); both given, the larger.
 A configuration is finished when it can no longer change: in a raced study
 when it has all its seeds or was raced out, otherwise when its trial (and any
-reseed of it) ended. A raced-out configuration and a pruned first seed are
-finished but never lead (the race already found them worse); before there is
-a leader they count for nothing. They
+reseed of it) ended. A raced-out configuration, an infeasible one (the spec's
+constraints) and a pruned first seed are finished but never lead; before
+there is a leader they count for nothing. They
 are taken in the order they finished, so every worker computes the same
 streak from the storage; the first to see it reach M stores the stop in the
 study, the others read it before their next trial (`budget.stop_reason`).
@@ -55,11 +55,12 @@ def finished_configurations(study) -> list[Finished]:
 
     raced = study_seeds(study) > 1
     done = []
-    for g in seed_groups(study):
+    for g in seed_groups(study, feasible_only=False):
         if g.pending or (raced and not (g.complete or g.raced_out)):
             continue
         when = max(t.datetime_complete.timestamp() for t in g.trials)
-        done.append(Finished(g.number, when, g.mean(), g.std(), can_lead=not g.raced_out))
+        done.append(Finished(g.number, when, g.mean(), g.std(),
+                             can_lead=g.feasible and not g.raced_out))
     for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
         if RESEED_OF not in t.user_attrs and t.datetime_complete is not None:
             done.append(Finished(t.number, t.datetime_complete.timestamp(), -math.inf,

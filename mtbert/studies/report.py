@@ -3,7 +3,9 @@
 `mtbert report` draws, from the study storage and the trials' run directories:
 the optimization history, parameter importances, parallel coordinates of
 parameters against the objective, per-task dev curves of the top trials, the
-Pareto front of multi-objective studies, and a table of every trial. Each
+Pareto front of multi-objective studies, and a table of every trial (in a study with
+constraints, the trials that miss them marked infeasible; figures that name a best
+trial name the best feasible one). Each
 figure is also written as a PNG next to `index.html`, which embeds them as
 data URIs so that the file opens anywhere, offline, on its own.
 
@@ -28,9 +30,10 @@ from mtbert.errors import MtbertError
 from mtbert.formatting import first_line, format_mean_std, save_figure
 from mtbert.studies.budget import (BUDGET_HOURS, STOP_REQUESTED, WALL_S, format_hours,
                                    trial_hours)
+from mtbert.studies.constraints import describe_all, study_constraints, violated
 from mtbert.studies.job import GPU, RACED_OUT, RESEED_OF, RUN_DIR, SEED, TrialResult
-from mtbert.studies.results import (complete_trials, fail_reason, ranked, seed_groups,
-                                    state_counts, study_objectives)
+from mtbert.studies.results import (best_trial, complete_trials, fail_reason, pareto_front,
+                                    ranked, seed_groups, state_counts, study_objectives)
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -73,6 +76,7 @@ class TrialRow:
     gpu: str | None = None  # with --gpus: the GPU it ran on
     wall_s: float | None = None  # the trial process's wall time (None: not recorded)
     hours: float = 0.0  # wall time × device share; a running trial's so far
+    feasible: bool | None = None  # a COMPLETE trial of a study with constraints: met them
 
 
 @dataclass
@@ -106,7 +110,9 @@ def trial_note(trial) -> str:
 def trial_rows(study) -> list[TrialRow]:
     rows = []
     now = datetime.now()  # Optuna's naive local time: running trials' hours so far
+    constraints = study_constraints(study)
     for t in study.get_trials(deepcopy=False):
+        missed = violated(constraints, t.user_attrs) if t.state.name == "COMPLETE" else []
         rows.append(TrialRow(
             number=t.number, state=t.state.name, values=list(t.values) if t.values else None,
             params=dict(t.params),
@@ -114,7 +120,11 @@ def trial_rows(study) -> list[TrialRow]:
             duration_s=t.duration.total_seconds() if t.duration else None,
             note=_reseed_note(t) or trial_note(t), run_dir=t.user_attrs.get(RUN_DIR),
             gpu=t.user_attrs.get(GPU), wall_s=t.user_attrs.get(WALL_S),
-            hours=trial_hours(t, now)))
+            hours=trial_hours(t, now),
+            feasible=None if not constraints or t.state.name != "COMPLETE" else not missed))
+        if missed:
+            note = "infeasible, misses " + "; ".join(c.describe() for c in missed)
+            rows[-1].note = f"{note}; {rows[-1].note}" if rows[-1].note else note
     return rows
 
 
@@ -139,7 +149,7 @@ def plot_history(study, objectives: list[str], path: Path) -> Path:
     multi = len(objectives) > 1
     fig, axes = plt.subplots(len(objectives), 1, figsize=(9, 3.6 * len(objectives)),
                              squeeze=False)
-    best = None if multi else study.best_trial
+    best = best_trial(study)
     for i, (ax, key) in enumerate(zip(axes[:, 0], objectives)):
         xs = [t.number for t in done]
         ys = [t.values[i] for t in done]
@@ -164,7 +174,7 @@ def plot_history(study, objectives: list[str], path: Path) -> Path:
                 ax.axvline(x, color="tab:red", alpha=0.25, lw=6,
                            label="failed" if n == 0 else None)
         if multi:
-            front = study.best_trials
+            front = pareto_front(study)
             ax.scatter([t.number for t in front], [t.values[i] for t in front], s=150,
                        facecolor="none", edgecolor="tab:red", lw=2, zorder=4,
                        label="on the Pareto front")
@@ -262,7 +272,7 @@ def plot_parallel(study, objective: str, path: Path) -> Path:
     span = (high - low) or 1.0
     norm = colors.Normalize(vmin=low, vmax=high if high > low else low + 1e-9)
     cmap = cm.get_cmap("viridis") if hasattr(cm, "get_cmap") else plt.get_cmap("viridis")
-    best = None if len(study.directions) > 1 else study.best_trial
+    best = best_trial(study)
     fig, ax = plt.subplots(figsize=(max(7, 2.4 * (len(keys) + 1)), 5))
     n_axes = len(keys) + 1
     for t in sorted(done, key=lambda t: t is best):  # the best trial drawn last, on top
@@ -358,7 +368,7 @@ def plot_pareto(study, objectives: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     done = complete_trials(study)
-    front = {t.number for t in study.best_trials}
+    front = {t.number for t in pareto_front(study)}
     fig, ax = plt.subplots(figsize=(7, 5.5))
     rest = [t for t in done if t.number not in front]
     on = sorted((t for t in done if t.number in front), key=lambda t: t.values[0])
@@ -476,7 +486,8 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
                                     f"{t.user_attrs.get('run_dir', '(no run_dir)')} on this "
                                     "machine (run elsewhere?); its dev curves are left out.")
         if curves:
-            best_number = None if multi else study.best_trial.number
+            best = best_trial(study)
+            best_number = best.number if best is not None else None
             report.figures["curves"] = plot_curves(curves, best_number, dest / "curves.png")
         if not multi:
             report.groups = seed_groups(study, reseeded_only=True)
@@ -528,14 +539,20 @@ def render_html(study, report: Report, storage: str) -> str:
                f"objective: {html.escape(directions)}",
                _hours_item(study, report), f"storage: <code>{html.escape(storage)}</code>"]
     done = complete_trials(study)
-    if done and len(study.directions) == 1:
-        best = study.best_trial
+    constraints = study_constraints(study)
+    if constraints:
+        infeasible = sum(row.feasible is False for row in report.rows)
+        summary.append(f"constraints: {html.escape(describe_all(constraints))}; "
+                       f"<b>{infeasible}</b> of {len(done)} complete trials infeasible "
+                       "(marked below, not ranked)")
+    best = best_trial(study)
+    if best is not None:
         params = ", ".join(f"{html.escape(k)}={_html_cell(v)}" for k, v in best.params.items())
         summary.append(f"best: trial <b>{best.number}</b>, {html.escape(report.objectives[0])} "
                        f"= <b>{best.values[0]:.4f}</b> ({params})")
-    elif done:
+    elif done and len(study.directions) > 1:
         summary.append(f"Pareto front: trials "
-                       f"{', '.join(str(t.number) for t in study.best_trials)}")
+                       f"{', '.join(str(t.number) for t in pareto_front(study))}")
     parts = [
         "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>mtbert study {html.escape(report.study)}</title>",
@@ -543,7 +560,7 @@ def render_html(study, report: Report, storage: str) -> str:
         "color:#222}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
         "padding:3px 6px;text-align:left;vertical-align:top}th{background:#eee}"
         "tr.COMPLETE td{background:#fff}tr.PRUNED td{background:#f6f6f6}"
-        "tr.FAIL td{background:#fde8e8}tr.best td{background:#e7f4e4;font-weight:bold}"
+        "tr.FAIL td{background:#fde8e8}tr.infeasible td{background:#fff3cd}tr.best td{background:#e7f4e4;font-weight:bold}"
         "img{max-width:100%;border:1px solid #ddd}figure{margin:1.5em 0}"
         "figcaption{color:#555;font-size:14px}</style></head><body>",
         f"<h1>Study {html.escape(report.study)}</h1>",
@@ -565,11 +582,12 @@ def render_html(study, report: Report, storage: str) -> str:
                   "<code>mtbert best --reseed</code>): the mean ± sample standard deviation "
                   "over its seeds, best mean first; <code>mtbert best</code> exports from "
                   "the first.</p>", _groups_table(report.groups)]
-    best_number = (study.best_trial.number if done and len(study.directions) == 1 else None)
+    best_number = best.number if best is not None else None
     header = "".join(f"<th>{html.escape(c)}</th>" for c in table_columns(report))
     body = []
     for row in report.rows:
-        css = row.state + (" best" if row.number == best_number else "")
+        css = row.state + (" best" if row.number == best_number else "") \
+            + (" infeasible" if row.feasible is False else "")
         cells = "".join(f"<td>{_html_cell(v)}</td>" for v in table_values(report, row))
         body.append(f"<tr class=\"{css}\">{cells}</tr>")
     parts += ["<h2>Trials</h2>", f"<table id=\"trials\"><tr>{header}</tr>", *body, "</table>",

@@ -6,6 +6,13 @@ ranking, the report, checkpoint retention and the export. A study with
 reseeds (`mtbert best --reseed`) ranks configurations by their mean over
 seeds; its representative model is the seed run closest to that mean, not the
 luckiest one.
+
+A study with constraints (`mtbert.studies.constraints`) ranks feasible results only,
+and says how many it left out: a trial when its metrics meet every constraint, a
+configuration over seeds when its means do (a seed run that misses a bound by noise
+neither sinks its configuration nor leaves a flattering mean behind). Two functions
+hold that filter, `feasible_trials` and `seed_groups`; everything that ranks goes
+through them, while the report still shows every trial, the infeasible ones marked.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, format_mean_std, format_params
 from mtbert.studies.budget import BUDGET_HOURS, STOP_REQUESTED, format_hours, study_hours
+from mtbert.studies.constraints import NoFeasibleResult, describe_all, meets, study_constraints
 from mtbert.studies.job import (CONFIG_ID, FAIL_REASON, FEASIBLE, GPU, RACED_OUT, RESEED_OF,
                                 RUN_DIR, SEED, STUDY_OBJECTIVES, STUDY_SPEC)
 from mtbert.tasks import METRIC_KEYS
@@ -32,15 +40,59 @@ def complete_trials(study) -> list:
             if t.values and not any(math.isnan(v) for v in t.values)]
 
 
+def feasible_trials(study, constraints: list | None = None) -> list:
+    """The complete trials the ranking ranks: those whose metric attributes meet the
+    study's constraints (`constraints`: those, already read), all when it has none."""
+    constraints = study_constraints(study) if constraints is None else constraints
+    return [t for t in complete_trials(study) if meets(constraints, t.user_attrs)]
+
+
 def ranked(study, metric: str | None = None) -> list:
-    """Complete trials, best first by the study's first objective, or by the metric
-    attribute `metric` (every metric is higher-better)."""
-    done = complete_trials(study)
+    """Feasible complete trials, best first by the study's first objective, or by the
+    metric attribute `metric` (every metric is higher-better)."""
+    done = feasible_trials(study)
     if metric is not None:
         return sorted((t for t in done if metric in t.user_attrs),
                       key=lambda t: -t.user_attrs[metric])
     sign = -1 if study.directions[0].name == "MAXIMIZE" else 1
     return sorted(done, key=lambda t: sign * t.values[0])
+
+
+def best_trial(study):
+    """The best feasible complete trial of a single-objective study (None: none, or a
+    multi-objective study)."""
+    if len(study.directions) > 1:
+        return None
+    best = ranked(study)[:1]
+    return best[0] if best else None
+
+
+def pareto_front(study) -> list:
+    """The Pareto front of a multi-objective study: among its feasible trials when it has
+    constraints (whatever the sampler recorded), else Optuna's."""
+    constraints = study_constraints(study)
+    if not constraints:
+        return study.best_trials
+    signs = [1 if d.name == "MAXIMIZE" else -1 for d in study.directions]
+    scored = [(t, [s * v for s, v in zip(signs, t.values)])
+              for t in feasible_trials(study, constraints)]
+
+    def dominated(a: list[float]) -> bool:
+        return any(b != a and all(y >= x for x, y in zip(a, b)) for _, b in scored)
+
+    return [t for t, a in scored if not dominated(a)]
+
+
+def infeasible_note(study, total: int, feasible: int, what: str = "complete trials") -> str:
+    """What to say of the results the ranking left out ('' when none); no feasible one
+    of `total`: NoFeasibleResult (exit 1)."""
+    if feasible == total:
+        return ""
+    constraints = describe_all(study_constraints(study))
+    if not feasible:
+        raise NoFeasibleResult(f"study {study.study_name}: none of its {total} {what} meets "
+                               f"the constraints ({constraints})")
+    return f"{total - feasible} of {total} {what} infeasible, not ranked ({constraints})"
 
 
 def new_finished(study, finished_before: set[int]) -> list:
@@ -87,6 +139,8 @@ def describe_trial(t, objectives: list[str]) -> str:
         line += " " + " ".join(f"{k}={v:.4f}" for k, v in zip(objectives, t.values))
     if t.state.name == "FAIL":
         line += f": {fail_reason(t) or 'failed'}"
+    if t.user_attrs.get(FEASIBLE) is False:
+        line += " infeasible"
     return f"{line}  [{format_params(t.params)}]" + (f"  {metrics}" if metrics else "")
 
 
@@ -96,7 +150,7 @@ def trials_table(study, *, limit: int = 5, metric: str | None = None,
     the Pareto front of a multi-objective study (`front`) or the first objective's ranking.
     A `gpu` column when the trials ran on several GPUs (`--gpus`)."""
     multi = len(study.directions) > 1
-    done = (study.best_trials if front and multi and metric is None else
+    done = (pareto_front(study) if front and multi and metric is None else
             ranked(study, metric))[:limit]
     gpu = any(GPU in t.user_attrs for t in done)
     rows = ["trial  " + "  ".join(f"{k:>18}" for k in METRIC_KEYS) + "  gpu" * gpu + "  params"]
@@ -117,6 +171,7 @@ class SeedGroup:
     key: str | None  # the metric ranked by; None = the study's (first) objective
     pending: int = 0  # reseeds WAITING or RUNNING
     planned: int = 1  # seeds a raced study gives a configuration that is not raced out
+    feasible: bool = True  # its means meet the study's constraints
 
     @property
     def raced_out(self) -> bool:
@@ -126,6 +181,10 @@ class SeedGroup:
     def complete(self) -> bool:
         """It has every seed the race plans for it (always, in a study without racing)."""
         return len(self.trials) >= self.planned
+
+    def means(self) -> dict[str, float]:
+        """The mean over seeds of every metric key (nan: none recorded)."""
+        return {k: self.mean(k) for k in METRIC_KEYS}
 
     def values(self, key: str | None = None) -> list[float]:
         """Each member's `key` metric (default: the ranking value), in member order."""
@@ -146,11 +205,6 @@ class SeedGroup:
     @property
     def seeds(self) -> list[int | None]:
         return [t.user_attrs.get(SEED) for t in self.trials]
-
-    @property
-    def feasible(self) -> bool:
-        """No seed run broke the spec's constraints."""
-        return all(t.user_attrs.get(FEASIBLE, True) is not False for t in self.trials)
 
     @property
     def state(self) -> str:
@@ -182,11 +236,12 @@ class SeedGroup:
         return min(pairs, key=lambda p: (abs(p[0] - mean), p[1].number))[1]
 
 
-def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False
-                ) -> list[SeedGroup]:
+def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False,
+                feasible_only: bool = True) -> list[SeedGroup]:
     """The study's configurations best first by the mean over their seeds of the (first)
     objective, or of `metric` (every metric is higher-better). `reseeded_only` leaves out
-    the configurations that ran with one seed only."""
+    the configurations that ran with one seed only; `feasible_only` those whose means
+    miss the study's constraints (`SeedGroup.feasible` says which)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -205,8 +260,12 @@ def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False
             groups[origin].trials.append(t)
         elif t.state in (TrialState.WAITING, TrialState.RUNNING):
             groups[origin].pending += 1
+    constraints = study_constraints(study)
+    for g in groups.values():
+        g.feasible = meets(constraints, g.means())
     chosen = [g for g in groups.values()
-              if g.number in reseeded or not reseeded_only or planned > 1]
+              if (g.number in reseeded or not reseeded_only or planned > 1)
+              and (g.feasible or not feasible_only)]
     sign = -1 if metric is not None or study.directions[0].name == "MAXIMIZE" else 1
     # A raced study: the configurations that ran every seed first, those raced out last.
     return sorted(chosen, key=lambda g: (g.raced_out, not g.complete, sign * g.mean(),
@@ -231,6 +290,7 @@ def groups_table(groups: list[SeedGroup]) -> list[str]:
         cells = "  ".join(f"{format_mean_std(g.mean(k), g.std(k)):>{width}}" for k in METRIC_KEYS)
         note = (f"  ({g.pending} more queued or running)" if g.pending else
                 "  (raced out)" if g.raced_out else "")
+        note += "" if g.feasible else "  (infeasible)"
         rows.append(f"{g.number:>5}  {len(g.trials):>5}  {cells}  "
                     f"{format_params(g.params)}{note}")
     return rows
@@ -268,14 +328,16 @@ class Ranking:
         return json.dumps([g.to_dict() for g in self.groups], indent=2)
 
 
-def _reseeded_groups(study, metric: str | None, by_trial: bool) -> list[SeedGroup]:
+def _reseeded_groups(study, metric: str | None, by_trial: bool) -> tuple[list[SeedGroup], str]:
     """Configurations ranked by their mean over seeds, when the study holds reseeds and
     the ranking is by one value; those with one seed only are left out (their single
-    score is the noisy one)."""
+    score is the noisy one). The feasible ones, and what to say of the others."""
     multi = len(study.directions) > 1
     if by_trial or (multi and metric is None):
-        return []
-    return seed_groups(study, metric, reseeded_only=True)
+        return [], ""
+    every = seed_groups(study, metric, reseeded_only=True, feasible_only=False)
+    groups = [g for g in every if g.feasible]
+    return groups, infeasible_note(study, len(every), len(groups), "reseeded configurations")
 
 
 def _require_complete(study) -> list:
@@ -291,17 +353,21 @@ def rank(study, *, top: int, metric: str | None = None, by_trial: bool = False) 
     check_metric(metric)
     done = _require_complete(study)
     by = metric or study_objectives(study)[0]
-    groups = _reseeded_groups(study, metric, by_trial)
+    groups, note = _reseeded_groups(study, metric, by_trial)
     if not groups:
+        feasible = len(feasible_trials(study))
+        note = infeasible_note(study, len(done), feasible)
         rows = trials_table(study, limit=top, metric=metric, front=False)
         single = [SeedGroup(t.number, dict(t.params), [t], metric)
                   for t in ranked(study, metric)[:top]]
-        return Ranking([f"study {study.study_name}: top {len(rows) - 1} of {len(done)} "
-                        f"complete trials by {by}", *rows], single)
+        return Ranking([f"study {study.study_name}: top {len(rows) - 1} of {feasible} "
+                        f"{'feasible ' * bool(note)}complete trials by {by}", *rows], single,
+                       [note] if note else [])
     kind = "raced" if study_seeds(study) > 1 else "reseeded"
     ranking = Ranking([f"study {study.study_name}: top {min(top, len(groups))} of "
-                       f"{len(groups)} {kind} configurations by mean {by} over their seeds "
-                       "(mean ± std)", *groups_table(groups[:top])], groups[:top])
+                       f"{len(groups)} {'feasible ' * bool(note)}{kind} configurations by "
+                       f"mean {by} over their seeds (mean ± std)", *groups_table(groups[:top])],
+                      groups[:top], [note] if note else [])
     singles = len(seed_groups(study, metric)) - len(groups)
     if singles:
         ranking.notes.append(f"{singles} configuration{'s' * (singles != 1)} ran with one "
@@ -318,6 +384,7 @@ class Choice:
     trial: Any | None
     by: str | None = None  # what it was ranked by: --metric, or the objective of a group
     group: SeedGroup | None = None  # its configuration, when chosen by mean over seeds
+    note: str = ""  # the results left out as infeasible (a study with constraints)
 
     def selection(self) -> dict[str, str] | None:
         """How the trial was chosen, for the model card (None: plainly the best)."""
@@ -332,8 +399,9 @@ class Choice:
     def lines(self) -> list[str]:
         name = self.study.study_name
         if self.trial is None:
-            front = self.study.best_trials
+            front = pareto_front(self.study)
             return [f"study {name}: Pareto front of {len(front)} trials",
+                    *([f"  {self.note}"] if self.note else []),
                     *trials_table(self.study, limit=len(front)), self.hours_line()]
         t = self.trial
         if self.group is not None:
@@ -347,6 +415,8 @@ class Choice:
         else:
             lines = [f"study {name}: best trial {t.number}"
                      + (f" by {self.by}" if self.by else "")]
+        if self.note:
+            lines.append(f"  {self.note}")
         if RESEED_OF in t.user_attrs:
             lines.append(f"  seed   {t.user_attrs.get(SEED)} (reseed of trial "
                          f"{t.user_attrs[RESEED_OF]})")
@@ -373,18 +443,23 @@ def choose(study, *, metric: str | None = None, trial: int | None = None,
         if chosen is None:
             raise MtbertError(f"study {study.study_name} has no trial {trial}")
         return Choice(study, chosen, by=metric)
-    groups = _reseeded_groups(study, metric, by_trial)
+    groups, note = _reseeded_groups(study, metric, by_trial)
     if groups:
-        return Choice(study, groups[0].representative(), by=by, group=groups[0])
+        return Choice(study, groups[0].representative(), by=by, group=groups[0], note=note)
     if metric is not None:
-        scored = [t for t in done if metric in t.user_attrs]
-        if not scored:
+        if not any(metric in t.user_attrs for t in done):
             raise MtbertError(f"no complete trial of study {study.study_name} recorded "
                               f"{metric}")
-        return Choice(study, max(scored, key=lambda t: t.user_attrs[metric]), by=metric)
+    note = infeasible_note(study, len(done), len(feasible_trials(study)))
+    if metric is not None:
+        scored = ranked(study, metric)
+        if not scored:
+            raise MtbertError(f"no feasible complete trial of study {study.study_name} "
+                              f"recorded {metric}")
+        return Choice(study, scored[0], by=metric, note=note)
     if len(study.directions) > 1:
-        return Choice(study, None)
-    return Choice(study, study.best_trial)
+        return Choice(study, None, note=note)
+    return Choice(study, ranked(study)[0], note=note)
 
 
 @dataclass

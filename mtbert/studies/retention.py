@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtbert.studies.job import CHECKPOINT, JOB_FILE, RESEED_OF, RUN_DIR, retried_from
-from mtbert.studies.results import ranked, seed_groups, study_seeds
+from mtbert.studies.results import pareto_front, ranked, seed_groups, study_seeds
 from mtbert.studies.storage import STUDY_NAME, mask_url
 
 
@@ -48,7 +48,7 @@ def prune_checkpoints(study, *, keep_top: int, multi_objective: bool) -> int:
         if retried_from(t) is not None:  # a queued retry resumes from that trial's run
             keep.add(retried_from(t))
     if multi_objective:
-        keep |= {t.number for t in study.best_trials}
+        keep |= {t.number for t in pareto_front(study)}
     removed = 0
     for t in trials:
         if t.state == TrialState.RUNNING or t.state == TrialState.WAITING or t.number in keep:

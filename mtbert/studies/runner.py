@@ -34,22 +34,28 @@ from mtbert.errors import ConfigError, TrainingError
 from mtbert.runtime import resolve_device, wandb_dir
 from mtbert.studies.budget import (DEVICE, GPU_SHARE, WALL_S, check_budget, device_share,
                                    set_budget, stop_reason)
-from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL, GPU,
+from mtbert.studies.constraints import (constraints_func, describe_all, record_feasibility,
+                                        resolve_constraints, store_constraints,
+                                        study_constraints)
+from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
+                                GPU,
                                 PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 STUDY_OBJECTIVES, STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID,
                                 TrialJob, TrialResult, WandbSettings, retried_from)
-from mtbert.studies.results import (SeedGroup, describe_trial, new_finished, ranked,
-                                    reseed_seeds, seed_groups)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.racing import (CONTINUE, is_new_configuration, mean_sampler, next_seed,
                                    queue_seed)
+from mtbert.studies.results import (SeedGroup, complete_trials, describe_trial,
+                                    feasible_trials, new_finished, ranked, reseed_seeds,
+                                    seed_groups)
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
                                  trial_config)
 from mtbert.studies.storage import (check_study_name, mask_url, open_storage, select_study,
                                     storage_errors, storage_url, with_driver)
+from mtbert.studies.warmstart import WARM_TOP, warm_start
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -81,6 +87,10 @@ class SweepOptions:
     budget_hours: float | None = None  # stored in the study; None keeps the stored one
     stop_after_flat: int | None = None  # stored in the study (studies.flat); None keeps it
     min_delta: float | None = None
+    baseline: Path | None = None  # a `mtbert compare` JSON: `baseline` in constraints
+    warm_start: str | None = None  # an earlier study whose best configurations run first
+    warm_storage: str | None = None  # its storage URL; None: the sweep's own
+    warm_top: int = WARM_TOP  # how many of its best configurations
 
     @property
     def url(self) -> str:
@@ -358,15 +368,19 @@ class TrialRunner:
         for key in METRIC_KEYS:
             if best and key in best:
                 trial.set_user_attr(key, best[key])
+        constraints = study_constraints(trial.study)
+        if constraints:  # before the trial completes: the sampler reads them then
+            record_feasibility(trial, constraints, best or {})
         result = TrialResult.read(run_dir)
         if result.wandb_run_id:
             trial.set_user_attr(WANDB_RUN_ID, result.wandb_run_id)
         return result
 
 
-def study_sampler(spec: SweepSpec):
-    """The spec's sampler; in a raced study it learns from configurations' means."""
-    sampler = make_sampler(spec.sampler)
+def study_sampler(spec: SweepSpec, constraints: list | None = None):
+    """The spec's sampler (told the study's constraints); in a raced study it learns from
+    configurations' means."""
+    sampler = make_sampler(spec.sampler, constraints_func(constraints) if constraints else None)
     return mean_sampler(sampler) if spec.seeds > 1 else sampler
 
 
@@ -377,12 +391,13 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     import optuna
 
     name = check_study_name(options.study or spec.name)
+    constraints = resolve_constraints(spec.constraints, options.baseline, spec.base_values)
     storage = open_storage(options.url, heartbeat=options.heartbeat, grace=options.grace,
                            max_retries=options.max_retries)
     directions = spec.directions
     try:
         study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
-                                    sampler=study_sampler(spec),
+                                    sampler=study_sampler(spec, constraints),
                                     pruner=make_pruner(spec.pruner), directions=directions)
     except ValueError as err:  # e.g. the existing study has other directions
         raise ConfigError(f"study '{name}': {err}") from None
@@ -400,6 +415,13 @@ def create_study(spec: SweepSpec, options: SweepOptions):
         raise ConfigError(f"study '{name}' races each configuration over "
                           f"{stored.get('seeds', 1)} seed(s), this sweep over {spec.seeds}; "
                           f"pass --seeds {stored.get('seeds', 1)}, or use --study NEW_NAME")
+    store_constraints(study, constraints)
+    if constraints:
+        log.info("constraints: %s", describe_all(constraints))
+    if options.warm_start:  # the earlier study's best run first, before the spec's enqueue
+        warm_start(study, spec, source=options.warm_start,
+                   url=options.warm_storage or options.url, top=options.warm_top,
+                   own_url=options.url)
     for params in spec.enqueue:  # known configurations run first, and once per study
         study.enqueue_trial(params, skip_if_exists=True)
     return study, before
@@ -453,6 +475,13 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
     else:
         stopped = optimize(study, spec, options, n_trials=options.trials,
                            timeout=options.timeout)
+    with storage_errors(options.url):
+        constraints = study_constraints(study)
+        done = complete_trials(study) if constraints else []
+        feasible = feasible_trials(study, constraints) if done else []
+    if done and not feasible:  # the sweep ran; `mtbert best` has nothing to rank
+        log.warning("none of the %d complete trials of study %s meets its constraints (%s)",
+                    len(done), study.study_name, describe_all(constraints))
     return SweepRun(study, before, stopped)
 
 
@@ -593,7 +622,7 @@ def reseed(study, spec: SweepSpec, options: SweepOptions, *, top: int, seeds: in
         if now >= left:  # another worker holds the queue's head; it runs them
             break
         left = now
-    return [g for g in seed_groups(study, metric) if g.number in chosen]
+    return [g for g in seed_groups(study, metric, feasible_only=False) if g.number in chosen]
 
 
 def reseed_study(options: SweepOptions, *, top: int, seeds: int, metric: str | None,
@@ -608,9 +637,10 @@ def reseed_study(options: SweepOptions, *, top: int, seeds: int, metric: str | N
                        max_retries=options.max_retries, must_exist=True)
     with storage_errors(options.url):
         name = select_study(rdb, options.study)
-        spec = stored_spec(optuna.load_study(study_name=name, storage=rdb), overrides)
+        stored = optuna.load_study(study_name=name, storage=rdb)
+        spec, constraints = stored_spec(stored, overrides), study_constraints(stored)
         study = optuna.load_study(study_name=name, storage=rdb,
-                                  sampler=study_sampler(spec),
+                                  sampler=study_sampler(spec, constraints),
                                   pruner=make_pruner(spec.pruner))
         groups = reseed(study, spec, options, top=top, seeds=seeds, metric=metric)
     for g in groups:
@@ -627,7 +657,7 @@ def interrupted_table(options: SweepOptions, spec_name: str) -> list[str]:
     import optuna
     import sqlalchemy.exc
 
-    from mtbert.studies.results import complete_trials, trials_table
+    from mtbert.studies.results import trials_table
 
     try:
         study = optuna.load_study(study_name=options.study or spec_name,

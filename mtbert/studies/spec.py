@@ -20,6 +20,7 @@ import yaml
 from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping_keys,
                            overrides_to_dict, read_yaml)
 from mtbert.errors import ConfigError
+from mtbert.studies.constraints import parse_constraints, trials_record_constraints
 from mtbert.studies.job import STUDY_SPEC, STUDY_SPEC_NAME
 from mtbert.tasks import METRIC_KEYS
 
@@ -28,6 +29,7 @@ SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
+CONSTRAINED_SAMPLERS = ("tpe", "nsga2", "gp")  # those that take Optuna's constraints_func
 RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
 log = logging.getLogger("mtbert")
 
@@ -227,6 +229,10 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     constraints = raw.get("constraints") or []
     if not isinstance(constraints, list) or not all(isinstance(c, str) for c in constraints):
         raise fail('constraints must be a list of strings such as "sst/acc >= 0.5"')
+    try:  # thresholds relative to a baseline are resolved when the sweep starts
+        parse_constraints(constraints)
+    except ConfigError as err:
+        raise fail(f"constraints: {err}") from None
     spec = SweepSpec(name=str(raw.get("name") or stem), base_values=base_values,
                      description=str(raw.get("description") or ""), base=base, space=space,
                      objectives=objectives, directions=directions, sampler=sampler,
@@ -274,23 +280,29 @@ def check_enqueue(items: Any, space: dict[str, Param], base_values: dict[str, An
     """
     if not isinstance(items, list) or not all(isinstance(e, dict) for e in items):
         raise fail("enqueue must be a list of mappings of space keys to values")
-    checked = []
-    for i, item in enumerate(items):
-        where = f"enqueue[{i}]"
-        params: dict[str, Any] = {}
-        for key, value in item.items():
-            if key not in space:
-                raise fail(f"{where}: '{key}' is not a key of the space; valid: "
-                           f"{', '.join(space)}")
-            params[key] = _enqueued_value(space[key], value, f"{where}.{key}", fail)
-        for key in params:
-            for cond_key, cond_value in space[key].when.items():
-                actual = params.get(cond_key, base_values.get(cond_key))
-                if actual != cond_value:
-                    raise fail(f"{where}: '{key}' is only sampled when {cond_key} is "
-                               f"{cond_value!r}, here it is {actual!r}")
-        checked.append(params)
-    return checked
+    return [check_configuration(item, space, base_values, fail, where=f"enqueue[{i}]")
+            for i, item in enumerate(items)]
+
+
+def check_configuration(item: dict[str, Any], space: dict[str, Param],
+                        base_values: dict[str, Any], fail, *, where: str = "") -> dict[str, Any]:
+    """One configuration (space keys to values) that fits the space: every key in it,
+    every value in its range or choices, every condition met; values in their
+    parameter's type. `where` names it in the error."""
+    params: dict[str, Any] = {}
+    head = f"{where}: " if where else ""
+    for key, value in item.items():
+        if key not in space:
+            raise fail(f"{head}'{key}' is not a key of the space; valid: {', '.join(space)}")
+        params[key] = _enqueued_value(space[key], value, f"{where}.{key}" if where else key,
+                                      fail)
+    for key in params:
+        for cond_key, cond_value in space[key].when.items():
+            actual = params.get(cond_key, base_values.get(cond_key))
+            if actual != cond_value:
+                raise fail(f"{head}'{key}' is only sampled when {cond_key} is "
+                           f"{cond_value!r}, here it is {actual!r}")
+    return params
 
 
 def _enqueued_value(p: Param, value: Any, where: str, fail) -> Any:
@@ -388,13 +400,24 @@ def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], f
     return param
 
 
-def make_sampler(options: dict[str, Any]):
-    """An Optuna sampler from a spec's `sampler: {name: ..., **arguments}`."""
+def make_sampler(options: dict[str, Any], constraints_func=None):
+    """An Optuna sampler from a spec's `sampler: {name: ..., **arguments}`. With
+    `constraints_func` (a study with constraints), the samplers that model constraints
+    get it where the installed Optuna wants it (before 5: from 5 on, each trial records
+    its constraint values itself, `constraints.record_feasibility`); the others warn."""
     import optuna
 
     classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
                "qmc": optuna.samplers.QMCSampler}
+    if constraints_func is not None:
+        if options.get("name") in CONSTRAINED_SAMPLERS:
+            if not trials_record_constraints():
+                options = {**options, "constraints_func": constraints_func}
+        else:
+            log.warning("sampler %s ignores constraints (those of %s do not): it samples "
+                        "as if there were none; the ranking still leaves infeasible trials "
+                        "out", options.get("name"), ", ".join(CONSTRAINED_SAMPLERS))
     return _construct("sampler", classes, options)
 
 
