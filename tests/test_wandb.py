@@ -182,7 +182,7 @@ def test_export_logs_the_model_directory_as_an_artifact_staged_under_the_wandb_d
     assert metadata["wandb_run_id"] == chosen.user_attrs["wandb_run_id"]
     assert export_run["config"]["trial"] == chosen.number
     # Every file of the model directory, staged under the study's W&B directory (where
-    # `wandb sync` finds it), byte for byte; nothing under the home directory.
+    # `wandb sync` finds it), byte for byte; under the home directory only W&B's debug logs.
     model = root / "model"
     files = {str(p.relative_to(model)): p for p in model.rglob("*") if p.is_file()}
     contents = {c.path: c for c in artifact.manifest.contents}
@@ -194,7 +194,8 @@ def test_export_logs_the_model_directory_as_an_artifact_staged_under_the_wandb_d
         assert hashlib.sha256(staged.read_bytes()).digest() == \
             hashlib.sha256(files[name].read_bytes()).digest()
         assert entry.size == files[name].stat().st_size
-    assert not [p for p in (root / "home").rglob("*") if "wandb" in p.parts]
+    assert [p for p in (root / "home").rglob("*") if p.is_file() and "logs" not in p.parts] \
+        == []
 
 
 def test_wandb_goes_with_export(tmp_path):
@@ -247,3 +248,16 @@ def test_a_trial_process_stopped_by_sigterm_ends_its_run_as_fail_and_dies_by_it(
     assert run["summary"]["state"] == "FAIL"
     assert run["summary"]["fail_reason"] == "interrupted (SIGTERM)"
     assert "FAIL" in run["tags"]
+
+
+def test_a_seed_run_that_ends_its_configurations_race_is_raced_out_in_wandb():
+    from mtbert.studies import racing
+    from mtbert.studies.trial import Outcome, outcome
+
+    note = "raced out: p = 0.03 < 0.1 against configuration 0"
+    ended = outcome(None, race=racing.RACED, race_note=note)
+    assert ended == Outcome("RACED_OUT", 0, note)  # COMPLETE for Optuna: exit 0
+    assert ended.summary == {"state": "RACED_OUT", "race_note": note}
+    assert outcome(None, race=racing.CONTINUE).summary == {"state": "COMPLETE"}
+    assert outcome(optuna.TrialPruned("pruned after epoch 1")).summary == \
+        {"state": "PRUNED", "prune_reason": "pruned after epoch 1"}
