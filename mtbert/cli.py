@@ -80,6 +80,10 @@ SweepWandbMode = Annotated[Optional[WandbMode], typer.Option(
 KeepTopOption = Annotated[int, typer.Option(
     "--keep-top", min=0, help="Keep the model directories of this many best trials (with "
                               "--reseed: and of as many best configurations by mean).")]
+ExportWandbOption = Annotated[bool, typer.Option(
+    "--wandb", help="With --export: also log the model directory as a W&B model artifact "
+                    "(aliases best and trial-N) in a run of the study's group; offline, "
+                    "under $WANDB_DIR, else --out, for `wandb sync`.")]
 MetricOption = Annotated[Optional[str], typer.Option(
     "--metric", help="Rank by this metric key instead of the study objective.")]
 MaxRetriesOption = Annotated[int, typer.Option(
@@ -606,7 +610,7 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
     return with_racing(resolved, seeds, race_alpha)
 
 
-def _check_best_options(*, metric, export, trial, top, hf, reseed, set_, data_dir,
+def _check_best_options(*, metric, export, trial, top, hf, wandb, reseed, set_, data_dir,
                         as_json) -> None:
     from mtbert.studies.results import check_metric
 
@@ -616,6 +620,8 @@ def _check_best_options(*, metric, export, trial, top, hf, reseed, set_, data_di
                           "go with --export, --trial or --reseed")
     if hf and export is None:
         raise MtbertError("--hf goes with --export DIR (it writes DIR/encoder/)")
+    if wandb and export is None:
+        raise MtbertError("--wandb goes with --export DIR (it logs the exported model)")
     if top is not None and (export is not None or trial is not None):
         raise MtbertError("--top prints a ranking; export one trial with --export "
                           "(and --trial N)")
@@ -642,6 +648,7 @@ def best(
     hf: Annotated[bool, typer.Option(
         "--hf", help="With --export: also write DIR/encoder/, the fine-tuned encoder in "
                      "Hugging Face format (transformers.AutoModel loads it).")] = False,
+    wandb: ExportWandbOption = False,
     reseed: Annotated[Optional[int], typer.Option(
         "--reseed", min=1, help="With --top N: re-run the N best original trials with K new "
                                 "seeds each (new trials of the study, never pruned; seeds "
@@ -661,15 +668,16 @@ def best(
     --reseed K --top N re-runs the N best trials with K more seeds each and ranks the
     configurations by their mean.
 
-    --set, --data-dir, --device and the W&B options apply to the trials of --reseed only;
-    the spec, with the sweep's --set, is read from the study.
+    --set, --data-dir and --device apply to the trials of --reseed only, the W&B options
+    to them and to --export --wandb; the spec, with the sweep's --set, is read from the
+    study.
     """
-    from mtbert.studies.export import export_trial
     from mtbert.studies.results import choose, rank
-    from mtbert.studies.storage import mask_url, open_study
+    from mtbert.studies.storage import open_study
 
     _check_best_options(metric=metric, export=export, trial=trial, top=top, hf=hf,
-                        reseed=reseed, set_=set_, data_dir=data_dir, as_json=as_json)
+                        wandb=wandb, reseed=reseed, set_=set_, data_dir=data_dir,
+                        as_json=as_json)
     if reseed is not None:
         return _reseed(study=study, storage=storage, out=out, metric=metric, top=top,
                        seeds=reseed, overrides=_overrides(set_, data_dir), device=device,
@@ -683,13 +691,25 @@ def best(
         return
     choice = choose(loaded, metric=metric, trial=trial, by_trial=by_trial)
     _echo_lines(choice.lines())
-    if export is None:
-        return
+    if export is not None:
+        _export(choice, url=url, dest=export, hf=hf, wandb=wandb, out=out,
+                wandb_mode=wandb_mode, wandb_project=wandb_project)
+
+
+def _export(choice, *, url, dest, hf, wandb, out, wandb_mode, wandb_project) -> None:
+    from mtbert.runtime import wandb_dir
+    from mtbert.studies.export import export_trial
+    from mtbert.studies.job import WandbSettings
+    from mtbert.studies.storage import mask_url
+
     if choice.trial is None:
         raise MtbertError("a multi-objective study has no single best trial; pick one "
                           "from the front with --trial N")
-    path = export_trial(choice.trial, study=loaded.study_name, storage=mask_url(url),
-                        dest=export, selection=choice.selection(), hf=hf)
+    settings = WandbSettings(_wandb_mode(wandb_mode), wandb_project,
+                             str(wandb_dir(out))) if wandb else None
+    path = export_trial(choice.trial, study=choice.study.study_name, storage=mask_url(url),
+                        dest=dest, selection=choice.selection(), hf=hf, seeds=choice.seeds,
+                        wandb=settings)
     typer.echo(f"exported: {path}")
     if hf:
         typer.echo(f"encoder (Hugging Face format): {path / 'encoder'}")

@@ -2,11 +2,14 @@
 
 wandb is imported lazily: `disabled` needs no wandb installed. Without an API
 key the default mode is `offline`; offline runs land under $WANDB_DIR (else
-the sweep's out dir), ready for `wandb sync`.
+the sweep's out dir), ready for `wandb sync`. So do the files of a model
+artifact (`log_model_artifact`), which W&B would otherwise stage under the
+user's home.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import netrc
@@ -87,12 +90,17 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - W&B must never kill a trial
             self._fail("logging failed", err)
 
-    def finish(self, exit_code: int = 0, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, exit_code: int = 0, summary: dict[str, Any] | None = None,
+               tags: list[str] | None = None) -> None:
+        """End the run with `summary` added to its summary and, when given, `tags` as its
+        tags (a run resumed online keeps none of its earlier outcome)."""
         if self.run is None:
             return
         try:
             if summary:
                 self.run.summary.update(summary)
+            if tags is not None:
+                self.run.tags = tuple(tags)
             self.run.finish(exit_code=exit_code)
         except Exception as err:  # noqa: BLE001 - W&B must never kill a trial
             self._fail("finishing the run failed", err)
@@ -100,13 +108,16 @@ class Tracker:
 
 def train_tracked(config, *, run_dir: Path, tracker: Tracker, device: str = "auto",
                   resume: bool = False, progress: bool = False, on_eval=None,
-                  clean_stops: tuple[type[BaseException], ...] = ()) -> dict:
+                  clean_stops: tuple[type[BaseException], ...] = (),
+                  finish: bool = True) -> dict:
     """One training logged as one W&B run (sweep trials and `mtbert compare` alike).
 
     Every evaluation is logged, then passed on to `on_eval` (a sweep reports it to
     Optuna there and may raise to prune). The run finishes with the best metrics in
     its summary, as failed when the training raised, or as finished when it raised one
-    of `clean_stops` (a pruned trial ended as planned). Returns summary.json's content.
+    of `clean_stops` (a pruned trial ended as planned). Without `finish` the run stays
+    open for the caller to finish with its outcome (a sweep trial's state, and
+    `best_summary`). Returns summary.json's content.
     """
     from mtbert.train import train
 
@@ -119,7 +130,63 @@ def train_tracked(config, *, run_dir: Path, tracker: Tracker, device: str = "aut
         summary = train(config, run_dir=run_dir, device=device, resume=resume,
                         progress=progress, on_eval=log_then_pass_on)
     except BaseException as err:
-        tracker.finish(0 if isinstance(err, clean_stops) else 1)
+        if finish:
+            tracker.finish(0 if isinstance(err, clean_stops) else 1)
         raise
-    tracker.finish(0, {f"best/{k}": v for k, v in summary["best"]["metrics"].items()})
+    if finish:
+        tracker.finish(0, best_summary(summary))
     return summary
+
+
+def best_summary(summary: dict) -> dict[str, float]:
+    """A run's W&B summary keys from its summary.json: the metrics of its best evaluation."""
+    return {f"best/{k}": v for k, v in summary["best"]["metrics"].items()}
+
+
+@contextlib.contextmanager
+def staged_under(directory: Path):
+    """W&B copies an artifact's files into $WANDB_DATA_DIR (default ~/.local/share/wandb)
+    before an upload, and an offline run's record points at those copies: unless the user
+    set it, stage them under `directory`, the runs' directory, so that `wandb sync` of it
+    (on a shared file system, from another machine too) finds every file."""
+    if os.environ.get("WANDB_DATA_DIR"):
+        yield
+        return
+    os.environ["WANDB_DATA_DIR"] = str(Path(directory).resolve() / "wandb" / "data")
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_DATA_DIR", None)
+
+
+def log_model_artifact(model_dir: Path, *, mode: str, project: str, group: str,
+                       run_name: str, artifact: str, aliases: list[str],
+                       metadata: dict[str, Any], directory: Path) -> str | None:
+    """Log `model_dir` as the W&B artifact `artifact` (type `model`, `aliases`, `metadata`)
+    in one run of job type `export` in `group`, written under `directory`. Returns the
+    run id; a W&B failure is a warning, never an error (the model directory is written)."""
+    if mode == "disabled":
+        return None
+    run = None
+    try:
+        import wandb
+
+        with staged_under(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(project=project, group=group, job_type="export", name=run_name,
+                             config=metadata, tags=["export"], dir=str(directory), mode=mode)
+            model = wandb.Artifact(artifact, type="model", metadata=metadata)
+            model.add_dir(str(model_dir))
+            run.log_artifact(model, aliases=aliases)
+            run_id = run.id
+            run.finish()
+        return run_id
+    except Exception as err:  # noqa: BLE001 - the export is done; W&B only records it
+        log.warning("W&B: could not log the model artifact (%s: %s); the model directory is "
+                    "written", type(err).__name__, first_line(err))
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001 - already failing; the warning above says why
+                log.debug("W&B: finishing the failed export run failed too")
+        return None

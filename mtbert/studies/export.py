@@ -4,12 +4,15 @@ model directory whose card names the study, the trial, how it was chosen and its
 The checkpoint is loaded (every tensor, every shape against its config) before
 anything is written, and the export is built in a temporary directory beside
 the target and renamed into place when complete: a failed export leaves
-nothing behind, and running it again works.
+nothing behind, and running it again works. With W&B settings the finished
+directory is also logged as a W&B model artifact next to the study's trial
+runs (`log_export`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +24,10 @@ from mtbert.config import build_config
 from mtbert.errors import MtbertError
 from mtbert.formatting import first_line
 from mtbert.modeldir import HF_ENCODER, WEIGHTS, export_hf_encoder, model_card
-from mtbert.studies.job import CHECKPOINT
+from mtbert.studies.job import CHECKPOINT, CONFIG_ID, RESEED_OF, WANDB_RUN_ID, WandbSettings
+from mtbert.tasks import METRIC_KEYS
+
+log = logging.getLogger("mtbert")
 
 
 def check_checkpoint(checkpoint: Path, number: int) -> None:
@@ -40,10 +46,14 @@ def check_checkpoint(checkpoint: Path, number: int) -> None:
 
 
 def export_trial(trial, *, study: str, storage: str, dest: Path,
-                 selection: dict[str, Any] | None = None, hf: bool = False) -> Path:
+                 selection: dict[str, Any] | None = None, hf: bool = False,
+                 seeds: list[int | None] | None = None,
+                 wandb: WandbSettings | None = None) -> Path:
     """Copy a trial's best checkpoint into `dest`, with a model card naming its source
     (and `selection`: how the trial was chosen, e.g. from a configuration's seeds); with
-    `hf`, also the encoder in Hugging Face format under dest/encoder."""
+    `hf`, also the encoder in Hugging Face format under dest/encoder; with `wandb`, then
+    log it as a W&B model artifact (`seeds`: of the configuration's seed runs when it was
+    chosen by mean over seeds; default: the trial's)."""
     checkpoint = Path(trial.user_attrs.get(CHECKPOINT, ""))
     if not (checkpoint / WEIGHTS).exists():
         raise MtbertError(f"trial {trial.number} has no checkpoint at {checkpoint} (only the "
@@ -72,4 +82,37 @@ def export_trial(trial, *, study: str, storage: str, dest: Path,
         partial.rename(dest)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    if wandb is not None:
+        log_export(dest, trial, study=study, wandb=wandb, selection=selection,
+                   seeds=seeds if seeds is not None else [config.train.seed])
     return dest
+
+
+def log_export(model_dir: Path, trial, *, study: str, wandb: WandbSettings,
+               seeds: list[int | None], selection: dict[str, Any] | None = None) -> str | None:
+    """Log an exported model directory as the W&B model artifact `<study>-model`, aliases
+    `best` and `trial-N`, in a run of job type `export` in the study's group; its metadata
+    names the trial, its parameters, its metrics (at its best evaluation) and `seeds`.
+    Returns the run id; W&B disabled or failing logs no artifact and is no error."""
+    from mtbert.tracking import log_model_artifact
+
+    if wandb.mode == "disabled":
+        log.warning("W&B is disabled (--wandb-mode or $WANDB_MODE): no model artifact logged")
+        return None
+    config_id = trial.user_attrs.get(CONFIG_ID, trial.user_attrs.get(RESEED_OF, trial.number))
+    metadata = {"study": study, "trial": trial.number, "config_id": config_id,
+                "params": trial.params,
+                "metrics": {k: trial.user_attrs[k] for k in METRIC_KEYS
+                            if k in trial.user_attrs},
+                "seeds": seeds, "wandb_run_id": trial.user_attrs.get(WANDB_RUN_ID),
+                **({"selection": selection} if selection else {})}
+    name = f"{study}-model"
+    run_id = log_model_artifact(
+        model_dir, mode=wandb.mode, project=wandb.project, group=study,
+        run_name=f"{study}-export-trial-{trial.number}", artifact=name,
+        aliases=["best", f"trial-{trial.number}"], metadata=metadata,
+        directory=Path(wandb.dir))
+    if run_id:
+        log.info("W&B: model artifact %s:best in run %s of group %s (%s)", name, run_id, study,
+                 wandb.mode)
+    return run_id

@@ -396,6 +396,12 @@ class Choice:
                           "its seed run closest to the mean",
                 "seed runs": ", ".join(str(t.number) for t in g.trials)}
 
+    @property
+    def seeds(self) -> list[int | None] | None:
+        """The seeds of its configuration's seed runs (None: not chosen by mean over seeds;
+        None in the list: a trial older than the `seed` attribute)."""
+        return self.group.seeds if self.group is not None else None
+
     def lines(self) -> list[str]:
         name = self.study.study_name
         if self.trial is None:

@@ -4,6 +4,14 @@ The child side of the contract in `mtbert.studies.job`: it reads the job,
 trains, reports every evaluation to Optuna for pruning, logs to W&B, writes
 its `TrialResult` and exits 0 (complete), 3 (pruned) or 1 (failed). A fresh
 process per trial carries no GPU memory from one trial to the next.
+
+How the trial ended is decided once, by `outcome`, and written by this process
+into its W&B run before it finishes it: summary `state` (COMPLETE, PRUNED or
+FAIL, Optuna's names, or RACED_OUT: completed, and its configuration gets no
+more seeds) with `fail_reason`, `prune_reason` or `race_note`, and the state as
+a tag, so that dashboards filter on it. Told to stop (SIGTERM from its worker,
+Ctrl-C) it ends its run as FAIL, then dies by the signal as before, so that the
+worker still sees a trial stopped from outside.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from mtbert.studies.job import EXIT_PRUNED, PARENT_ENV, STORAGE_ENV, TrialJob, TrialResult
@@ -25,7 +35,6 @@ def die_with_parent() -> None:
     work to do before exec.
     """
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG, Linux
@@ -33,6 +42,63 @@ def die_with_parent() -> None:
         return
     if os.environ.get(PARENT_ENV) and os.getppid() != int(os.environ[PARENT_ENV]):
         sys.exit(1)  # the worker died before the signal was armed
+
+
+class Interrupted(BaseException):
+    """The trial process was told to stop by `signum` (its worker's SIGTERM, Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted ({signal.Signals(signum).name})")
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the finish
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@dataclass
+class Outcome:
+    """How a trial ended: its exit code for the worker, its state and reason for W&B."""
+
+    state: str  # COMPLETE, PRUNED, FAIL (Optuna's names) or RACED_OUT
+    code: int
+    reason: str | None = None
+
+    @property
+    def summary(self) -> dict[str, str]:
+        """The W&B summary keys of the outcome."""
+        key = {"FAIL": "fail_reason", "PRUNED": "prune_reason",
+               "RACED_OUT": "race_note"}.get(self.state)
+        return {"state": self.state, **({key: self.reason} if key and self.reason else {})}
+
+
+def outcome(error: BaseException | None, race: str | None = None,
+            race_note: str | None = None) -> Outcome:
+    """The one place that decides how the trial ended, from what its training raised (None:
+    it completed) and, in a raced study, the race's decision after it. Its exit code, W&B
+    state and tags follow from this alone."""
+    import optuna
+
+    from mtbert.errors import MtbertError
+    from mtbert.formatting import first_line
+    from mtbert.studies.racing import RACED
+
+    if error is None:
+        # Raced out: COMPLETE for Optuna (its value counts in its configuration's mean),
+        # and the seed run after which its configuration got no more seeds.
+        return Outcome("RACED_OUT", 0, race_note) if race == RACED else Outcome("COMPLETE", 0)
+    if isinstance(error, optuna.TrialPruned):
+        return Outcome("PRUNED", EXIT_PRUNED, str(error))
+    if isinstance(error, (MtbertError, Interrupted)):
+        return Outcome("FAIL", 1, str(error))
+    return Outcome("FAIL", 1, f"{type(error).__name__}: {first_line(error)}")
+
+
+def _tags(job: TrialJob, config) -> list[str]:
+    tags = [config.train.schedule, config.loss.method]
+    return tags + ["reseed"] * (job.reseed_of is not None) + ["retry"] * (job.retry_of is not None)
 
 
 def _tracker(job: TrialJob, config):
@@ -43,14 +109,12 @@ def _tracker(job: TrialJob, config):
         name += f"-reseed-of-{job.reseed_of}"
     if job.retry_of is not None:
         name += f"-retry-of-{job.retry_of}"
-    tags = [config.train.schedule, config.loss.method]
-    tags += ["reseed"] * (job.reseed_of is not None) + ["retry"] * (job.retry_of is not None)
     return Tracker(
         mode=job.wandb.mode, project=job.wandb.project, group=job.study, job_type=job.spec,
         name=name, config={**config.to_dict(), "params": job.params, "study": job.study,
-                           "trial": job.number, "reseed_of": job.reseed_of,
-                           "retry_of": job.retry_of},
-        tags=tags, directory=Path(job.wandb.dir), resume_id=job.wandb_resume_id)
+                           "trial": job.number, "config_id": job.config_id,
+                           "reseed_of": job.reseed_of, "retry_of": job.retry_of},
+        tags=_tags(job, config), directory=Path(job.wandb.dir), resume_id=job.wandb_resume_id)
 
 
 def _history(run_dir: Path, objective: str) -> list[tuple[int, float]]:
@@ -84,7 +148,7 @@ def run(run_dir: Path) -> int:
     from mtbert.errors import MtbertError
     from mtbert.studies.spec import make_pruner
     from mtbert.studies.storage import open_storage
-    from mtbert.tracking import train_tracked
+    from mtbert.tracking import best_summary, train_tracked
 
     job = TrialJob.read(run_dir)
     config = load_config(run_dir / "config.yaml")
@@ -113,20 +177,33 @@ def run(run_dir: Path) -> int:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}: {objective} "
                                          f"{metrics[objective]:.4f}")
 
-    code = 1
+    error, summary, previous = None, {}, {}
     try:
-        train_tracked(config, run_dir=run_dir, tracker=tracker, device=job.device,
-                      resume=job.resume, on_eval=report, clean_stops=(optuna.TrialPruned,))
-        code = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+        summary = best_summary(train_tracked(config, run_dir=run_dir, tracker=tracker,
+                                             device=job.device, resume=job.resume,
+                                             on_eval=report, finish=False))
         if job.seeds > 1:
             _race(study, trial, job, run_dir, result)
-    except optuna.TrialPruned as err:
-        code, result.reason = EXIT_PRUNED, str(err)
-    except MtbertError as err:
-        result.reason = str(err)
-        print(f"error: {err}", file=sys.stderr)
+    except BaseException as err:  # each ends the run with its state; see below which re-raise
+        error = err
+    if not isinstance(error, Interrupted):
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if isinstance(error, MtbertError):
+        print(f"error: {error}", file=sys.stderr)
+    ended = outcome(error, race=result.race, race_note=result.race_note)
+    tracker.finish(0 if ended.state != "FAIL" else 1, {**summary, **ended.summary},
+                   tags=[*_tags(job, config), ended.state])
+    result.reason = ended.reason if ended.code else None  # the worker's FAIL or PRUNED note
     result.write(run_dir)
-    return code
+    if isinstance(error, Interrupted):
+        signal.signal(error.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), error.signum)  # the worker sees a trial stopped from outside
+    if error is not None and not isinstance(error, (optuna.TrialPruned, MtbertError)):
+        raise error  # a bug: its traceback goes to trial.log
+    return ended.code
 
 
 def main() -> None:
