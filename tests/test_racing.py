@@ -414,3 +414,14 @@ def test_the_report_shows_the_raced_configurations_and_marks_the_raced_out(tmp_p
     assert [r.split("</td>")[0].removeprefix("<td>") for r in rows] == ["0", "2", "1"]
     assert "<td>raced out</td>" in rows[2] and "<td>complete</td>" in rows[0]
     assert "trial 1 with seed 8: raced out" in page
+
+
+def test_racing_with_two_trials_at_once_runs_no_seed_twice(tmp_path, controlled):
+    path = tmp_path / "race.yaml"
+    path.write_text(SPEC)
+    options = SweepOptions(trials=3, out=tmp_path / "runs", device="cpu", trials_per_gpu=2)
+    study = run_sweep(load_spec(str(path)), options).study
+    runs = [(racing.config_of(t), t.user_attrs[SEED]) for t in study.trials]
+    assert len(runs) == len(set(runs)) and all(t.state.name == "COMPLETE" for t in study.trials)
+    seeds = {lr: sorted(t.user_attrs[SEED] for t in ts) for lr, ts in _by_config(study).items()}
+    assert seeds[1e-5] == [7, 8, 9] and seeds[2e-5] == [7, 8]

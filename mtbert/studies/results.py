@@ -32,12 +32,18 @@ from mtbert.studies.job import (CONFIG_ID, FAIL_REASON, FEASIBLE, GPU, RACED_OUT
 from mtbert.tasks import METRIC_KEYS
 
 
+def usable(trial) -> bool:
+    """COMPLETE with values that are all numbers (a NaN objective ranks nowhere)."""
+    return (trial.state.name == "COMPLETE" and bool(trial.values)
+            and not any(math.isnan(v) for v in trial.values))
+
+
 def complete_trials(study) -> list:
-    """COMPLETE trials whose values are all numbers (a NaN objective ranks nowhere)."""
+    """The study's usable trials (`usable`)."""
     from optuna.trial import TrialState
 
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values and not any(math.isnan(v) for v in t.values)]
+            if usable(t)]
 
 
 def feasible_trials(study, constraints: list | None = None) -> list:
@@ -244,8 +250,10 @@ def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False
     miss the study's constraints (`SeedGroup.feasible` says which)."""
     from optuna.trial import TrialState
 
+    # One snapshot: a trial that completes meanwhile (another thread or worker) is either
+    # in it as COMPLETE with its values or not yet counted.
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in complete_trials(study) if metric is None or metric in t.user_attrs]
+    complete = [t for t in trials if usable(t) and (metric is None or metric in t.user_attrs)]
     planned = study_seeds(study)
     groups = {t.number: SeedGroup(t.number, dict(t.params), [t], metric, planned=planned)
               for t in complete if RESEED_OF not in t.user_attrs}
