@@ -5,6 +5,7 @@ per-configuration values (tests/test_racing.py), in this process and in two real
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from mtbert.studies.flat import FLAT_RULE, flat_streak
 from mtbert.studies.racing import config_of
 from mtbert.studies.runner import SweepOptions, TrialRunner, run_sweep
 from mtbert.studies.spec import load_spec
-from test_racing import SPEC, controlled_process
+from test_racing import SPEC, VALUES, controlled_process
 
 runner = CliRunner()
 TESTS = Path(__file__).resolve().parent
@@ -38,20 +39,23 @@ def _spec(tmp_path, seeds: int) -> Path:
 
 
 def test_flat_stop_without_seeds_uses_min_delta(tmp_path, controlled):
-    # Values in order: 0.80, 0.50, 0.79, 0.70, 0.20: the 2nd and 3rd do not beat 0.80.
-    options = SweepOptions(trials=5, out=tmp_path / "runs", device="cpu", stop_after_flat=2)
+    # Values in order: 0.800, 0.751, 0.803, 0.700, 0.200: with --min-delta 0.01 neither the
+    # 2nd nor the 3rd beats 0.800 (the 3rd by 0.003 only).
+    options = SweepOptions(trials=5, out=tmp_path / "runs", device="cpu", stop_after_flat=2,
+                           min_delta=0.01)
     run = run_sweep(load_spec(str(_spec(tmp_path, 1))), options)
     assert [t.state.name for t in run.study.trials] == ["COMPLETE"] * 3 + ["WAITING"] * 2
     assert run.stopped == ("study race stopped: the last 2 finished configurations did not "
-                           "beat trial 0's 0.8000 by more than 0.0000 (--min-delta); "
+                           "beat trial 0's 0.8000 by more than 0.0100 (--min-delta); "
                            "--stop-after-flat 2 (`mtbert studies --resume race` lifts it)")
     # Every later worker reads the stop before its first trial.
     again = run_sweep(load_spec(str(_spec(tmp_path, 1))),
                       SweepOptions(trials=5, out=tmp_path / "runs", device="cpu"))
     assert again.ran is False and "did not beat trial 0's" in again.stopped
-    # A bigger --min-delta: 0.79 is within 0.05 of 0.80 on any rule; the streak is 3 at
-    # 0.70 with min-delta 0.2 and also 3 without one.
-    assert flat_streak(run.study, 0.2)[0] == 2 and flat_streak(run.study)[0] == 2
+    # Without a min-delta the 3rd beats the 1st and leads: no streak.
+    assert flat_streak(run.study, 0.01)[0] == 2
+    streak, leader, _ = flat_streak(run.study)
+    assert streak == 0 and leader.number == 2
 
 
 def test_flat_stop_with_seeds_uses_the_incumbents_seed_std(tmp_path, controlled):
@@ -59,10 +63,12 @@ def test_flat_stop_with_seeds_uses_the_incumbents_seed_std(tmp_path, controlled)
                                  "--stop-after-flat", "1", "--out", str(tmp_path / "runs"),
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    # 1e-5 (0.81 ± 0.01 over 3 seeds) leads once it has its seeds; 3e-5 (0.79 mean) does
-    # not beat it by more than its seed std 0.01: one flat configuration ends the study.
-    assert ("did not beat trial 0's 0.8100 by more than 0.0100 (its seed standard "
-            "deviation); --stop-after-flat 1") in result.stderr
+    # 1e-5 leads once it has its seeds; the next configuration to finish does not beat
+    # it by more than its seed std: one flat configuration ends the study.
+    best = VALUES[1e-5]
+    assert (f"did not beat trial 0's {statistics.fmean(best):.4f} by more than "
+            f"{statistics.stdev(best):.4f} (its seed standard deviation); "
+            "--stop-after-flat 1") in result.stderr
     study = optuna.load_study(study_name="race",
                               storage=f"sqlite:///{tmp_path / 'runs' / 'mtbert.db'}")
     assert study.user_attrs[FLAT_RULE] == {"m": 1, "min_delta": 0.0}

@@ -4,7 +4,7 @@ per-seed values, the sampler's view of the study, and real sweeps of the tiny mo
 from __future__ import annotations
 
 import json
-import math
+import statistics
 from pathlib import Path
 
 import optuna
@@ -35,11 +35,14 @@ enqueue:
   - {train.lr: 3.0e-5}
 """
 
-# The objective's value of each configuration (by train.lr) on seeds 7, 8, 9: 1e-5 is
-# best on every seed, 2e-5 worse than it on every seed, 3e-5 in between, and 5e-5 far
-# below everything (for a race that ends on its first seed).
-VALUES = {1e-5: [0.80, 0.82, 0.81], 2e-5: [0.50, 0.52, 0.51], 3e-5: [0.79, 0.80, 0.78],
-          4e-5: [0.70, 0.71, 0.70], 5e-5: [0.20, 0.21, 0.22]}
+# The objective's value of each configuration (by train.lr) on seeds 7, 8, 9, which
+# share an effect on every configuration (+0, +0.03, +0.01) as real seeds do, plus a
+# little noise of their own: 1e-5 is best, 2e-5 behind it by 0.05 on every seed, 3e-5
+# as good within the noise (ahead on one seed, behind on two), and 5e-5 far below
+# everything (a race that ends on its first seed).
+VALUES = {1e-5: [0.800, 0.832, 0.809], 2e-5: [0.751, 0.779, 0.760],
+          3e-5: [0.803, 0.826, 0.808], 4e-5: [0.700, 0.730, 0.710],
+          5e-5: [0.200, 0.230, 0.210]}
 
 
 def controlled_process(self, trial, run_dir: Path, slot) -> int:
@@ -87,7 +90,7 @@ def test_race_stops_the_worse_configuration_and_gives_the_incumbent_every_seed(
     assert seeds[2e-5] == [7, 8]
     raced = [t for t in groups[2e-5] if t.user_attrs.get(RACED_OUT)]
     assert [t.user_attrs[SEED] for t in raced] == [8]
-    # The close one was not (its difference is within the seed noise): all three seeds.
+    # The close one was not (its differences are within the seed noise): all three seeds.
     assert seeds[3e-5] == [7, 8, 9]
     assert not any(t.user_attrs.get(RACED_OUT) for t in groups[1e-5] + groups[3e-5])
     # Every seed run is a trial of its own, COMPLETE, grouped by its first trial.
@@ -120,7 +123,7 @@ def test_the_sweep_prints_configurations_by_mean_and_the_seed_runs_spent(tmp_pat
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["trial", "seeds"]
     rows = [line.split() for line in lines[1:4]]
-    # Best mean first (0.81 over 3 seeds), the raced-out configuration last.
+    # Best mean first (1e-5 over 3 seeds), the raced-out configuration last.
     assert [(r[0], r[1]) for r in rows] == [("0", "3"), ("2", "3"), ("1", "2")]
     assert lines[3].endswith("(raced out)")
     assert lines[4] == ("seed runs: 8 spent by racing; the fixed protocol (3 seeds for each "
@@ -129,8 +132,10 @@ def test_the_sweep_prints_configurations_by_mean_and_the_seed_runs_spent(tmp_pat
     # `best` reads the raced study: the best mean, its seed run closest to the mean.
     best = runner.invoke(app, ["-q", "best", "--out", str(tmp_path / "runs")])
     assert best.exit_code == 0, best.output
-    assert best.stdout.splitlines()[0] == ("study race: best configuration trial 0 by mean "
-                                           "overall/geometric over 3 seeds: 0.8100 ± 0.0100")
+    values = VALUES[1e-5]
+    assert best.stdout.splitlines()[0] == (
+        "study race: best configuration trial 0 by mean overall/geometric over 3 seeds: "
+        f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}")
 
 
 def test_a_resumed_study_keeps_its_seeds(tmp_path, controlled):
@@ -181,24 +186,35 @@ def _study_with(values: dict[int, list[float]]):
     return study, firsts
 
 
-def test_the_pooled_t_test_by_hand():
-    # Two configurations of 3 seeds: within-variances 1e-4 each, pooled 1e-4 on 4 df.
-    study, firsts = _study_with({1: [0.80, 0.82, 0.81], 2: [0.70, 0.72, 0.71]})
+def test_the_seed_paired_test_by_hand():
+    from scipy.stats import t as student_t
+
+    # Two configurations on seeds 7, 8, 9. The additive model (configuration + seed)
+    # leaves residuals -0.005, 0, 0.005 and 0.005, 0, -0.005: 1e-4 on 6 - 2 - 3 + 1 = 2 df.
+    study, firsts = _study_with({1: [0.80, 0.82, 0.81], 2: [0.71, 0.72, 0.70]})
     groups = racing.races(study)
-    variance, df = racing.pooled_variance(groups.values())
-    assert df == 4 and variance == pytest.approx(1e-4)
-    # A third configuration at 0.795 after one seed against the leader's 0.81 over 3:
-    # t = 0.015 / sqrt(1e-4 (1 + 1/3)) = 1.299 on 4 df, one-sided p = 0.132.
-    decision = racing.decide(study, config=99, value=0.795, seeds=3, alpha=0.1)
-    assert decision.state == racing.CONTINUE and "p = 0.132" in decision.note
-    decision = racing.decide(study, config=99, value=0.78, seeds=3, alpha=0.1)
-    t = 0.03 / math.sqrt(1e-4 * (1 + 1 / 3))
-    assert decision.state == racing.RACED and "p = 0.0" in decision.note and t > 2.13
-    # Minimising, the leader is the lowest mean (0.71): 0.70 goes on, 0.78 is raced out.
-    assert racing.decide(study, config=99, value=0.70, seeds=3, alpha=0.1,
+    variance, df = racing.residual_variance(groups.values())
+    assert df == 2 and variance == pytest.approx(5e-5)
+    # A third configuration after its first seed (7): 0.005 behind the leader there,
+    # t = 0.005 / sqrt(2 * 5e-5) = 0.5 on 2 df; 0.05 behind, t = 5.
+    go_on = racing.decide(study, config=99, value=0.795, seeds=3, alpha=0.1, seed=7)
+    p = student_t.sf(0.5, 2)
+    assert go_on.state == racing.CONTINUE and f"p = {p:.3g}" in go_on.note
+    out = racing.decide(study, config=99, value=0.75, seeds=3, alpha=0.1, seed=7)
+    assert out.state == racing.RACED and f"p = {student_t.sf(5.0, 2):.3g}" in out.note
+    assert "+0.0500 behind trial 0 on 1 shared seed" in out.note
+    # Minimising, the leader is the lowest mean (2, 0.71): at seed 7 it scored 0.71.
+    assert racing.decide(study, config=99, value=0.70, seeds=3, alpha=0.1, seed=7,
                          direction="minimize").state == racing.CONTINUE
-    assert racing.decide(study, config=99, value=0.78, seeds=3, alpha=0.1,
+    assert racing.decide(study, config=99, value=0.80, seeds=3, alpha=0.1, seed=7,
                          direction="minimize").state == racing.RACED
+    # No seed in common with the leader: the two-sample test with the pooled
+    # within-configuration variance (1e-4 on 4 df).
+    pooled, df = racing.pooled_variance(groups.values())
+    assert df == 4 and pooled == pytest.approx(1e-4)
+    alone = racing.decide(study, config=99, value=0.795, seeds=3, alpha=0.1, seed=42)
+    t = 0.015 / (1e-4 * (1 + 1 / 3)) ** 0.5
+    assert alone.state == racing.CONTINUE and f"p = {student_t.sf(t, 4):.3g}" in alone.note
 
 
 def test_the_sampler_sees_one_trial_per_configuration_valued_by_its_mean():
@@ -424,4 +440,7 @@ def test_racing_with_two_trials_at_once_runs_no_seed_twice(tmp_path, controlled)
     runs = [(racing.config_of(t), t.user_attrs[SEED]) for t in study.trials]
     assert len(runs) == len(set(runs)) and all(t.state.name == "COMPLETE" for t in study.trials)
     seeds = {lr: sorted(t.user_attrs[SEED] for t in ts) for lr, ts in _by_config(study).items()}
-    assert seeds[1e-5] == [7, 8, 9] and seeds[2e-5] == [7, 8]
+    # Whether 2e-5 is raced out depends on which seeds finished first; every
+    # configuration's seeds are still s, s+1, ... and the best one has all three.
+    assert seeds[1e-5] == [7, 8, 9]
+    assert all(s == [7, 8, 9][:len(s)] for s in seeds.values())

@@ -17,20 +17,31 @@ the configuration go on, and are never pruned by epochs. The sampler learns
 from each configuration's mean: `SeedMeanSampler` shows it one trial per
 configuration whose value is the mean over the seeds that completed.
 
-The test. After each seed, configuration c (n_c seeds, mean m_c) is compared
-with the incumbent I (the best mean among the configurations with all N seeds;
-before there is one, the best mean so far; never a raced-out or infeasible
-one) by a one-sided two-sample t-test whose variance is the study's pooled
-within-configuration seed variance s² (all configurations with >= 2 seeds,
-Σ(n_i - 1) degrees of freedom):
-    t = (m_I - m_c) / (s · sqrt(1/n_c + 1/n_I)),   p = P(T_df > t).
-c is raced out when p < race_alpha. A test on the pair's own 2-3 seeds could
-not decide at N = 3: an exact Wilcoxon signed-rank test on 3 pairs never
-gets below p = 0.125, and a paired t-test on 2 pairs has one degree of
-freedom. The seed variance is a property of the data and the encoder far more
-than of a loss weight, so pooling it over the study's configurations is what
-makes the race decide after one or two seeds; a first seed can be raced out
-once the pooled estimate exists.
+The test. After each seed, configuration c is compared with the incumbent I
+(the best mean among the configurations with all N seeds; before there is
+one, the best mean so far; never a raced-out or infeasible one) by a
+one-sided t-test on their shared seeds S (every configuration runs s, s+1,
+..., so c's seeds are I's first ones):
+    d = mean over S of (x_I,s - x_c,s),   t = d / (σ · sqrt(2 / |S|)),
+    p = P(T_df > t),
+where σ² is the study's pooled seed variance: the residual variance of the
+additive model x_c,s = μ_c + β_s + ε over all configurations with >= 2 seeds
+(df = observations - configurations - seeds + 1). c is raced out when
+p < race_alpha.
+
+Why paired, and why pooled. A seed is the same draw for every configuration
+(the same data order, the same head initialisation), and on these tasks its
+shared effect is most of the seed noise: on minilm-l6 the seed standard
+deviation within a configuration was 0.030 and what is left after the shared
+seed effect 0.003 (`bench/seed_effects.py`, README "Measured"). Comparing
+configurations seed by seed removes it; comparing means over seeds would
+leave it in and race out almost nothing. Pooling σ² over the study is what
+lets the test decide at N = 3: a test on the pair's own 2-3 differences could
+not (an exact Wilcoxon signed-rank test on 3 pairs never gets below p = 0.125;
+a paired t-test on 2 pairs has one degree of freedom). A first seed can be
+raced out once the pooled estimate exists. Configurations with no seed in
+common (a space that samples `train.seed`) fall back to the two-sample t-test
+with the pooled within-configuration variance, Σ(n_i - 1) df.
 """
 
 from __future__ import annotations
@@ -59,15 +70,16 @@ class Race:
     values: list[float] = field(default_factory=list)
     raced_out: bool = False
     feasible: bool = True
+    by_seed: dict[int, float] = field(default_factory=dict)  # seed -> value
 
     @property
     def mean(self) -> float:
         return statistics.fmean(self.values)
 
 
-def races(study, *, extra: tuple[int, float] | None = None) -> dict[int, Race]:
+def races(study, *, extra: tuple[int, int | None, float] | None = None) -> dict[int, Race]:
     """Every configuration with a COMPLETE seed run, by its first trial's number;
-    `extra` (configuration, value) adds a seed run that is about to complete."""
+    `extra` (configuration, seed, value) adds a seed run that is about to complete."""
     from optuna.trial import TrialState
 
     found: dict[int, Race] = {}
@@ -76,10 +88,16 @@ def races(study, *, extra: tuple[int, float] | None = None) -> dict[int, Race]:
             continue
         race = found.setdefault(config_of(t), Race(config_of(t)))
         race.values.append(t.values[0])
+        if t.user_attrs.get(SEED) is not None:
+            race.by_seed[int(t.user_attrs[SEED])] = t.values[0]
         race.raced_out |= bool(t.user_attrs.get(RACED_OUT))
         race.feasible &= t.user_attrs.get(FEASIBLE, True) is not False
     if extra is not None:
-        found.setdefault(extra[0], Race(extra[0])).values.append(extra[1])
+        config, seed, value = extra
+        race = found.setdefault(config, Race(config))
+        race.values.append(value)
+        if seed is not None:
+            race.by_seed[seed] = value
     return found
 
 
@@ -93,6 +111,43 @@ def pooled_variance(groups) -> tuple[float, int] | None:
             squares += sum((v - mean) ** 2 for v in race.values)
             df += len(race.values) - 1
     return (squares / df, df) if df else None
+
+
+def residual_variance(groups) -> tuple[float, int] | None:
+    """The residual variance of the additive model value = configuration + seed over the
+    configurations with >= 2 seeds (fitted by alternating means, which also fits an
+    unbalanced table), and its degrees of freedom; None while there are none."""
+    rows = {r.config: r.by_seed for r in groups if len(r.by_seed) >= 2}
+    seeds = {s for row in rows.values() for s in row}
+    df = sum(len(row) for row in rows.values()) - len(rows) - len(seeds) + 1
+    if not rows or df < 1:
+        return None
+    beta = dict.fromkeys(seeds, 0.0)
+    for _ in range(100):
+        mu = {c: statistics.fmean(v - beta[s] for s, v in row.items()) for c, row in rows.items()}
+        new = {s: statistics.fmean(row[s] - mu[c] for c, row in rows.items() if s in row)
+               for s in seeds}
+        done = max(abs(new[s] - beta[s]) for s in seeds) < 1e-12
+        beta = new
+        if done:
+            break
+    squares = sum((v - mu[c] - beta[s]) ** 2 for c, row in rows.items() for s, v in row.items())
+    return squares / df, df
+
+
+def p_paired(race: Race, leader: Race, residual: tuple[float, int], sign: int
+             ) -> tuple[float, int]:
+    """One-sided p-value of "`race` is no worse than `leader`" on their shared seeds
+    (module docstring), and how many seeds they share."""
+    from scipy.stats import t as student_t
+
+    shared = sorted(set(race.by_seed) & set(leader.by_seed))
+    gap = sign * statistics.fmean(leader.by_seed[s] - race.by_seed[s] for s in shared)
+    variance, df = residual
+    scale = math.sqrt(2 * variance / len(shared))
+    if scale == 0.0:  # no residual noise at all: any gap is certain
+        return (0.0 if gap > 0 else 1.0), len(shared)
+    return float(student_t.sf(gap / scale, df)), len(shared)
 
 
 def incumbent(groups: dict[int, Race], seeds: int, sign: int) -> Race | None:
@@ -126,25 +181,33 @@ class Decision:
 
 
 def decide(study, *, config: int, value: float, seeds: int, alpha: float,
-           direction: str = "maximize") -> Decision:
-    """The race's decision for `config` after a seed run scored `value` (not yet stored
-    as COMPLETE): COMPLETE at `seeds` seeds, RACED when worse than the incumbent at
-    level `alpha`, else CONTINUE."""
+           direction: str = "maximize", seed: int | None = None) -> Decision:
+    """The race's decision for `config` after its seed run with train.seed `seed` scored
+    `value` (not yet stored as COMPLETE): COMPLETE at `seeds` seeds, RACED when worse
+    than the incumbent at level `alpha`, else CONTINUE."""
     sign = 1 if direction == "maximize" else -1
-    groups = races(study, extra=(config, value))
+    groups = races(study, extra=(config, seed, value))
     race = groups[config]
     n = len(race.values)
     if n >= seeds:
         return Decision(COMPLETE, n, f"all {seeds} seeds: mean {race.mean:.4f}")
     leader = incumbent(groups, seeds, sign)
-    pooled = pooled_variance(groups.values())
-    if leader is None or leader.config == config or pooled is None:
-        why = ("no pooled seed variance yet" if pooled is None else "it leads")
+    paired = leader is not None and bool(set(race.by_seed) & set(leader.by_seed))
+    noise = (residual_variance if paired else pooled_variance)(groups.values())
+    if leader is None or leader.config == config or noise is None:
+        why = ("no pooled seed variance yet" if noise is None else "it leads")
         return Decision(CONTINUE, n, f"{n} of {seeds} seeds, mean {race.mean:.4f} ({why})")
-    p = p_worse(race, leader, pooled, sign)
-    versus = (f"mean {race.mean:.4f} over {n} seed{'s' * (n != 1)} against trial "
-              f"{leader.config}'s {leader.mean:.4f} over {len(leader.values)}, "
-              f"p = {p:.3g}")
+    if paired:
+        p, shared = p_paired(race, leader, noise, sign)
+        gap = sign * statistics.fmean(leader.by_seed[s] - race.by_seed[s]
+                                      for s in set(race.by_seed) & set(leader.by_seed))
+        versus = (f"{gap:+.4f} behind trial {leader.config} on {shared} shared "
+                  f"seed{'s' * (shared != 1)}, p = {p:.3g}")
+    else:
+        p = p_worse(race, leader, noise, sign)
+        versus = (f"mean {race.mean:.4f} over {n} seed{'s' * (n != 1)} against trial "
+                  f"{leader.config}'s {leader.mean:.4f} over {len(leader.values)}, "
+                  f"p = {p:.3g}")
     if p < alpha:
         return Decision(RACED, n, f"raced out: {versus} < {alpha:g}")
     return Decision(CONTINUE, n, f"{n} of {seeds} seeds: {versus}")

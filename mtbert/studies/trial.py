@@ -135,7 +135,7 @@ def _race(study, trial, job: TrialJob, run_dir: Path, result: TrialResult) -> No
     summary = json.loads((run_dir / "summary.json").read_text())
     decision = decide(study, config=job.config_id if job.config_id is not None else job.number,
                       value=summary["best"]["metrics"][job.objectives[0]], seeds=job.seeds,
-                      alpha=job.race_alpha, direction=job.direction)
+                      alpha=job.race_alpha, direction=job.direction, seed=job.seed)
     result.race, result.race_note = decision.state, decision.note
     if decision.state == RACED:
         trial.set_user_attr(RACED_OUT, True)
