@@ -140,7 +140,8 @@ BudgetHoursOption = Annotated[Optional[float], typer.Option(
 SeedsOption = Annotated[Optional[int], typer.Option(
     "--seeds", min=1, help="Race each configuration over up to N seeds (train.seed s, s+1, "
                            "...): the sampler learns from its mean, and it gets no more seeds "
-                           "once worse than the incumbent (spec key seeds).")]
+                           "once worse than the incumbent on their shared seeds (spec key "
+                           "seeds).")]
 RaceAlphaOption = Annotated[Optional[float], typer.Option(
     "--race-alpha", help="With --seeds: the level at which a configuration is raced out "
                          "(default 0.1; spec key race_alpha).")]
