@@ -13,11 +13,13 @@ Prints the seed runs and wall time of both, both choices, and where each
 raced-out configuration ranks under the fixed protocol.
 
     python bench/racing.py --data-dir ../shared/data/cs224n-qqp16k --trials 8 --seeds 3
+    python bench/racing.py --data-dir ../shared/data/cs224n-qqp16k --resume  # step 2 only
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from mtbert.studies.job import RACED_OUT, RESEED_OF, SEED
 from mtbert.studies.racing import config_of, spend
 from mtbert.studies.results import seed_groups
 from mtbert.studies.runner import SweepOptions, optimize
-from mtbert.studies.spec import find_spec, load_spec, with_racing
+from mtbert.studies.spec import find_spec, stored_spec, with_racing
 from mtbert.studies.storage import storage_url
 
 SMALL = ["data.max_train_examples=1000", "data.max_eval_examples=300", "train.epochs=1",
@@ -50,9 +52,10 @@ def raced_sweep(args, spec_file: Path) -> float:
     return time.monotonic() - started
 
 
-def complete_fixed_protocol(args, spec_file: Path, study) -> tuple[int, float]:
-    """Queue and run every seed of every configuration that the race did not run."""
-    spec = with_racing(load_spec(str(spec_file), SMALL + args.set), 1, None)
+def complete_fixed_protocol(args, study) -> tuple[int, float]:
+    """Queue and run every seed of every configuration that the race did not run, with the
+    spec the sweep stored (its --set and data directory), not raced."""
+    spec = with_racing(stored_spec(study), 1, None)
     trials = study.get_trials(deepcopy=False)
     held = {(config_of(t), t.user_attrs.get(SEED)) for t in trials if t.state.name == "COMPLETE"}
     queued = 0
@@ -80,6 +83,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="more config overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="the raced study exists: only complete the fixed protocol")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +93,7 @@ def main() -> None:
     spec_file = args.out / f"{args.spec}-raced.yaml"
     spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    raced_s = raced_sweep(args, spec_file)
+    raced_s = math.nan if args.resume else raced_sweep(args, spec_file)
     study = optuna.load_study(study_name=args.study, storage=storage_url(None, args.out))
     raced = seed_groups(study)
     cost = spend(study, args.seeds)
@@ -99,7 +104,7 @@ def main() -> None:
           f"{raced_best.mean():.4f} over {len(raced_best.trials)} seeds; "
           f"{len(raced_out)} of {len(raced)} configurations raced out; {raced_s / 60:.1f} min")
 
-    queued, fixed_s = complete_fixed_protocol(args, spec_file, study)
+    queued, fixed_s = complete_fixed_protocol(args, study)
     values: dict[int, list[float]] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         values.setdefault(config_of(t), []).append(t.value)
@@ -112,8 +117,9 @@ def main() -> None:
     print("configuration  fixed rank  fixed mean ± std   seeds raced  raced out")
     for rank, c in enumerate(fixed, 1):
         raced_seeds = next(len(g.trials) for g in raced if g.number == c)
+        std = statistics.stdev(values[c]) if len(values[c]) > 1 else math.nan
         print(f"{c:>13}  {rank:>10}  {statistics.fmean(values[c]):.4f} ± "
-              f"{statistics.stdev(values[c]):.4f}  {raced_seeds:>11}  "
+              f"{std:.4f}  {raced_seeds:>11}  "
               f"{'yes' if c in raced_out else 'no'}")
     if any(RACED_OUT in t.user_attrs for t in study.get_trials(deepcopy=False)
            if config_of(t) == fixed[0]):
