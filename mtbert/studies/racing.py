@@ -32,8 +32,8 @@ p < race_alpha.
 Why paired, and why pooled. A seed is the same draw for every configuration
 (the same data order, the same head initialisation), and on these tasks its
 shared effect is most of the seed noise: on minilm-l6 the seed standard
-deviation within a configuration was 0.030 and what is left after the shared
-seed effect 0.003 (`bench/seed_effects.py`, README "Measured"). Comparing
+deviation within a configuration was 0.031 and what is left after the shared
+seed effect 0.007 (`bench/seed_effects.py`, README "Measured"). Comparing
 configurations seed by seed removes it; comparing means over seeds would
 leave it in and race out almost nothing. Pooling σ² over the study is what
 lets the test decide at N = 3: a test on the pair's own 2-3 differences could
