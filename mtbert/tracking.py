@@ -182,11 +182,17 @@ def log_model_artifact(model_dir: Path, *, mode: str, project: str, group: str,
             run.finish()
         return run_id
     except Exception as err:  # noqa: BLE001 - the export is done; W&B only records it
-        log.warning("W&B: could not log the model artifact (%s: %s); the model directory is "
-                    "written", type(err).__name__, first_line(err))
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001 - already failing; the warning above says why
-                log.debug("W&B: finishing the failed export run failed too")
-        return None
+        return failed_run(run, err, "the model artifact", "the model directory is written")
+
+
+def failed_run(run, err: BaseException, what: str, kept: str) -> None:
+    """A W&B run that failed after the real work was done: one warning naming `what` could
+    not be logged and what was `kept`, and the run (if it started) finished as failed."""
+    log.warning("W&B: could not log %s (%s: %s); %s", what, type(err).__name__,
+                first_line(err), kept)
+    if run is not None:
+        try:
+            run.finish(exit_code=1)
+        except Exception:  # noqa: BLE001 - already failing; the warning above says why
+            log.debug("W&B: finishing the failed run failed too")
+    return None

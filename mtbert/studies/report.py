@@ -648,11 +648,6 @@ def log_study_report(report, *, mode: str, project: str, directory: Path) -> str
         run.finish()
         return run_id
     except Exception as err:  # noqa: BLE001 - a W&B failure must not lose the report
-        log.warning("W&B: could not log the report (%s: %s); the report files are written",
-                    type(err).__name__, first_line(err))
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001 - already failing; the warning above says why
-                log.debug("W&B: finishing the failed report run failed too")
-        return None
+        from mtbert.tracking import failed_run
+
+        return failed_run(run, err, "the report", "the report files are written")
