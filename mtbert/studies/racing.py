@@ -136,9 +136,9 @@ def residual_variance(groups) -> tuple[float, int] | None:
 
 
 def p_paired(race: Race, leader: Race, residual: tuple[float, int], sign: int
-             ) -> tuple[float, int]:
+             ) -> tuple[float, int, float]:
     """One-sided p-value of "`race` is no worse than `leader`" on their shared seeds
-    (module docstring), and how many seeds they share."""
+    (module docstring), how many seeds they share, and how far behind it is on them."""
     from scipy.stats import t as student_t
 
     shared = sorted(set(race.by_seed) & set(leader.by_seed))
@@ -146,8 +146,8 @@ def p_paired(race: Race, leader: Race, residual: tuple[float, int], sign: int
     variance, df = residual
     scale = math.sqrt(2 * variance / len(shared))
     if scale == 0.0:  # no residual noise at all: any gap is certain
-        return (0.0 if gap > 0 else 1.0), len(shared)
-    return float(student_t.sf(gap / scale, df)), len(shared)
+        return (0.0 if gap > 0 else 1.0), len(shared), gap
+    return float(student_t.sf(gap / scale, df)), len(shared), gap
 
 
 def incumbent(groups: dict[int, Race], seeds: int, sign: int) -> Race | None:
@@ -198,9 +198,7 @@ def decide(study, *, config: int, value: float, seeds: int, alpha: float,
         why = ("no pooled seed variance yet" if noise is None else "it leads")
         return Decision(CONTINUE, n, f"{n} of {seeds} seeds, mean {race.mean:.4f} ({why})")
     if paired:
-        p, shared = p_paired(race, leader, noise, sign)
-        gap = sign * statistics.fmean(leader.by_seed[s] - race.by_seed[s]
-                                      for s in set(race.by_seed) & set(leader.by_seed))
+        p, shared, gap = p_paired(race, leader, noise, sign)
         versus = (f"{gap:+.4f} behind trial {leader.config} on {shared} shared "
                   f"seed{'s' * (shared != 1)}, p = {p:.3g}")
     else:

@@ -44,8 +44,8 @@ from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON,
                                 STUDY_OBJECTIVES, STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID,
                                 TrialJob, TrialResult, WandbSettings, retried_from)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
-from mtbert.studies.racing import (CONTINUE, is_new_configuration, mean_sampler, next_seed,
-                                   queue_seed)
+from mtbert.studies.racing import (CONTINUE, config_of, is_new_configuration, mean_sampler,
+                                   next_seed, queue_seed)
 from mtbert.studies.results import (SeedGroup, complete_trials, describe_trial,
                                     feasible_trials, new_finished, ranked, reseed_seeds,
                                     seed_groups)
@@ -183,7 +183,7 @@ class TrialRunner:
             prune=(reseed_of is None and not self.spec.multi_objective
                    and self.spec.pruner["name"] != "none"),
             pruner=self.spec.pruner, params=params, seed=seed, device=self.options.device,
-            reseed_of=reseed_of, config_id=trial.number if reseed_of is None else reseed_of,
+            reseed_of=reseed_of, config_id=config_of(trial),
             seeds=spec.seeds, race_alpha=spec.race_alpha, direction=spec.directions[0],
             wandb=WandbSettings(self.options.wandb_mode, self.options.wandb_project,
                                 str(self.wandb_dir)))
@@ -269,7 +269,7 @@ class TrialRunner:
                                   else {**params, "train.seed": int(seed)})
             save_config(config, run_dir / "config.yaml")
         trial.set_user_attr(SEED, config.train.seed)
-        trial.set_user_attr(CONFIG_ID, trial.user_attrs.get(RESEED_OF, trial.number))
+        trial.set_user_attr(CONFIG_ID, config_of(trial))
         if retry_of is not None:
             trial.set_user_attr(RETRY_OF, retry_of)
             trial.set_user_attr(FAIL_REASON, None)  # copied from the trial it retries
