@@ -79,7 +79,7 @@ from mtbert.studies.storage import open_storage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 url, start, lock = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 if lock == "unlocked":
-    mtbert.studies.storage._schema_lock = lambda url: contextlib.nullcontext()
+    mtbert.studies.storage.setup_lock = lambda url, doing: contextlib.nullcontext()
 time.sleep(max(0.0, start - time.time()))
 rdb = open_storage(url, heartbeat=10)
 study = optuna.create_study(study_name="race", storage=rdb, load_if_exists=True)
@@ -215,3 +215,84 @@ def test_the_schema_lock_is_released_and_a_held_one_is_waited_for_then_named(
             assert _advisory_locks(conn) == 0
     finally:
         holder.dispose()
+
+
+# Each process takes queued trials until none is left, as a worker's Optuna does, and
+# prints the numbers it took. Started at one instant, so that their takes overlap.
+TAKE_QUEUED = """
+import sys, time
+import optuna
+from mtbert.studies.storage import open_storage
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+url, start = sys.argv[1], float(sys.argv[2])
+study = optuna.load_study(study_name="queue", storage=open_storage(url))
+time.sleep(max(0.0, start - time.time()))
+taken = []
+while (trial_id := study._pop_waiting_trial_id()) is not None:
+    taken.append(trial_id)
+print(*taken)
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_four_workers_taking_queued_trials_at_once_never_take_one_twice(
+        backend, tmp_path, request):
+    # On SQLite two processes took one trial several times in 200 before the storage
+    # began its transactions with the write lock (optuna#4002).
+    if backend == "postgresql":
+        if postgres_unreachable() is not None:
+            pytest.skip(str(postgres_unreachable()))
+        url = request.getfixturevalue("fresh_database")
+    else:
+        url = f"sqlite:///{tmp_path / 'mtbert.db'}"
+    import optuna
+
+    study = optuna.create_study(study_name="queue", storage=open_storage(url))
+    for x in range(120):
+        study.enqueue_trial({"x": x})
+    start = time.time() + 5.0
+    results = _start_together([[sys.executable, "-c", TAKE_QUEUED, url, str(start)]
+                               for _ in range(4)])
+    assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
+    taken = [int(t) for r in results for t in r.stdout.split()]
+    assert len(taken) == 120 and len(set(taken)) == 120
+    assert all(r.stdout.split() for r in results), "every worker took some"
+
+
+# A worker's start: create or load the study and queue the spec's `enqueue:` items.
+# Optuna checks that a configuration is absent, then adds it; the pause between the two
+# (real ones are milliseconds) lets every worker's check come before any add.
+START_SWEEP = """
+import sys, time
+import optuna
+from mtbert.studies.runner import SweepOptions, create_study
+from mtbert.studies.spec import load_spec
+check = optuna.study.Study._should_skip_enqueue
+def slow_check(self, params):
+    found = check(self, params)
+    time.sleep(0.3)
+    return found
+optuna.study.Study._should_skip_enqueue = slow_check
+spec_path, out, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+spec = load_spec(spec_path)
+time.sleep(max(0.0, start - time.time()))
+create_study(spec, SweepOptions(trials=1, out=out, device="cpu"))
+"""
+
+
+def test_workers_started_together_queue_the_specs_configurations_once(tmp_path):
+    import optuna
+
+    spec = tmp_path / "queue.yaml"
+    spec.write_text("name: queue\nspace:\n  train.lr: {type: float, low: 1.0e-6, high: 1.0e-4, "
+                    "log: true}\nenqueue:\n" + "".join(f"  - {{train.lr: {k}.0e-5}}\n"
+                                                       for k in range(1, 7)))
+    out = tmp_path / "runs"
+    out.mkdir()
+    start = time.time() + 6.0
+    results = _start_together([[sys.executable, "-c", START_SWEEP, str(spec), str(out),
+                                str(start)] for _ in range(3)])
+    assert [r.returncode for r in results] == [0] * 3, [r.stderr for r in results]
+    study = optuna.load_study(study_name="queue", storage=f"sqlite:///{out / 'mtbert.db'}")
+    queued = sorted(t.system_attrs["fixed_params"]["train.lr"] for t in study.trials)
+    assert queued == pytest.approx([k * 1e-5 for k in range(1, 7)])

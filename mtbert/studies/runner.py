@@ -53,8 +53,8 @@ from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
                                  trial_config)
-from mtbert.studies.storage import (check_study_name, mask_url, open_storage, select_study,
-                                    storage_errors, storage_url, with_driver)
+from mtbert.studies.storage import (check_study_name, enqueue_once, mask_url, open_storage,
+                                    select_study, storage_errors, storage_url, with_driver)
 from mtbert.studies.warmstart import WARM_TOP, warm_start
 from mtbert.tasks import METRIC_KEYS
 
@@ -423,7 +423,7 @@ def create_study(spec: SweepSpec, options: SweepOptions):
                    url=options.warm_storage or options.url, top=options.warm_top,
                    own_url=options.url)
     for params in spec.enqueue:  # known configurations run first, and once per study
-        study.enqueue_trial(params, skip_if_exists=True)
+        enqueue_once(study, options.url, params)
     return study, before
 
 

@@ -3,7 +3,9 @@
 A URL names it (SQLite by default, `<out>/mtbert.db`; PostgreSQL for many
 workers). This module turns a URL into a working storage (the driver mtbert
 installs, heartbeats, one retry of a dead worker's trial), lets any number of
-workers create a new storage's tables at the same instant, opens the study a
+workers create a new storage's tables at the same instant, lets workers share
+one SQLite file without two of them taking the same queued trial, queues a
+configuration once however many workers start together, opens the study a
 command names, masks every credential before a URL is shown or written, and
 says which study names may become directory names.
 """
@@ -27,11 +29,14 @@ STORAGE_FILE = "mtbert.db"
 # and '-', starting with a letter or digit, so that no name is absolute, '..' or hidden.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Optuna creates its tables on first use; workers started together on a new database
-# (docker/compose.yaml starts two) would all create them at once. On PostgreSQL they take
-# turns under this session advisory lock (the key spells "mtbert"; every database has its
-# own advisory locks); on every backend the losers of the race retry a few times.
+# (docker/compose.yaml starts two) would all create them at once, and each queues the
+# spec's `enqueue:` configurations. They take turns (`setup_lock`): on PostgreSQL under
+# this session advisory lock (the key spells "mtbert"; every database has its own advisory
+# locks), on SQLite under a file lock beside the database; on every backend the losers of
+# the schema race retry a few times.
 SCHEMA_LOCK_KEY = int.from_bytes(b"mtbert", "big")
 SCHEMA_LOCK_WAIT_S = 120
+SQLITE_LOCK_SUFFIX = ".lock"
 SCHEMA_RETRY_FIRST_S = 0.2
 SCHEMA_RETRY_TOTAL_S = 30.0
 # What a lost race says, besides an IntegrityError (the pg_type row of a table, the version
@@ -96,9 +101,10 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     """Optuna's RDB storage for `url`; with `heartbeat`, a trial whose worker died is
     queued again (at most `max_retries` times; the worker that takes it resumes it).
 
-    Workers that open a new storage together take turns creating its tables (PostgreSQL,
-    `_schema_lock`); one that still loses that race retries with a growing pause for up to
+    Workers that open a new storage together take turns creating its tables
+    (`setup_lock`); one that still loses that race retries with a growing pause for up to
     SCHEMA_RETRY_TOTAL_S. Any other error fails at once, as one line with the URL masked.
+    On SQLite every transaction takes the write lock when it begins (`_serialize`).
     """
     import optuna
     import sqlalchemy.exc
@@ -123,9 +129,9 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     delay = SCHEMA_RETRY_FIRST_S
     while True:
         try:
-            with _schema_lock(url):
-                return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine,
-                                                  **kwargs)
+            with setup_lock(url, "creating its tables"):
+                return _serialize(optuna.storages.RDBStorage(with_driver(url),
+                                                             engine_kwargs=engine, **kwargs))
         except sqlalchemy.exc.ArgumentError:
             raise ConfigError(f"bad storage URL {mask_url(url)}; e.g. sqlite:///runs/mtbert.db "
                               "or postgresql://user:password@host:5432/db") from None
@@ -152,17 +158,57 @@ def is_schema_race(err: BaseException) -> bool:
     return False
 
 
-@contextmanager
-def _schema_lock(url: str):
-    """PostgreSQL: hold mtbert's advisory lock while Optuna creates or checks its tables.
+def _serialize(storage):
+    """On SQLite, begin every transaction of `storage` with BEGIN IMMEDIATE.
 
-    A session lock on its own short-lived connection, so that no transaction of Optuna's
-    ends it early; closing that connection would release it too (a killed worker never
-    leaves it held).
+    Optuna takes a queued trial by reading that it is WAITING and then writing RUNNING,
+    in one transaction that on PostgreSQL holds the row (SELECT ... FOR UPDATE). SQLite
+    ignores FOR UPDATE and Python's driver begins a transaction only at its first write,
+    so two worker processes on one file both read WAITING and both run the trial; the
+    second to finish then fails on a trial already finished (optuna#4002). A transaction
+    that takes the write lock when it begins makes the read and the write one step: the
+    other worker waits (the connection's timeout) and then reads RUNNING. The SQLAlchemy
+    documentation's recipe for the pysqlite driver, with IMMEDIATE.
     """
     import sqlalchemy
 
-    if sqlalchemy.make_url(with_driver(url)).get_backend_name() != "postgresql":
+    engine = storage.engine
+    if engine.dialect.name != "sqlite":
+        return storage
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _driver_leaves_transactions_alone(dbapi_connection, record):
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_with_the_write_lock(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # the connections Optuna opened so far predate the listeners
+    return storage
+
+
+@contextmanager
+def setup_lock(url: str, doing: str):
+    """Hold the study storage's setup lock: one worker at a time creates its tables or
+    queues configurations (`doing` says which, for the message of a lock waited for too
+    long). PostgreSQL: mtbert's session advisory lock, on its own short-lived connection,
+    so that no transaction of Optuna's ends it early. SQLite: a file lock beside the
+    database file. Either is released when its process dies: a killed worker never
+    leaves it held. Other storages (SQLite in memory) have one process: no lock."""
+    import sqlalchemy
+
+    parsed = sqlalchemy.make_url(with_driver(url))
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = Path(parsed.database or ":memory:")
+        if str(database) == ":memory:" or not database.parent.is_dir():
+            yield  # a missing folder: SQLite's own error says so
+            return
+        with _file_lock(database.with_name(database.name + SQLITE_LOCK_SUFFIX), url, doing):
+            yield
+        return
+    if backend != "postgresql":
         yield
         return
     engine = sqlalchemy.create_engine(with_driver(url), poolclass=sqlalchemy.pool.NullPool,
@@ -176,10 +222,8 @@ def _schema_lock(url: str):
             except sqlalchemy.exc.OperationalError as err:
                 if "lock timeout" not in first_line(err):
                     raise
-                raise StorageError(
-                    f"cannot reach the study storage {mask_url(url)}: waited "
-                    f"{SCHEMA_LOCK_WAIT_S} s for another worker creating its tables (it holds "
-                    f"advisory lock {SCHEMA_LOCK_KEY}; see pg_locks)") from None
+                raise _waited(url, doing, f"advisory lock {SCHEMA_LOCK_KEY}; see pg_locks") \
+                    from None
             try:
                 yield
             finally:
@@ -189,6 +233,37 @@ def _schema_lock(url: str):
                                  {"key": SCHEMA_LOCK_KEY})
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _file_lock(path: Path, url: str, doing: str):
+    import filelock
+
+    lock = filelock.FileLock(path, timeout=SCHEMA_LOCK_WAIT_S)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise _waited(url, doing, str(path)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _waited(url: str, doing: str, held: str) -> StorageError:
+    return StorageError(f"cannot reach the study storage {mask_url(url)}: waited "
+                        f"{SCHEMA_LOCK_WAIT_S} s for another worker {doing} (it holds "
+                        f"{held})")
+
+
+def enqueue_once(study, url: str, params: dict[str, Any]) -> bool:
+    """Queue `params` as a trial of `study` unless the study holds that configuration
+    (queued, running or finished; Optuna's `skip_if_exists`); whether it was queued.
+    Under the setup lock: workers started together queue it once between them."""
+    with setup_lock(url, f"queuing configurations of study {study.study_name}"):
+        count = len(study.get_trials(deepcopy=False))
+        study.enqueue_trial(params, skip_if_exists=True)
+        return len(study.get_trials(deepcopy=False)) > count
 
 
 @contextmanager

@@ -24,7 +24,8 @@ from mtbert.errors import ConfigError
 from mtbert.formatting import format_params
 from mtbert.studies.results import seed_groups
 from mtbert.studies.spec import SweepSpec, check_configuration
-from mtbert.studies.storage import open_storage, select_study, storage_errors
+from mtbert.studies.storage import (enqueue_once, open_storage, select_study,
+                                    storage_errors)
 
 log = logging.getLogger("mtbert")
 
@@ -95,9 +96,7 @@ def warm_start(study, spec: SweepSpec, *, source: str, url: str, top: int = WARM
             log.warning("warm start: trial %d of study %s skipped, it does not fit the space "
                         "of %s: %s", number, name, spec.name, err)
             continue
-        count = len(study.get_trials(deepcopy=False))
-        study.enqueue_trial(checked, skip_if_exists=True)
-        queued = len(study.get_trials(deepcopy=False)) > count
+        queued = enqueue_once(study, own_url or url, checked)
         (done.queued if queued else done.present).append(number)
         log.info("warm start: trial %d of study %s %s  [%s]", number, name,
                  "queued" if queued else "already in the study", format_params(checked))
