@@ -325,3 +325,27 @@ def test_sigterm_with_trials_per_gpu_ends_every_running_trial(tiny_encoder, task
     assert [t.state.name for t in trials] == ["FAIL", "FAIL", "WAITING", "WAITING"]
     assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in trials[:2])
     assert sorted(t.system_attrs["retry_history"][-1] for t in trials[2:]) == [0, 1]
+
+
+def test_each_worker_of_a_study_draws_its_own_configurations(tmp_path):
+    from mtbert.studies.runner import SweepOptions, create_study
+    from mtbert.studies.spec import load_spec, suggest
+
+    spec_path = tmp_path / "draws.yaml"
+    spec_path.write_text("name: draws\nspace:\n  train.lr: {type: float, low: 1.0e-6, "
+                         "high: 1.0e-4, log: true}\n  train.batch_size: {type: categorical, "
+                         "choices: [8, 16, 32, 64]}\nsampler: {name: random, seed: 0}\n")
+    spec = load_spec(str(spec_path))
+    options = SweepOptions(trials=3, out=tmp_path / "runs", device="cpu", heartbeat=0)
+    options.out.mkdir()
+    # Three workers (or one sweep run three times) on one study, each asking 3 trials.
+    drawn = []
+    for _ in range(3):
+        study, _ = create_study(spec, options)
+        drawn.append([tuple(suggest(study.ask(), spec).values()) for _ in range(3)])
+    assert len({draw for draws in drawn for draw in draws}) == 9
+    assert study.user_attrs["workers_started"] == 3
+    # The first worker draws what the spec's seed draws alone: a study swept once by one
+    # worker is as reproducible as before.
+    alone = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert drawn[0] == [tuple(suggest(alone.ask(), spec).values()) for _ in range(3)]

@@ -47,6 +47,7 @@ STUDY_SPEC_NAME = "spec"
 STUDY_OBJECTIVES = "objectives"
 STUDY_SPEC = "spec_def"
 STUDY_CONSTRAINTS = "constraints"  # the spec's constraints, thresholds resolved
+WORKERS_STARTED = "workers_started"  # sweeps started on the study (each its sampler seed)
 
 
 @dataclass

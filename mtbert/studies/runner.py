@@ -38,11 +38,11 @@ from mtbert.studies.constraints import (constraints_func, describe_all, record_f
                                         resolve_constraints, store_constraints,
                                         study_constraints)
 from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
-                                GPU,
-                                PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
+                                GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 STUDY_OBJECTIVES, STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID,
-                                TrialJob, TrialResult, WandbSettings, retried_from)
+                                WORKERS_STARTED, TrialJob, TrialResult, WandbSettings,
+                                retried_from)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.racing import (CONTINUE, config_of, is_new_configuration, mean_sampler,
                                    next_seed, queue_seed)
@@ -54,7 +54,8 @@ from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
                                  trial_config)
 from mtbert.studies.storage import (check_study_name, enqueue_once, mask_url, open_storage,
-                                    select_study, storage_errors, storage_url, with_driver)
+                                    select_study, setup_lock, storage_errors, storage_url,
+                                    with_driver)
 from mtbert.studies.warmstart import WARM_TOP, warm_start
 from mtbert.tasks import METRIC_KEYS
 
@@ -377,11 +378,30 @@ class TrialRunner:
         return result
 
 
-def study_sampler(spec: SweepSpec, constraints: list | None = None):
+def study_sampler(spec: SweepSpec, constraints: list | None = None, worker: int = 0):
     """The spec's sampler (told the study's constraints); in a raced study it learns from
-    configurations' means."""
-    sampler = make_sampler(spec.sampler, constraints_func(constraints) if constraints else None)
+    configurations' means. The study's `worker`-th worker (from 0) draws with the spec's
+    sampler seed + `worker`."""
+    options = spec.sampler
+    if worker and options.get("seed") is not None:
+        options = {**options, "seed": options["seed"] + worker}
+    sampler = make_sampler(options, constraints_func(constraints) if constraints else None)
     return mean_sampler(sampler) if spec.seeds > 1 else sampler
+
+
+def join_study(study, url: str) -> int:
+    """This worker's number among every worker that ran the study so far (0: the first),
+    counted in the study (`workers_started`) under the setup lock.
+
+    Workers whose samplers share one seed draw the same random configurations: the
+    first trials of every worker (TPE's and GP's random start, `random` throughout) would
+    be one configuration run once per worker, and a sweep run again would repeat the
+    first run's. Worker k draws with seed + k instead; a study run by one worker once
+    draws as before."""
+    with setup_lock(url, f"joining study {study.study_name}"):
+        worker = study.user_attrs.get(WORKERS_STARTED, 0)
+        study.set_user_attr(WORKERS_STARTED, worker + 1)
+    return worker
 
 
 def create_study(spec: SweepSpec, options: SweepOptions):
@@ -424,6 +444,12 @@ def create_study(spec: SweepSpec, options: SweepOptions):
                    own_url=options.url)
     for params in spec.enqueue:  # known configurations run first, and once per study
         enqueue_once(study, options.url, params)
+    worker = join_study(study, options.url)
+    if worker and spec.sampler.get("seed") is not None:
+        study.sampler = study_sampler(spec, constraints, worker)
+        log.info("worker %d of study %s: sampler seed %d (the spec's + %d, so that workers "
+                 "draw different configurations)", worker, name,
+                 spec.sampler["seed"] + worker, worker)
     return study, before
 
 
