@@ -43,6 +43,9 @@ class LossCombiner(nn.Module):
     name: ClassVar[str]
     # True: `backward` gets the losses of every task of an optimizer step at once.
     per_step: ClassVar[bool] = False
+    # True: the method multiplies each task's loss by a weight (fixed or learned), which
+    # shapes the step only when the step holds several tasks or is not clipped.
+    scales_task_losses: ClassVar[bool] = False
 
     def __init__(self, config: LossConfig, tasks: list[str], *, seed: int = 0):
         super().__init__()
@@ -90,6 +93,7 @@ class Weighted(LossCombiner):
     """Fixed weights: sum of `loss.weights.<task>` x task loss."""
 
     name = "weighted"
+    scales_task_losses = True
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([self.config.weights.get(t, 1.0) * loss
@@ -110,6 +114,7 @@ class Uncertainty(LossCombiner):
     """
 
     name = "uncertainty"
+    scales_task_losses = True
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
         super().__init__(config, tasks, **kwargs)
@@ -135,6 +140,7 @@ class Liebel(LossCombiner):
     """
 
     name = "liebel"
+    scales_task_losses = True
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
         super().__init__(config, tasks, **kwargs)
@@ -164,6 +170,7 @@ class DynamicWeightAverage(LossCombiner):
     """
 
     name = "dwa"
+    scales_task_losses = True
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
         super().__init__(config, tasks, **kwargs)

@@ -265,6 +265,17 @@ def _warn_about_the_schedule(config: RunConfig, schedule: Schedule, combiner: Lo
         log.warning("loss.method %s compares the tasks of each step, but %s gives most steps "
                     "a single task; use train.schedule triple_batch or round_robin_batch",
                     config.loss.method, t.schedule)
+    clip = config.optim.max_grad_norm
+    if combiner.scales_task_losses and step_size(schedule, t.grad_accum) == 1 \
+            and clip > 0 and len(tasks) > 1:
+        # A step's gradient is one task's, times its weight; clipping divides it by its
+        # norm whenever that is above the clip, weight and all (train/clipped: how often).
+        log.warning("loss.method %s weights each task's loss, but %s gives every optimizer "
+                    "step a single task and optim.max_grad_norm %g clips its gradient back "
+                    "to norm %g: a weight changes only steps whose gradient norm stays under "
+                    "the clip (train/clipped: the share of steps clipped); use train.schedule "
+                    "triple_batch, train.grad_accum %d or optim.max_grad_norm 0",
+                    config.loss.method, t.schedule, clip, clip, len(tasks))
 
 
 def _make_optimizer(model: MultitaskModel, combiner: LossCombiner, config: RunConfig,
@@ -480,12 +491,16 @@ class EpochResult:
     task_losses: dict[str, float]  # mean loss of each task's batches, auxiliary loss included
     grad_cos: dict[str, float]  # mean of the epoch's gradient-conflict readings
     contrastive: dict[str, float]  # mean unweighted auxiliary loss of each task's batches
+    clipped: float | None = None  # share of the epoch's steps whose gradient was clipped
 
     def extra(self, combiner: LossCombiner) -> dict[str, float]:
-        """Per-task losses, loss weights and gradient cosines for metrics.jsonl and W&B."""
+        """Per-task losses, loss weights, the share of clipped steps and gradient cosines
+        for metrics.jsonl and W&B."""
         out = {f"train/loss_{t}": v for t, v in self.task_losses.items()}
         out.update({f"train/contrastive_{t}": v for t, v in self.contrastive.items()})
         out.update({f"loss_weight/{t}": round(w, 6) for t, w in combiner.task_weights().items()})
+        if self.clipped is not None:
+            out["train/clipped"] = round(self.clipped, 6)
         out.update(self.grad_cos)
         return out
 
@@ -499,6 +514,8 @@ class _EpochSums:
         self.auxiliary = {name: torch.zeros((), device=device) for name in auxiliary}
         self.batches = dict.fromkeys(tasks, 0)
         self.seen = 0  # training examples
+        self.clipped = torch.zeros((), device=device)  # steps whose gradient was clipped
+        self.steps = 0
 
     def add(self, task: str, loss: TaskLoss, examples: int) -> None:
         if loss.auxiliary is not None:
@@ -513,6 +530,11 @@ class _EpochSums:
         aux = {name: self.auxiliary[name].item() / self.batches[name] for name in self.auxiliary
                if self.batches[name]}
         return task, aux
+
+    def clipped_share(self) -> float | None:
+        """The share of the epoch's steps whose gradient norm was clipped (None: none
+        was, clipping is off)."""
+        return self.clipped.item() / self.steps if self.steps else None
 
 
 def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: str,
@@ -554,7 +576,7 @@ def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: s
                 for key in (conflicts[0] if conflicts else {})}
     task_losses, aux_losses = sums.means()
     return EpochResult(total_loss / max(readings, 1), sums.seen, task_losses, grad_cos,
-                       aux_losses)
+                       aux_losses, sums.clipped_share())
 
 
 def _train_step(s: TrainingSetup, group: list[str], sums: _EpochSums) -> list[torch.Tensor]:
@@ -584,8 +606,11 @@ def _train_step(s: TrainingSetup, group: list[str], sums: _EpochSums) -> list[to
             backpropagated.append(combiner.backward({task: loss.total}, model, scale))
     if combiner.per_step:
         backpropagated.append(combiner.backward(step_losses, model, scale))
-    if s.config.optim.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.config.optim.max_grad_norm)
+    max_norm = s.config.optim.max_grad_norm
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        sums.clipped += norm > max_norm  # read once, at the end of the epoch
+        sums.steps += 1
     s.optimizer.step()
     combiner.after_step()
     s.scheduler.step()

@@ -118,6 +118,44 @@ def test_sampling_by_size_over_equal_capped_tasks_warns(tiny_config, tmp_path, c
     assert "samples them uniformly" in caplog.text
 
 
+def _task_losses(run: Path) -> list[float]:
+    """Each epoch's mean training loss of each task (unweighted), epoch by epoch."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r[f"train/loss_{t}"] for r in records for t in ("sst", "qqp", "sts")]
+
+
+def test_clipping_erases_fixed_weights_when_each_step_has_one_task(tiny_config, tmp_path,
+                                                                  caplog):
+    # Every step clipped (a clip far below any gradient norm): a step on one task moves
+    # the model the same way whatever that task's weight, so two weightings train the
+    # same model; with every task in each step the weights shape the step.
+    def run(name: str, schedule: str, weights: dict) -> Path:
+        config = tiny_config(train={"schedule": schedule}, optim={"max_grad_norm": 1e-3},
+                             loss={"method": "weighted", "weights": weights})
+        train(config, run_dir=tmp_path / name, device="cpu", progress=False)
+        return tmp_path / name
+
+    even, skewed = {"sst": 1.0, "qqp": 1.0, "sts": 1.0}, {"sst": 10.0, "qqp": 0.1, "sts": 3.0}
+    with caplog.at_level("WARNING", logger="mtbert"):
+        one_task = [run(f"rr-{i}", "round_robin_batch", w) for i, w in enumerate((even, skewed))]
+    assert "a weight changes only steps whose gradient norm stays under the clip" in caplog.text
+    assert _task_losses(one_task[0]) == pytest.approx(_task_losses(one_task[1]), rel=1e-5)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtbert"):
+        every_task = [run(f"tb-{i}", "triple_batch", w) for i, w in enumerate((even, skewed))]
+    assert "a weight changes only" not in caplog.text
+    assert _task_losses(every_task[0]) != pytest.approx(_task_losses(every_task[1]), rel=1e-3)
+
+
+@pytest.mark.parametrize("clip, clipped", [(1e-6, 1.0), (1e6, 0.0), (0.0, None)])
+def test_the_share_of_clipped_steps_is_logged_per_epoch(tiny_config, tmp_path, clip, clipped):
+    train(tiny_config(optim={"max_grad_norm": clip}), run_dir=tmp_path / "r", device="cpu",
+          progress=False)
+    records = [json.loads(line)
+               for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("train/clipped") for r in records] == [clipped, clipped]
+
+
 # The loop state as the code before LoopState saved it: a dict of these keys, and no
 # CUDA random states in the payload.
 OLD_STATE_KEYS = ("epoch", "step", "best", "history", "bad_evals", "train_time",
