@@ -444,3 +444,33 @@ def test_racing_with_two_trials_at_once_runs_no_seed_twice(tmp_path, controlled)
     # configuration's seeds are still s, s+1, ... and the best one has all three.
     assert seeds[1e-5] == [7, 8, 9]
     assert all(s == [7, 8, 9][:len(s)] for s in seeds.values())
+
+
+def test_a_raced_worker_takes_seed_runs_and_starts_exactly_its_configurations(tmp_path):
+    from types import SimpleNamespace
+
+    from mtbert.studies.runner import NoQueuedTrial, race_queue
+
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    study = optuna.create_study(study_name="queue", storage=url)
+    study.enqueue_trial({"x": 1.0})  # a configuration queued (a spec's `enqueue:`)
+    study.enqueue_trial({"x": 2.0}, user_attrs={RESEED_OF: 7, SEED: 8})  # a seed run
+    study.enqueue_trial({"x": 3.0}, user_attrs={RESEED_OF: 7, SEED: 9})
+    distributions = {"x": optuna.distributions.FloatDistribution(0.0, 10.0)}
+    # A worker that started its one configuration takes the seed runs, not the queued
+    # configuration, and then samples none: nothing is created.
+    done = SimpleNamespace(new_configurations=1)
+    race_queue(study, done, 1)
+    assert [study.ask(distributions).number for _ in range(2)] == [1, 2]
+    with pytest.raises(NoQueuedTrial):
+        study.ask(distributions)
+    assert len(study.trials) == 3 and done.new_configurations == 1
+    # A worker with two configurations to start takes the queued one, samples one more,
+    # and stops there.
+    fresh = SimpleNamespace(new_configurations=0)
+    other = optuna.load_study(study_name="queue", storage=url)
+    race_queue(other, fresh, 2)
+    assert [other.ask(distributions).number for _ in range(2)] == [0, 3]
+    with pytest.raises(NoQueuedTrial):
+        other.ask(distributions)
+    assert len(other.trials) == 4 and fresh.new_configurations == 2

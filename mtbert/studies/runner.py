@@ -148,7 +148,7 @@ class TrialRunner:
         self._procs: set[subprocess.Popen] = set()
         self.stopping = False
         self.slots = DeviceSlots(options.gpus, options.trials_per_gpu)
-        self.new_configurations = 0  # trials this worker started that sample a configuration
+        self.new_configurations = 0  # a raced worker's configurations started (race_queue)
 
     def stop(self) -> None:
         """End every running trial process (the worker was told to stop)."""
@@ -193,9 +193,6 @@ class TrialRunner:
         import optuna
 
         params = suggest(trial, self.spec)
-        if is_new_configuration(_frozen(trial)):
-            with self._lock:
-                self.new_configurations += 1
         run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         job = self._prepare(trial, params, run_dir)
@@ -521,6 +518,7 @@ def race_configurations(study, spec: SweepSpec, options: SweepOptions) -> str | 
     from optuna.trial import TrialState
 
     runner = TrialRunner(spec, options, study.study_name)
+    race_queue(study, runner, options.trials)
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
     while True:
         with storage_errors(options.url):
@@ -530,9 +528,57 @@ def race_configurations(study, spec: SweepSpec, options: SweepOptions) -> str | 
         left = None if deadline is None else deadline - time.monotonic()
         if todo == 0 or (left is not None and left <= 0):
             return None
-        stopped = optimize(study, spec, options, n_trials=todo, timeout=left, runner=runner)
+        try:
+            stopped = optimize(study, spec, options, n_trials=todo, timeout=left, runner=runner)
+        except NoQueuedTrial:
+            continue  # another worker took the queued trials counted: count again
         if stopped:
             return stopped
+
+
+class NoQueuedTrial(Exception):
+    """A raced worker that started its configurations found no queued trial to run."""
+
+
+def race_queue(study, runner: TrialRunner, configurations: int) -> None:
+    """Let this raced worker take queued trials so that it starts exactly
+    `configurations` new configurations, counted in `runner.new_configurations`.
+
+    Optuna takes the first queued (WAITING) trial, and samples a new one when another
+    worker took them all since this one counted them: a worker would start a
+    configuration more than asked, or take a queued configuration (the spec's
+    `enqueue:`, a warm start) where it wanted a seed run. This worker instead takes,
+    one thread at a time, the first queued trial it may run (a new configuration only
+    while it has configurations to start) and lets Optuna sample only then; once its
+    configurations are started, finding nothing queued ends the round (NoQueuedTrial,
+    raised before Optuna creates a trial) instead of starting another."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage, lock = study._storage, threading.Lock()
+
+    def take() -> int | None:
+        with lock:
+            started = runner.new_configurations >= configurations
+            for t in storage.get_all_trials(study._study_id, deepcopy=False,
+                                            states=(TrialState.WAITING,)):
+                new = is_new_configuration(t)
+                if new and started:
+                    continue
+                try:  # another worker may take it first: then it is not WAITING here
+                    if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                        continue
+                except UpdateFinishedTrialError:
+                    continue
+                runner.new_configurations += new
+                return t._trial_id
+            if started:
+                raise NoQueuedTrial
+            runner.new_configurations += 1  # Optuna samples a new configuration
+            return None
+
+    study._pop_waiting_trial_id = take
+    study._mtbert_queue_lock = lock  # one_queue_reader: this takes one at a time already
 
 
 def one_queue_reader(study) -> None:
