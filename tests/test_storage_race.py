@@ -256,7 +256,6 @@ def test_four_workers_taking_queued_trials_at_once_never_take_one_twice(
     assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
     taken = [int(t) for r in results for t in r.stdout.split()]
     assert len(taken) == 120 and len(set(taken)) == 120
-    assert all(r.stdout.split() for r in results), "every worker took some"
 
 
 # A worker's start: create or load the study and queue the spec's `enqueue:` items.
