@@ -295,3 +295,29 @@ def test_workers_started_together_queue_the_specs_configurations_once(tmp_path):
     study = optuna.load_study(study_name="queue", storage=f"sqlite:///{out / 'mtbert.db'}")
     queued = sorted(t.system_attrs["fixed_params"]["train.lr"] for t in study.trials)
     assert queued == pytest.approx([k * 1e-5 for k in range(1, 7)])
+
+
+def test_trial_threads_of_one_worker_never_take_a_queued_trial_twice(tmp_path):
+    # `--trials-per-gpu`: Optuna's threads take queued trials from one study object, each
+    # on its own pooled connection; through a plain SQLite URL 4 threads took 35 of 300
+    # queued trials twice.
+    import threading
+
+    import optuna
+
+    study = optuna.create_study(study_name="queue",
+                                storage=open_storage(f"sqlite:///{tmp_path / 'mtbert.db'}"))
+    for x in range(120):
+        study.enqueue_trial({"x": x})
+    taken: list[int] = []
+
+    def take_all() -> None:
+        while (trial_id := study._pop_waiting_trial_id()) is not None:
+            taken.append(trial_id)
+
+    threads = [threading.Thread(target=take_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(taken) == 120 and len(set(taken)) == 120

@@ -578,25 +578,6 @@ def race_queue(study, runner: TrialRunner, configurations: int) -> None:
             return None
 
     study._pop_waiting_trial_id = take
-    study._mtbert_queue_lock = lock  # one_queue_reader: this takes one at a time already
-
-
-def one_queue_reader(study) -> None:
-    """Let one of this process's trial threads at a time take a queued trial.
-
-    Optuna's threads (`n_jobs`) take queued (WAITING) trials without a lock between
-    them; on SQLite two threads can take the same one and run it twice (optuna#4002).
-    Across processes the storage's own row lock decides, as before."""
-    if getattr(study, "_mtbert_queue_lock", None) is not None:
-        return
-    lock, take = threading.Lock(), study._pop_waiting_trial_id
-
-    def take_one():
-        with lock:
-            return take()
-
-    study._pop_waiting_trial_id = take_one
-    study._mtbert_queue_lock = lock
 
 
 def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | None,
@@ -610,8 +591,6 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
     if stopped:
         return stopped
     runner = runner or TrialRunner(spec, options, study.study_name)
-    if runner.slots.total > 1:
-        one_queue_reader(study)
     prune_lock = threading.Lock()
     reasons: list[str] = []
 

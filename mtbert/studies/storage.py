@@ -164,8 +164,9 @@ def _serialize(storage):
     Optuna takes a queued trial by reading that it is WAITING and then writing RUNNING,
     in one transaction that on PostgreSQL holds the row (SELECT ... FOR UPDATE). SQLite
     ignores FOR UPDATE and Python's driver begins a transaction only at its first write,
-    so two worker processes on one file both read WAITING and both run the trial; the
-    second to finish then fails on a trial already finished (optuna#4002). A transaction
+    so two worker processes on one file (or two trial threads of one worker, each on its
+    own pooled connection) both read WAITING and both run the trial; the second to
+    finish then fails on a trial already finished (optuna#4002). A transaction
     that takes the write lock when it begins makes the read and the write one step: the
     other worker waits (the connection's timeout) and then reads RUNNING. The SQLAlchemy
     documentation's recipe for the pysqlite driver, with IMMEDIATE.
