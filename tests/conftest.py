@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from mtbert.config import build_config
 from mtbert.encoder import BertConfig, BertEncoder, to_hf_state_dict
+from mtbert.studies.job import TRIAL_PROGRAM_ENV
+from stub_trial import STUB_ENV
 
 # Tiny models gain nothing from threads, and 2 threads per test process oversubscribe
 # a 2-core machine as soon as anything else runs.
@@ -111,6 +113,45 @@ def wait_for(condition, *, timeout: float, what: str, interval: float = 0.2):
         if time.monotonic() > deadline:
             pytest.fail(f"gave up after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+STUB_TRIAL = Path(__file__).with_name("stub_trial.py")
+NOT_SLOW_TRIAL = Path(__file__).with_name("not_slow_trial.py")
+
+
+def pytest_runtest_setup(item):
+    """The fast tier trains no model in a trial process: before a test that is not marked
+    `slow` (and its fixtures, module-scoped ones included) the trial program is one that
+    fails at once, naming the marker; a `slow` test's trials are real."""
+    if item.get_closest_marker("slow") is None:
+        os.environ[TRIAL_PROGRAM_ENV] = str(NOT_SLOW_TRIAL)
+    else:
+        os.environ.pop(TRIAL_PROGRAM_ENV, None)
+
+
+def pytest_runtest_teardown(item):
+    os.environ.pop(TRIAL_PROGRAM_ENV, None)
+
+
+def use_stub_trials(monkeypatch, **settings) -> None:
+    """Every sweep started from here on, in this process or in a child that inherits the
+    environment, runs its trials with the stand-in trial program (tests/stub_trial.py):
+    the real worker and trial-process contract, no model; `settings` steer it (its
+    docstring lists them)."""
+    monkeypatch.setenv(TRIAL_PROGRAM_ENV, str(STUB_TRIAL))
+    monkeypatch.setenv(STUB_ENV, json.dumps(settings))
+
+
+@pytest.fixture
+def stub_trials(monkeypatch):
+    """The test's sweeps run stand-in trials (`use_stub_trials`); returns
+    `behave(**settings)`, which changes their settings."""
+    use_stub_trials(monkeypatch)
+
+    def behave(**settings) -> None:
+        use_stub_trials(monkeypatch, **settings)
+
+    return behave
 
 
 def tiny_sweep_args(spec, tiny_encoder, task_dir, out, trials, *extra) -> list[str]:

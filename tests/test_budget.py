@@ -1,5 +1,5 @@
 """What a study costs, `sweep --budget-hours` and `studies --stop`: the hours arithmetic
-on studies built through Optuna's API, then real sweeps (trial processes, SQLite)
+on studies built through Optuna's API, then sweeps (stand-in trial processes, SQLite)
 stopped by a budget and by a stop another process asks for."""
 
 import os
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from mtbert.cli import app
 from mtbert.studies.budget import set_budget, stop_reason, study_hours
 
-from conftest import tiny_sweep_args as _args, write_task_files
+from conftest import tiny_sweep_args as _args, use_stub_trials, write_task_files
 from test_report import _parse
 
 runner = CliRunner()
@@ -98,9 +98,11 @@ def budgeted(tiny_encoder, tmp_path_factory):
     (root / "cost.yaml").write_text(SPEC)
     out = root / "runs"
     args = _args(root / "cost.yaml", tiny_encoder, task_dir, out, 6, "--trials-per-gpu", "2")
-    first = runner.invoke(app, [*args, "--budget-hours", "0.001"])
-    trials = len(_study(out).trials)
-    second = runner.invoke(app, args)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_stub_trials(monkeypatch, epoch_s=1.0)  # 2 trials at a time: 3.6 s by the 2nd pair
+        first = runner.invoke(app, [*args, "--budget-hours", "0.001"])
+        trials = len(_study(out).trials)
+        second = runner.invoke(app, args)
     return out, first, trials, second
 
 
@@ -161,8 +163,10 @@ def _wait_for(predicate, what: str, timeout: float = 180):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.slow
 def test_studies_stop_ends_another_worker_after_its_running_trial(tiny_encoder, task_dir,
-                                                                  tmp_path):
+                                                                  tmp_path, monkeypatch):
+    use_stub_trials(monkeypatch, epoch_s=0.5)
     (tmp_path / "cost.yaml").write_text(SPEC)
     out = tmp_path / "runs"
     args = _args(tmp_path / "cost.yaml", tiny_encoder, task_dir, out, 20)

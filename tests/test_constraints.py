@@ -17,12 +17,12 @@ from mtbert.compare import Comparison, SeedResult
 from mtbert.config import build_config, save_config
 from mtbert.errors import ConfigError
 from mtbert.studies.constraints import (parse_constraint, resolve_constraints,
-                                        store_constraints, study_constraints,
-                                        trials_record_constraints)
+                                        store_constraints, study_constraints)
 from mtbert.studies.job import (FEASIBLE, RESEED_OF, SEED, STUDY_CONSTRAINTS,
                                 STUDY_OBJECTIVES)
 from mtbert.studies.runner import SweepOptions, create_study
-from mtbert.studies.spec import load_spec, make_sampler
+from mtbert.studies.samplers import make_sampler, trials_record_constraints
+from mtbert.studies.spec import load_spec
 from mtbert.tasks import METRIC_KEYS
 
 from conftest import tiny_sweep_args

@@ -22,6 +22,8 @@ from mtbert.studies.runner import SweepOptions, TrialRunner
 from mtbert.studies.slots import DeviceSlots, parse_gpus
 from mtbert.studies.spec import load_spec
 
+from conftest import use_stub_trials
+
 runner = CliRunner()
 
 
@@ -134,26 +136,9 @@ def test_gpus_without_cuda_is_exit_2_through_the_real_command(tmp_path):
                              "machine; leave --gpus out to run on the CPU\n")
 
 
-OOM_HOOK = '''
-import os
-import sys
-
-import torch
-
-from mtbert.heads import MultitaskModel
-
-_forward = MultitaskModel.forward
-
-
-def forward(self, *args, **kwargs):
-    run = os.path.basename(sys.argv[-1])
-    if run in os.environ.get("MTBERT_TEST_OOM_RUNS", "").split(","):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    return _forward(self, *args, **kwargs)
-
-
-MultitaskModel.forward = forward
-'''
+# The message train() gives for torch.cuda.OutOfMemoryError in a step.
+OUT_OF_MEMORY = ("out of GPU memory at step 0; lower train.batch_size or model.max_length "
+                 "(or run fewer trials per GPU)")
 
 
 def _sweep(tiny_encoder, task_dir, out: Path, *extra: str):
@@ -169,21 +154,15 @@ def _sweep(tiny_encoder, task_dir, out: Path, *extra: str):
 
 
 @pytest.fixture
-def one_fake_gpu(tmp_path, monkeypatch):
-    """GPU "0" as the slots' name (trials run on the CPU); the OOM hook in the trial
-    processes' path."""
+def one_fake_gpu(monkeypatch):
+    """GPU "0" as the slots' name; stand-in trials (on the CPU), the first of which runs
+    out of GPU memory in its first step (as train() reports it: test_retries.py)."""
     monkeypatch.setattr(slots_module, "visible_gpus", lambda: ["0"])
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(OOM_HOOK)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    use_stub_trials(monkeypatch, epoch_s=0.5, fail={"trial-0000": OUT_OF_MEMORY})
 
 
 def test_out_of_memory_beside_another_trial_is_retried_alone(one_fake_gpu, tiny_encoder,
                                                             task_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MTBERT_TEST_OOM_RUNS", "trial-0000")
     out = tmp_path / "runs"
     # Trials 0 and 1 start together; the retry of 0 is queued when 0 fails, and some thread
     # takes it before a new trial, whichever of 1 or a third trial is still running then.
@@ -201,7 +180,6 @@ def test_out_of_memory_beside_another_trial_is_retried_alone(one_fake_gpu, tiny_
 
 def test_out_of_memory_alone_stays_a_failure(one_fake_gpu, tiny_encoder, task_dir, tmp_path,
                                              monkeypatch):
-    monkeypatch.setenv("MTBERT_TEST_OOM_RUNS", "trial-0000")
     out = tmp_path / "runs"
     result = _sweep(tiny_encoder, task_dir, out, "--trials", "2", "--trials-per-gpu", "1")
     assert result.exit_code == 0, result.output

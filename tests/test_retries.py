@@ -1,6 +1,9 @@
 """Long studies that survive: a trial whose worker is killed, or a sweep that is stopped,
 is queued again and its retry resumes from the last finished epoch; out of GPU memory is a
-trial's FAIL with its reason, never the study's end. Real processes, real signals."""
+trial's FAIL with its reason, never the study's end. Real worker processes and real
+signals; the trials are the stand-in trial program (tests/stub_trial.py), whose epochs
+take EPOCH_S seconds and whose resumed run ends exactly as an uninterrupted one, except in
+the one test that kills and resumes a real training."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import POSTGRES_URL, postgres_unreachable, wait_for
+from conftest import POSTGRES_URL, STUB_TRIAL, postgres_unreachable, use_stub_trials, wait_for
 from mtbert.studies.job import RETRY_HISTORY
 from mtbert.studies.retention import prune_checkpoints
 
@@ -30,6 +33,12 @@ objective: overall/arithmetic
 pruner: {name: median, n_startup_trials: 1000}
 """
 PG = POSTGRES_URL
+EPOCH_S = 0.7  # a stand-in epoch: long enough to stop a trial between two
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    use_stub_trials(monkeypatch, epoch_s=EPOCH_S)
 
 
 def _worker(spec: Path, storage: str, study: str, out: Path, encoder: Path, data: Path,
@@ -61,8 +70,22 @@ def storage(request, tmp_path):
     yield PG
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_resumes_in_another_worker_and_ends_as_uninterrupted(
-        storage, tiny_encoder, task_dir, tmp_path):
+        storage, stub, tiny_encoder, task_dir, tmp_path):
+    _killed_worker_resumed(storage, tiny_encoder, task_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_killed_workers_real_training_resumes_and_ends_as_uninterrupted(tiny_encoder,
+                                                                         task_dir, tmp_path):
+    _killed_worker_resumed(f"sqlite:///{tmp_path / 'shared.db'}", tiny_encoder, task_dir,
+                           tmp_path)
+
+
+def _killed_worker_resumed(storage, tiny_encoder, task_dir, tmp_path):
+    """SIGKILL a worker after its trial's first epoch; another worker's retry resumes it
+    and ends with the metrics of the same trial run without interruption."""
     spec = tmp_path / "survive.yaml"
     spec.write_text(SPEC)
     study = f"survive-{uuid.uuid4().hex[:8]}"
@@ -114,7 +137,8 @@ def _delete(storage: str, study: str) -> None:
         optuna.delete_study(study_name=study, storage=_driver(storage))
 
 
-def test_a_stopped_sweep_queues_its_trial_and_the_same_command_resumes_it(tiny_encoder,
+@pytest.mark.slow
+def test_a_stopped_sweep_queues_its_trial_and_the_same_command_resumes_it(stub, tiny_encoder,
                                                                           task_dir, tmp_path):
     spec = tmp_path / "survive.yaml"
     spec.write_text(SPEC)
@@ -185,39 +209,23 @@ def test_out_of_memory_anywhere_is_a_training_error_with_its_reason(where, tiny_
         train(tiny_config(), run_dir=tmp_path / "run", device="cpu", progress=False)
 
 
-SITECUSTOMIZE = '''
-import sys
-
-import torch
-
-from mtbert.heads import MultitaskModel
-
-_forward = MultitaskModel.forward
+# The message train() gives for torch.cuda.OutOfMemoryError in a step.
+OUT_OF_MEMORY = ("out of GPU memory at step 0; lower train.batch_size or model.max_length "
+                 "(or run fewer trials per GPU)")
 
 
-def forward(self, *args, **kwargs):
-    if sys.argv[-1].endswith("trial-0000"):  # the first trial's process runs out of memory
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    return _forward(self, *args, **kwargs)
-
-
-MultitaskModel.forward = forward
-'''
-
-
-def test_a_trial_out_of_memory_fails_with_the_reason_and_the_study_goes_on(tiny_encoder,
-                                                                           task_dir, tmp_path):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+@pytest.mark.slow
+def test_a_trial_out_of_memory_fails_with_the_reason_and_the_study_goes_on(
+        tiny_encoder, task_dir, tmp_path, monkeypatch):
+    # The first trial's training raises what train() raises on CUDA's OutOfMemoryError
+    # (test_out_of_memory_anywhere_is_a_training_error_with_its_reason).
+    use_stub_trials(monkeypatch, fail={"trial-0000": OUT_OF_MEMORY})
     spec = tmp_path / "survive.yaml"
     spec.write_text(SPEC)
     out = tmp_path / "runs"
     storage = f"sqlite:///{out / 'mtbert.db'}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])}
     worker = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "2",
-                     steps=2, env=env)
+                     steps=2)
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err
     trials = optuna.load_study(study_name="survive", storage=storage).trials
@@ -234,14 +242,16 @@ def _trial_process(run_dir: Path) -> int | None:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"mtbert.studies.trial" in argv and str(run_dir).encode() in argv:
+        if str(run_dir).encode() in argv and (b"mtbert.studies.trial" in argv
+                                               or str(STUB_TRIAL).encode() in argv):
             return int(entry.name)
     return None
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the trial process in /proc")
+@pytest.mark.slow
 def test_a_trial_process_killed_from_outside_is_queued_and_resumed_by_the_same_worker(
-        tiny_encoder, task_dir, tmp_path):
+        stub, tiny_encoder, task_dir, tmp_path):
     """The OOM killer, or a scheduler signalling every process of a job: the worker lives
     on, records the trial as killed and runs its retry, which resumes."""
     spec = tmp_path / "survive.yaml"

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from mtbert.cli import app
 from mtbert.errors import ConfigError
-from mtbert.studies.spec import (PRUNERS, SAMPLERS, load_spec, make_pruner, make_sampler,
-                                 spec_from_dict, suggest)
+from mtbert.studies.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from mtbert.studies.spec import load_spec, spec_from_dict, suggest
 
 from conftest import tiny_sweep_args
 

@@ -1,4 +1,5 @@
-"""Sweeps on a tiny random model: every shipped spec, failures, best/export, studies."""
+"""Sweeps: every shipped spec (its trials through the stand-in trial program, one spec
+trained for real), failures, best/export, studies, signals, several trials at once."""
 
 import json
 import math
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from mtbert.cli import app
 from mtbert.studies.spec import shipped_specs
 from mtbert.tasks import METRIC_KEYS
-from conftest import wait_for, write_tiny_encoder
+from conftest import use_stub_trials, wait_for, write_tiny_encoder
 
 runner = CliRunner()
 
@@ -63,7 +64,35 @@ def six_layer_encoder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("spec", sorted(shipped_specs()))
-def test_every_shipped_spec_runs_two_trials(spec, six_layer_encoder, task_dir, tmp_path):
+def test_every_shipped_spec_prints_and_runs_two_trials(spec, stub_trials, six_layer_encoder,
+                                                       task_dir, tmp_path):
+    """Each spec's --print loads back as the same spec, and the worker turns two of its
+    sampled configurations into run configs (checked by the schema) for stand-in trials."""
+    from mtbert.config import load_config
+    from mtbert.studies.spec import load_spec, stored_spec, trial_config
+
+    printed = runner.invoke(app, ["sweep", spec, "--print"])
+    assert printed.exit_code == 0, printed.output
+    (tmp_path / "printed.yaml").write_text(printed.stdout)
+    printed_spec = load_spec(str(tmp_path / "printed.yaml"))
+    assert printed_spec.to_dict() == load_spec(spec).to_dict()
+    out = tmp_path / "runs"
+    result = runner.invoke(app, _sweep_args(str(tmp_path / "printed.yaml"), six_layer_encoder,
+                                            task_dir, out))
+    assert result.exit_code == 0, result.output
+    trials = [t for t in _trials(out, spec) if t.state.name != "WAITING"]  # enqueued, not run
+    assert len(trials) == 2
+    swept = stored_spec(optuna.load_study(study_name=spec, storage=f"sqlite:///{out}/mtbert.db"))
+    for t in trials:
+        assert t.state.name in ("COMPLETE", "PRUNED"), t.user_attrs.get("fail_reason")
+        # The run config the trial read back through the schema is its configuration's.
+        config = load_config(out / spec / f"trial-{t.number:04d}" / "config.yaml")
+        assert config.to_dict() == trial_config(swept, t.params).to_dict()
+
+
+@pytest.mark.slow
+def test_a_shipped_spec_trains_two_trials(six_layer_encoder, task_dir, tmp_path):
+    spec = "strategies"  # every schedule and loss method: the most code a trial runs
     out = tmp_path / "runs"
     result = runner.invoke(app, _sweep_args(spec, six_layer_encoder, task_dir, out))
     assert result.exit_code == 0, result.output
@@ -86,6 +115,7 @@ def test_every_shipped_spec_runs_two_trials(spec, six_layer_encoder, task_dir, t
     assert result.stdout.splitlines()[0].startswith("trial ")
 
 
+@pytest.mark.slow
 def test_failed_trials_do_not_stop_the_study_and_no_finish_exits_1(tiny_encoder, task_dir,
                                                                     tmp_path, monkeypatch):
     import wandb  # noqa: F401 - a core dependency, never skipped
@@ -105,6 +135,7 @@ def test_failed_trials_do_not_stop_the_study_and_no_finish_exits_1(tiny_encoder,
     assert "loss became nan" in trials[0].user_attrs["fail_reason"].lower()
 
 
+@pytest.mark.slow
 def test_second_sweep_adds_trials_best_exports_and_eval_scores(tiny_encoder, task_dir, tmp_path):
     out = tmp_path / "runs"
     for _ in range(2):
@@ -136,6 +167,7 @@ def test_second_sweep_adds_trials_best_exports_and_eval_scores(tiny_encoder, tas
     assert again.exit_code == 2 and "not empty" in again.stderr
 
 
+@pytest.mark.slow
 def test_wandb_offline_runs_one_per_trial(tiny_encoder, task_dir, tmp_path, monkeypatch):
     import wandb  # noqa: F401 - a core dependency, never skipped
     out = tmp_path / "runs"
@@ -238,8 +270,11 @@ def test_best_with_several_studies_asks_for_one(tmp_path):
     assert missing.exit_code == 2 and "no study storage at" in missing.stderr
 
 
-def test_an_interrupted_sweep_prints_the_table_so_far(tiny_encoder, task_dir, tmp_path):
+@pytest.mark.slow
+def test_an_interrupted_sweep_prints_the_table_so_far(tiny_encoder, task_dir, tmp_path,
+                                                      monkeypatch):
     # Trial 0 is quick, trial 1 runs until the worker is stopped.
+    use_stub_trials(monkeypatch, step_s=0.01)
     (tmp_path / "two.yaml").write_text(
         "name: two\nspace:\n  train.steps_per_epoch: {type: categorical, choices: [3, 5000]}\n"
         "enqueue:\n  - {train.steps_per_epoch: 3}\n  - {train.steps_per_epoch: 5000}\n"
@@ -259,7 +294,9 @@ def test_an_interrupted_sweep_prints_the_table_so_far(tiny_encoder, task_dir, tm
     assert rows[1].split()[0] == "0"
 
 
-def test_sigterm_ends_the_running_trial_as_fail(tiny_encoder, task_dir, tmp_path):
+@pytest.mark.slow
+def test_sigterm_ends_the_running_trial_as_fail(tiny_encoder, task_dir, tmp_path, monkeypatch):
+    use_stub_trials(monkeypatch, step_s=0.01)
     out = tmp_path / "runs"
     args = _sweep_args("alpha", tiny_encoder, task_dir, out, "--set", "train.steps_per_epoch=5000")
     err = _terminate_when_running(args, [out / "alpha" / "trial-0000" / "trial.log"])
@@ -269,6 +306,7 @@ def test_sigterm_ends_the_running_trial_as_fail(tiny_encoder, task_dir, tmp_path
     assert trials[0].user_attrs["fail_reason"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_multi_objective_study_lists_the_front_and_exports_by_trial(tiny_encoder, task_dir,
                                                                      tmp_path):
     spec = tmp_path / "mo.yaml"
@@ -293,7 +331,8 @@ def _overlap(a, b) -> bool:
     return a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
 
 
-def test_trials_per_gpu_runs_trials_concurrently(tiny_encoder, task_dir, tmp_path):
+def test_trials_per_gpu_runs_trials_concurrently(tiny_encoder, task_dir, tmp_path, monkeypatch):
+    use_stub_trials(monkeypatch, epoch_s=0.5)
     out = tmp_path / "runs"
     spec = tmp_path / "pack.yaml"
     spec.write_text("name: pack\nspace:\n  model.dropout: {type: float, low: 0.0, high: 0.3}\n"
@@ -313,7 +352,10 @@ def test_trials_per_gpu_runs_trials_concurrently(tiny_encoder, task_dir, tmp_pat
     assert kept == [best]
 
 
-def test_sigterm_with_trials_per_gpu_ends_every_running_trial(tiny_encoder, task_dir, tmp_path):
+@pytest.mark.slow
+def test_sigterm_with_trials_per_gpu_ends_every_running_trial(tiny_encoder, task_dir, tmp_path,
+                                                              monkeypatch):
+    use_stub_trials(monkeypatch, step_s=0.01)
     out = tmp_path / "runs"
     args = _sweep_args("alpha", tiny_encoder, task_dir, out, "--set", "train.steps_per_epoch=5000",
                        "--trials-per-gpu", "2")

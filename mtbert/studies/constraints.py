@@ -36,6 +36,7 @@ from typing import Any
 
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.studies.job import FEASIBLE, STUDY_CONSTRAINTS
+from mtbert.studies.samplers import trials_record_constraints
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -240,14 +241,6 @@ def meets(constraints: list[Constraint], metrics: Mapping[str, Any]) -> bool:
 
 def violated(constraints: list[Constraint], metrics: Mapping[str, Any]) -> list[Constraint]:
     return [c for c in constraints if c.gap(metrics) > 0]
-
-
-def trials_record_constraints() -> bool:
-    """Whether the installed Optuna (5 and later) takes constraint values from the trial
-    itself (`Trial.set_constraint`) rather than from a sampler's `constraints_func`."""
-    import optuna
-
-    return hasattr(optuna.trial.Trial, "set_constraint")
 
 
 def record_feasibility(trial, constraints: list[Constraint],

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ STORAGE_ENV = "MTBERT_STORAGE_URL"
 PARENT_ENV = "MTBERT_WORKER_PID"
 JOB_FILE = "job.json"
 RESULT_FILE = "trial.json"
+# The orchestration tests name a stand-in trial program here (tests/stub_trial.py: the
+# same contract, no model, no torch); a user never sets it.
+TRIAL_PROGRAM_ENV = "MTBERT_TRIAL_PROGRAM"
 
 # Trial user attributes (DESIGN.md): besides the metric keys at the trial's best evaluation,
 RUN_DIR = "run_dir"  # the trial's run directory (absolute)
@@ -133,6 +138,13 @@ class TrialResult:
             return cls.from_json(path.read_text())
         except (OSError, json.JSONDecodeError):
             return cls()
+
+
+def trial_command(run_dir: Path) -> list[str]:
+    """The command line of the trial process for `run_dir`."""
+    program = os.environ.get(TRIAL_PROGRAM_ENV)
+    entry = [program] if program else ["-m", "mtbert.studies.trial"]
+    return [sys.executable, *entry, str(run_dir)]
 
 
 def retried_from(trial) -> int | None:

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 STUDY_OBJECTIVES, STUDY_SPEC, STUDY_SPEC_NAME, WANDB_RUN_ID,
                                 WORKERS_STARTED, TrialJob, TrialResult, WandbSettings,
-                                retried_from)
+                                retried_from, trial_command)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.racing import (CONTINUE, config_of, is_new_configuration, mean_sampler,
                                    next_seed, queue_seed)
@@ -51,8 +50,8 @@ from mtbert.studies.results import (SeedGroup, complete_trials, describe_trial,
                                     seed_groups)
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.slots import DeviceSlots, Slot
-from mtbert.studies.spec import (SweepSpec, make_pruner, make_sampler, stored_spec, suggest,
-                                 trial_config)
+from mtbert.studies.samplers import make_pruner, make_sampler
+from mtbert.studies.spec import SweepSpec, stored_spec, suggest, trial_config
 from mtbert.studies.storage import (check_study_name, enqueue_once, mask_url, open_storage,
                                     select_study, setup_lock, storage_errors, storage_url,
                                     with_driver)
@@ -333,9 +332,8 @@ class TrialRunner:
                 if self.stopping:
                     raise KeyboardInterrupt
                 started = time.monotonic()
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "mtbert.studies.trial", str(run_dir)],
-                    stdout=log_file, stderr=subprocess.STDOUT, env=self._child_env(slot))
+                proc = subprocess.Popen(trial_command(run_dir), stdout=log_file,
+                                        stderr=subprocess.STDOUT, env=self._child_env(slot))
                 self._procs.add(proc)
             try:
                 code = proc.wait()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,14 @@ import yaml
 from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping_keys,
                            overrides_to_dict, read_yaml)
 from mtbert.errors import ConfigError
-from mtbert.studies.constraints import parse_constraints, trials_record_constraints
+from mtbert.studies.constraints import parse_constraints
 from mtbert.studies.job import STUDY_SPEC, STUDY_SPEC_NAME
+from mtbert.studies.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from mtbert.tasks import METRIC_KEYS
 
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
              "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
-SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc")
-PRUNERS = ("median", "hyperband", "successive_halving", "none")
-CONSTRAINED_SAMPLERS = ("tpe", "nsga2", "gp")  # those that take Optuna's constraints_func
 RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
 log = logging.getLogger("mtbert")
 
@@ -398,54 +395,6 @@ def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], f
         except ConfigError as err:
             raise fail(f"space.{key}: value {value!r} is invalid ({err})") from None
     return param
-
-
-def make_sampler(options: dict[str, Any], constraints_func=None):
-    """An Optuna sampler from a spec's `sampler: {name: ..., **arguments}`. With
-    `constraints_func` (a study with constraints), the samplers that model constraints
-    get it where the installed Optuna wants it (before 5: from 5 on, each trial records
-    its constraint values itself, `constraints.record_feasibility`); the others warn."""
-    import optuna
-
-    classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-               "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
-               "qmc": optuna.samplers.QMCSampler}
-    if constraints_func is not None:
-        if options.get("name") in CONSTRAINED_SAMPLERS:
-            if not trials_record_constraints():
-                options = {**options, "constraints_func": constraints_func}
-        else:
-            log.warning("sampler %s ignores constraints (those of %s do not): it samples "
-                        "as if there were none; the ranking still leaves infeasible trials "
-                        "out", options.get("name"), ", ".join(CONSTRAINED_SAMPLERS))
-    return _construct("sampler", classes, options)
-
-
-def make_pruner(options: dict[str, Any]):
-    """An Optuna pruner from a spec's `pruner: {name: ..., **arguments}`."""
-    import optuna
-
-    classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
-               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-               "none": optuna.pruners.NopPruner}
-    return _construct("pruner", classes, options)
-
-
-def _construct(kind: str, classes: dict[str, type], options: dict[str, Any]):
-    from optuna.exceptions import ExperimentalWarning
-
-    name = options.get("name")
-    arguments = {k: v for k, v in options.items() if k != "name"}
-    if name not in classes:
-        raise ConfigError(f"{kind} '{name}'; valid: {', '.join(classes)}")
-    try:
-        with warnings.catch_warnings():
-            # Optuna marks QMCSampler experimental at every construction; the README says so
-            # once, where it documents the sampler.
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return classes[name](**arguments)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{kind} {name}: {err}") from None
 
 
 def suggest(trial, spec: SweepSpec) -> dict[str, Any]:

@@ -96,25 +96,50 @@ def outcome(error: BaseException | None, race: str | None = None,
     return Outcome("FAIL", 1, f"{type(error).__name__}: {first_line(error)}")
 
 
-def _tags(job: TrialJob, config) -> list[str]:
-    tags = [config.train.schedule, config.loss.method]
-    return tags + ["reseed"] * (job.reseed_of is not None) + ["retry"] * (job.retry_of is not None)
+class TrackedTraining:
+    """A trial's training: the run config in its run directory, trained and logged to W&B.
 
+    `run` takes any object with these three members; the orchestration tests give it a
+    stand-in that writes the same run files without a model (tests/stub_trial.py)."""
 
-def _tracker(job: TrialJob, config):
-    from mtbert.tracking import Tracker
+    def __init__(self, job: TrialJob, run_dir: Path):
+        from mtbert.config import load_config
+        from mtbert.tracking import Tracker
 
-    name = f"{job.study}-trial-{job.number}"
-    if job.reseed_of is not None:
-        name += f"-reseed-of-{job.reseed_of}"
-    if job.retry_of is not None:
-        name += f"-retry-of-{job.retry_of}"
-    return Tracker(
-        mode=job.wandb.mode, project=job.wandb.project, group=job.study, job_type=job.spec,
-        name=name, config={**config.to_dict(), "params": job.params, "study": job.study,
-                           "trial": job.number, "config_id": job.config_id,
-                           "reseed_of": job.reseed_of, "retry_of": job.retry_of},
-        tags=_tags(job, config), directory=Path(job.wandb.dir), resume_id=job.wandb_resume_id)
+        self.job, self.run_dir = job, run_dir
+        self.config = config = load_config(run_dir / "config.yaml")
+        name = f"{job.study}-trial-{job.number}"
+        if job.reseed_of is not None:
+            name += f"-reseed-of-{job.reseed_of}"
+        if job.retry_of is not None:
+            name += f"-retry-of-{job.retry_of}"
+        self.tracker = Tracker(
+            mode=job.wandb.mode, project=job.wandb.project, group=job.study,
+            job_type=job.spec, name=name,
+            config={**config.to_dict(), "params": job.params, "study": job.study,
+                    "trial": job.number, "config_id": job.config_id,
+                    "reseed_of": job.reseed_of, "retry_of": job.retry_of},
+            tags=self._tags(), directory=Path(job.wandb.dir), resume_id=job.wandb_resume_id)
+        self.run_id = self.tracker.run_id
+
+    def _tags(self) -> list[str]:
+        job, config = self.job, self.config
+        return [config.train.schedule, config.loss.method] + ["reseed"] * (
+            job.reseed_of is not None) + ["retry"] * (job.retry_of is not None)
+
+    def __call__(self, on_eval) -> dict:
+        """Train (resuming when the job says so); the best evaluation's summary keys."""
+        from mtbert.tracking import best_summary, train_tracked
+
+        return best_summary(train_tracked(self.config, run_dir=self.run_dir,
+                                          tracker=self.tracker, device=self.job.device,
+                                          resume=self.job.resume, on_eval=on_eval,
+                                          finish=False))
+
+    def finish(self, ended: Outcome, summary: dict) -> None:
+        """End the W&B run with the trial's outcome as its state and a tag."""
+        self.tracker.finish(0 if ended.state != "FAIL" else 1, {**summary, **ended.summary},
+                            tags=[*self._tags(), ended.state])
 
 
 def _history(run_dir: Path, objective: str) -> list[tuple[int, float]]:
@@ -141,25 +166,24 @@ def _race(study, trial, job: TrialJob, run_dir: Path, result: TrialResult) -> No
         trial.set_user_attr(RACED_OUT, True)
 
 
-def run(run_dir: Path) -> int:
+def run(run_dir: Path, training=TrackedTraining) -> int:
+    """Run the job in `run_dir`: `training(job, run_dir)` trains, this reports to Optuna,
+    races, decides the outcome and writes the result; returns the exit code."""
     import optuna
 
-    from mtbert.config import load_config
     from mtbert.errors import MtbertError
-    from mtbert.studies.spec import make_pruner
+    from mtbert.studies.samplers import make_pruner
     from mtbert.studies.storage import open_storage
-    from mtbert.tracking import best_summary, train_tracked
 
     job = TrialJob.read(run_dir)
-    config = load_config(run_dir / "config.yaml")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=job.study,
                               storage=open_storage(os.environ[STORAGE_ENV]),
                               pruner=make_pruner(job.pruner))
     trial = optuna.trial.Trial(study, job.trial_id)
     objective = job.objectives[0]
-    tracker = _tracker(job, config)
-    result = TrialResult(wandb_run_id=tracker.run_id)
+    train = training(job, run_dir)
+    result = TrialResult(wandb_run_id=train.run_id)
 
     taken_over = _history(run_dir, objective) if job.resume else []
 
@@ -181,9 +205,7 @@ def run(run_dir: Path) -> int:
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, _raise_interrupted)
-        summary = best_summary(train_tracked(config, run_dir=run_dir, tracker=tracker,
-                                             device=job.device, resume=job.resume,
-                                             on_eval=report, finish=False))
+        summary = train(report)
         if job.seeds > 1:
             _race(study, trial, job, run_dir, result)
     except BaseException as err:  # each ends the run with its state; see below which re-raise
@@ -194,8 +216,7 @@ def run(run_dir: Path) -> int:
     if isinstance(error, MtbertError):
         print(f"error: {error}", file=sys.stderr)
     ended = outcome(error, race=result.race, race_note=result.race_note)
-    tracker.finish(0 if ended.state != "FAIL" else 1, {**summary, **ended.summary},
-                   tags=[*_tags(job, config), ended.state])
+    train.finish(ended, summary)
     result.reason = ended.reason if ended.code else None  # the worker's FAIL or PRUNED note
     result.write(run_dir)
     if isinstance(error, Interrupted):
@@ -206,14 +227,14 @@ def run(run_dir: Path) -> int:
     return ended.code
 
 
-def main() -> None:
+def main(training=TrackedTraining) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if len(sys.argv) != 2 or STORAGE_ENV not in os.environ:
         print("usage: MTBERT_STORAGE_URL=... python -m mtbert.studies.trial RUN_DIR (started "
               "by `mtbert sweep`)", file=sys.stderr)
         sys.exit(2)
     die_with_parent()
-    sys.exit(run(Path(sys.argv[1])))
+    sys.exit(run(Path(sys.argv[1]), training))
 
 
 if __name__ == "__main__":
