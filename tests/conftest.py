@@ -133,6 +133,42 @@ def pytest_runtest_teardown(item):
     os.environ.pop(TRIAL_PROGRAM_ENV, None)
 
 
+_TIER_SECONDS: dict[str, list[float]] = {}
+
+
+def _tier(item) -> str:
+    if item.get_closest_marker("outside") is not None:
+        return "outside systems"
+    return "slow" if item.get_closest_marker("slow") is not None else "fast"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # an outside system is slow too: -m "not slow" leaves it out
+        if item.get_closest_marker("outside") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_logreport(report):
+    """Test time (setup, call and teardown) by tier, for the summary below."""
+    tier = report.user_properties and dict(report.user_properties).get("tier")
+    if tier:
+        _TIER_SECONDS.setdefault(tier, []).append(report.duration)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    if ("tier", _tier(item)) not in item.user_properties:
+        item.user_properties.append(("tier", _tier(item)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per tier: how long its tests took, so that CI shows each tier's cost."""
+    if not _TIER_SECONDS:
+        return
+    parts = [f"{tier} {sum(seconds):.0f} s" for tier, seconds in sorted(_TIER_SECONDS.items())]
+    terminalreporter.write_line(f"test time by tier: {', '.join(parts)}")
+
+
 def use_stub_trials(monkeypatch, **settings) -> None:
     """Every sweep started from here on, in this process or in a child that inherits the
     environment, runs its trials with the stand-in trial program (tests/stub_trial.py):

@@ -111,6 +111,7 @@ def test_eval_predict_and_analyze_need_no_training_or_study_stack(graph, module)
     assert not {m for m in reached if m in TRAINING_AND_STUDIES or m.startswith("mtbert.studies")}
 
 
+@pytest.mark.slow
 def test_mtbert_eval_loads_neither_the_training_loop_nor_the_studies(tiny_model_dir, tmp_path):
     """The real command, in a fresh interpreter: which mtbert modules did it import?"""
     code = ("import sys\nfrom mtbert.cli import run\n"
@@ -176,6 +177,7 @@ def test_the_readme_layout_lists_every_module_of_the_tree():
     assert listed == on_disk
 
 
+@pytest.mark.slow
 def test_a_built_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
     """Users and Docker install a wheel: it must hold every package, shipped specs too."""
     dist = tmp_path / "dist"

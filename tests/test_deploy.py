@@ -351,6 +351,7 @@ def _stop_before_the_time_limit(tmp_path: Path, signals: int):
     return shell.returncode, stderr, log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals", [1, 2])
 def test_the_time_limit_signal_reaches_mtbert_and_the_task_is_requeued(tmp_path, signals):
     code, stderr, log = _stop_before_the_time_limit(tmp_path, signals)

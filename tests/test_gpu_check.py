@@ -37,6 +37,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the GPU machine is Linux")
 def test_gpu_check_on_cpu_passes_its_cpu_parts_and_lists_the_cuda_parts_skipped(
         tiny_encoder, task_dir, tmp_path):

@@ -2,6 +2,8 @@
 
 - `spec`: a sweep spec (YAML): base run config, search space, objectives, sampler,
   pruner; checked against the config schema before any trial runs.
+- `samplers`: Optuna samplers and pruners by the names a spec gives them (no torch, so
+  that a trial process builds its pruner without the training stack).
 - `storage`: the study storage (SQLite or PostgreSQL URL, driver, credentials masked,
   safe study names) and opening the study a command names.
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
