@@ -1,7 +1,7 @@
 """Constraints on metrics (`constraints:`, `--baseline`) and warm starts (`--warm-start`):
 parsing, a baseline read from a real compare JSON, the ranking of feasible trials only,
-sweeps with an impossible and a loose bound, and an earlier study's best configurations
-queued first, once."""
+sweeps (stand-in trial processes, tests/stub_trial.py) with an impossible and a loose
+bound, and an earlier study's best configurations queued first, once."""
 
 import json
 import logging
@@ -26,6 +26,7 @@ from mtbert.studies.spec import load_spec
 from mtbert.tasks import METRIC_KEYS
 
 from conftest import tiny_sweep_args
+from stub_trial import stub_metrics
 
 runner = CliRunner()
 SPACE = ("space:\n  train.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}\n"
@@ -284,7 +285,8 @@ def test_constraints_reach_the_samplers_that_take_them(caplog):
     assert "sampler random ignores constraints" in warning
 
 
-def test_sweeps_with_an_impossible_and_a_loose_bound(tiny_encoder, task_dir, tmp_path):
+def test_sweeps_with_an_impossible_and_a_loose_bound(stub_trials, tiny_encoder, task_dir,
+                                                     tmp_path):
     out = tmp_path / "runs"
     for name, bound in (("impossible", "sst/acc >= 1.01"), ("loose", "sst/acc >= 0.0")):
         spec = _spec(tmp_path, name, f'constraints: ["{bound}"]\n')
@@ -294,6 +296,9 @@ def test_sweeps_with_an_impossible_and_a_loose_bound(tiny_encoder, task_dir, tmp
                                    storage=f"sqlite:///{out}/mtbert.db").trials
         assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
         assert [t.user_attrs[FEASIBLE] for t in trials] == [name == "loose"] * 2
+        # The metric bounded is the trial's own (the stand-in's sst/acc after its epoch).
+        assert [t.user_attrs["sst/acc"] for t in trials] == [
+            pytest.approx(stub_metrics(t.params, 0, 0, {})["sst/acc"]) for t in trials]
         # What TPE learns from: each trial's gap to the bound (<= 0 feasible)
         assert [_constraint_values(t) for t in trials] == [
             pytest.approx([(1.01 if name == "impossible" else 0.0) - t.user_attrs["sst/acc"]])
@@ -365,8 +370,8 @@ def test_warm_start_queues_the_best_that_fit_first_and_once(tmp_path, caplog):
            "study already, 1 skipped" in [r.getMessage() for r in caplog.records]
 
 
-def test_warm_start_from_another_storage_runs_its_best_first(tiny_encoder, task_dir,
-                                                               tmp_path):
+def test_warm_start_from_another_storage_runs_its_best_first(stub_trials, tiny_encoder,
+                                                               task_dir, tmp_path):
     earlier = f"sqlite:///{tmp_path}/earlier.db"
     _earlier_study(earlier)
     out = tmp_path / "runs"

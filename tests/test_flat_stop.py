@@ -1,6 +1,7 @@
 """`--stop-after-flat M [--min-delta D]`: a study ends once M finished configurations in
 a row did not beat the incumbent by more than the noise; every worker stops. Controlled
-per-configuration values (tests/test_racing.py), in this process and in two real ones."""
+per-configuration values (tests/test_racing.py), in this process and in two real worker
+processes (slow)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ run()
 """
 
 
+@pytest.mark.slow
 def test_two_workers_both_stop(tmp_path):
     driver = tmp_path / "worker.py"
     driver.write_text(DRIVER.format(tests=str(TESTS)))

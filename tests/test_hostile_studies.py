@@ -191,6 +191,7 @@ def test_report_refuses_a_to_directory_that_holds_files_unless_overwrite(tmp_pat
     assert (to / "index.html").exists() and (to / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_sigterm_ends_train_with_130_and_resume_finishes_the_run(tiny_config, tmp_path):
     """A real signal to a real process: a scheduler's stop keeps the finished epochs."""
     config = tmp_path / "slow.yaml"
@@ -227,6 +228,7 @@ def _files_holding(root: Path, text: str) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
 
 
+@pytest.mark.slow  # a real trial process: its W&B run and its model (exported) are read too
 @pytest.mark.parametrize("form", ["userinfo", "query"])
 def test_no_password_of_the_storage_url_reaches_any_file_or_terminal(form, tiny_encoder,
                                                                      task_dir, tmp_path,
@@ -290,6 +292,7 @@ def _signal_then_rerun(command: list[str], ready, tmp_path) -> subprocess.Comple
     return proc
 
 
+@pytest.mark.slow
 def test_sigterm_ends_compare_with_130_and_the_same_command_finishes(tiny_config, tmp_path):
     config = tmp_path / "slow.yaml"
     save_config(tiny_config(train={"epochs": 4, "steps_per_epoch": 40}), config)
@@ -306,6 +309,7 @@ def test_sigterm_ends_compare_with_130_and_the_same_command_finishes(tiny_config
     assert (out / "compare.json").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_ends_pretrain_with_130_and_resume_finishes(tiny_config, tmp_path):
     config = tmp_path / "pre.yaml"
     save_config(tiny_config(), config)

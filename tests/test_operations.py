@@ -1,7 +1,14 @@
 """Study operations: --list, enqueueing, best --top, studies --delete, --hf export, and
-Optuna's own API (which optuna-dashboard uses) reading what mtbert writes."""
+Optuna's own API (which optuna-dashboard uses) reading what mtbert writes.
+
+The sweeps and reseeds run the stand-in trial program (tests/stub_trial.py), which keeps
+no model: before an export, the real model of a training in this process (`real_model`)
+is copied into the checkpoints the export may take (`_give_a_real_model`). Sweeps that
+export their trials' own models: test_sweep.py, test_wandb.py (slow)."""
 
 import json
+import shutil
+import statistics
 from pathlib import Path
 
 import optuna
@@ -13,10 +20,35 @@ from typer.testing import CliRunner
 from mtbert.cli import app
 from mtbert.studies.spec import load_spec, shipped_specs
 
-from conftest import tiny_sweep_args as _args, write_task_files
+from conftest import tiny_sweep_args as _args, use_stub_trials, write_task_files
 from test_report import make_study
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def real_model(tiny_encoder, tmp_path_factory) -> Path:
+    """The model directory of a real training of the tiny encoder (one epoch of 2 steps),
+    trained in this process, as a trial's training writes it."""
+    from mtbert.config import build_config
+    from mtbert.train import train
+
+    root = tmp_path_factory.mktemp("real-model")
+    config = build_config({
+        "model": {"encoder": str(tiny_encoder), "max_length": 32},
+        "data": {"dir": str(write_task_files(root / "data")), "cache_dir": str(root / "cache")},
+        "train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "eval_batch_size": 16}})
+    train(config, run_dir=root / "run", device="cpu", progress=False)
+    return root / "run" / "model"
+
+
+def _give_a_real_model(checkpoint: Path, model: Path) -> None:
+    """A stand-in trial's model directory holds its metrics.json only: copy the real
+    model's files beside it (its metrics.json stays the trial's), so that export loads it."""
+    assert (checkpoint / "metrics.json").exists(), checkpoint  # the trial's, kept
+    for path in model.iterdir():
+        if path.name != "metrics.json":
+            shutil.copy2(path, checkpoint / path.name)
 
 
 SPEC = """name: enq
@@ -32,12 +64,14 @@ enqueue:
 
 @pytest.fixture(scope="module")
 def swept(tiny_encoder, tmp_path_factory):
-    """A finished 2-trial study of the tiny model, exported with --hf."""
+    """A finished 2-trial study of stand-in trials."""
     root = tmp_path_factory.mktemp("swept")
     task_dir = write_task_files(root / "data")
     (root / "enq.yaml").write_text(SPEC)
-    result = runner.invoke(app, _args(root / "enq.yaml", tiny_encoder, task_dir,
-                                      root / "runs", 2))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_stub_trials(monkeypatch)
+        result = runner.invoke(app, _args(root / "enq.yaml", tiny_encoder, task_dir,
+                                          root / "runs", 2))
     assert result.exit_code == 0, result.output
     return root
 
@@ -52,7 +86,7 @@ def test_sweep_list_names_every_shipped_spec_with_its_description():
         assert line.split(None, 1)[1] == load_spec(name).description
 
 
-def test_enqueued_configurations_run_first_and_only_once(swept, tiny_encoder):
+def test_enqueued_configurations_run_first_and_only_once(swept, tiny_encoder, stub_trials):
     first = tuple(optuna.load_study(study_name="enq", storage=f"sqlite:///{swept}/runs/mtbert.db")
                   .trials[0].params.items())
     # The spec's own configuration, in the parameters' types.
@@ -155,10 +189,12 @@ def test_studies_delete_asks_first_and_runs_removes_the_run_directories(tmp_path
     assert not (out2 / "s").exists()
 
 
-def test_hf_export_loads_with_transformers_and_matches_mtbert(swept, tmp_path):
+def test_hf_export_loads_with_transformers_and_matches_mtbert(swept, real_model, tmp_path):
     import transformers
     import mtbert
 
+    study = optuna.load_study(study_name="enq", storage=f"sqlite:///{swept}/runs/mtbert.db")
+    _give_a_real_model(Path(study.best_trial.user_attrs["checkpoint"]), real_model)
     dest = tmp_path / "best"
     result = runner.invoke(app, ["best", "--out", str(swept / "runs"), "--export", str(dest),
                                  "--hf"])
@@ -217,16 +253,29 @@ def test_optunas_own_api_reads_everything_mtbert_writes(swept, tmp_path):
 
 RESEED_SPEC = """name: rs
 space:
-  model.head_hidden: {type: categorical, choices: [0, 16]}
+  model.head_hidden: {type: categorical, choices: [0, 16, 32]}
   train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
 pruner: {name: median, n_startup_trials: 0}
+enqueue:
+  - {model.head_hidden: 0, train.lr: 1.0e-3}
+  - {model.head_hidden: 16, train.lr: 2.0e-3}
+  - {model.head_hidden: 32, train.lr: 3.0e-3}
 """
+# The stand-in's level (every metric follows it) of each configuration, by model.head_hidden,
+# for seeds 0 to 3. The originals (seed 0) rise, so that the median pruner stops none; every
+# reseed (seeds 1 to 3) ends below the originals' median: a pruned trial would show it.
+RESEED_VALUES = {"key": "model.head_hidden", "0": [0.50, 0.45, 0.45, 0.45],
+                 "16": [0.60, 0.40, 0.52, 0.45], "32": [0.70, 0.50, 0.58, 0.56]}
+
+
+@pytest.fixture
+def reseed_trials(monkeypatch):
+    """This test's sweeps and reseeds run stand-in trials with the values above."""
+    use_stub_trials(monkeypatch, values=RESEED_VALUES)
 
 
 def _group_stats(trials, number):
     """(mean, sample std, members) of trial `number` and its COMPLETE reseeds."""
-    import statistics
-
     members = [t for t in trials if t.state.name == "COMPLETE"
                and (t.number == number or t.user_attrs.get("reseed_of") == number)]
     values = [t.values[0] for t in members]
@@ -235,15 +284,19 @@ def _group_stats(trials, number):
 
 @pytest.fixture(scope="module")
 def reseeded(tiny_encoder, tmp_path_factory):
-    """A 3-trial study (median pruner, 2 epochs) whose 2 best trials got 2 more seeds."""
+    """A 3-trial study (median pruner, 2 epochs) whose 2 best trials got 2 more seeds, of
+    stand-in trials (RESEED_VALUES)."""
     root = tmp_path_factory.mktemp("reseeded")
     task_dir = write_task_files(root / "data")
     (root / "rs.yaml").write_text(RESEED_SPEC)
-    swept = runner.invoke(app, _args(root / "rs.yaml", tiny_encoder, task_dir, root / "runs", 3,
-                                     "--set", "train.epochs=2"))
-    assert swept.exit_code == 0, swept.output
-    first = runner.invoke(app, ["-q", "best", "--out", str(root / "runs"), "--reseed", "2",
-                                "--top", "2", "--wandb-mode", "disabled", "--device", "cpu"])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_stub_trials(monkeypatch, values=RESEED_VALUES)
+        swept = runner.invoke(app, _args(root / "rs.yaml", tiny_encoder, task_dir,
+                                         root / "runs", 3, "--set", "train.epochs=2"))
+        assert swept.exit_code == 0, swept.output
+        first = runner.invoke(app, ["-q", "best", "--out", str(root / "runs"), "--reseed",
+                                    "2", "--top", "2", "--wandb-mode", "disabled", "--device",
+                                    "cpu"])
     assert first.exit_code == 0, first.output
     return root, first
 
@@ -269,11 +322,15 @@ def test_reseed_runs_the_best_trials_again_with_new_seeds_never_pruned(reseeded)
         assert config["train"]["seed"] == t.user_attrs["seed"]
         job = json.loads((run_dir / "job.json").read_text())
         assert job["prune"] is False and job["reseed_of"] == original.number
-    # The originals ran with the median pruner on: only the reseeds are exempt.
+    # The originals ran with the median pruner on: only the reseeds are exempt. Every reseed
+    # ended below the originals' median after epoch 1, where the pruner would have stopped it.
     assert json.loads((root / "runs" / "rs" / "trial-0001" / "job.json").read_text())["prune"]
+    assert [t.state.name for t in trials[:3]] == ["COMPLETE"] * 3
+    median = statistics.median(t.intermediate_values[1] for t in trials[:3])
+    assert all(t.values[0] < median for t in reseeds)
 
 
-def test_reseed_ranks_by_mean_and_a_rerun_adds_nothing(reseeded, tiny_encoder):
+def test_reseed_ranks_by_mean_and_a_rerun_adds_nothing(reseeded, tiny_encoder, reseed_trials):
     root, first = reseeded
     trials = _study_trials(root)
     groups = {o: _group_stats(trials, o) for o in {t.user_attrs["reseed_of"]
@@ -308,13 +365,22 @@ def test_reseed_ranks_by_mean_and_a_rerun_adds_nothing(reseeded, tiny_encoder):
     assert int(single.stdout.splitlines()[2].split()[0]) == best_single.number
 
 
-def test_export_after_reseed_takes_the_best_mean_seed_run_closest_to_it(reseeded, tmp_path):
+def test_export_after_reseed_takes_the_best_mean_seed_run_closest_to_it(reseeded, real_model,
+                                                                       tmp_path):
     root, _ = reseeded
     trials = _study_trials(root)
     numbers = {t.user_attrs["reseed_of"] for t in trials[3:]}
     best = max(numbers, key=lambda n: _group_stats(trials, n)[0])
     mean, std, members = _group_stats(trials, best)
     closest = min(members, key=lambda t: (abs(t.values[0] - mean), t.number))
+    # Every seed run of the reseeded configurations kept its model (keep-top by mean), the
+    # reseed at 0.40 too; trial 0 (0.50), outside them and the top 3 trials, lost its own.
+    for number in numbers:
+        for t in _group_stats(trials, number)[2]:
+            assert (Path(t.user_attrs["checkpoint"]) / "metrics.json").exists(), t.number
+    assert numbers == {1, 2} and not Path(trials[0].user_attrs["checkpoint"]).exists()
+    for t in members:
+        _give_a_real_model(Path(t.user_attrs["checkpoint"]), real_model)
     result = runner.invoke(app, ["best", "--out", str(root / "runs"), "--export",
                                  str(tmp_path / "model")])
     assert result.exit_code == 0, result.output
@@ -325,9 +391,8 @@ def test_export_after_reseed_takes_the_best_mean_seed_run_closest_to_it(reseeded
     card = (tmp_path / "model" / "README.md").read_text()
     assert f"- trial: {closest.number}" in card
     assert f"configuration of trial {best}, best mean overall/geometric over 3 seeds" in card
-    # Every seed run of the reseeded configurations kept its model (keep-top by mean).
-    for t in members:
-        assert (Path(t.user_attrs["checkpoint"]) / "model.safetensors").exists()
+    # The card's metrics are the chosen seed run's own.
+    assert f"| overall/geometric | {closest.user_attrs['overall/geometric']:.4f} |" in card
 
 
 def test_report_shows_the_reseeded_configurations_by_mean(reseeded, tmp_path):
@@ -351,7 +416,7 @@ def test_report_shows_the_reseeded_configurations_by_mean(reseeded, tmp_path):
         assert f"trial {t.user_attrs['reseed_of']} with seed {t.user_attrs['seed']}" in page
 
 
-def test_reseed_retries_a_failed_seed_and_extends_to_more_seeds(reseeded):
+def test_reseed_retries_a_failed_seed_and_extends_to_more_seeds(reseeded, reseed_trials):
     root, _ = reseeded
     url = f"sqlite:///{root}/runs/mtbert.db"
     study = optuna.load_study(study_name="rs", storage=url)

@@ -1,4 +1,5 @@
-"""Distributed sweeps: several workers on one study in the local PostgreSQL.
+"""Distributed sweeps: several workers (real processes) on one study in the local
+PostgreSQL; their trials are the stand-in trial program (tests/stub_trial.py).
 
 Skipped, with the connection error, only where nothing accepts connections on
 127.0.0.1:5432 (or $MTBERT_TEST_POSTGRES's host and port); a missing driver, a refused
@@ -15,13 +16,13 @@ import optuna
 import pytest
 import sqlalchemy
 
-from conftest import POSTGRES_URL, postgres_unreachable, wait_for
+from conftest import POSTGRES_URL, postgres_unreachable, use_stub_trials, wait_for
 
 URL = POSTGRES_URL
 
 
 _DOWN = postgres_unreachable()
-pytestmark = pytest.mark.skipif(_DOWN is not None, reason=str(_DOWN))
+pytestmark = [pytest.mark.skipif(_DOWN is not None, reason=str(_DOWN)), pytest.mark.slow]
 
 
 @pytest.fixture
@@ -52,7 +53,8 @@ def _study(name):
     return optuna.load_study(study_name=name, storage=with_driver(URL))
 
 
-def test_two_workers_share_one_study(tiny_encoder, task_dir, tmp_path, study_name):
+def test_two_workers_share_one_study(tiny_encoder, task_dir, tmp_path, study_name,
+                                    stub_trials):
     workers = [_worker(tiny_encoder, task_dir, tmp_path / f"w{i}", study_name, "--trials", "2",
                        "--set", "train.steps_per_epoch=3") for i in range(2)]
     for w in workers:
@@ -80,7 +82,11 @@ def _heartbeat_age(study_name, number) -> float | None:
     return None if age is None else float(age)
 
 
-def test_a_killed_worker_leaves_no_running_trial(tiny_encoder, task_dir, tmp_path, study_name):
+def test_a_killed_worker_leaves_no_running_trial(tiny_encoder, task_dir, tmp_path, study_name,
+                                                monkeypatch):
+    # The doomed worker's trial takes 2000 steps of 0.05 s: it runs until the worker is
+    # killed (and dies with it); the later worker's retry takes 3 steps.
+    use_stub_trials(monkeypatch, step_s=0.05)
     doomed = _worker(tiny_encoder, task_dir, tmp_path / "doomed", study_name, "--trials", "1",
                      "--heartbeat", "1", "--grace", "3",
                      "--set", "train.steps_per_epoch=2000", "--set", "train.epochs=1")

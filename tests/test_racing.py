@@ -1,5 +1,7 @@
 """Racing configurations over seeds (`mtbert sweep --seeds N`): the decisions on controlled
-per-seed values, the sampler's view of the study, and real sweeps of the tiny model."""
+per-seed values, the sampler's view of the study, and sweeps of real worker processes
+(two on PostgreSQL, one killed) whose trials are the stand-in trial program
+(tests/stub_trial.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from mtbert.studies.job import RACED_OUT, RESEED_OF, SEED, TrialJob, TrialResult
 from mtbert.studies.runner import SweepOptions, TrialRunner, run_sweep
 from mtbert.studies.spec import load_spec
 from mtbert.tasks import METRIC_KEYS
+
+from conftest import use_stub_trials
+from stub_trial import stub_metrics
 
 runner = CliRunner()
 
@@ -296,7 +301,8 @@ def test_keep_top_keeps_every_seed_run_of_the_best_configurations_and_no_raced_o
     assert not any(kept[3e-5]) and not any(kept[4e-5])
 
 
-# Real sweeps of the tiny model: real processes, real storages, a real SIGKILL.
+# Real worker processes, real storages, a real SIGKILL; the trials are the stand-in's,
+# whose objective is a fixed function of the configuration, the seed and the epoch.
 TINY = """name: tiny-race
 base:
   train: {seed: 3}
@@ -331,9 +337,25 @@ def _seed_runs(trials) -> list[tuple[int, int]]:
                   if t.state.name != "FAIL")
 
 
+def _stub_value(trial, epochs: int = 1, behaviour: dict | None = None) -> float:
+    """The objective the stand-in gives the trial's configuration and seed after `epochs`
+    epochs (its best: the stand-in's values rise over the epochs)."""
+    return stub_metrics(trial.params, trial.user_attrs[SEED], epochs - 1,
+                        behaviour or {})["overall/arithmetic"]
+
+
+# Two configurations, one per worker, with seed values that are not configuration + seed
+# effect exactly (the stand-in's own values are, which leaves the paired test no residual
+# variance: any difference on two shared seeds would race a configuration out).
+TWO = TINY + "enqueue:\n  - {loss.weights.sst: 0.5}\n  - {loss.weights.sst: 2.0}\n"
+TWO_VALUES = {"key": "loss.weights.sst", "first_seed": 3, "0.5": [0.60, 0.63, 0.61],
+              "2.0": [0.58, 0.64, 0.60]}
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_workers_on_one_postgresql_raced_study_never_run_a_seed_twice(
-        tiny_encoder, task_dir, tmp_path):
+        tiny_encoder, task_dir, tmp_path, monkeypatch):
     import uuid
 
     from conftest import POSTGRES_URL, postgres_unreachable
@@ -342,8 +364,9 @@ def test_two_workers_on_one_postgresql_raced_study_never_run_a_seed_twice(
     reason = postgres_unreachable()
     if reason:
         pytest.skip(reason)
+    use_stub_trials(monkeypatch, epoch_s=0.5, values=TWO_VALUES)  # the workers' trials overlap
     spec = tmp_path / "tiny-race.yaml"
-    spec.write_text(TINY)
+    spec.write_text(TWO)
     study = f"race-{uuid.uuid4().hex[:8]}"
     try:
         # A level no race reaches: every configuration gets its three seeds.
@@ -361,13 +384,19 @@ def test_two_workers_on_one_postgresql_raced_study_never_run_a_seed_twice(
     assert len(runs) == len(set(runs)) == 6  # 2 configurations x 3 seeds, none twice
     configs = {c for c, _ in runs}
     assert len(configs) == 2
+    assert sorted(t.params["loss.weights.sst"] for t in trials) == [0.5] * 3 + [2.0] * 3
     assert all(sorted(s for c2, s in runs if c2 == c) == [3, 4, 5] for c in configs)
     assert all(t.state.name == "COMPLETE" for t in trials)
+    # Each seed run trained its own seed (train.seed) of its configuration.
+    controlled = {"values": TWO_VALUES}
+    assert [t.value for t in trials] == [pytest.approx(_stub_value(t, behaviour=controlled))
+                                         for t in trials]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_killed_workers_seed_is_retried_and_reseed_continues_the_seeds(
-        tiny_encoder, task_dir, tmp_path):
+        tiny_encoder, task_dir, tmp_path, monkeypatch):
     import signal
     import time
 
@@ -377,7 +406,10 @@ def test_a_killed_workers_seed_is_retried_and_reseed_continues_the_seeds(
     spec.write_text(TINY)
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     out = tmp_path / "runs"
-    args = ("--trials", "1", "--seeds", "2")
+    # A level no race reaches: the stand-in's configurations differ by far more than its
+    # seeds, which could race the second one out after its first seed; it gets both here.
+    args = ("--trials", "1", "--seeds", "2", "--race-alpha", "1e-9")
+    use_stub_trials(monkeypatch, epoch_s=1.0)  # killed in its second seed's second epoch
     doomed = _worker(spec, storage, "race", out, tiny_encoder, task_dir, *args, epochs=3,
                      steps=40)
     second = out / "race" / "trial-0001"  # the configuration's second seed run
@@ -388,6 +420,7 @@ def test_a_killed_workers_seed_is_retried_and_reseed_continues_the_seeds(
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(timeout=30)
     time.sleep(2.5)  # past --grace: the seed run's heartbeat is stale
+    use_stub_trials(monkeypatch)  # nothing more to stop: epochs take no time
     later = _worker(spec, storage, "race", out, tiny_encoder, task_dir, *args, epochs=3,
                     steps=40)
     _, err = later.communicate(timeout=600)
@@ -399,6 +432,8 @@ def test_a_killed_workers_seed_is_retried_and_reseed_continues_the_seeds(
     assert retry.state.name == "COMPLETE"
     assert (retry.user_attrs[RESEED_OF], retry.user_attrs[SEED]) == (0, 4)
     assert retry.user_attrs["resumed_from_epoch"] >= 1
+    # The resumed seed run ends as an uninterrupted one of its configuration and seed.
+    assert retry.value == pytest.approx(_stub_value(retry, epochs=3))
     assert [s for c, s in _seed_runs(trials) if c == 0] == [3, 4]
 
     # `best --reseed` continues after the race's seeds, in the same configuration.

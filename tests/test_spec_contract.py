@@ -1,7 +1,8 @@
 """The spec contract of every sampler and pruner a spec may name: checked at spec load,
 sampling inside the spec's space (conditional parameters only when their condition
-holds), reproducible from the spec's seed, pruning a trial far behind; and a real
-2-trial sweep of the tiny model with each of gp, qmc and successive_halving."""
+holds), reproducible from the spec's seed, pruning a trial far behind; and a 2-trial
+sweep (stand-in trial processes, tests/stub_trial.py) with each of gp, qmc and
+successive_halving."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mtbert.studies.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from mtbert.studies.spec import load_spec, spec_from_dict, suggest
 
 from conftest import tiny_sweep_args
+from stub_trial import stub_metrics
 
 runner = CliRunner()
 
@@ -153,14 +155,19 @@ def _replayed(spec, first) -> dict:
 
 @pytest.mark.parametrize("sampler", ["gp", "qmc"])
 def test_a_two_trial_sweep_samples_with_the_sampler_and_halves_successively(
-        sampler, tiny_encoder, task_dir, tmp_path):
+        sampler, stub_trials, tiny_encoder, task_dir, tmp_path):
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     trials, spec = _sweep(tmp_path, tiny_encoder, task_dir, sampler)
     first, second = trials
     assert first.state.name == "COMPLETE"  # alone in its rung: promoted
     assert second.params == _replayed(spec, first) != first.params
+    # Each trial reported its own objective after epoch 1 (the stand-in's, seed 0).
+    for t in trials:
+        assert t.intermediate_values == {
+            1: pytest.approx(stub_metrics(t.params, 0, 0, {})["overall/geometric"])}
     # Rung 0 (epoch 1) with reduction factor 2 promotes the better half of its two
-    # trials: the second trial goes on only when it beats the first.
+    # trials: the second trial goes on only when it beats the first (on the stand-in's
+    # values gp's second trial is ahead and qmc's behind: both cases run).
     behind = second.intermediate_values[1] < first.intermediate_values[1]
     assert second.state.name == ("PRUNED" if behind else "COMPLETE")
     assert second.system_attrs["completed_rung_0"] == second.intermediate_values[1]

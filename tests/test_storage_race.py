@@ -4,7 +4,8 @@ Optuna creates its tables on first use; processes that do so at the same instant
 PostgreSQL collide on the `pg_type` index, on a table or `alembic_version` that another
 created a moment before, or on the version row; on SQLite, on the file's lock. These
 tests start real processes at once on fresh databases (each dropped afterwards) and
-files. The PostgreSQL ones skip, with the connection error, where no server answers.
+files (slow); the retry's rules and the lock are checked in this process. The PostgreSQL
+ones skip, with the connection error, where no server answers.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def _create_study_together(url: str, n: int, lock: str = "locked"
                             for _ in range(n)])
 
 
+@pytest.mark.slow
 @needs_postgres
 @pytest.mark.parametrize("round_", range(3))
 def test_five_studies_commands_started_at_once_on_a_new_database_all_list_it(
@@ -105,6 +107,7 @@ def test_five_studies_commands_started_at_once_on_a_new_database_all_list_it(
     assert [r.stdout.splitlines() for r in results] == [[HEADER]] * 5
 
 
+@pytest.mark.slow
 @needs_postgres
 @pytest.mark.parametrize("lock", ["locked", "unlocked"])
 def test_three_workers_creating_one_study_at_once_on_a_new_database_all_succeed(
@@ -115,6 +118,7 @@ def test_three_workers_creating_one_study_at_once_on_a_new_database_all_succeed(
     assert [r.stdout.split() for r in results] == [["race", "1"]] * 3
 
 
+@pytest.mark.slow
 def test_four_workers_creating_one_study_at_once_in_a_new_sqlite_file_all_succeed(
         tmp_path):
     url = f"sqlite:///{tmp_path / 'mtbert.db'}"
@@ -234,6 +238,7 @@ print(*taken)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_four_workers_taking_queued_trials_at_once_never_take_one_twice(
         backend, tmp_path, request):
@@ -279,6 +284,7 @@ create_study(spec, SweepOptions(trials=1, out=out, device="cpu"))
 """
 
 
+@pytest.mark.slow
 def test_workers_started_together_queue_the_specs_configurations_once(tmp_path):
     import optuna
 

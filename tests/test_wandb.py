@@ -1,5 +1,8 @@
 """W&B for the dashboard comparison, read back from the offline run files: each trial's
-`config_id`, outcome (summary `state`, tags) and the exported model's artifact."""
+`config_id`, outcome (summary `state`, tags) and the exported model's artifact.
+
+The W&B runs are the trial processes' own, and the artifact holds a trained model: those
+tests run real trial processes (slow); the stand-in trial program makes no W&B run."""
 
 import hashlib
 import json
@@ -134,6 +137,7 @@ def outcomes(tiny_encoder, tmp_path_factory):
     return root, trials, offline_runs(root / "wandb-dir"), exported
 
 
+@pytest.mark.slow
 def test_each_trial_run_holds_its_state_tags_and_config_id(outcomes):
     _, trials, runs, _ = outcomes
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL",
@@ -163,6 +167,7 @@ def test_each_trial_run_holds_its_state_tags_and_config_id(outcomes):
         trials[1].user_attrs["overall/geometric"]
 
 
+@pytest.mark.slow
 def test_export_logs_the_model_directory_as_an_artifact_staged_under_the_wandb_dir(outcomes):
     root, trials, runs, exported = outcomes
     (export_run,) = [r for r in runs.values() if r["job_type"] == "export"]
@@ -216,6 +221,7 @@ def _trial_pid(run_dir: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_trial_process_stopped_by_sigterm_ends_its_run_as_fail_and_dies_by_it(
         tiny_encoder, task_dir, tmp_path):
     out = tmp_path / "runs"
