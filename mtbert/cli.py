@@ -553,7 +553,7 @@ def sweep(
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
     trials, exit 0, with the reason on stderr.
     """
-    from mtbert.studies.runner import SweepOptions
+    from mtbert.studies.options import SweepOptions
     from mtbert.studies.slots import parse_gpus
     from mtbert.studies.spec import spec_list, spec_yaml
     from mtbert.studies.storage import check_study_name
@@ -598,7 +598,8 @@ def _run_sweep(spec, options) -> None:
 
 def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path],
                   seeds: Optional[int] = None, race_alpha: Optional[float] = None):
-    from mtbert.studies.spec import load_enqueue, load_spec, with_racing
+    from mtbert.studies.enqueue import load_enqueue
+    from mtbert.studies.spec import load_spec, with_racing
 
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
@@ -718,8 +719,9 @@ def _export(choice, *, url, dest, hf, wandb, out, wandb_mode, wandb_project) -> 
 
 def _reseed(*, study, storage, out, metric, top, seeds, overrides, device, wandb_mode,
             wandb_project, keep_top) -> None:
-    from mtbert.studies.results import groups_table
-    from mtbert.studies.runner import SweepOptions, reseed_study
+    from mtbert.studies.configurations import groups_table
+    from mtbert.studies.options import SweepOptions
+    from mtbert.studies.runner import reseed_study
 
     options = SweepOptions(study=study, storage=storage, out=out,
                            wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project,
@@ -833,7 +835,7 @@ def studies(
     --resume it.
     """
     from mtbert.studies.budget import set_stop
-    from mtbert.studies.results import studies_table, study_summaries
+    from mtbert.studies.listing import studies_table, study_summaries
     from mtbert.studies.retention import plan_deletion
     from mtbert.studies.storage import open_storage, select_study, storage_url
 

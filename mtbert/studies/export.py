@@ -24,7 +24,8 @@ from mtbert.config import build_config
 from mtbert.errors import MtbertError
 from mtbert.formatting import first_line
 from mtbert.modeldir import HF_ENCODER, WEIGHTS, export_hf_encoder, model_card
-from mtbert.studies.job import CHECKPOINT, CONFIG_ID, RESEED_OF, WANDB_RUN_ID, WandbSettings
+from mtbert.studies.configurations import config_of
+from mtbert.studies.job import CHECKPOINT, WANDB_RUN_ID, WandbSettings
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -99,7 +100,7 @@ def log_export(model_dir: Path, trial, *, study: str, wandb: WandbSettings,
     if wandb.mode == "disabled":
         log.warning("W&B is disabled (--wandb-mode or $WANDB_MODE): no model artifact logged")
         return None
-    config_id = trial.user_attrs.get(CONFIG_ID, trial.user_attrs.get(RESEED_OF, trial.number))
+    config_id = config_of(trial)
     metadata = {"study": study, "trial": trial.number, "config_id": config_id,
                 "params": trial.params,
                 "metrics": {k: trial.user_attrs[k] for k in METRIC_KEYS
