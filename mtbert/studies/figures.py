@@ -5,13 +5,13 @@ curves of the top trials, the Pareto front and the reseeded configurations."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
 from pathlib import Path
 
 from mtbert.formatting import save_figure
+from mtbert.rundir import METRICS_FILE, read_metrics
 from mtbert.studies.results import best_trial, complete_trials, pareto_front
 from mtbert.tasks import METRIC_KEYS
 
@@ -205,19 +205,9 @@ def plot_parallel(study, objective: str, path: Path) -> Path:
 
 def read_curves(run_dir: str | None) -> list[dict] | None:
     """The evaluations in a run's metrics.jsonl; None when the run is not on this machine."""
-    if not run_dir:
+    if not run_dir or not (Path(run_dir) / METRICS_FILE).exists():
         return None
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut off by a killed run
-                continue
-    return records
+    return read_metrics(Path(run_dir))
 
 
 def plot_curves(curves: dict[int, list[dict]], best_number: int | None, path: Path) -> Path:

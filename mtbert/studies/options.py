@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtbert.rundir import RUNS_DIR
 from mtbert.studies.storage import open_storage, storage_url
-from mtbert.studies.warmstart import WARM_TOP
+
+WARM_TOP = 5  # configurations a warm start takes from the earlier study by default
 
 
 @dataclass
@@ -16,7 +18,7 @@ class SweepOptions:
     timeout: float | None = None
     study: str | None = None
     storage: str | None = None
-    out: Path = Path("mtbert-runs")
+    out: Path = RUNS_DIR
     wandb_mode: str = "disabled"
     wandb_project: str = "mtbert"
     keep_top: int = 3

@@ -6,7 +6,6 @@ The worker loop (`studies.worker`) calls a `TrialRunner` as its objective."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,8 @@ from typing import Any
 
 from mtbert.config import load_config, save_config
 from mtbert.errors import TrainingError
+from mtbert.rundir import (CONFIG_FILE, MODEL_DIR, RESUME_FILE, RUN_FILES, TRIAL_LOG,
+                           best_metrics, read_metrics)
 from mtbert.runtime import resolve_device, wandb_dir
 from mtbert.studies.budget import DEVICE, GPU_SHARE, WALL_S, device_share
 from mtbert.studies.constraints import record_feasibility, study_constraints
@@ -51,10 +52,7 @@ def _last_line(path: Path) -> str:
 
 def best_record(run_dir: Path, metric: str, direction: str = "maximize") -> dict | None:
     """The evaluation of a run with the best `metric` (from metrics.jsonl)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in read_metrics(run_dir) if metric in r]
     if not records:
         return None
     sign = 1 if direction == "maximize" else -1
@@ -140,7 +138,7 @@ class TrialRunner:
         run_dir.mkdir(parents=True, exist_ok=True)
         job = self._prepare(trial, params, run_dir)
         trial.set_user_attr(RUN_DIR, str(run_dir))
-        trial.set_user_attr(CHECKPOINT, str(run_dir / "model"))
+        trial.set_user_attr(CHECKPOINT, str(run_dir / MODEL_DIR))
         alone = trial.user_attrs.get(RETRY_REASON) == "oom"
         slot = self.slots.acquire(alone=alone)
         try:
@@ -157,7 +155,7 @@ class TrialRunner:
             trial.set_user_attr(FAIL_REASON, reason)
             self._queue_retry(trial)
             raise TrialFailed(reason)
-        reason = result.reason or _last_line(run_dir / "trial.log")
+        reason = result.reason or _last_line(run_dir / TRIAL_LOG)
         if code not in (0, EXIT_PRUNED) and OUT_OF_MEMORY in reason and slot.neighbours \
                 and not alone:
             # Out of memory beside other trials on its GPU: once more, alone on a GPU, from
@@ -168,14 +166,14 @@ class TrialRunner:
                               "run again alone)")
         # A finished trial (complete, pruned or failed) is never resumed; a stopped or
         # killed one keeps its resume state for its retry.
-        (run_dir / "resume.pt").unlink(missing_ok=True)
+        (run_dir / RESUME_FILE).unlink(missing_ok=True)
         if code == EXIT_PRUNED:
             raise optuna.TrialPruned(reason)
         if code != 0:
             trial.set_user_attr(FAIL_REASON, reason)
             raise TrialFailed(reason)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        values = [summary["best"]["metrics"][key] for key in job.objectives]
+        best = best_metrics(run_dir)
+        values = [best[key] for key in job.objectives]
         if result.race:
             self._next_seed(trial, job, result)
         return values[0] if len(values) == 1 else values
@@ -201,14 +199,14 @@ class TrialRunner:
         retry_of = retried_from(_frozen(trial))
         epochs = self._take_over(trial, retry_of, run_dir) if retry_of is not None else 0
         if epochs:
-            config = load_config(run_dir / "config.yaml")
+            config = load_config(run_dir / CONFIG_FILE)
         else:
             # A reseed (`mtbert best --reseed`) is an enqueued copy of a finished trial's
             # parameters with another train.seed.
             seed = trial.user_attrs.get(SEED)
             config = trial_config(self.spec, params if trial.user_attrs.get(RESEED_OF) is None
                                   else {**params, "train.seed": int(seed)})
-            save_config(config, run_dir / "config.yaml")
+            save_config(config, run_dir / CONFIG_FILE)
         trial.set_user_attr(SEED, config.train.seed)
         trial.set_user_attr(CONFIG_ID, config_of(trial))
         if retry_of is not None:
@@ -225,10 +223,10 @@ class TrialRunner:
     def _take_over(self, trial, retry_of: int, run_dir: Path) -> int:
         """Copy the retried trial's run (config, metrics, best model, resume state) into
         `run_dir`; returns the epochs it had finished, 0 when it cannot be continued."""
-        from mtbert.train import RUN_FILES, epochs_finished
+        from mtbert.train import epochs_finished
 
         dead = Path(trial.user_attrs.get(RUN_DIR) or "")
-        if not (dead / "resume.pt").is_file() or not (dead / "config.yaml").is_file():
+        if not (dead / RESUME_FILE).is_file() or not (dead / CONFIG_FILE).is_file():
             log.info("trial %d retries trial %d from the start: no resume state of it at %s "
                      "on this machine", trial.number, retry_of, dead)
             return 0
@@ -244,7 +242,7 @@ class TrialRunner:
         else:
             log.info("trial %d retries trial %d from the start: its resume state at %s is "
                      "unreadable", trial.number, retry_of, dead)
-            (run_dir / "resume.pt").unlink(missing_ok=True)
+            (run_dir / RESUME_FILE).unlink(missing_ok=True)
         return epochs
 
     def _queue_retry(self, trial, retry_reason: str | None = None) -> None:
@@ -271,7 +269,7 @@ class TrialRunner:
     def _run_process(self, trial, run_dir: Path, slot: Slot) -> int:
         """Train in `python -m mtbert.studies.trial RUN_DIR`; its exit code. A stop (signal
         or another thread's `stop()`) ends the process and fails the trial as interrupted."""
-        with open(run_dir / "trial.log", "w") as log_file:
+        with open(run_dir / TRIAL_LOG, "w") as log_file:
             with self._lock:
                 if self.stopping:
                     raise KeyboardInterrupt
@@ -300,10 +298,8 @@ class TrialRunner:
 
     def _record(self, trial, run_dir: Path) -> TrialResult:
         """Set the metric and W&B user attributes; returns the trial process's result."""
-        summary_file = run_dir / "summary.json"
-        if summary_file.exists():  # the evaluation whose model was kept
-            best = json.loads(summary_file.read_text())["best"]["metrics"]
-        else:  # pruned or failed: its best evaluation so far
+        best = best_metrics(run_dir)  # the evaluation whose model was kept
+        if best is None:  # pruned or failed: its best evaluation so far
             best = best_record(run_dir, self.spec.objectives[0], self.spec.directions[0])
         for key in METRIC_KEYS:
             if best and key in best:

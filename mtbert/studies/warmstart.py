@@ -24,13 +24,13 @@ from mtbert.errors import ConfigError
 from mtbert.formatting import format_params
 from mtbert.studies.configurations import seed_groups
 from mtbert.studies.enqueue import check_configuration
+from mtbert.studies.options import WARM_TOP
 from mtbert.studies.spec import SweepSpec
 from mtbert.studies.storage import (enqueue_once, open_storage, select_study,
                                     storage_errors)
 
 log = logging.getLogger("mtbert")
 
-WARM_TOP = 5  # configurations taken from the earlier study by default
 
 
 @dataclass
