@@ -443,6 +443,9 @@ def pretrain(
         "--save-every", min=1, help="Steps between resume states.")] = 200,
     log_every: Annotated[int, typer.Option(
         "--log-every", min=1, help="Steps per point of the loss curve in pretrain.json.")] = 10,
+    max_grad_norm: Annotated[float, typer.Option(
+        "--max-grad-norm", help="Clip the gradient norm of every step to this (0: no "
+                                "clipping).")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of masking and order.")] = 0,
     device: DeviceOption = Device.auto,
     resume: Annotated[bool, typer.Option(
@@ -459,7 +462,7 @@ def pretrain(
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, mask_prob=mask_prob,
         max_length=max_length or run_config.model.max_length,
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
-        save_every=save_every, log_every=log_every, seed=seed)
+        save_every=save_every, log_every=log_every, max_grad_norm=max_grad_norm, seed=seed)
     out = out or RUNS_DIR / f"pretrain-{datetime.now():%Y%m%d-%H%M%S}"
     run_pretrain(run_config, out=out, options=options, device=device.value, resume=resume,
                  progress=_progress())
