@@ -244,24 +244,22 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     return spec
 
 
-def check_racing(seeds: Any, alpha: Any, fail) -> tuple[int, float]:
-    """A spec's (or `--seeds` / `--race-alpha`'s) seeds per configuration and race level."""
+def check_racing(seeds: Any, alpha: Any, fail,
+                 names: tuple[str, str] = ("seeds", "race_alpha")) -> tuple[int, float]:
+    """A spec's seeds per configuration and race level, named `names` in an error (the
+    spec's keys, or the options `--seeds` / `--race-alpha`)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise fail(f"seeds must be a whole number >= 1, got {seeds!r}")
+        raise fail(f"{names[0]} must be a whole number >= 1, got {seeds!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise fail(f"race_alpha must be a number between 0 and 1, got {alpha!r}")
+        raise fail(f"{names[1]} must be a number between 0 and 1, got {alpha!r}")
     return seeds, float(alpha)
 
 
 def with_racing(spec: SweepSpec, seeds: int | None, alpha: float | None) -> SweepSpec:
     """`spec` with `--seeds` / `--race-alpha` in place of its own `seeds:` / `race_alpha:`."""
-
-    def fail(message: str) -> ConfigError:
-        return ConfigError(message.replace("seeds must", "--seeds must")
-                           .replace("race_alpha must", "--race-alpha must"))
-
     seeds, alpha = check_racing(spec.seeds if seeds is None else seeds,
-                                spec.race_alpha if alpha is None else alpha, fail)
+                                spec.race_alpha if alpha is None else alpha, ConfigError,
+                                names=("--seeds", "--race-alpha"))
     if seeds > 1 and spec.multi_objective:
         raise ConfigError("--seeds: racing compares one objective; this spec has "
                           f"{len(spec.objectives)}")
