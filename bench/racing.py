@@ -30,8 +30,9 @@ import optuna
 import yaml
 
 from mtbert.studies.job import RACED_OUT, RESEED_OF, SEED
-from mtbert.studies.racing import config_of, spend
-from mtbert.studies.results import seed_groups
+from mtbert.studies.configurations import config_of
+from mtbert.studies.racing import spend
+from mtbert.studies.configurations import seed_groups
 from mtbert.studies.runner import SweepOptions, optimize
 from mtbert.studies.spec import find_spec, stored_spec, with_racing
 from mtbert.studies.storage import storage_url

@@ -27,8 +27,9 @@ import statistics
 
 import optuna
 from mtbert.studies.job import SEED
-from mtbert.studies.racing import (Race, config_of, incumbent, p_paired, p_worse,
-                                   pooled_variance, residual_variance)
+from mtbert.studies.configurations import config_of
+from mtbert.studies.racing import (Race, incumbent, p_paired, p_worse, pooled_variance,
+                                   residual_variance)
 
 
 def table(study) -> dict[int, dict[int, float]]:

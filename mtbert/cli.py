@@ -24,7 +24,11 @@ import typer
 from tqdm import tqdm
 
 from mtbert.errors import MtbertError
+from mtbert.rundir import RUNS_DIR
+from mtbert.studies.options import SweepOptions
 from mtbert.version import __version__
+
+DEFAULTS = SweepOptions()  # the sweep options' defaults, declared once there
 
 app = typer.Typer(
     help="Multitask BERT (SST-5, QQP, STS-B): train, sweep and compare multitask strategies.",
@@ -271,7 +275,7 @@ def train(
         run_config, run_dir = load_config(resume / "config.yaml"), resume
     else:
         run_config = load_config(config, _overrides(set_, data_dir))
-        run_dir = out or Path("mtbert-runs") / f"train-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = out or RUNS_DIR / f"train-{datetime.now():%Y%m%d-%H%M%S}"
     summary = run_training(run_config, run_dir=run_dir, device=device.value,
                            resume=resume is not None, progress=_progress(),
                            existing="replace" if overwrite else "refuse")
@@ -439,6 +443,9 @@ def pretrain(
         "--save-every", min=1, help="Steps between resume states.")] = 200,
     log_every: Annotated[int, typer.Option(
         "--log-every", min=1, help="Steps per point of the loss curve in pretrain.json.")] = 10,
+    max_grad_norm: Annotated[float, typer.Option(
+        "--max-grad-norm", help="Clip the gradient norm of every step to this (0: no "
+                                "clipping).")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of masking and order.")] = 0,
     device: DeviceOption = Device.auto,
     resume: Annotated[bool, typer.Option(
@@ -455,8 +462,8 @@ def pretrain(
         steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, mask_prob=mask_prob,
         max_length=max_length or run_config.model.max_length,
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
-        save_every=save_every, log_every=log_every, seed=seed)
-    out = out or Path("mtbert-runs") / f"pretrain-{datetime.now():%Y%m%d-%H%M%S}"
+        save_every=save_every, log_every=log_every, max_grad_norm=max_grad_norm, seed=seed)
+    out = out or RUNS_DIR / f"pretrain-{datetime.now():%Y%m%d-%H%M%S}"
     run_pretrain(run_config, out=out, options=options, device=device.value, resume=resume,
                  progress=_progress())
     typer.echo(str(out))
@@ -525,16 +532,16 @@ def sweep(
     storage: StorageOption = None,
     set_: SetOption = None,
     data_dir: DataDirOption = None,
-    out: OutParent = Path("mtbert-runs"),
+    out: OutParent = DEFAULTS.out,
     wandb_mode: SweepWandbMode = None,
-    wandb_project: WandbProjectOption = "mtbert",
-    keep_top: KeepTopOption = 3,
-    heartbeat: HeartbeatOption = 10,
-    grace: GraceOption = 30,
-    device: DeviceOption = Device.auto,
-    max_retries: MaxRetriesOption = 2,
+    wandb_project: WandbProjectOption = DEFAULTS.wandb_project,
+    keep_top: KeepTopOption = DEFAULTS.keep_top,
+    heartbeat: HeartbeatOption = DEFAULTS.heartbeat,
+    grace: GraceOption = DEFAULTS.grace,
+    device: DeviceOption = Device(DEFAULTS.device),
+    max_retries: MaxRetriesOption = DEFAULTS.max_retries,
     gpus: GpusOption = None,
-    trials_per_gpu: TrialsPerGpuOption = 1,
+    trials_per_gpu: TrialsPerGpuOption = DEFAULTS.trials_per_gpu,
     print_spec: PrintSpecOption = False,
     list_specs: ListSpecsOption = False,
     enqueue: EnqueueOption = None,
@@ -546,14 +553,13 @@ def sweep(
     baseline: BaselineOption = None,
     warm_start: WarmStartOption = None,
     warm_storage: WarmStorageOption = None,
-    warm_top: WarmTopOption = 5,
+    warm_top: WarmTopOption = DEFAULTS.warm_top,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
     trials, exit 0, with the reason on stderr.
     """
-    from mtbert.studies.runner import SweepOptions
     from mtbert.studies.slots import parse_gpus
     from mtbert.studies.spec import spec_list, spec_yaml
     from mtbert.studies.storage import check_study_name
@@ -598,7 +604,8 @@ def _run_sweep(spec, options) -> None:
 
 def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path],
                   seeds: Optional[int] = None, race_alpha: Optional[float] = None):
-    from mtbert.studies.spec import load_enqueue, load_spec, with_racing
+    from mtbert.studies.enqueue import load_enqueue
+    from mtbert.studies.spec import load_spec, with_racing
 
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
@@ -638,7 +645,7 @@ def _check_best_options(*, metric, export, trial, top, hf, wandb, reseed, set_, 
 def best(
     study: StudyOption = None,
     storage: StorageOption = None,
-    out: OutParent = Path("mtbert-runs"),
+    out: OutParent = RUNS_DIR,
     metric: MetricOption = None,
     export: Annotated[Optional[Path], typer.Option(
         "--export", help="Copy the best trial's model into this directory.")] = None,
@@ -661,8 +668,8 @@ def best(
     data_dir: DataDirOption = None,
     device: DeviceOption = Device.auto,
     wandb_mode: SweepWandbMode = None,
-    wandb_project: WandbProjectOption = "mtbert",
-    keep_top: KeepTopOption = 3,
+    wandb_project: WandbProjectOption = DEFAULTS.wandb_project,
+    keep_top: KeepTopOption = DEFAULTS.keep_top,
 ) -> None:
     """Print the best trial (or Pareto front); --export its model; --reseed more seeds.
 
@@ -718,8 +725,8 @@ def _export(choice, *, url, dest, hf, wandb, out, wandb_mode, wandb_project) -> 
 
 def _reseed(*, study, storage, out, metric, top, seeds, overrides, device, wandb_mode,
             wandb_project, keep_top) -> None:
-    from mtbert.studies.results import groups_table
-    from mtbert.studies.runner import SweepOptions, reseed_study
+    from mtbert.studies.configurations import groups_table
+    from mtbert.studies.runner import reseed_study
 
     options = SweepOptions(study=study, storage=storage, out=out,
                            wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project,
@@ -778,7 +785,7 @@ def compare(
     candidates = resolve_candidates(configs or [], _overrides(set_, data_dir), None,
                                     per_config=list(set_for or []))
     names = [c.name for c in candidates]
-    out = out or Path("mtbert-runs") / f"compare-{'-vs-'.join(names)}"
+    out = out or RUNS_DIR / f"compare-{'-vs-'.join(names)}"
     result = run_compare(candidates, seeds=seed_values, out=out,
                          baseline=baseline or names[0], metric=metric, device=device.value,
                          progress=_progress(), wandb_mode=_wandb_mode(wandb_mode),
@@ -809,7 +816,7 @@ def _confirm(question: str) -> bool:
 @handle_errors
 def studies(
     storage: StorageOption = None,
-    out: OutParent = Path("mtbert-runs"),
+    out: OutParent = RUNS_DIR,
     delete: Annotated[Optional[str], typer.Option(
         "--delete", help="Delete this study from the storage (asks first).")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
@@ -833,7 +840,7 @@ def studies(
     --resume it.
     """
     from mtbert.studies.budget import set_stop
-    from mtbert.studies.results import studies_table, study_summaries
+    from mtbert.studies.listing import studies_table, study_summaries
     from mtbert.studies.retention import plan_deletion
     from mtbert.studies.storage import open_storage, select_study, storage_url
 
@@ -867,7 +874,7 @@ def studies(
 def report(
     study: StudyOption = None,
     storage: StorageOption = None,
-    out: OutParent = Path("mtbert-runs"),
+    out: OutParent = RUNS_DIR,
     to: Annotated[Optional[Path], typer.Option(
         "--to", help="Report directory (default <out>/<study>/report).")] = None,
     top: Annotated[int, typer.Option(

@@ -31,6 +31,7 @@ from mtbert.config import SEED_MAX, RunConfig, build_config, flatten, load_confi
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import (aligned_table, first_line, format_mean_std, markdown_table,
                                save_figure)
+from mtbert.rundir import read_summary
 from mtbert.runtime import wandb_dir
 from mtbert.tasks import METRIC_KEYS, TASKS, overall_scores
 from mtbert.tracking import Tracker, train_tracked
@@ -235,7 +236,7 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
                 wandb_project: str = "mtbert") -> Comparison:
     """Train every candidate with every seed (finished runs are read, not trained again)
     and write OUT/compare.json; returns the comparison."""
-    from mtbert.train import RESUME_FILE
+    from mtbert.rundir import RESUME_FILE
 
     names = [c.name for c in candidates]
     if baseline not in names:
@@ -255,10 +256,9 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
     failures: dict[tuple[str, int], list[str]] = {}
     for i, (c, seed, task, config, run_dir) in enumerate(plan, 1):
         what = f"[{i}/{len(plan)}] {c.name} seed {seed}" + (f" {task}" if task else "")
-        summary_file = run_dir / "summary.json"
-        if summary_file.exists():
+        summary = read_summary(run_dir)
+        if summary is not None:
             log.info("%s: finished earlier, read from %s", what, run_dir)
-            summary = json.loads(summary_file.read_text())
         else:
             resume = (run_dir / RESUME_FILE).exists()
             log.info("%s: %s in %s", what, "resuming" if resume else "training", run_dir)

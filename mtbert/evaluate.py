@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from mtbert.data import EncodedSet
 from mtbert.heads import MultitaskModel
-from mtbert.runtime import autocast, naming
+from mtbert.rundir import naming
+from mtbert.runtime import autocast
 from mtbert.tasks import Task, overall_scores
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from mtbert.encoder import BertEncoder, _normalise_hf_key, load_pretrained, read
 from mtbert.errors import ConfigError, DataError, MtbertError, TrainingError
 from mtbert.modeldir import write_hf_encoder
 from mtbert.optim import linear_schedule
-from mtbert.runtime import autocast, resolve_device
+from mtbert.runtime import atomic_torch_save, autocast, resolve_device
 from mtbert.tasks import get_task
 from mtbert.tokenize import Tokenizer
 
@@ -73,6 +72,7 @@ class PretrainOptions:
     splits: tuple[str, ...] = ("train",)
     warmup: float = 0.1
     weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # clip every step's gradient norm to this; 0: no clipping
     seed: int = 0
     save_every: int = 200
     log_every: int = 10
@@ -92,7 +92,8 @@ class PretrainOptions:
                 ("lr", "a finite number > 0", lambda v: v > 0),
                 ("mask_prob", "between 0 and 1", lambda v: 0 < v < 1),
                 ("warmup", "between 0 and 1, inclusive", lambda v: 0 <= v <= 1),
-                ("weight_decay", "a finite number >= 0", lambda v: v >= 0)):
+                ("weight_decay", "a finite number >= 0", lambda v: v >= 0),
+                ("max_grad_norm", "a finite number >= 0 (0: no clipping)", lambda v: v >= 0)):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or not ok(value)):
@@ -258,7 +259,8 @@ def pretrain(config: RunConfig, *, out: Path, options: PretrainOptions, device: 
         loss = F.cross_entropy(logits.float(), labels[target])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if options.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -316,6 +318,4 @@ def _save_state(path: Path, encoder, head, optimizer, scheduler, sampler, genera
                "sampler": sampler.state(), "generator": generator.get_state(),
                "rng": torch.get_rng_state(), "step": step, "total": total,
                "sentences": sentences, "curve": curve, "window": window.cpu()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, path)

@@ -1,5 +1,6 @@
-"""Where and how code runs: the device, autocast, atomic file writes, the W&B directory,
-and the environment recorded next to every result.
+"""Where and how code runs: the device, autocast, atomic saves of tensors, the W&B
+directory, and the environment recorded next to every result (atomic text writes:
+`mtbert.rundir`).
 
 Every command imports this module, so it imports nothing of the training stack:
 `mtbert eval` and `mtbert predict` resolve their device here.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import platform
 import subprocess
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mtbert.errors import MtbertError, TrainingError
+from mtbert.rundir import naming
 from mtbert.version import __version__
 
 
@@ -36,34 +37,6 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def naming(path: Path, partial: Path | None = None):
-    """An OSError inside names `path` (a failed write, e.g. a full disk, names no file by
-    itself), and `partial`, a half-written temporary file, is removed."""
-    try:
-        yield
-    except OSError as err:
-        if partial is not None:
-            Path(partial).unlink(missing_ok=True)
-        if err.filename:
-            raise
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` so that a reader (or a crash) sees the old content or the new, never
-    half of it: a temporary file beside it, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with naming(path, partial=tmp):
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
-
-def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def atomic_torch_save(payload: object, path: Path) -> None:

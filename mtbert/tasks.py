@@ -3,6 +3,10 @@
 A fourth task is one more entry in `TASKS`: its files, columns, label kind and
 metric. Everything else (data loading, heads, losses, metrics, the overall
 scores, prediction files) reads from here.
+
+Torch (and scipy) are imported by the methods that compute, not by the module: the
+task names and metric keys serve code that trains nothing (the sweep worker, its
+trial processes' contract, specs, constraints) without the cost of importing torch.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy.stats import pearsonr
+
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass(frozen=True)
 class Task:
@@ -95,12 +101,16 @@ class ClassificationTask(Task):
         return value
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         return F.cross_entropy(output.float(), labels.long())
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return output.argmax(dim=-1)
 
     def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.softmax(output.float(), dim=-1)
 
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -116,12 +126,16 @@ class BinaryTask(Task):
         return value if value in (0.0, 1.0) else None
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         return F.binary_cross_entropy_with_logits(output.float().squeeze(-1), labels.float())
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return (output.squeeze(-1) > 0).long()
 
     def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        import torch
+
         positive = torch.sigmoid(output.float().squeeze(-1))  # (B,)
         return torch.stack([1.0 - positive, positive], dim=-1)  # (B, 2)
 
@@ -143,12 +157,16 @@ class RegressionTask(Task):
         return value
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         return F.mse_loss(output.float().squeeze(-1), labels.float())
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
         return output.float().squeeze(-1)
 
     def score(self, predictions: np.ndarray, labels: np.ndarray) -> float:
+        from scipy.stats import pearsonr
+
         # Pearson is undefined for constant inputs (a collapsed model); count that as 0.
         if len(labels) < 2 or np.std(predictions) == 0 or np.std(labels) == 0:
             return 0.0
@@ -173,10 +191,15 @@ class ScoreClassesTask(RegressionTask):
     """
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         classes = torch.floor(labels.float() - self.low + 0.5).long()  # (B,)
         return F.cross_entropy(output.float(), classes)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
+        import torch
+
         values = torch.arange(self.num_outputs, device=output.device, dtype=torch.float32)
         return output.float().softmax(-1) @ (values + self.low)  # (B,)
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pickle
@@ -44,17 +43,15 @@ from mtbert.fastpath import configure_packing
 from mtbert.heads import MultitaskModel, TaskLoss
 from mtbert.modeldir import save_model_dir
 from mtbert.optim import apply_freezing, linear_schedule, make_optimizer
-from mtbert.runtime import (atomic_torch_save, atomic_write_jsonl, atomic_write_text,
-                            environment, resolve_device, run_dir_lock)
+from mtbert.rundir import (GRAD_CONFLICT_FILE, METRICS_FILE, RESUME_FILE, RUN_FILES,
+                           append_metrics, atomic_write_jsonl, save_summary)
+from mtbert.runtime import atomic_torch_save, environment, resolve_device, run_dir_lock
 from mtbert.schedules import Schedule, epoch_batches, make_schedule, optimizer_steps, step_size
 from mtbert.tasks import get_task
 from mtbert.tokenize import Tokenizer
 
 log = logging.getLogger("mtbert")
 
-RESUME_FILE = "resume.pt"
-GRAD_CONFLICT_FILE = "grad_conflict.jsonl"
-METRICS_FILE = "metrics.jsonl"
 EvalCallback = Callable[[int, int, dict[str, float]], None]
 
 
@@ -145,9 +142,6 @@ class LoopState:
         return cls(**saved)
 
 
-# What a run writes into its directory; `existing="replace"` removes these and nothing else.
-RUN_FILES = ("config.yaml", METRICS_FILE, "summary.json", RESUME_FILE, GRAD_CONFLICT_FILE,
-             "model")
 
 
 def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: bool = False,
@@ -436,8 +430,7 @@ def evaluate_and_checkpoint(s: TrainingSetup, state: LoopState, epoch: int,
     record = {"step": state.step, "epoch": epoch + 1, **metrics,
               "train/loss": result.loss, **result.extra(s.combiner)}
     state.history.append(record)
-    with open(s.run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_metrics(s.run_dir, record)
     log.info("epoch %d/%d: %s", epoch + 1, t.epochs,
              "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     _keep_the_best(s, state, epoch, metrics)
@@ -480,7 +473,7 @@ def write_summary(s: TrainingSetup, state: LoopState, *, wall_time: float) -> di
         "env": s.env,
         "data": s.data.provenance,
     }
-    atomic_write_text(s.run_dir / "summary.json", json.dumps(summary, indent=2))
+    save_summary(s.run_dir, summary)
     return summary
 
 

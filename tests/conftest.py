@@ -254,7 +254,8 @@ def rng_states_across_a_resume(config, root: Path, device: str, read_state,
     """`read_state()` after every epoch of an uninterrupted run (root/full), of the same
     run killed after epoch 1 and of its resumption (root/killed), keyed (run, epoch); and
     the killed run's resume.pt, read before it resumed. `before_resume()` runs between."""
-    from mtbert.train import RESUME_FILE, train
+    from mtbert.rundir import RESUME_FILE
+    from mtbert.train import train
 
     states = {}
 

@@ -36,11 +36,12 @@ from pathlib import Path
 import yaml
 
 from mtbert.errors import TrainingError
+from mtbert.rundir import (CONFIG_FILE, METRICS_FILE, MODEL_DIR, RESUME_FILE, append_metrics,
+                           atomic_write_jsonl, save_summary)
 from mtbert.studies.job import TrialJob
 from mtbert.studies.trial import main
 
 STUB_ENV = "MTBERT_STUB_TRIAL"
-RESUME_FILE = "resume.pt"
 log = logging.getLogger("mtbert")
 
 
@@ -85,7 +86,7 @@ class StubTraining:
 
     def __init__(self, job: TrialJob, run_dir: Path):
         self.job, self.run_dir = job, run_dir
-        self.config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        self.config = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
         self.behaviour = json.loads(os.environ.get(STUB_ENV) or "{}")
         self.run_id = None
 
@@ -101,8 +102,8 @@ class StubTraining:
         log.info("training sst, qqp, sts on the stand-in: %d optimizer steps in %d epochs",
                  epochs * steps, epochs)
         epoch_s = self.behaviour.get("epoch_s", 0) + steps * self.behaviour.get("step_s", 0)
-        metrics_file = self.run_dir / "metrics.jsonl"
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
+        # The killed run may have logged an evaluation after its last saved state.
+        atomic_write_jsonl(self.run_dir / METRICS_FILE, state["history"])
         for epoch in range(state["epoch"] + 1, epochs):
             time.sleep(epoch_s)
             failure = self.behaviour.get("fail", {}).get(self.run_dir.name)
@@ -112,14 +113,13 @@ class StubTraining:
             record = {"step": (epoch + 1) * steps, "epoch": epoch + 1, **metrics,
                       "train/loss": 1 / (epoch + 2)}
             state["history"].append(record)
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(self.run_dir, record)
             log.info("epoch %d/%d: %s", epoch + 1, epochs,
                      "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             best = state["best"]
             if best is None or metrics[select] > best["metrics"][select]:
                 state["best"] = {"step": record["step"], "epoch": epoch + 1, "metrics": metrics}
-                model = self.run_dir / "model"
+                model = self.run_dir / MODEL_DIR
                 model.mkdir(exist_ok=True)
                 (model / "metrics.json").write_text(json.dumps(metrics))
             state["epoch"] = epoch
@@ -129,7 +129,7 @@ class StubTraining:
                    "wall_time_s": round(time.monotonic() - started, 2),
                    "steps": epochs * steps, "epochs_completed": state["epoch"] + 1,
                    "stopped_early": False}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_summary(self.run_dir, summary)
         return {f"best/{k}": v for k, v in summary["best"]["metrics"].items()}
 
     def finish(self, ended, summary: dict) -> None:

@@ -22,7 +22,7 @@ PACKAGE = ROOT / "mtbert"
 # config, which names their entries; the model modules sit below the training loop, which
 # sits below everything that runs trainings (studies, compare) and the CLI on top.
 LAYERS = [
-    {"version", "errors", "tasks", "formatting", "schedules", "balancing"},
+    {"version", "errors", "tasks", "formatting", "schedules", "balancing", "rundir"},
     {"config", "runtime", "tokenize", "encoder", "contrastive"},
     {"data", "heads", "optim", "fastpath", "evaluate", "modeldir", "predictor", "download",
      "analysis"},
@@ -209,3 +209,38 @@ def test_a_built_wheel_installs_into_a_fresh_environment_and_runs(tmp_path):
                               "mtbert.studies.trial; print('ok')"], capture_output=True,
                              text=True, cwd=tmp_path, env=env, timeout=60)
     assert listing.stdout.strip() == "ok", listing.stderr
+
+
+# Optuna's private names: the worker and everything else use its public API; the few
+# reaches past it live in studies/optuna_api.py, each exercised by tests/test_optuna_api.py.
+OPTUNA_PRIVATE = re.compile(
+    r"_pop_waiting_trial_id|\._get_trials\b|\._storage\b|\._study_id\b|\._trial_id\b"
+    r"|_cached_frozen_trial|\._thread_local\b|\bget_storage\b|_CachedStorage"
+    r"|\boptuna(\.\w+)*\._\w+")
+
+
+def test_no_optuna_private_name_outside_the_one_module():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "studies" / "optuna_api.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if OPTUNA_PRIVATE.search(code):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert found == []
+
+
+def test_the_private_name_check_finds_each_kind():
+    for line in ("study._pop_waiting_trial_id = take", "s._storage.get_trial(1)",
+                 "x = trial._trial_id", "study._study_id", "view._get_trials()",
+                 "from optuna.storages._heartbeat import is_heartbeat_enabled",
+                 "study._thread_local.cached_all_trials = None"):
+        assert OPTUNA_PRIVATE.search(line), line
+    assert not OPTUNA_PRIVATE.search("storage.get_trial(trial_id(t))")
+
+
+def test_no_module_of_the_studies_package_is_over_400_lines():
+    long = {path.name: n for path in (PACKAGE / "studies").glob("*.py")
+            if (n := len(path.read_text().splitlines())) > 400}
+    assert long == {}

@@ -156,8 +156,33 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(tiny_encoder, task_
         "curve"]
 
 
+def test_the_clip_is_an_option_and_zero_turns_it_off(tiny_config, tmp_path, monkeypatch):
+    clipped_to = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        clipped_to.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    weights = {}
+    for norm in (1.0, 0.05, 0.0):
+        options = PretrainOptions(steps=3, batch_size=8, lr=1e-2, max_length=32,
+                                  max_grad_norm=norm)
+        out = tmp_path / f"clip-{norm}"
+        report = pretrain(tiny_config(), out=out, options=options, device="cpu",
+                          progress=False)
+        assert report["options"]["max_grad_norm"] == norm
+        weights[norm] = load_file(str(out / "model.safetensors"))[
+            "embeddings.word_embeddings.weight"]
+    assert clipped_to == [1.0] * 3 + [0.05] * 3  # every step; none without a clip
+    assert not torch.equal(weights[1.0], weights[0.05])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--mask-prob", "1.5"], "bad --mask-prob 1.5; valid: between 0 and 1"),
+    (["--max-grad-norm", "-1"],
+     "bad --max-grad-norm -1.0; valid: a finite number >= 0 (0: no clipping)"),
     (["--splits", "train,holdout"], "bad split 'holdout' in --splits; valid: train, dev, test"),
     (["--resume"], "holds no pretraining state"),
     (["--set", "data.tasks=nli"], "bad value 'nli' in data.tasks"),

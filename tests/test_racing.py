@@ -224,7 +224,7 @@ def test_the_seed_paired_test_by_hand():
 
 def test_the_sampler_sees_one_trial_per_configuration_valued_by_its_mean():
     study, firsts = _study_with({1: [0.80, 0.82, 0.81], 2: [0.70], 3: [0.60, 0.64]})
-    seen = racing._MeanView(study).get_trials(deepcopy=False)
+    seen = racing.mean_view(study).get_trials(deepcopy=False)
     assert [(t.number, round(t.value, 4)) for t in seen] == \
         [(firsts[1], 0.81), (firsts[2], 0.70), (firsts[3], 0.62)]
     # The study itself is unchanged.
@@ -482,30 +482,30 @@ def test_racing_with_two_trials_at_once_runs_no_seed_twice(tmp_path, controlled)
 
 
 def test_a_raced_worker_takes_seed_runs_and_starts_exactly_its_configurations(tmp_path):
-    from types import SimpleNamespace
-
-    from mtbert.studies.runner import NoQueuedTrial, race_queue
+    from mtbert.studies.optuna_api import shared_storage
+    from mtbert.studies.storage import open_storage
+    from mtbert.studies.worker import NextTrial
 
     url = f"sqlite:///{tmp_path / 'queue.db'}"
-    study = optuna.create_study(study_name="queue", storage=url)
+    storage = shared_storage(open_storage(url))  # as the worker holds it
+    study = optuna.create_study(study_name="queue", storage=storage)
+    study_id = storage.get_study_id_from_name("queue")
     study.enqueue_trial({"x": 1.0})  # a configuration queued (a spec's `enqueue:`)
     study.enqueue_trial({"x": 2.0}, user_attrs={RESEED_OF: 7, SEED: 8})  # a seed run
     study.enqueue_trial({"x": 3.0}, user_attrs={RESEED_OF: 7, SEED: 9})
-    distributions = {"x": optuna.distributions.FloatDistribution(0.0, 10.0)}
     # A worker that started its one configuration takes the seed runs, not the queued
-    # configuration, and then samples none: nothing is created.
-    done = SimpleNamespace(new_configurations=1)
-    race_queue(study, done, 1)
-    assert [study.ask(distributions).number for _ in range(2)] == [1, 2]
-    with pytest.raises(NoQueuedTrial):
-        study.ask(distributions)
-    assert len(study.trials) == 3 and done.new_configurations == 1
-    # A worker with two configurations to start takes the queued one, samples one more,
+    # configuration, and then draws none: nothing is created.
+    done = NextTrial(configurations=1, started=1)
+    assert [done(study, storage, study_id).number for _ in range(2)] == [1, 2]
+    assert done(study, storage, study_id) is None
+    assert len(study.trials) == 3 and done.started == 1
+    # A worker with two configurations to start takes the queued one, draws one more,
     # and stops there.
-    fresh = SimpleNamespace(new_configurations=0)
-    other = optuna.load_study(study_name="queue", storage=url)
-    race_queue(other, fresh, 2)
-    assert [other.ask(distributions).number for _ in range(2)] == [0, 3]
-    with pytest.raises(NoQueuedTrial):
-        other.ask(distributions)
-    assert len(other.trials) == 4 and fresh.new_configurations == 2
+    fresh = NextTrial(configurations=2)
+    other = optuna.load_study(study_name="queue", storage=storage)
+    assert [fresh(other, storage, study_id).number for _ in range(2)] == [0, 3]
+    assert fresh(other, storage, study_id) is None
+    assert len(other.trials) == 4 and fresh.started == 2
+    # A reseed draws nothing; a plain worker draws once the queue is empty.
+    assert NextTrial(sample=False)(other, storage, study_id) is None
+    assert NextTrial()(other, storage, study_id).number == 4

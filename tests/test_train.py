@@ -12,7 +12,8 @@ from mtbert.cli import app
 from mtbert.errors import ResumeStateError, TrainingError
 from mtbert.tasks import METRIC_KEYS
 from conftest import rng_states_across_a_resume, train_killed_and_resumed
-from mtbert.train import RESUME_FILE, train
+from mtbert.rundir import RESUME_FILE
+from mtbert.train import train
 
 
 def test_run_directory_files(tiny_config, tmp_path):

@@ -2,15 +2,24 @@
 
 - `spec`: a sweep spec (YAML): base run config, search space, objectives, sampler,
   pruner; checked against the config schema before any trial runs.
+- `enqueue`: known configurations queued first (a spec's `enqueue:`, `--enqueue`, a
+  warm start), checked against the space.
 - `samplers`: Optuna samplers and pruners by the names a spec gives them (no torch, so
   that a trial process builds its pruner without the training stack).
 - `storage`: the study storage (SQLite or PostgreSQL URL, driver, credentials masked,
   safe study names) and opening the study a command names.
+- `optuna_api`: the few reaches past Optuna's public API, each with why.
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
   `TrialResult`) and the attribute names both write into the study.
-- `runner`: the worker: trial processes, retries that resume, signals, reseeding.
-- `racing`: racing configurations over seeds (`--seeds`): one trial per seed run,
-  the pooled-variance test, the sampler's view of configurations by their mean.
+- `options`: a worker's options (`SweepOptions`), every default declared once.
+- `runner`: creating or joining a study, a sweep, `best --reseed`.
+- `worker`: the worker loop (Optuna's three levels on its public API) and the one
+  policy for the next trial (`NextTrial`: queued first; racing, reseeds).
+- `process`: a trial's process: its run directory, a retry's takeover, its result.
+- `configurations`: a configuration and its seed runs (`config_of`, `SeedGroup`,
+  `seed_groups`): the one home of the concept.
+- `racing`: racing configurations over seeds (`--seeds`): the pooled-variance test,
+  the sampler's view of configurations by their mean.
 - `flat`: the noise-aware stop (`--stop-after-flat`), stored in the study.
 - `slots`: which GPU each running trial gets (`--gpus`, `--trials-per-gpu`).
 - `trial`: the trial process's entry point (`python -m mtbert.studies.trial RUN_DIR`).
@@ -20,13 +29,14 @@
 - `constraints`: a spec's bounds on metrics (`"sst/acc >= baseline - 0.01"`), resolved
   against a `mtbert compare` baseline, stored in the study, judged per trial.
 - `warmstart`: an earlier study's best configurations queued as a sweep's first trials.
-- `results`: ranking (feasible results only), configurations over seeds, and the choice
-  of `mtbert best`.
+- `results`: ranking (feasible results only) and the choice of `mtbert best`.
+- `listing`: `mtbert studies`, one summary per study.
 - `export`: a chosen trial's model as a self-contained model directory.
-- `report`: figures and an offline HTML report of a study, and its W&B run.
+- `report` and `figures`: an offline HTML report of a study, its figures, its W&B run.
 
-Dependencies point one way: runner -> flat, warmstart and retention -> results ->
-racing, constraints, budget and job (report uses results and budget too; the trial
-process uses racing); every module may use storage and spec (which uses constraints);
-nothing here is imported by the training stack.
+Dependencies point one way: runner -> worker, process, flat, warmstart and retention
+-> results -> configurations, racing, constraints, budget and job (report and listing
+use results and budget too; the trial process uses racing); every module may use
+storage, samplers, enqueue and spec (which uses constraints); optuna_api is used by
+the worker, process and racing; nothing here is imported by the training stack.
 """

@@ -24,7 +24,9 @@ from mtbert.config import build_config
 from mtbert.errors import MtbertError
 from mtbert.formatting import first_line
 from mtbert.modeldir import HF_ENCODER, WEIGHTS, export_hf_encoder, model_card
-from mtbert.studies.job import CHECKPOINT, CONFIG_ID, RESEED_OF, WANDB_RUN_ID, WandbSettings
+from mtbert.rundir import read_summary
+from mtbert.studies.configurations import config_of
+from mtbert.studies.job import CHECKPOINT, WANDB_RUN_ID, WandbSettings
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -69,8 +71,7 @@ def export_trial(trial, *, study: str, storage: str, dest: Path,
         shutil.copytree(checkpoint, partial)
         config = build_config(yaml.safe_load((partial / "config.yaml").read_text()))
         metrics = json.loads((partial / "metrics.json").read_text())
-        summary_file = checkpoint.parent / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        summary = read_summary(checkpoint.parent) or {}
         card = {"source": {"study": study, "trial": trial.number, "storage": storage,
                            "run": str(checkpoint.parent), **(selection or {})},
                 "params": trial.params, "data": summary.get("data"), "env": summary.get("env")}
@@ -99,7 +100,7 @@ def log_export(model_dir: Path, trial, *, study: str, wandb: WandbSettings,
     if wandb.mode == "disabled":
         log.warning("W&B is disabled (--wandb-mode or $WANDB_MODE): no model artifact logged")
         return None
-    config_id = trial.user_attrs.get(CONFIG_ID, trial.user_attrs.get(RESEED_OF, trial.number))
+    config_id = config_of(trial)
     metadata = {"study": study, "trial": trial.number, "config_id": config_id,
                 "params": trial.params,
                 "metrics": {k: trial.user_attrs[k] for k in METRIC_KEYS

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from mtbert.errors import ConfigError
 from mtbert.studies.budget import FLAT_STOP, STOP_REQUESTED
 from mtbert.studies.job import RESEED_OF
-from mtbert.studies.results import seed_groups, study_seeds
+from mtbert.studies.configurations import seed_groups, study_seeds
 
 FLAT_RULE = "stop_after_flat"  # study user attribute: {"m": M, "min_delta": D}
 

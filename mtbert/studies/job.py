@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtbert.rundir import atomic_write_text
+
 EXIT_PRUNED = 3
 STORAGE_ENV = "MTBERT_STORAGE_URL"
 PARENT_ENV = "MTBERT_WORKER_PID"
@@ -100,7 +102,7 @@ class TrialJob:
         return cls(**{**data, "wandb": WandbSettings(**data.get("wandb", {}))})
 
     def write(self, run_dir: Path) -> None:
-        (Path(run_dir) / JOB_FILE).write_text(self.to_json())
+        atomic_write_text(Path(run_dir) / JOB_FILE, self.to_json())
 
     @classmethod
     def read(cls, run_dir: Path) -> TrialJob:
@@ -128,7 +130,7 @@ class TrialResult:
         return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls)})
 
     def write(self, run_dir: Path) -> None:
-        (Path(run_dir) / RESULT_FILE).write_text(self.to_json())
+        atomic_write_text(Path(run_dir) / RESULT_FILE, self.to_json())
 
     @classmethod
     def read(cls, run_dir: Path) -> TrialResult:

@@ -51,15 +51,10 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from mtbert.studies.configurations import config_of
 from mtbert.studies.job import FEASIBLE, RACED_OUT, RESEED_OF, RETRY_HISTORY, SEED
 
 CONTINUE, COMPLETE, RACED = "continue", "complete", "raced out"
-
-
-def config_of(trial) -> int:
-    """The configuration a trial is a seed run of: its first trial's number."""
-    origin = trial.user_attrs.get(RESEED_OF)
-    return trial.number if origin is None else int(origin)
 
 
 @dataclass
@@ -264,36 +259,20 @@ def spend(study, seeds: int) -> Spend:
     return Spend(spent, fixed, configs, seeds)
 
 
-class _MeanView:
-    """A study as the sampler should see it: one trial per configuration, valued by its
-    mean over the seeds that completed; the later seed runs left out."""
-
-    def __init__(self, study):
-        self._study = study
-
-    def __getattr__(self, name):
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
-        trials = self._study._get_trials(deepcopy=False, states=None, use_cache=use_cache)
-        groups = races(_Listed(trials))
-        shown = []
-        for t in trials:
-            if RESEED_OF in t.user_attrs or (states is not None and t.state not in states):
-                continue
-            race = groups.get(t.number)
-            if race is not None and len(race.values) > 1 and t.values:
-                t = copy.copy(t)
-                t.values = [race.mean, *t.values[1:]]
-            shown.append(copy.deepcopy(t) if deepcopy else t)
-        return shown
-
-    def get_trials(self, deepcopy: bool = True, states=None):
-        return self._get_trials(deepcopy=deepcopy, states=states)
-
-    @property
-    def trials(self):
-        return self._get_trials()
+def _by_mean(trials: list) -> list:
+    """What a sampler of a raced study learns from: one trial per configuration, valued by
+    its mean over the seeds that completed; the later seed runs left out."""
+    groups = races(_Listed(trials))
+    shown = []
+    for t in trials:
+        if RESEED_OF in t.user_attrs:
+            continue
+        race = groups.get(t.number)
+        if race is not None and len(race.values) > 1 and t.values:
+            t = copy.copy(t)
+            t.values = [race.mean, *t.values[1:]]
+        shown.append(t)
+    return shown
 
 
 class _Listed:
@@ -306,22 +285,30 @@ class _Listed:
         return [t for t in self._trials if states is None or t.state in states]
 
 
+def mean_view(study):
+    """The study as the sampler of a raced study sees it (`_by_mean`)."""
+    from mtbert.studies.optuna_api import SamplerView
+
+    return SamplerView(study, _by_mean)
+
+
 def mean_sampler(base):
-    """Wrap an Optuna sampler so that it learns from configurations' means (`_MeanView`)."""
+    """Wrap an Optuna sampler so that it learns from configurations' means (`_by_mean`)."""
     import optuna
+
 
     class SeedMeanSampler(optuna.samplers.BaseSampler):
         def __init__(self, inner):
             self.inner = inner
 
         def infer_relative_search_space(self, study, trial):
-            return self.inner.infer_relative_search_space(_MeanView(study), trial)
+            return self.inner.infer_relative_search_space(mean_view(study), trial)
 
         def sample_relative(self, study, trial, search_space):
-            return self.inner.sample_relative(_MeanView(study), trial, search_space)
+            return self.inner.sample_relative(mean_view(study), trial, search_space)
 
         def sample_independent(self, study, trial, param_name, param_distribution):
-            return self.inner.sample_independent(_MeanView(study), trial, param_name,
+            return self.inner.sample_independent(mean_view(study), trial, param_name,
                                                  param_distribution)
 
         def before_trial(self, study, trial):

@@ -1,8 +1,8 @@
 """What a study found: its complete trials ranked, its configurations over seeds, and the
 choice of `mtbert best` (which trial, chosen how, printed how).
 
-One definition of a usable result (COMPLETE with finite values) serves the
-ranking, the report, checkpoint retention and the export. A study with
+One definition of a usable result (COMPLETE with finite values,
+`configurations.usable`) serves the ranking, the report, checkpoint retention and the export. A study with
 reseeds (`mtbert best --reseed`) ranks configurations by their mean over
 seeds; its representative model is the seed run closest to that mean, not the
 luckiest one.
@@ -11,31 +11,24 @@ A study with constraints (`mtbert.studies.constraints`) ranks feasible results o
 and says how many it left out: a trial when its metrics meet every constraint, a
 configuration over seeds when its means do (a seed run that misses a bound by noise
 neither sinks its configuration nor leaves a flattering mean behind). Two functions
-hold that filter, `feasible_trials` and `seed_groups`; everything that ranks goes
+hold that filter, `feasible_trials` and `configurations.seed_groups`; everything that ranks goes
 through them, while the report still shows every trial, the infeasible ones marked.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from mtbert.errors import ConfigError, MtbertError
-from mtbert.formatting import first_line, format_mean_std, format_params
-from mtbert.studies.budget import BUDGET_HOURS, STOP_REQUESTED, format_hours, study_hours
+from mtbert.formatting import first_line, format_params
+from mtbert.studies.budget import format_hours, study_hours
+from mtbert.studies.configurations import (SeedGroup, groups_table, seed_groups, study_seeds,
+                                           usable)
 from mtbert.studies.constraints import NoFeasibleResult, describe_all, meets, study_constraints
-from mtbert.studies.job import (CONFIG_ID, FAIL_REASON, FEASIBLE, GPU, RACED_OUT, RESEED_OF,
-                                RUN_DIR, SEED, STUDY_OBJECTIVES, STUDY_SPEC)
+from mtbert.studies.job import (FAIL_REASON, FEASIBLE, GPU, RESEED_OF, RUN_DIR, SEED,
+                                STUDY_OBJECTIVES)
 from mtbert.tasks import METRIC_KEYS
-
-
-def usable(trial) -> bool:
-    """COMPLETE with values that are all numbers (a NaN objective ranks nowhere)."""
-    return (trial.state.name == "COMPLETE" and bool(trial.values)
-            and not any(math.isnan(v) for v in trial.values))
 
 
 def complete_trials(study) -> list:
@@ -116,11 +109,6 @@ def state_counts(study) -> dict[str, int]:
     return counts
 
 
-def study_seeds(study) -> int:
-    """The seeds each configuration of a study races over (`--seeds`; 1: not raced)."""
-    return int((study.user_attrs.get(STUDY_SPEC) or {}).get("seeds", 1))
-
-
 def study_objectives(study) -> list[str]:
     """The metric keys a study optimises, as `mtbert sweep` stored them."""
     return list(study.user_attrs.get(STUDY_OBJECTIVES) or
@@ -164,143 +152,6 @@ def trials_table(study, *, limit: int = 5, metric: str | None = None,
         values = "  ".join(f"{t.user_attrs.get(k, float('nan')):>18.4f}" for k in METRIC_KEYS)
         where = f"  {t.user_attrs.get(GPU, '-'):>3}" if gpu else ""
         rows.append(f"{t.number:>5}  {values}{where}  {format_params(t.params)}")
-    return rows
-
-
-@dataclass
-class SeedGroup:
-    """One configuration of a study: an original trial and its reseeded copies."""
-
-    number: int  # the original trial
-    params: dict[str, Any]
-    trials: list  # COMPLETE members, the original first
-    key: str | None  # the metric ranked by; None = the study's (first) objective
-    pending: int = 0  # reseeds WAITING or RUNNING
-    planned: int = 1  # seeds a raced study gives a configuration that is not raced out
-    feasible: bool = True  # its means meet the study's constraints
-
-    @property
-    def raced_out(self) -> bool:
-        return any(t.user_attrs.get(RACED_OUT) for t in self.trials)
-
-    @property
-    def complete(self) -> bool:
-        """It has every seed the race plans for it (always, in a study without racing)."""
-        return len(self.trials) >= self.planned
-
-    def means(self) -> dict[str, float]:
-        """The mean over seeds of every metric key (nan: none recorded)."""
-        return {k: self.mean(k) for k in METRIC_KEYS}
-
-    def values(self, key: str | None = None) -> list[float]:
-        """Each member's `key` metric (default: the ranking value), in member order."""
-        key = key or self.key
-        if key is None:
-            return [t.values[0] for t in self.trials]
-        return [t.user_attrs[key] for t in self.trials if key in t.user_attrs]
-
-    def mean(self, key: str | None = None) -> float:
-        values = self.values(key)
-        return statistics.fmean(values) if values else float("nan")
-
-    def std(self, key: str | None = None) -> float:
-        """Sample standard deviation (n - 1); nan for one seed."""
-        values = self.values(key)
-        return statistics.stdev(values) if len(values) > 1 else float("nan")
-
-    @property
-    def seeds(self) -> list[int | None]:
-        return [t.user_attrs.get(SEED) for t in self.trials]
-
-    @property
-    def state(self) -> str:
-        """"raced out", "seeds pending", "complete" (every planned seed) or "incomplete"."""
-        if self.raced_out:
-            return "raced out"
-        if self.pending:
-            return "seeds pending"
-        return "complete" if self.complete else "incomplete"
-
-    def to_dict(self) -> dict[str, Any]:
-        """One element of `mtbert best --json` (a NaN, e.g. the std of one seed, is null)."""
-        def number(value: float) -> float | None:
-            return None if math.isnan(value) else value
-
-        return {"params": self.params, "n_seeds": len(self.trials), "seeds": self.seeds,
-                "trials": [t.number for t in self.trials],
-                "mean": {k: number(self.mean(k)) for k in METRIC_KEYS},
-                "std": {k: number(self.std(k)) for k in METRIC_KEYS},
-                "state": self.state, "raced_out": self.raced_out, "feasible": self.feasible,
-                "representative_trial": self.representative().number}
-
-    def representative(self):
-        """The member whose value is closest to the group mean (the lower trial number on
-        a tie): a model whose dev score is what the configuration gives on average, not
-        its luckiest seed."""
-        mean = self.mean()
-        pairs = zip(self.values(), self.trials)
-        return min(pairs, key=lambda p: (abs(p[0] - mean), p[1].number))[1]
-
-
-def seed_groups(study, metric: str | None = None, *, reseeded_only: bool = False,
-                feasible_only: bool = True) -> list[SeedGroup]:
-    """The study's configurations best first by the mean over their seeds of the (first)
-    objective, or of `metric` (every metric is higher-better). `reseeded_only` leaves out
-    the configurations that ran with one seed only; `feasible_only` those whose means
-    miss the study's constraints (`SeedGroup.feasible` says which)."""
-    from optuna.trial import TrialState
-
-    # One snapshot: a trial that completes meanwhile (another thread or worker) is either
-    # in it as COMPLETE with its values or not yet counted.
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if usable(t) and (metric is None or metric in t.user_attrs)]
-    planned = study_seeds(study)
-    groups = {t.number: SeedGroup(t.number, dict(t.params), [t], metric, planned=planned)
-              for t in complete if RESEED_OF not in t.user_attrs}
-    reseeded = set()
-    done = {t.number for t in complete}
-    for t in trials:
-        origin = t.user_attrs.get(RESEED_OF)
-        if origin is None or origin not in groups:
-            continue
-        reseeded.add(origin)
-        if t.number in done:
-            groups[origin].trials.append(t)
-        elif t.state in (TrialState.WAITING, TrialState.RUNNING):
-            groups[origin].pending += 1
-    constraints = study_constraints(study)
-    for g in groups.values():
-        g.feasible = meets(constraints, g.means())
-    chosen = [g for g in groups.values()
-              if (g.number in reseeded or not reseeded_only or planned > 1)
-              and (g.feasible or not feasible_only)]
-    sign = -1 if metric is not None or study.directions[0].name == "MAXIMIZE" else 1
-    # A raced study: the configurations that ran every seed first, those raced out last.
-    return sorted(chosen, key=lambda g: (g.raced_out, not g.complete, sign * g.mean(),
-                                         g.number))
-
-
-def reseed_seeds(base_seed: int, k: int, raced: int = 1) -> list[int]:
-    """The seeds of a configuration whose first train.seed is `base_seed` beyond it, after
-    `--reseed K`: base+1 .. base+K, or, in a study raced over `raced` seeds, its seeds
-    after the race's, base+1 .. base+raced-1+K (those it has are not run again);
-    `--reseed 3` after `--reseed 2` adds one."""
-    return [base_seed + i for i in range(1, raced + k)]
-
-
-def groups_table(groups: list[SeedGroup]) -> list[str]:
-    """Text table of configurations, in the order given: their number of seeds and the
-    mean ± sample std over the seeds of every metric key."""
-    width = 17
-    rows = [f"{'trial':>5}  {'seeds':>5}  " + "  ".join(f"{k:>{width}}" for k in METRIC_KEYS)
-            + "  params"]
-    for g in groups:
-        cells = "  ".join(f"{format_mean_std(g.mean(k), g.std(k)):>{width}}" for k in METRIC_KEYS)
-        note = (f"  ({g.pending} more queued or running)" if g.pending else
-                "  (raced out)" if g.raced_out else "")
-        note += "" if g.feasible else "  (infeasible)"
-        rows.append(f"{g.number:>5}  {len(g.trials):>5}  {cells}  "
-                    f"{format_params(g.params)}{note}")
     return rows
 
 
@@ -476,100 +327,3 @@ def choose(study, *, metric: str | None = None, trial: int | None = None,
     return Choice(study, ranked(study)[0], note=note)
 
 
-@dataclass
-class StudySummary:
-    """One study as `mtbert studies` lists it: the table and `--json` are both made from
-    it, so that they cannot disagree."""
-
-    name: str
-    states: dict[str, int]  # trials by state name, every state (0 when none)
-    best: list[dict[str, Any]]  # per objective: objective, direction, value, trial
-    pareto_front: list[int] | None  # trial numbers on the front (multi-objective only)
-    hours: float
-    budget_hours: float | None
-    stop_requested: bool
-    seeds: int  # seed runs per configuration, as the study's spec says
-    configurations: int  # configurations with a finished (COMPLETE, PRUNED) seed run
-    seed_runs: int  # finished (COMPLETE, PRUNED) trials
-
-    @property
-    def trials(self) -> int:
-        return sum(self.states.values())
-
-    @property
-    def budget_left_hours(self) -> float | None:
-        return None if self.budget_hours is None else max(self.budget_hours - self.hours, 0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        """`mtbert studies --json`: one element of its array."""
-        return {"name": self.name, "trials": self.trials, "states": self.states,
-                "best": self.best, "pareto_front": self.pareto_front, "hours": self.hours,
-                "budget_hours": self.budget_hours, "budget_left_hours": self.budget_left_hours,
-                "stop_requested": self.stop_requested, "seeds": self.seeds,
-                "configurations": self.configurations, "seed_runs": self.seed_runs}
-
-    def best_cell(self) -> str:
-        if self.pareto_front is not None:
-            return f"{len(self.pareto_front)} on the front"
-        best = self.best[0]
-        return "-" if best["trial"] is None else f"{best['value']:.4f} (trial {best['trial']})"
-
-
-def _best_per_objective(study) -> list[dict[str, Any]]:
-    """Each objective's best value over the complete trials and the trial that reached it
-    (the lower number on a tie); value and trial None while none is complete."""
-    done = complete_trials(study)
-    best = []
-    for i, (objective, direction) in enumerate(zip(study_objectives(study), study.directions)):
-        sign = -1 if direction.name == "MAXIMIZE" else 1
-        top = min(done, key=lambda t: (sign * t.values[i], t.number), default=None)
-        best.append({"objective": objective, "direction": direction.name.lower(),
-                     "value": None if top is None else top.values[i],
-                     "trial": None if top is None else top.number})
-    return best
-
-
-def study_summary(study, now: datetime | None = None) -> StudySummary:
-    """What `mtbert studies` shows of one study (`now`: when running trials are counted)."""
-    from optuna.trial import TrialState
-
-    counts = {state.name: 0 for state in TrialState}
-    counts.update(state_counts(study))
-    finished = [t for t in study.get_trials(deepcopy=False)
-                if t.state.name in ("COMPLETE", "PRUNED")]
-    # A configuration: its seed runs share config_id; reseeds name their original.
-    configurations = {t.user_attrs.get(CONFIG_ID, t.user_attrs.get(RESEED_OF, t.number))
-                      for t in finished}
-    attrs = study.user_attrs
-    spec = attrs.get(STUDY_SPEC) or {}
-    budget = attrs.get(BUDGET_HOURS)
-    return StudySummary(
-        name=study.study_name, states=counts, best=_best_per_objective(study),
-        pareto_front=(sorted(t.number for t in study.best_trials)
-                      if len(study.directions) > 1 else None),
-        hours=study_hours(study, now), budget_hours=None if budget is None else float(budget),
-        stop_requested=bool(attrs.get(STOP_REQUESTED)), seeds=int(spec.get("seeds", 1)),
-        configurations=len(configurations), seed_runs=len(finished))
-
-
-def study_summaries(rdb) -> list[StudySummary]:
-    """Every study of a storage, summarised at one moment."""
-    import optuna
-
-    now = datetime.now()
-    return [study_summary(optuna.load_study(study_name=name, storage=rdb), now)
-            for name in optuna.study.get_all_study_names(rdb)]
-
-
-def studies_table(summaries: list[StudySummary]) -> list[str]:
-    """`mtbert studies`: every study, its trials by state, its hours (and budget), best
-    values, and whether it was asked to stop."""
-    rows = [f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
-            f"{'running':>7} {'hours':>9} {'budget':>9}  best"]
-    for s in summaries:
-        budget = "-" if s.budget_hours is None else format_hours(s.budget_hours)
-        rows.append(f"{s.name:<24} {s.trials:>6} {s.states['COMPLETE']:>8} "
-                    f"{s.states['PRUNED']:>6} {s.states['FAIL']:>4} {s.states['RUNNING']:>7} "
-                    f"{format_hours(s.hours):>9} {budget:>9}  {s.best_cell()}"
-                    + ("  (stop requested)" if s.stop_requested else ""))
-    return rows

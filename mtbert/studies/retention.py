@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtbert.studies.job import CHECKPOINT, JOB_FILE, RESEED_OF, RUN_DIR, retried_from
-from mtbert.studies.results import pareto_front, ranked, seed_groups, study_seeds
+from mtbert.studies.configurations import seed_groups, study_seeds
+from mtbert.studies.results import pareto_front, ranked
 from mtbert.studies.storage import STUDY_NAME, mask_url
 
 

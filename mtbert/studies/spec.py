@@ -20,6 +20,7 @@ from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping
                            overrides_to_dict, read_yaml)
 from mtbert.errors import ConfigError
 from mtbert.studies.constraints import parse_constraints
+from mtbert.studies.enqueue import check_enqueue
 from mtbert.studies.job import STUDY_SPEC, STUDY_SPEC_NAME
 from mtbert.studies.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from mtbert.tasks import METRIC_KEYS
@@ -243,106 +244,26 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     return spec
 
 
-def check_racing(seeds: Any, alpha: Any, fail) -> tuple[int, float]:
-    """A spec's (or `--seeds` / `--race-alpha`'s) seeds per configuration and race level."""
+def check_racing(seeds: Any, alpha: Any, fail,
+                 names: tuple[str, str] = ("seeds", "race_alpha")) -> tuple[int, float]:
+    """A spec's seeds per configuration and race level, named `names` in an error (the
+    spec's keys, or the options `--seeds` / `--race-alpha`)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise fail(f"seeds must be a whole number >= 1, got {seeds!r}")
+        raise fail(f"{names[0]} must be a whole number >= 1, got {seeds!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise fail(f"race_alpha must be a number between 0 and 1, got {alpha!r}")
+        raise fail(f"{names[1]} must be a number between 0 and 1, got {alpha!r}")
     return seeds, float(alpha)
 
 
 def with_racing(spec: SweepSpec, seeds: int | None, alpha: float | None) -> SweepSpec:
     """`spec` with `--seeds` / `--race-alpha` in place of its own `seeds:` / `race_alpha:`."""
-
-    def fail(message: str) -> ConfigError:
-        return ConfigError(message.replace("seeds must", "--seeds must")
-                           .replace("race_alpha must", "--race-alpha must"))
-
     seeds, alpha = check_racing(spec.seeds if seeds is None else seeds,
-                                spec.race_alpha if alpha is None else alpha, fail)
+                                spec.race_alpha if alpha is None else alpha, ConfigError,
+                                names=("--seeds", "--race-alpha"))
     if seeds > 1 and spec.multi_objective:
         raise ConfigError("--seeds: racing compares one objective; this spec has "
                           f"{len(spec.objectives)}")
     return dataclasses.replace(spec, seeds=seeds, race_alpha=alpha)
-
-
-def check_enqueue(items: Any, space: dict[str, Param], base_values: dict[str, Any],
-                  fail) -> list[dict[str, Any]]:
-    """Known configurations to run first, checked against the space like the space itself.
-
-    Each item maps space keys to values (keys left out are sampled). Values are
-    returned in their parameter's type, so that Optuna's skip_if_exists
-    recognises a configuration it already holds (1 and 1.0 differ to it).
-    """
-    if not isinstance(items, list) or not all(isinstance(e, dict) for e in items):
-        raise fail("enqueue must be a list of mappings of space keys to values")
-    return [check_configuration(item, space, base_values, fail, where=f"enqueue[{i}]")
-            for i, item in enumerate(items)]
-
-
-def check_configuration(item: dict[str, Any], space: dict[str, Param],
-                        base_values: dict[str, Any], fail, *, where: str = "") -> dict[str, Any]:
-    """One configuration (space keys to values) that fits the space: every key in it,
-    every value in its range or choices, every condition met; values in their
-    parameter's type. `where` names it in the error."""
-    params: dict[str, Any] = {}
-    head = f"{where}: " if where else ""
-    for key, value in item.items():
-        if key not in space:
-            raise fail(f"{head}'{key}' is not a key of the space; valid: {', '.join(space)}")
-        params[key] = _enqueued_value(space[key], value, f"{where}.{key}" if where else key,
-                                      fail)
-    for key in params:
-        for cond_key, cond_value in space[key].when.items():
-            actual = params.get(cond_key, base_values.get(cond_key))
-            if actual != cond_value:
-                raise fail(f"{head}'{key}' is only sampled when {cond_key} is "
-                           f"{cond_value!r}, here it is {actual!r}")
-    return params
-
-
-def _enqueued_value(p: Param, value: Any, where: str, fail) -> Any:
-    if p.type == "categorical":
-        if value not in p.choices:
-            raise fail(f"{where}: {value!r} is not a choice; valid: "
-                       f"{', '.join(map(str, p.choices))}")
-        return value
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise fail(f"{where}: {value!r} is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise fail(f"{where}: {value!r} is not a number")
-    if p.type == "int" and value != int(value):
-        raise fail(f"{where}: {value!r} is not an integer")
-    if not p.low <= value <= p.high:
-        raise fail(f"{where}: {value!r} is outside [{p.low}, {p.high}]")
-    if p.step is not None and abs((value - p.low) / p.step - round((value - p.low) / p.step)) \
-            > 1e-9:
-        raise fail(f"{where}: {value!r} is not on the grid {p.low} + k * {p.step}")
-    return int(value) if p.type == "int" else float(value)
-
-
-def load_enqueue(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
-    """`--enqueue FILE.yaml`: a list of mappings of the spec's space keys to values."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"enqueue file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"enqueue file {path} is not valid YAML"
-                          + (f" (line {mark.line + 1})" if mark else "")) from None
-
-    def fail(message: str) -> ConfigError:
-        return ConfigError(f"enqueue file {path}: {message}")
-
-    # A bare list, or the `enqueue:` section of a spec-like file.
-    items = raw.get("enqueue") if isinstance(raw, dict) and "enqueue" in raw else raw
-    return check_enqueue(items, spec.space, spec.base_values, fail)
 
 
 def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], fail) -> Param:

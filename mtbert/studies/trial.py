@@ -16,7 +16,6 @@ worker still sees a trial stopped from outside.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtbert.rundir import best_metrics, read_metrics
 from mtbert.studies.job import EXIT_PRUNED, PARENT_ENV, STORAGE_ENV, TrialJob, TrialResult
 
 
@@ -145,10 +145,7 @@ class TrackedTraining:
 def _history(run_dir: Path, objective: str) -> list[tuple[int, float]]:
     """(epoch, objective value) of the evaluations in the run's metrics.jsonl: what a
     resumed retry took over."""
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
-        if path.exists() else []
-    return [(r["epoch"], r[objective]) for r in records if objective in r]
+    return [(r["epoch"], r[objective]) for r in read_metrics(run_dir) if objective in r]
 
 
 def _race(study, trial, job: TrialJob, run_dir: Path, result: TrialResult) -> None:
@@ -157,9 +154,8 @@ def _race(study, trial, job: TrialJob, run_dir: Path, result: TrialResult) -> No
     from mtbert.studies.job import RACED_OUT
     from mtbert.studies.racing import RACED, decide
 
-    summary = json.loads((run_dir / "summary.json").read_text())
     decision = decide(study, config=job.config_id if job.config_id is not None else job.number,
-                      value=summary["best"]["metrics"][job.objectives[0]], seeds=job.seeds,
+                      value=best_metrics(run_dir)[job.objectives[0]], seeds=job.seeds,
                       alpha=job.race_alpha, direction=job.direction, seed=job.seed)
     result.race, result.race_note = decision.state, decision.note
     if decision.state == RACED:

@@ -7,7 +7,7 @@ them instead of from random draws. "Best" is what `mtbert best` ranks: configura
 their mean over seeds, infeasible ones (the earlier study's constraints) left out.
 
 Each configuration is checked against the new space as an `enqueue:` item is
-(`spec.check_configuration`): a parameter the new space lacks is dropped, with a note
+(`enqueue.check_configuration`): a parameter the new space lacks is dropped, with a note
 (the new spec's base or its sampler sets it); a configuration whose values do not fit
 (outside a range, not a choice, a condition that fails) is skipped and named. Values
 are queued in the new parameter's type and with Optuna's `skip_if_exists`, which finds
@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 
 from mtbert.errors import ConfigError
 from mtbert.formatting import format_params
-from mtbert.studies.results import seed_groups
-from mtbert.studies.spec import SweepSpec, check_configuration
+from mtbert.studies.configurations import seed_groups
+from mtbert.studies.enqueue import check_configuration
+from mtbert.studies.options import WARM_TOP
+from mtbert.studies.spec import SweepSpec
 from mtbert.studies.storage import (enqueue_once, open_storage, select_study,
                                     storage_errors)
 
 log = logging.getLogger("mtbert")
 
-WARM_TOP = 5  # configurations taken from the earlier study by default
 
 
 @dataclass

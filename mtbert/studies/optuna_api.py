@@ -1,0 +1,72 @@
+"""The few places where mtbert reaches past Optuna's public API, each with why.
+
+Everything else in `mtbert/` uses Optuna's public API only
+(`tests/test_architecture.py` fails on a private Optuna name anywhere else), and
+`tests/test_optuna_api.py` exercises each use here against the installed
+Optuna, so that a release that moves one of them fails a test naming it, not a
+sweep at run time. `pyproject.toml` bounds Optuna to the releases tested.
+"""
+
+from __future__ import annotations
+
+import copy
+
+
+def trial_id(trial) -> int:
+    """The storage id of a trial (`Trial` or `FrozenTrial`).
+
+    Why private: Optuna keeps a trial's id in `_trial_id`, yet its public storage
+    methods (`BaseStorage.get_trial`, `set_trial_state_values`) and the public
+    `optuna.trial.Trial(study, trial_id)` constructor take it. The worker claims a
+    queued trial by it, and a trial process reports to its trial by it."""
+    return trial._trial_id
+
+
+def shared_storage(storage):
+    """The storage object through which a study opened on `storage` reads and writes.
+
+    Why internal: a study wraps an `RDBStorage` in Optuna's private `_CachedStorage`
+    (through `optuna.storages.get_storage`, marked for internal use), which knows only
+    the trials created through it. The worker claims and creates its trials itself, so
+    it opens its study on the wrapped object and keeps it."""
+    import optuna
+
+    return optuna.storages.get_storage(storage)
+
+
+def refresh_trials(study) -> None:
+    """Let the sampler see every trial finished so far, before the next trial samples.
+
+    Why private: samplers read a study's trials through a per-thread cache that
+    `Study.ask` empties once a trial (`_thread_local.cached_all_trials`). The worker
+    creates its trials itself (it chooses which queued trial to take), so it empties
+    the cache the same way; without it a sampler in a long-lived worker thread would
+    keep sampling from the trials of its first draw."""
+    study._thread_local.cached_all_trials = None
+
+
+class SamplerView:
+    """A study as a sampler should see it, its trials rewritten by `show(trials)`.
+
+    Why private: Optuna's samplers read a study's trials through the private
+    `Study._get_trials(deepcopy, states, use_cache)`, not `get_trials`; a view that
+    changes what a sampler learns from (racing: one trial per configuration, valued by
+    its mean over seeds) must answer that method. Everything else is the study's."""
+
+    def __init__(self, study, show):
+        self._study, self._show = study, show
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
+        every = self._study._get_trials(deepcopy=False, states=None, use_cache=use_cache)
+        shown = [t for t in self._show(every) if states is None or t.state in states]
+        return [copy.deepcopy(t) for t in shown] if deepcopy else shown
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return self._get_trials(deepcopy=deepcopy, states=states)
+
+    @property
+    def trials(self):
+        return self._get_trials()
