@@ -173,7 +173,10 @@ def use_stub_trials(monkeypatch, **settings) -> None:
     """Every sweep started from here on, in this process or in a child that inherits the
     environment, runs its trials with the stand-in trial program (tests/stub_trial.py):
     the real worker and trial-process contract, no model; `settings` steer it (its
-    docstring lists them)."""
+    docstring lists them). Processes make a test slow: in the fast tier this fails."""
+    if os.environ.get(TRIAL_PROGRAM_ENV) == str(NOT_SLOW_TRIAL):
+        pytest.fail("a test that starts stand-in trial processes starts processes: mark it "
+                    "@pytest.mark.slow", pytrace=False)
     monkeypatch.setenv(TRIAL_PROGRAM_ENV, str(STUB_TRIAL))
     monkeypatch.setenv(STUB_ENV, json.dumps(settings))
 

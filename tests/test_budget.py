@@ -106,6 +106,7 @@ def budgeted(tiny_encoder, tmp_path_factory):
     return out, first, trials, second
 
 
+@pytest.mark.slow
 def test_the_budget_stops_a_sweep_early_for_every_worker(budgeted):
     out, first, trials_after_first, second = budgeted
     assert first.exit_code == 0, first.output
@@ -128,6 +129,7 @@ def test_the_budget_stops_a_sweep_early_for_every_worker(budgeted):
     assert second.stdout.splitlines()[0].split()[0] == "trial"
 
 
+@pytest.mark.slow
 def test_studies_best_and_report_show_the_hours_of_the_trials(budgeted, tmp_path):
     out = budgeted[0]
     hours = f"{_recomputed(_study(out)):.4f}"

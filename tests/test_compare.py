@@ -217,6 +217,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_one_run_per_training(tiny_encoder, tmp_path, monkeypatch):
     import wandb  # noqa: F401 - a core dependency, never skipped
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))

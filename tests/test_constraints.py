@@ -285,6 +285,7 @@ def test_constraints_reach_the_samplers_that_take_them(caplog):
     assert "sampler random ignores constraints" in warning
 
 
+@pytest.mark.slow
 def test_sweeps_with_an_impossible_and_a_loose_bound(stub_trials, tiny_encoder, task_dir,
                                                      tmp_path):
     out = tmp_path / "runs"
@@ -370,6 +371,7 @@ def test_warm_start_queues_the_best_that_fit_first_and_once(tmp_path, caplog):
            "study already, 1 skipped" in [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.slow
 def test_warm_start_from_another_storage_runs_its_best_first(stub_trials, tiny_encoder,
                                                                task_dir, tmp_path):
     earlier = f"sqlite:///{tmp_path}/earlier.db"

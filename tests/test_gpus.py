@@ -127,6 +127,7 @@ def test_bad_gpus_are_one_line(text, visible, message, monkeypatch):
         parse_gpus(text)
 
 
+@pytest.mark.slow
 def test_gpus_without_cuda_is_exit_2_through_the_real_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mtbert", "sweep", "default", "--gpus",
                              "0", "--out", str(tmp_path)], capture_output=True, text=True,
@@ -161,6 +162,7 @@ def one_fake_gpu(monkeypatch):
     use_stub_trials(monkeypatch, epoch_s=0.5, fail={"trial-0000": OUT_OF_MEMORY})
 
 
+@pytest.mark.slow
 def test_out_of_memory_beside_another_trial_is_retried_alone(one_fake_gpu, tiny_encoder,
                                                             task_dir, tmp_path, monkeypatch):
     out = tmp_path / "runs"
@@ -178,6 +180,7 @@ def test_out_of_memory_beside_another_trial_is_retried_alone(one_fake_gpu, tiny_
     assert retries[0].state.name == "COMPLETE" and retries[0].params == by_number[0].params
 
 
+@pytest.mark.slow
 def test_out_of_memory_alone_stays_a_failure(one_fake_gpu, tiny_encoder, task_dir, tmp_path,
                                              monkeypatch):
     out = tmp_path / "runs"

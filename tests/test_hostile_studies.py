@@ -146,6 +146,7 @@ def test_train_refuses_an_out_that_holds_a_run_unless_overwrite(config_file, tmp
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # not two runs mixed
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_out_is_refused_while_the_first_runs(config_file,
                                                                           tmp_path):
     out = tmp_path / "run"

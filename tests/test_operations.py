@@ -86,6 +86,7 @@ def test_sweep_list_names_every_shipped_spec_with_its_description():
         assert line.split(None, 1)[1] == load_spec(name).description
 
 
+@pytest.mark.slow
 def test_enqueued_configurations_run_first_and_only_once(swept, tiny_encoder, stub_trials):
     first = tuple(optuna.load_study(study_name="enq", storage=f"sqlite:///{swept}/runs/mtbert.db")
                   .trials[0].params.items())
@@ -189,6 +190,7 @@ def test_studies_delete_asks_first_and_runs_removes_the_run_directories(tmp_path
     assert not (out2 / "s").exists()
 
 
+@pytest.mark.slow
 def test_hf_export_loads_with_transformers_and_matches_mtbert(swept, real_model, tmp_path):
     import transformers
     import mtbert
@@ -229,6 +231,7 @@ def test_hf_without_export_is_refused(tmp_path):
     assert "--hf goes with --export DIR" in result.stderr
 
 
+@pytest.mark.slow
 def test_optunas_own_api_reads_everything_mtbert_writes(swept, tmp_path):
     # What optuna-dashboard does: a plain storage URL, no mtbert code involved.
     url = f"sqlite:///{swept}/runs/mtbert.db"
@@ -306,6 +309,7 @@ def _study_trials(root):
                              storage=f"sqlite:///{root}/runs/mtbert.db").trials
 
 
+@pytest.mark.slow
 def test_reseed_runs_the_best_trials_again_with_new_seeds_never_pruned(reseeded):
     root, _ = reseeded
     trials = _study_trials(root)
@@ -330,6 +334,7 @@ def test_reseed_runs_the_best_trials_again_with_new_seeds_never_pruned(reseeded)
     assert all(t.values[0] < median for t in reseeds)
 
 
+@pytest.mark.slow
 def test_reseed_ranks_by_mean_and_a_rerun_adds_nothing(reseeded, tiny_encoder, reseed_trials):
     root, first = reseeded
     trials = _study_trials(root)
@@ -365,6 +370,7 @@ def test_reseed_ranks_by_mean_and_a_rerun_adds_nothing(reseeded, tiny_encoder, r
     assert int(single.stdout.splitlines()[2].split()[0]) == best_single.number
 
 
+@pytest.mark.slow
 def test_export_after_reseed_takes_the_best_mean_seed_run_closest_to_it(reseeded, real_model,
                                                                        tmp_path):
     root, _ = reseeded
@@ -395,6 +401,7 @@ def test_export_after_reseed_takes_the_best_mean_seed_run_closest_to_it(reseeded
     assert f"| overall/geometric | {closest.user_attrs['overall/geometric']:.4f} |" in card
 
 
+@pytest.mark.slow
 def test_report_shows_the_reseeded_configurations_by_mean(reseeded, tmp_path):
     root, _ = reseeded
     trials = _study_trials(root)
@@ -416,6 +423,7 @@ def test_report_shows_the_reseeded_configurations_by_mean(reseeded, tmp_path):
         assert f"trial {t.user_attrs['reseed_of']} with seed {t.user_attrs['seed']}" in page
 
 
+@pytest.mark.slow
 def test_reseed_retries_a_failed_seed_and_extends_to_more_seeds(reseeded, reseed_trials):
     root, _ = reseeded
     url = f"sqlite:///{root}/runs/mtbert.db"

@@ -186,6 +186,7 @@ def test_multi_objective_report_draws_the_pareto_front(tmp_path):
     assert _parse(dest / "index.html").rows[0][2:4] == ["overall/geometric", "sts/pearson"]
 
 
+@pytest.mark.slow
 def test_wandb_report_run_logs_the_table_and_figures_offline(tmp_path, monkeypatch):
     import wandb  # noqa: F401 - a core dependency, never skipped
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))

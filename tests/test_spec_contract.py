@@ -153,6 +153,7 @@ def _replayed(spec, first) -> dict:
     return suggest(study.ask(), spec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["gp", "qmc"])
 def test_a_two_trial_sweep_samples_with_the_sampler_and_halves_successively(
         sampler, stub_trials, tiny_encoder, task_dir, tmp_path):

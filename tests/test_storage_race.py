@@ -303,6 +303,7 @@ def test_workers_started_together_queue_the_specs_configurations_once(tmp_path):
     assert queued == pytest.approx([k * 1e-5 for k in range(1, 7)])
 
 
+@pytest.mark.slow
 def test_trial_threads_of_one_worker_never_take_a_queued_trial_twice(tmp_path):
     # `--trials-per-gpu`: Optuna's threads take queued trials from one study object, each
     # on its own pooled connection; through a plain SQLite URL 4 threads took 35 of 300

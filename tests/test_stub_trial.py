@@ -54,6 +54,7 @@ def test_its_metrics_are_fixed_by_configuration_seed_and_epoch():
     assert stub_metrics({"train.lr": 1e-5}, 1, 0, controlled)["sst/acc"] == 0.7
 
 
+@pytest.mark.slow
 def test_a_sweep_through_it_leaves_the_trial_processes_files_and_attributes(
         stub_trials, tmp_path):
     spec = tmp_path / "s.yaml"

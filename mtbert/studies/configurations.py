@@ -3,8 +3,8 @@
 A configuration is the parameters of a study's original trial (one that is neither a
 seed run of another trial nor a retry); its seed runs are that trial and the trials
 queued with `reseed_of` pointing at it (racing's later seeds, `mtbert best --reseed`).
-`config_of` is the one rule for a trial's configuration id (user attribute
-`config_id`); `SeedGroup` is a configuration with its complete seed runs, and
+`first_trial` is the one rule for a trial's configuration id, recorded as its user
+attribute `config_id` and read back by `config_of`; `SeedGroup` is a configuration with its complete seed runs, and
 `seed_groups` ranks them by their mean. Racing, the results, the flat stop, warm
 starts, reseeding and the export all read configurations from here.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from mtbert.formatting import format_mean_std, format_params
 from mtbert.studies.constraints import meets, study_constraints
-from mtbert.studies.job import RACED_OUT, RESEED_OF, SEED, STUDY_SPEC
+from mtbert.studies.job import CONFIG_ID, RACED_OUT, RESEED_OF, SEED, STUDY_SPEC
 from mtbert.tasks import METRIC_KEYS
 
 
@@ -170,7 +170,15 @@ def groups_table(groups: list[SeedGroup]) -> list[str]:
     return rows
 
 
-def config_of(trial) -> int:
-    """The configuration a trial is a seed run of: its first trial's number."""
+def first_trial(trial) -> int:
+    """The rule: a seed run belongs to its first trial's configuration (`reseed_of`); any
+    other trial starts its own. A worker records it as `config_id` when the trial runs."""
     origin = trial.user_attrs.get(RESEED_OF)
     return trial.number if origin is None else int(origin)
+
+
+def config_of(trial) -> int:
+    """The configuration a trial is a seed run of: the `config_id` it recorded when it ran
+    (studies of every version), else by the rule (`first_trial`: a queued seed run)."""
+    recorded = trial.user_attrs.get(CONFIG_ID)
+    return first_trial(trial) if recorded is None else int(recorded)

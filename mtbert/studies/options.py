@@ -3,8 +3,9 @@ default declared once (the CLI takes its defaults from here)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mtbert.rundir import RUNS_DIR
 from mtbert.studies.storage import open_storage, storage_url
@@ -36,11 +37,17 @@ class SweepOptions:
     warm_storage: str | None = None  # its storage URL; None: the sweep's own
     warm_top: int = WARM_TOP  # how many of its best configurations
 
+    _opened: Any = field(default=None, init=False, repr=False, compare=False)
+
     @property
     def url(self) -> str:
         return storage_url(self.storage, self.out)
 
     def open_storage(self, *, must_exist: bool = False):
-        """The study storage, its heartbeat and retries as these options say."""
-        return open_storage(self.url, heartbeat=self.heartbeat, grace=self.grace,
-                            max_retries=self.max_retries, must_exist=must_exist)
+        """The study storage, its heartbeat and retries as these options say; opened once
+        (creating or checking its tables takes a few tenths of a second)."""
+        if self._opened is None:
+            self._opened = open_storage(self.url, heartbeat=self.heartbeat,
+                                         grace=self.grace, max_retries=self.max_retries,
+                                         must_exist=must_exist)
+        return self._opened

@@ -29,7 +29,7 @@ from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON,
                                 retried_from, trial_command)
 from mtbert.studies.optuna_api import trial_id
 from mtbert.studies.options import SweepOptions
-from mtbert.studies.configurations import config_of
+from mtbert.studies.configurations import config_of, first_trial
 from mtbert.studies.racing import CONTINUE, next_seed, queue_seed
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import SweepSpec, suggest, trial_config
@@ -208,7 +208,7 @@ class TrialRunner:
                                   else {**params, "train.seed": int(seed)})
             save_config(config, run_dir / CONFIG_FILE)
         trial.set_user_attr(SEED, config.train.seed)
-        trial.set_user_attr(CONFIG_ID, config_of(trial))
+        trial.set_user_attr(CONFIG_ID, first_trial(trial))  # a retry's copy replaced
         if retry_of is not None:
             trial.set_user_attr(RETRY_OF, retry_of)
             trial.set_user_attr(FAIL_REASON, None)  # copied from the trial it retries

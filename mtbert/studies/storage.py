@@ -97,9 +97,11 @@ def _check_url(url: str) -> None:
 
 
 def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = None,
-                 max_retries: int = 2, must_exist: bool = False):
+                 max_retries: int = 2, must_exist: bool = False, checked: bool = False):
     """Optuna's RDB storage for `url`; with `heartbeat`, a trial whose worker died is
     queued again (at most `max_retries` times; the worker that takes it resumes it).
+    `checked`: the tables exist and their schema was checked (by the worker that started
+    this trial process): neither is done again, which saves a trial process about 0.4 s.
 
     Workers that open a new storage together take turns creating its tables
     (`setup_lock`); one that still loses that race retries with a growing pause for up to
@@ -125,6 +127,10 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     if url.startswith("sqlite"):
         # Workers on one machine wait for SQLite's lock instead of failing at once.
         engine = {"connect_args": {"timeout": 60}}
+    if checked:
+        return _serialize(optuna.storages.RDBStorage(
+            with_driver(url), engine_kwargs=engine, skip_compatibility_check=True,
+            skip_table_creation=True, **kwargs))
     deadline = time.monotonic() + SCHEMA_RETRY_TOTAL_S
     delay = SCHEMA_RETRY_FIRST_S
     while True:

@@ -174,7 +174,7 @@ def run(run_dir: Path, training=TrackedTraining) -> int:
     job = TrialJob.read(run_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=job.study,
-                              storage=open_storage(os.environ[STORAGE_ENV]),
+                              storage=open_storage(os.environ[STORAGE_ENV], checked=True),
                               pruner=make_pruner(job.pruner))
     trial = optuna.trial.Trial(study, job.trial_id)
     objective = job.objectives[0]
