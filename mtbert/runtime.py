@@ -2,8 +2,9 @@
 directory, and the environment recorded next to every result (atomic text writes:
 `mtbert.rundir`).
 
-Every command imports this module, so it imports nothing of the training stack:
-`mtbert eval` and `mtbert predict` resolve their device here.
+Every command imports this module, so it imports nothing of the training stack, and
+torch only where a function needs it: `mtbert eval` and `mtbert predict` resolve their
+device here, and a sweep worker whose trials run on the CPU never imports torch.
 """
 
 from __future__ import annotations
@@ -15,16 +16,26 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mtbert.errors import MtbertError, TrainingError
 from mtbert.rundir import naming
 from mtbert.version import __version__
 
+if TYPE_CHECKING:
+    import torch
+
+
+def device_type(name: str) -> str:
+    """The device type `--device NAME` trains on ("cpu", "cuda"); `cpu` asks no torch, so
+    that a sweep worker that only starts trial processes on the CPU never imports it."""
+    return "cpu" if name == "cpu" else resolve_device(name).type
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` -> CUDA when PyTorch sees a GPU, else CPU; `cuda` without one is an error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -34,12 +45,16 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; full precision elsewhere."""
+    import torch
+
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def atomic_torch_save(payload: object, path: Path) -> None:
+    import torch
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with naming(path, partial=tmp):
@@ -55,6 +70,8 @@ def wandb_dir(default: Path) -> Path:
 
 def environment(device: torch.device) -> dict[str, str | None]:
     """Versions and hardware of a run, for summary.json and the model card."""
+    import torch
+
     return {"mtbert": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else

@@ -128,7 +128,10 @@ def test_mtbert_eval_loads_neither_the_training_loop_nor_the_studies(tiny_model_
     loaded = set(ast.literal_eval(modules_line))
     assert "mtbert.predictor" in loaded
     assert not loaded & TRAINING_AND_STUDIES
-    assert not {m for m in loaded if m.startswith("mtbert.studies")}
+    # The sweep options' dataclass, whose defaults the CLI's options take when it starts,
+    # is the one module of the study package it may load (it imports nothing more).
+    assert {m for m in loaded if m.startswith("mtbert.studies")} <= {
+        "mtbert.studies", "mtbert.studies.options"}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """A sweep worker's options: every `mtbert sweep` setting that is not the spec, with its
-default declared once (the CLI takes its defaults from here)."""
+default declared once. The CLI takes its defaults from here when it starts, so this
+module imports nothing else of the study stack until a sweep runs (`mtbert eval` loads
+it and the package's docstring, nothing more: tests/test_architecture.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.rundir import RUNS_DIR
-from mtbert.studies.storage import open_storage, storage_url
 
 WARM_TOP = 5  # configurations a warm start takes from the earlier study by default
 
@@ -41,11 +42,15 @@ class SweepOptions:
 
     @property
     def url(self) -> str:
+        from mtbert.studies.storage import storage_url
+
         return storage_url(self.storage, self.out)
 
     def open_storage(self, *, must_exist: bool = False):
         """The study storage, its heartbeat and retries as these options say; opened once
         (creating or checking its tables takes a few tenths of a second)."""
+        from mtbert.studies.storage import open_storage
+
         if self._opened is None:
             self._opened = open_storage(self.url, heartbeat=self.heartbeat,
                                          grace=self.grace, max_retries=self.max_retries,

@@ -19,7 +19,7 @@ from mtbert.config import load_config, save_config
 from mtbert.errors import TrainingError
 from mtbert.rundir import (CONFIG_FILE, MODEL_DIR, RESUME_FILE, RUN_FILES, TRIAL_LOG,
                            best_metrics, read_metrics)
-from mtbert.runtime import resolve_device, wandb_dir
+from mtbert.runtime import device_type, wandb_dir
 from mtbert.studies.budget import DEVICE, GPU_SHARE, WALL_S, device_share
 from mtbert.studies.constraints import record_feasibility, study_constraints
 from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
@@ -69,7 +69,7 @@ def record_cost(trial, options: SweepOptions, wall_s: float | None = None) -> No
     (from its start, so that a running trial counts in the study's hours), and, once its
     process ended, the seconds it ran."""
     try:
-        device = resolve_device(options.device).type  # the device the trial process uses
+        device = device_type(options.device)  # the device the trial process uses
     except TrainingError:  # --device cuda without one: the trial fails; the asked name
         device = options.device
     trial.set_user_attr(DEVICE, device)
