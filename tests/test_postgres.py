@@ -117,4 +117,4 @@ def test_a_killed_worker_leaves_no_running_trial(tiny_encoder, task_dir, tmp_pat
     assert trials[killed.number].state.name == "FAIL"
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retry) == 1 and retry[0].state.name in ("COMPLETE", "PRUNED")
-    assert retry[0].params == killed.params
+    assert retry[0].params == trials[killed.number].params  # read after it was killed

@@ -6,6 +6,7 @@ repository's history and run as a real process; the trials train the tiny model.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from typer.testing import CliRunner
 
 from conftest import wait_for
+from mtbert.cli import app
 from mtbert.studies.job import RETRY_HISTORY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +108,12 @@ def test_old_and_new_workers_resume_each_others_queued_retries(tiny_encoder, tas
         assert sorted(retry.intermediate_values) == [1, 2, 3]  # one curve, not a restart
     # Both retries are the one configuration resumed: the same model either way.
     assert trials[1].values == pytest.approx(trials[3].values, abs=1e-6)
+    # This release ranks the study and exports the model the old worker's retry kept.
+    ranked = CliRunner().invoke(app, ["best", "--out", str(out), "--top", "2", "--json"])
+    assert ranked.exit_code == 0, ranked.output
+    assert {n for group in json.loads(ranked.stdout) for n in group["trials"]} == {1, 3}
+    exported = CliRunner().invoke(app, ["best", "--out", str(out), "--trial", "3", "--export",
+                                        str(tmp_path / "model")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert "trial: 3" in (tmp_path / "model" / "README.md").read_text()
