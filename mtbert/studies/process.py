@@ -27,9 +27,9 @@ from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 WANDB_RUN_ID, TrialJob, TrialResult, WandbSettings,
                                 retried_from, trial_command)
+from mtbert.studies.configurations import config_of, first_trial
 from mtbert.studies.optuna_api import trial_id
 from mtbert.studies.options import SweepOptions
-from mtbert.studies.configurations import config_of, first_trial
 from mtbert.studies.racing import CONTINUE, next_seed, queue_seed
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import SweepSpec, suggest, trial_config
@@ -40,7 +40,6 @@ from mtbert.tasks import METRIC_KEYS
 log = logging.getLogger("mtbert")
 
 OUT_OF_MEMORY = "out of GPU memory"  # the reason train() gives (mtbert.train)
-
 
 
 def _last_line(path: Path) -> str:

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtbert.rundir import best_metrics, read_metrics
+from mtbert.rundir import CONFIG_FILE, best_metrics, read_metrics
 from mtbert.studies.job import EXIT_PRUNED, PARENT_ENV, STORAGE_ENV, TrialJob, TrialResult
 
 
@@ -107,7 +107,7 @@ class TrackedTraining:
         from mtbert.tracking import Tracker
 
         self.job, self.run_dir = job, run_dir
-        self.config = config = load_config(run_dir / "config.yaml")
+        self.config = config = load_config(run_dir / CONFIG_FILE)
         name = f"{job.study}-trial-{job.number}"
         if job.reseed_of is not None:
             name += f"-reseed-of-{job.reseed_of}"

@@ -17,7 +17,6 @@ before each trial, as `Study.optimize` does.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -28,8 +27,6 @@ from dataclasses import dataclass
 
 from mtbert.studies.optuna_api import refresh_trials, shared_storage, trial_id
 from mtbert.studies.racing import is_new_configuration
-
-log = logging.getLogger("mtbert")
 
 
 class TrialFailed(Exception):
