@@ -121,6 +121,11 @@ class TrainConfig:
     triple_batch_truncate: bool = _opt(
         False, "triple_batch with full passes: end the pass with the smallest task instead "
         "of cycling the smaller tasks until the largest is done.")
+    batches_per_step: int = _opt(
+        1, "proportional, annealed, temperature: batches per optimizer step, the task of each "
+        "drawn independently; the step's loss is their sum, so that sampling combines with "
+        "loss weights, pcgrad and gradnorm. With steps_per_epoch 0 an epoch keeps its "
+        "batches, in ceil(batches / this) steps.", min=1, max=MAX_UNITS)
     grad_accum: int = _opt(1, "Batches accumulated per optimizer step.", min=1,
                            max=MAX_UNITS)
     patience: int = _opt(0, "Stop after this many evaluations without improvement "

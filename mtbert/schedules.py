@@ -4,11 +4,15 @@ A schedule turns one epoch into a list of task names, one per batch. An
 optimizer step takes `batches_per_step x train.grad_accum` consecutive
 batches of that list: one batch for most schedules, one batch of every task
 for `triple_batch` (and for `round_robin_batch` under a loss method that
-needs every task in each step, such as pcgrad). With `train.steps_per_epoch`
-> 0 an epoch is exactly that many optimizer steps; with 0 it is one pass
-over all training examples, spent in the schedule's order or proportions.
-Each schedule is one small class registered by name; the training loop knows
-none of them.
+needs every task in each step, such as pcgrad), and `train.batches_per_step`
+batches, each task drawn independently, for the sampled schedules
+(`proportional`, `annealed`, `temperature`): so that sampling by size
+combines with loss weights and with methods that compare the tasks of a step.
+With `train.steps_per_epoch` > 0 an epoch is exactly that many optimizer
+steps; with 0 it is one pass over all training examples, spent in the
+schedule's order or proportions (the sampled schedules keep the batches of
+one pass, in ceil(batches / batches_per_step) steps). Each schedule is one
+small class registered by name; the training loop knows none of them.
 """
 
 from __future__ import annotations
@@ -87,9 +91,14 @@ class RoundRobinBatch(Schedule):
 
 
 class _Sampled(Schedule):
-    """Tasks drawn independently per batch with probabilities p_i ∝ N_i^alpha."""
+    """Tasks drawn independently per batch with probabilities p_i ∝ N_i^alpha; an
+    optimizer step takes `train.batches_per_step` consecutive draws."""
 
     by_size = True
+
+    @property
+    def batches_per_step(self) -> int:  # type: ignore[override]
+        return self.config.batches_per_step
 
     def alpha(self, epoch: int) -> float:
         raise NotImplementedError

@@ -257,8 +257,9 @@ def _warn_about_the_schedule(config: RunConfig, schedule: Schedule, combiner: Lo
                     sizes.pop(), t.schedule)
     if combiner.per_step and schedule.batches_per_step == 1 and len(tasks) > 1:
         log.warning("loss.method %s compares the tasks of each step, but %s gives most steps "
-                    "a single task; use train.schedule triple_batch or round_robin_batch",
-                    config.loss.method, t.schedule)
+                    "a single task; use train.schedule triple_batch or round_robin_batch, or "
+                    "train.batches_per_step %d with a sampled schedule",
+                    config.loss.method, t.schedule, len(tasks))
     clip = config.optim.max_grad_norm
     if combiner.scales_task_losses and step_size(schedule, t.grad_accum) == 1 \
             and clip > 0 and len(tasks) > 1:
@@ -268,8 +269,9 @@ def _warn_about_the_schedule(config: RunConfig, schedule: Schedule, combiner: Lo
                     "step a single task and optim.max_grad_norm %g clips its gradient back "
                     "to norm %g: a weight changes only steps whose gradient norm stays under "
                     "the clip (train/clipped: the share of steps clipped); use train.schedule "
-                    "triple_batch, train.grad_accum %d or optim.max_grad_norm 0",
-                    config.loss.method, t.schedule, clip, clip, len(tasks))
+                    "triple_batch, train.grad_accum %d (or train.batches_per_step %d with a "
+                    "sampled schedule) or optim.max_grad_norm 0",
+                    config.loss.method, t.schedule, clip, clip, len(tasks), len(tasks))
 
 
 def _make_optimizer(model: MultitaskModel, combiner: LossCombiner, config: RunConfig,
@@ -579,8 +581,9 @@ def _train_step(s: TrainingSetup, group: list[str], sums: _EpochSums) -> list[to
     Each batch's loss is `MultitaskModel.task_loss`, with the task's auxiliary
     contrastive loss if it has one. The step's loss is the sum over the
     `batches_per_step` batches of one round (one task for most schedules,
-    every task for triple_batch) and the mean over the rounds accumulated
-    (train.grad_accum).
+    every task for triple_batch, train.batches_per_step drawn tasks for the
+    sampled schedules) and the mean over the rounds accumulated
+    (train.grad_accum); a task drawn twice in a step has its losses summed.
     """
     model, combiner = s.model, s.combiner
     scale = s.schedule.batches_per_step / len(group)

@@ -11,6 +11,7 @@ from mtbert.balancing import LOSS_METHODS, make_loss_combiner, pcgrad_project
 from mtbert.config import LossConfig, ModelConfig
 from mtbert.encoder import BertConfig, BertEncoder
 from mtbert.heads import MultitaskModel
+from mtbert.schedules import make_schedule
 from mtbert.tasks import TASKS
 from mtbert.train import train
 
@@ -166,16 +167,14 @@ def test_learned_weights_move_during_training(tiny_config, tmp_path, method):
     assert records[0] != records[1]
 
 
-@pytest.mark.parametrize("schedule", ["triple_batch", "round_robin_batch"])
-def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_path, schedule,
-                                                             monkeypatch):
+def _pcgrad_steps(config, run_dir, monkeypatch) -> tuple[dict, list[list[tuple]]]:
+    """The run's summary, and what the loop did in each optimizer step, in order: each
+    training batch cut ("batch", task, size) and each PCGrad backward ("backward", tasks)."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from mtbert.balancing import PCGrad
     from mtbert.data import EncodedSet
 
-    # What the loop does, in order: each training batch cut, each PCGrad backward and the
-    # tasks it received, each optimizer step.
     events = []
     cut, backward = EncodedSet.batch, PCGrad.backward
 
@@ -192,12 +191,9 @@ def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_pa
     hook = register_optimizer_step_pre_hook(
         lambda optimizer, args, kwargs: events.append(("step",)))
     try:
-        config = tiny_config(loss={"method": "pcgrad"},
-                             train={"schedule": schedule, "epochs": 1})
-        summary = train(config, run_dir=tmp_path / schedule, device="cpu", progress=False)
+        summary = train(config, run_dir=run_dir, device="cpu", progress=False)
     finally:
         hook.remove()
-    assert summary["steps"] == 6
     last_step = max(i for i, e in enumerate(events) if e == ("step",))
     steps, current = [], []
     for event in events[:last_step + 1]:  # after the last step: the dev set's batches
@@ -206,6 +202,15 @@ def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_pa
             current = []
         else:
             current.append(event)
+    return summary, steps
+
+
+@pytest.mark.parametrize("schedule", ["triple_batch", "round_robin_batch"])
+def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_path, schedule,
+                                                             monkeypatch):
+    config = tiny_config(loss={"method": "pcgrad"}, train={"schedule": schedule, "epochs": 1})
+    summary, steps = _pcgrad_steps(config, tmp_path / schedule, monkeypatch)
+    assert summary["steps"] == 6
     # Every optimizer step: one batch of 8 of each task, then one backward of all three.
     assert len(steps) == 6
     for step in steps:
@@ -213,6 +218,25 @@ def test_pcgrad_trains_with_one_batch_of_every_task_per_step(tiny_config, tmp_pa
         assert step[3:] == [("backward", ("qqp", "sst", "sts"))]
     record = json.loads((tmp_path / schedule / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train/loss_sst", "train/loss_qqp", "train/loss_sts"} <= set(record)
+
+
+def test_pcgrad_with_sampling_gets_the_drawn_tasks_of_each_step(tiny_config, tmp_path,
+                                                                monkeypatch, caplog):
+    config = tiny_config(loss={"method": "pcgrad"},
+                         train={"schedule": "proportional", "batches_per_step": 3, "epochs": 1})
+    with caplog.at_level("WARNING", logger="mtbert"):
+        summary, steps = _pcgrad_steps(config, tmp_path / "p", monkeypatch)
+    assert "gives most steps a single task" not in caplog.text
+    plan = make_schedule(config.train, dict.fromkeys(TASK_NAMES, 6),
+                         dict.fromkeys(TASK_NAMES, 48)).plan(0, 18)
+    assert summary["steps"] == len(steps) == 6
+    for i, step in enumerate(steps):
+        drawn = plan[3 * i:3 * i + 3]
+        # Three batches of 8 as drawn, then one backward of their tasks (a task drawn
+        # twice: its two losses summed into one).
+        assert step[:3] == [("batch", task, 8) for task in drawn]
+        assert step[3:] == [("backward", tuple(sorted(set(drawn))))]
+    assert any(len(set(plan[i:i + 3])) > 1 for i in range(0, 18, 3))
 
 
 def test_gradient_conflict_readings_are_logged_and_leave_training_unchanged(tiny_config,

@@ -4,10 +4,10 @@ from collections import Counter
 
 import pytest
 
-from mtbert.config import TrainConfig
 import math
 
-from mtbert.schedules import SCHEDULES, epoch_batches, make_schedule, step_size
+from mtbert.config import TrainConfig
+from mtbert.schedules import SCHEDULES, epoch_batches, make_schedule, optimizer_steps, step_size
 
 SIZES = {"sst": 800, "qqp": 3200, "sts": 200}
 BATCHES = {"sst": 25, "qqp": 100, "sts": 7}
@@ -141,3 +141,64 @@ def test_every_schedule_runs_with_defaults_and_is_seeded(name):
     assert len(schedule.plan(0, None)) == epoch_batches(schedule, 0, 0, 1)
     assert set(schedule.plan(0, None)) <= set(SIZES)
     assert epoch_batches(schedule, 0, 10, 4) == 40 * per_step
+
+
+SAMPLED = ["proportional", "annealed", "temperature"]
+
+
+def _steps(plan, per_step):
+    return [plan[i:i + per_step] for i in range(0, len(plan), per_step)]
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_sampled_steps_hold_batches_per_step_draws_of_mixed_tasks(name):
+    schedule = _schedule(schedule=name, batches_per_step=3)
+    assert step_size(schedule, grad_accum=2) == 6
+    assert epoch_batches(schedule, 0, 10, 1) == 30
+    steps = _steps(schedule.plan(0, 3 * 200), 3)
+    assert len(steps) == 200 and all(len(step) == 3 for step in steps)
+    # Mixed: 1 - sum_i p_i^3, at least 0.55 of the steps for each (alpha <= 1 at epoch 0).
+    assert sum(len(set(step)) > 1 for step in steps) > 90
+    # One pass keeps its batches and spends them in fewer steps.
+    assert epoch_batches(schedule, 0, 0, 1) == sum(BATCHES.values()) == 132
+    assert optimizer_steps(132, step_size(schedule, 1)) == 44
+    assert optimizer_steps(132, step_size(_schedule(schedule=name, batches_per_step=5), 1)) == 27
+
+
+def test_batches_per_step_draws_follow_the_probabilities():
+    schedule = _schedule(schedule="proportional", alpha=0.5, batches_per_step=3)
+    p = schedule.probabilities(0)
+    steps = _steps(schedule.plan(0, 3 * 4000), 3)
+    for position in range(3):  # each batch of a step drawn with the same p
+        counts = Counter(step[position] for step in steps)
+        assert {t: counts[t] / 4000 for t in SIZES} == {t: pytest.approx(p[t], abs=0.025)
+                                                        for t in SIZES}
+    # Independent draws: a step is all one task with probability sum_i p_i^3.
+    one_task = sum(len(set(step)) == 1 for step in steps) / 4000
+    assert one_task == pytest.approx(sum(q ** 3 for q in p.values()), abs=0.02)
+
+
+# Each epoch's plan as drawn before train.batches_per_step existed (0 sst, 1 qqp, 2 sts):
+# epoch 0 of 24 batches, and the first 12 batches of epoch 1 as one pass.
+PLANS_BEFORE = {"proportional": ("011011101111110112011101", "011111122211"),
+                "annealed": ("011011101111110112011101", "011110122211"),
+                "temperature": ("011011101020110102011101", "011110122211")}
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_batches_per_step_groups_the_same_draws(name):
+    def digits(plan):
+        return "".join(str(list(SIZES).index(task)) for task in plan)
+
+    one = _schedule(schedule=name)
+    assert one.batches_per_step == 1
+    assert (digits(one.plan(0, 24)), digits(one.plan(1, None)[:12])) == PLANS_BEFORE[name]
+    assert _schedule(schedule=name, batches_per_step=4).plan(0, 24) == one.plan(0, 24)
+
+
+@pytest.mark.parametrize("name", sorted(set(SCHEDULES) - set(SAMPLED)))
+def test_other_schedules_ignore_batches_per_step(name):
+    plain, keyed = _schedule(schedule=name), _schedule(schedule=name, batches_per_step=4)
+    assert keyed.batches_per_step == plain.batches_per_step
+    assert keyed.plan(0, 12) == plain.plan(0, 12)
+    assert keyed.plan(1, None) == plain.plan(1, None)

@@ -81,6 +81,26 @@ def test_one_pass_epochs_and_grad_accum(tiny_config, tmp_path):
     assert summary["steps"] == 9  # 3 tasks x 6 batches of 8 = 18 batches, 2 per step
 
 
+def test_sampled_steps_of_several_batches_spend_one_pass_in_fewer_steps(tiny_config, tmp_path):
+    def steps(batches_per_step: int) -> int:
+        config = tiny_config(train={"epochs": 1, "steps_per_epoch": 0, "schedule": "temperature",
+                                    "batches_per_step": batches_per_step})
+        run = tmp_path / str(batches_per_step)
+        return train(config, run_dir=run, device="cpu", progress=False)["steps"]
+
+    assert [steps(1), steps(4)] == [18, 5]  # 18 batches of 8: ceil(18 / 4) = 5 steps
+
+
+def test_resume_with_sampled_steps_of_several_batches_matches_the_uninterrupted_run(
+        tiny_config, tmp_path):
+    config = tiny_config(loss={"method": "pcgrad"},
+                         train={"epochs": 3, "schedule": "annealed", "batches_per_step": 3})
+    full, resumed = train_killed_and_resumed(config, tmp_path, kill_epoch=1)
+    assert resumed["best"] == full["best"] and resumed["steps"] == 18
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+
+
 def test_nan_loss_is_a_training_error(tiny_config, tmp_path):
     config = tiny_config(train={"lr": 1e30, "log_every": 1}, optim={"max_grad_norm": 0.0})
     with pytest.raises(TrainingError, match="loss became"):
