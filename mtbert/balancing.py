@@ -13,7 +13,7 @@ every task in the step; `after_step` after each optimizer step and
 | weighted | fixed weights `loss.weights.<task>` | |
 | uncertainty | sum of exp(-s_i)/2 L_i + s_i/2, s_i = log sigma_i^2 learned | Kendall et al. 2018 |
 | liebel | sum of L_i/(2 w_i^2) + ln(1 + w_i^2), w_i learned | Liebel & Koerner 2018 |
-| dwa | weights K softmax(r_i/T), r_i the ratio of the last two epochs' losses | Liu et al. 2019 |
+| dwa | weights K softmax(r_i/T), r_i the ratio of the last two epochs' (or `loss.dwa_window` steps') losses | Liu et al. 2019 |
 | gradnorm | learned weights that equalise the tasks' gradient norms, scaled by training rates | Chen et al. 2018 |
 | pcgrad | projects away the conflicting part of each task's encoder gradient | Yu et al. 2020 |
 """
@@ -167,6 +167,13 @@ class DynamicWeightAverage(LossCombiner):
     weight. The first two epochs use w_i = 1, and the weights stay as they are
     while a task had no batch in one of the last two epochs (round_robin_epoch,
     sequential).
+
+    With `loss.dwa_window` W > 0 the periods are windows of W optimizer steps,
+    counted over the run, not per epoch: the weights change after every window
+    from the second on (they act from step 2W + 1), so that a run of a few long
+    epochs adapts them within an epoch. Each task's loss sum and batch count of
+    the window stay on the device (no host-device sync per step), in buffers
+    saved with the resume state.
     """
 
     name = "dwa"
@@ -176,22 +183,67 @@ class DynamicWeightAverage(LossCombiner):
         super().__init__(config, tasks, **kwargs)
         self.register_buffer("history", torch.full((2, len(tasks)), math.nan))  # e-2, e-1
         self.register_buffer("weights", torch.ones(len(tasks)))
+        self.window = config.dwa_window
+        if self.window:
+            # Only with windows: a per-epoch run keeps the state it always had, so that
+            # its resume states from before loss.dwa_window load.
+            self.register_buffer("window_sum", torch.zeros(len(tasks)))
+            self.register_buffer("window_batches", torch.zeros(len(tasks)))
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+            self._steps = 0  # the host's copy of `steps`: no step reads the device
+            self.register_load_state_dict_post_hook(_read_dwa_steps)
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([self.weights[self._index(t)] * loss
                             for t, loss in losses.items()]).sum()
 
+    def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
+                 scale: float) -> torch.Tensor:
+        if self.window:
+            with torch.no_grad():
+                for task, loss in losses.items():
+                    self.window_sum[self._index(task)].add_(loss.detach())
+                    self.window_batches[self._index(task)].add_(1)
+        return super().backward(losses, model, scale)
+
+    def after_step(self) -> None:
+        if not self.window:
+            return
+        self.steps.add_(1)
+        self._steps += 1
+        if self._steps % self.window == 0:
+            self._end_window()
+
+    def _end_window(self) -> None:
+        batches = self.window_batches
+        self._push(torch.where(batches > 0, self.window_sum / batches.clamp(min=1), math.nan))
+        self.window_sum.zero_()
+        batches.zero_()
+
     def end_epoch(self, task_losses: dict[str, float]) -> None:
+        if self.window:
+            return  # the windows end in after_step
         latest = torch.tensor([task_losses.get(t, math.nan) for t in self.tasks])
-        self.history.copy_(torch.stack([self.history[1], latest.to(self.history)]))
+        self._push(latest.to(self.history))
+
+    def _push(self, latest: torch.Tensor) -> None:
+        """Each task's mean loss of the period just ended (nan: no batch) into the history;
+        the weights from the last two periods' ratios if every task has a positive loss
+        in both, else unchanged (torch.where: no host-device sync)."""
+        self.history.copy_(torch.stack([self.history[1], latest]))
         previous, last = self.history[0], self.history[1]
-        if torch.isfinite(previous).all() and torch.isfinite(last).all() and (previous > 0).all():
-            ratios = last / previous
-            self.weights.copy_(len(self.tasks) * torch.softmax(
-                ratios / self.config.dwa_temperature, dim=0))
+        weights = len(self.tasks) * torch.softmax(
+            last / previous / self.config.dwa_temperature, dim=0)
+        usable = torch.isfinite(previous).all() & torch.isfinite(last).all() \
+            & (previous > 0).all()
+        self.weights.copy_(torch.where(usable, weights, self.weights))
 
     def task_weights(self) -> dict[str, float]:
         return dict(zip(self.tasks, self.weights.tolist()))
+
+
+def _read_dwa_steps(module: DynamicWeightAverage, incompatible_keys) -> None:
+    module._steps = int(module.steps)  # once per load, not per step
 
 
 @register

@@ -189,6 +189,10 @@ class LossConfig:
                                  "training rates together harder (Chen et al. 2018).", min=0.0)
     dwa_temperature: float = _opt(2.0, "dwa: softmax temperature of the loss-ratio weights "
                                   "(Liu et al. 2019).", min=1e-3)
+    dwa_window: int = _opt(
+        0, "dwa: compare the tasks' mean losses over windows of this many optimizer steps "
+        "(counted across epochs) instead of over epochs; the weights change after every "
+        "window from the second on (0 = per epoch).", min=0, max=MAX_STEPS)
     contrastive: Literal["none", "mnrl", "cosine_mse"] = _opt(
         "none", "Auxiliary in-batch loss on the siamese embeddings of the pair tasks, added to "
         "the task's loss: mnrl = multiple-negatives ranking (Henderson et al. 2017), "

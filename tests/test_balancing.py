@@ -134,6 +134,97 @@ def test_dwa_weights_follow_the_loss_ratios():
     assert combiner(losses).item() == pytest.approx(expected[0].item() + 2 * expected[2].item())
 
 
+def _dwa_steps(combiner, steps):
+    """Drives `combiner` as the loop does: one backward per batch, then after_step; `steps`
+    is each step's list of (task, loss). Returns the weights after each step."""
+    weights = []
+    for batches in steps:
+        for task, value in batches:
+            combiner.backward({task: torch.tensor(value, requires_grad=True)}, None, 1.0)
+        combiner.after_step()
+        weights.append(combiner.task_weights())
+    return weights
+
+
+def test_dwa_window_weights_act_from_the_third_window():
+    combiner = _combiner("dwa", dwa_window=3, dwa_temperature=2.0)
+    # A step holds one batch of each task; sst's loss halves every window, qqp's stays,
+    # sts's falls by a tenth.
+    steps = [[("sst", 2.0 * 0.5 ** (s // 3)), ("qqp", 1.0), ("sts", 4.0 * 0.9 ** (s // 3))]
+             for s in range(9)]
+    weights = _dwa_steps(combiner, steps)
+    assert weights[:5] == [dict.fromkeys(TASK_NAMES, 1.0)] * 5  # steps 1-5: w = 1
+    for step in (5, 8):  # after windows 2 (steps 4-6) and 3 (steps 7-9)
+        expected = 3 * torch.softmax(torch.tensor([0.5, 1.0, 0.9]) / 2.0, dim=0)
+        assert list(weights[step].values()) == pytest.approx(expected.tolist())
+    assert weights[5]["sst"] < weights[5]["sts"] < weights[5]["qqp"]
+    combiner.end_epoch({"sst": 9.0, "qqp": 0.1, "sts": 1.0})  # windows: epochs change nothing
+    assert combiner.task_weights() == weights[8]
+
+
+def test_dwa_window_weights_are_the_ratio_of_window_means():
+    combiner = _combiner("dwa", dwa_window=2, dwa_temperature=0.5)
+    steps = [[("sst", 3.0), ("qqp", 1.0)], [("sst", 1.0), ("sts", 2.0), ("sts", 4.0)],  # 1
+             [("sst", 1.0), ("qqp", 0.5), ("sts", 1.0)], [("qqp", 1.5), ("qqp", 0.4)]]  # 2
+    weights = _dwa_steps(combiner, steps)
+    # Window means: sst 2 then 1, qqp 1 then 0.8, sts 3 then 1.
+    ratios = [1.0 / 2.0, 0.8 / 1.0, 1.0 / 3.0]
+    norm = sum(math.exp(r / 0.5) for r in ratios)
+    assert list(weights[-1].values()) == pytest.approx([3 * math.exp(r / 0.5) / norm
+                                                        for r in ratios])
+    assert combiner.history.tolist() == [pytest.approx([2.0, 1.0, 3.0]),
+                                         pytest.approx([1.0, 0.8, 1.0])]
+    assert combiner({"sts": torch.tensor(2.0)}).item() == pytest.approx(2.0 * weights[-1]["sts"])
+
+
+def test_dwa_window_keeps_its_weights_while_a_task_misses_a_window():
+    combiner = _combiner("dwa", dwa_window=1)
+    every = [("sst", 2.0), ("qqp", 1.0), ("sts", 1.0)]
+    no_qqp = [("sst", 1.0), ("sts", 0.5)]
+    weights = _dwa_steps(combiner, [every, every, [("sst", 1.0), ("qqp", 1.0), ("sts", 0.5)],
+                                    no_qqp, every, every])
+    assert weights[1] == dict.fromkeys(TASK_NAMES, pytest.approx(1.0))  # ratios 1: even
+    moved = weights[2]
+    assert moved["qqp"] > moved["sts"] and moved["qqp"] > moved["sst"]
+    assert weights[3] == weights[4] == moved  # qqp absent from window 4: no ratio 4/3 or 5/4
+    assert weights[5] == dict.fromkeys(TASK_NAMES, pytest.approx(1.0))  # 6/5: all even
+
+
+def test_dwa_without_a_window_is_per_epoch_and_keeps_its_state():
+    combiner = _combiner("dwa")
+    _dwa_steps(combiner, [[("sst", 2.0 ** -s), ("qqp", 1.0), ("sts", 1.0)] for s in range(6)])
+    assert combiner.task_weights() == dict.fromkeys(TASK_NAMES, 1.0)  # steps change nothing
+    assert set(combiner.state_dict()) == {"history", "weights"}  # as before dwa_window
+    assert set(_combiner("dwa", dwa_window=5).state_dict()) == \
+        {"history", "weights", "window_sum", "window_batches", "steps"}
+
+
+def test_dwa_window_state_travels_with_the_state_dict():
+    steps = [[("sst", 1.0 + s), ("qqp", 1.0), ("sts", 2.0 / (1 + s))] for s in range(10)]
+    whole = _combiner("dwa", dwa_window=3)
+    _dwa_steps(whole, steps)
+    first = _combiner("dwa", dwa_window=3)
+    _dwa_steps(first, steps[:4])  # stopped inside the second window
+    resumed = _combiner("dwa", dwa_window=3)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed._steps == 4
+    _dwa_steps(resumed, steps[4:])
+    assert resumed.task_weights() == whole.task_weights() != dict.fromkeys(TASK_NAMES, 1.0)
+
+
+def test_resume_with_dwa_windows_across_epochs_matches_the_uninterrupted_run(tiny_config,
+                                                                            tmp_path):
+    # Windows of 4 steps in epochs of 6: the run is killed inside its second window.
+    config = tiny_config(loss={"method": "dwa", "dwa_window": 4}, train={"epochs": 3})
+    full, resumed = train_killed_and_resumed(config, tmp_path, kill_epoch=0)
+    assert resumed["best"] == full["best"]
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    weights = [[json.loads(line)[f"loss_weight/{t}"] for t in TASK_NAMES] for line in lines]
+    assert weights[0] == [1.0, 1.0, 1.0]  # step 6: one window ended
+    assert weights[1] != [1.0, 1.0, 1.0] and weights[2] != weights[1]  # after steps 8, 12, 16
+
+
 def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
     model = _tiny_model()
     combiner = _combiner("gradnorm")
@@ -280,14 +371,16 @@ def test_pcgrad_step_counter_travels_with_the_state_dict():
     assert restored.steps == combiner.steps == 3
 
 
-@pytest.mark.parametrize("method", sorted(LOSS_METHODS))
-def test_a_step_builds_no_tensor_from_python_values(method, monkeypatch):
-    """torch.tensor(list, device=cuda) and .item() block the host on a GPU; after the
-    first step (GradNorm builds its index tensor then, once) no method does either."""
+@pytest.mark.parametrize("method, window", [(m, 0) for m in sorted(LOSS_METHODS)] +
+                         [("dwa", 1)])
+def test_a_step_builds_no_tensor_from_python_values(method, window, monkeypatch):
+    """torch.tensor(list, device=cuda), .item() and `if tensor` block the host on a GPU;
+    after the first step (GradNorm builds its index tensor then, once) no method does
+    any, nor dwa at the end of a window (window 1: every step ends one)."""
     model = _tiny_model()
-    combiner = _combiner(method, weights={"sst": 2.0})
+    combiner = _combiner(method, weights={"sst": 2.0}, dwa_window=window)
     calls = []
-    tensor, item = torch.tensor, torch.Tensor.item
+    tensor, item, as_bool = torch.tensor, torch.Tensor.item, torch.Tensor.__bool__
     for step in range(2):
         model.zero_grad()
         losses = _task_losses(model)  # labels made with torch.tensor: before the watch
@@ -295,6 +388,8 @@ def test_a_step_builds_no_tensor_from_python_values(method, monkeypatch):
             monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append("tensor") or
                                 tensor(*a, **k))
             monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or item(t))
+            monkeypatch.setattr(torch.Tensor, "__bool__",
+                                lambda t: calls.append("bool") or as_bool(t))
         if combiner.per_step:
             combiner.backward(losses, model, scale=1.0)
         else:
