@@ -487,15 +487,18 @@ class EpochResult:
     grad_cos: dict[str, float]  # mean of the epoch's gradient-conflict readings
     contrastive: dict[str, float]  # mean unweighted auxiliary loss of each task's batches
     clipped: float | None = None  # share of the epoch's steps whose gradient was clipped
+    # Each task's share of the epoch's steps holding a batch of it that were clipped.
+    task_clipped: dict[str, float] = field(default_factory=dict)
 
     def extra(self, combiner: LossCombiner) -> dict[str, float]:
-        """Per-task losses, loss weights, the share of clipped steps and gradient cosines
-        for metrics.jsonl and W&B."""
+        """Per-task losses, loss weights, the share of clipped steps (pooled and per task)
+        and gradient cosines for metrics.jsonl and W&B."""
         out = {f"train/loss_{t}": v for t, v in self.task_losses.items()}
         out.update({f"train/contrastive_{t}": v for t, v in self.contrastive.items()})
         out.update({f"loss_weight/{t}": round(w, 6) for t, w in combiner.task_weights().items()})
         if self.clipped is not None:
             out["train/clipped"] = round(self.clipped, 6)
+        out.update({f"train/clipped/{t}": round(v, 6) for t, v in self.task_clipped.items()})
         out.update(self.grad_cos)
         return out
 
@@ -511,6 +514,9 @@ class _EpochSums:
         self.seen = 0  # training examples
         self.clipped = torch.zeros((), device=device)  # steps whose gradient was clipped
         self.steps = 0
+        # The same per task, over the steps that held a batch of it.
+        self.task_clipped = {name: torch.zeros((), device=device) for name in tasks}
+        self.task_steps = dict.fromkeys(tasks, 0)
 
     def add(self, task: str, loss: TaskLoss, examples: int) -> None:
         if loss.auxiliary is not None:
@@ -526,10 +532,27 @@ class _EpochSums:
                if self.batches[name]}
         return task, aux
 
+    def add_clipped(self, tasks: set[str], clipped: torch.Tensor) -> None:
+        """Counts a clipped step (`clipped`: 1 or 0, on the device) that held `tasks`."""
+        self.clipped += clipped  # read once, at the end of the epoch
+        self.steps += 1
+        for task in tasks:
+            self.task_clipped[task] += clipped
+            self.task_steps[task] += 1
+
     def clipped_share(self) -> float | None:
         """The share of the epoch's steps whose gradient norm was clipped (None: none
         was, clipping is off)."""
         return self.clipped.item() / self.steps if self.steps else None
+
+    def task_clipped_shares(self) -> dict[str, float]:
+        """Each task's share of the epoch's clipped steps among those holding a batch of
+        it; a task in no step (or clipping off) has none."""
+        counted = [name for name, n in self.task_steps.items() if n]
+        if not counted:
+            return {}
+        clipped = torch.stack([self.task_clipped[name] for name in counted]).tolist()
+        return {name: c / self.task_steps[name] for name, c in zip(counted, clipped)}
 
 
 def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: str,
@@ -571,7 +594,7 @@ def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: s
                 for key in (conflicts[0] if conflicts else {})}
     task_losses, aux_losses = sums.means()
     return EpochResult(total_loss / max(readings, 1), sums.seen, task_losses, grad_cos,
-                       aux_losses, sums.clipped_share())
+                       aux_losses, sums.clipped_share(), sums.task_clipped_shares())
 
 
 def _train_step(s: TrainingSetup, group: list[str], sums: _EpochSums) -> list[torch.Tensor]:
@@ -605,8 +628,7 @@ def _train_step(s: TrainingSetup, group: list[str], sums: _EpochSums) -> list[to
     max_norm = s.config.optim.max_grad_norm
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        sums.clipped += norm > max_norm  # read once, at the end of the epoch
-        sums.steps += 1
+        sums.add_clipped(set(group), norm > max_norm)
     s.optimizer.step()
     combiner.after_step()
     s.scheduler.step()

@@ -177,6 +177,35 @@ def test_the_share_of_clipped_steps_is_logged_per_epoch(tiny_config, tmp_path, c
     assert [r.get("train/clipped") for r in records] == [clipped, clipped]
 
 
+def _clipped_keys(run: Path) -> list[dict[str, float]]:
+    return [{k: v for k, v in json.loads(line).items() if k.startswith("train/clipped/")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_share_of_clipped_steps_is_logged_per_task(tiny_config, tmp_path):
+    def run(name: str, clip: float, **train_keys) -> Path:
+        config = tiny_config(optim={"max_grad_norm": clip}, train=train_keys)
+        train(config, run_dir=tmp_path / name, device="cpu", progress=False)
+        return tmp_path / name
+
+    tasks = ("sst", "qqp", "sts")
+    assert _clipped_keys(run("all", 1e-6, schedule="proportional", batches_per_step=2)) == \
+        [{f"train/clipped/{t}": 1.0 for t in tasks}] * 2
+    assert _clipped_keys(run("off", 0.0)) == [{}, {}]
+    # Round robin, one task a step, two steps of each per epoch: the pooled share is the
+    # tasks' mean.
+    records = [json.loads(line) for line in
+               (run("some", 1.0) / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        shares = [record[f"train/clipped/{t}"] for t in tasks]
+        assert all(share in (0.0, 0.5, 1.0) for share in shares)
+        assert record["train/clipped"] == pytest.approx(sum(shares) / 3, abs=1e-6)
+    assert any(0 < record["train/clipped"] < 1 for record in records)
+    # One task per epoch: the others have no step, and no key.
+    assert _clipped_keys(run("epochs", 1e-6, schedule="round_robin_epoch")) == \
+        [{"train/clipped/sst": 1.0}, {"train/clipped/qqp": 1.0}]
+
+
 # The loop state as the code before LoopState saved it: a dict of these keys, and no
 # CUDA random states in the payload.
 OLD_STATE_KEYS = ("epoch", "step", "best", "history", "bad_evals", "train_time",
