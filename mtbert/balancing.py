@@ -5,7 +5,8 @@ learned weights are parameters and every method's state is saved with the
 resume state). The training loop calls `backward` once per batch, or, for
 methods with `per_step = True`, once per optimizer step with the losses of
 every task in the step; `after_step` after each optimizer step and
-`end_epoch` with the epoch's mean task losses.
+`end_epoch` with the epoch's mean task losses. Each method declares the
+config keys it reads (`reads`).
 
 | method | what it does | paper |
 |---|---|---|
@@ -41,6 +42,10 @@ def register(cls: type[LossCombiner]) -> type[LossCombiner]:
 
 class LossCombiner(nn.Module):
     name: ClassVar[str]
+    # The run-config keys the method reads beyond those every run reads (train.seed); a
+    # mapping key such as loss.weights stands for all its entries. A method with
+    # parameters reads loss.weight_lr: the loop trains them at that rate.
+    reads: ClassVar[tuple[str, ...]] = ()
     # True: `backward` gets the losses of every task of an optimizer step at once.
     per_step: ClassVar[bool] = False
     # True: the method multiplies each task's loss by a weight (fixed or learned), which
@@ -93,6 +98,7 @@ class Weighted(LossCombiner):
     """Fixed weights: sum of `loss.weights.<task>` x task loss."""
 
     name = "weighted"
+    reads = ("loss.weights",)
     scales_task_losses = True
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -114,6 +120,7 @@ class Uncertainty(LossCombiner):
     """
 
     name = "uncertainty"
+    reads = ("loss.weight_lr",)
     scales_task_losses = True
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
@@ -140,6 +147,7 @@ class Liebel(LossCombiner):
     """
 
     name = "liebel"
+    reads = ("loss.weight_lr",)
     scales_task_losses = True
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
@@ -177,6 +185,7 @@ class DynamicWeightAverage(LossCombiner):
     """
 
     name = "dwa"
+    reads = ("loss.dwa_temperature", "loss.dwa_window")
     scales_task_losses = True
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):
@@ -261,6 +270,7 @@ class GradNorm(LossCombiner):
     """
 
     name = "gradnorm"
+    reads = ("loss.gradnorm_alpha", "loss.weight_lr")
     per_step = True
 
     def __init__(self, config: LossConfig, tasks: list[str], **kwargs):

@@ -12,7 +12,8 @@ With `train.steps_per_epoch` > 0 an epoch is exactly that many optimizer
 steps; with 0 it is one pass over all training examples, spent in the
 schedule's order or proportions (the sampled schedules keep the batches of
 one pass, in ceil(batches / batches_per_step) steps). Each schedule is one
-small class registered by name; the training loop knows none of them.
+small class registered by name, declaring the config keys it reads (`reads`);
+the training loop knows none of them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def register(cls: type[Schedule]) -> type[Schedule]:
 
 class Schedule:
     name: ClassVar[str]
+    # The run-config keys the schedule reads beyond those every run reads (train.seed,
+    # train.epochs): a key that no schedule or loss method in use reads changes nothing.
+    reads: ClassVar[tuple[str, ...]] = ()
     batches_per_step: int = 1
     by_size: ClassVar[bool] = False  # draws tasks by training-set size
 
@@ -125,6 +129,7 @@ class Proportional(_Sampled):
     """
 
     name = "proportional"
+    reads = ("train.alpha", "train.batches_per_step")
 
     def alpha(self, epoch: int) -> float:
         return self.config.alpha
@@ -141,6 +146,8 @@ class Annealed(_Sampled):
     """
 
     name = "annealed"
+    reads = ("train.alpha_start", "train.alpha_end", "train.alpha_shape",
+             "train.batches_per_step")
 
     def alpha(self, epoch: int) -> float:
         start, end, epochs = self.config.alpha_start, self.config.alpha_end, self.config.epochs
@@ -161,6 +168,7 @@ class Temperature(_Sampled):
     """
 
     name = "temperature"
+    reads = ("train.temperature", "train.batches_per_step")
 
     def alpha(self, epoch: int) -> float:
         return 1.0 / self.config.temperature
@@ -220,6 +228,7 @@ class SmartRoundRobin(Schedule):
     """
 
     name = "smart_round_robin"
+    reads = ("train.target_task",)
 
     def plan(self, epoch: int, n_batches: int | None) -> list[str]:
         target = self.config.target_task
@@ -252,6 +261,7 @@ class TripleBatch(Schedule):
     """
 
     name = "triple_batch"
+    reads = ("train.triple_batch_truncate",)
 
     @property
     def batches_per_step(self) -> int:  # type: ignore[override]

@@ -102,6 +102,20 @@ def tiny_config(tiny_encoder, task_dir, tmp_path):
     return make
 
 
+class ConfigReads:
+    """A config section (TrainConfig, LossConfig) that records the dotted key of every
+    field read from it, to check a schedule's or loss method's declared `reads`."""
+
+    def __init__(self, section: str, config):
+        self._section, self._config = section, config
+        self.read: set[str] = set()
+
+    def __getattr__(self, name):
+        value = getattr(self._config, name)
+        self.read.add(f"{self._section}.{name}")
+        return value
+
+
 def wait_for(condition, *, timeout: float, what: str, interval: float = 0.2):
     """Poll `condition()` until it returns a true value, and return that value; fail the
     test naming `what` once `timeout` seconds have passed."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import train_killed_and_resumed
+from conftest import ConfigReads, train_killed_and_resumed
 from mtbert.balancing import LOSS_METHODS, make_loss_combiner, pcgrad_project
 from mtbert.config import LossConfig, ModelConfig
 from mtbert.encoder import BertConfig, BertEncoder
@@ -359,6 +359,27 @@ def test_resume_keeps_the_method_state(tiny_config, tmp_path, method):
 def test_every_method_is_registered():
     assert set(LOSS_METHODS) == {"sum", "weighted", "uncertainty", "liebel", "dwa", "gradnorm",
                                  "pcgrad"}
+
+
+@pytest.mark.parametrize("method", sorted(LOSS_METHODS))
+def test_a_method_declares_the_keys_it_reads(method):
+    config = ConfigReads("loss", LossConfig(method=method))
+    combiner = LOSS_METHODS[method](config, TASK_NAMES)
+    model = _tiny_model()
+    for epoch in range(3):
+        model.zero_grad()
+        losses = _task_losses(model)
+        if combiner.per_step:
+            combiner.backward(losses, model, scale=1.0)
+        else:
+            for task, loss in losses.items():
+                combiner.backward({task: loss}, model, scale=1.0)
+        combiner.after_step()
+        combiner.end_epoch({t: 1.0 / (epoch + 1) for t in TASK_NAMES})
+    combiner.task_weights()
+    # The loop trains a method's parameters at loss.weight_lr (train._make_optimizer).
+    trained = {"loss.weight_lr"} if list(combiner.parameters()) else set()
+    assert config.read | trained == set(combiner.reads)
 
 
 def test_pcgrad_step_counter_travels_with_the_state_dict():

@@ -1,10 +1,11 @@
 """The typed config: defaults, overrides, and one-line errors naming what is valid."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from mtbert.config import describe, load_config, overrides_to_dict
+from mtbert.config import RunConfig, describe, load_config, overrides_to_dict
 from mtbert.errors import ConfigError
 
 
@@ -94,3 +95,25 @@ def test_quickstart_example_config_is_valid():
     config = load_config(root / "examples" / "quickstart.yaml")
     assert (config.model.encoder, config.train.lr, config.data.max_train_examples,
             config.train.steps_per_epoch) == ("minilm-l6", 1e-4, 2000, 100)
+
+
+# The keys that only some schedule or loss method reads.
+STRATEGY_KEYS = {"train.alpha", "train.alpha_start", "train.alpha_end", "train.alpha_shape",
+                 "train.temperature", "train.target_task", "train.triple_batch_truncate",
+                 "train.batches_per_step", "loss.weights", "loss.weight_lr",
+                 "loss.gradnorm_alpha", "loss.dwa_temperature", "loss.dwa_window"}
+
+
+def test_every_declared_read_is_a_config_key_and_every_strategy_key_is_declared():
+    from mtbert.balancing import LOSS_METHODS
+    from mtbert.schedules import SCHEDULES
+
+    defaults = RunConfig()
+    schema = {f"{section.name}.{f.name}" for section in dataclasses.fields(defaults)
+              for f in dataclasses.fields(getattr(defaults, section.name))}
+    declared = {key for registry in (SCHEDULES, LOSS_METHODS)
+                for entry in registry.values() for key in entry.reads}
+    assert declared - schema == set()
+    assert STRATEGY_KEYS - declared == set()
+    assert SCHEDULES["proportional"].reads == ("train.alpha", "train.batches_per_step")
+    assert LOSS_METHODS["sum"].reads == LOSS_METHODS["pcgrad"].reads == ()

@@ -6,6 +6,7 @@ import pytest
 
 import math
 
+from conftest import ConfigReads
 from mtbert.config import TrainConfig
 from mtbert.schedules import SCHEDULES, epoch_batches, make_schedule, optimizer_steps, step_size
 
@@ -202,3 +203,14 @@ def test_other_schedules_ignore_batches_per_step(name):
     assert keyed.batches_per_step == plain.batches_per_step
     assert keyed.plan(0, 12) == plain.plan(0, 12)
     assert keyed.plan(1, None) == plain.plan(1, None)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_a_schedule_declares_the_keys_it_reads(name):
+    config = ConfigReads("train", TrainConfig(schedule=name, epochs=3))
+    schedule = SCHEDULES[name](config, BATCHES, SIZES)
+    assert schedule.batches_per_step >= 1
+    for epoch in range(3):
+        schedule.plan(epoch, 30)
+        schedule.plan(epoch, None)
+    assert config.read - {"train.seed", "train.epochs"} == set(schedule.reads)
