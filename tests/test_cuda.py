@@ -79,11 +79,15 @@ def _with_sync_errors(run):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("method", ["sum", "uncertainty", "gradnorm", "pcgrad"])
-def test_a_training_step_makes_no_host_sync(tiny_config, tmp_path, method):
+@pytest.mark.parametrize("loss, train_keys", [
+    *[({"method": method}, {}) for method in ("sum", "uncertainty", "gradnorm", "pcgrad")],
+    ({"method": "dwa", "dwa_window": 1}, {}),  # every step ends a window
+    ({"method": "pcgrad"}, {"schedule": "proportional", "batches_per_step": 3}),
+])
+def test_a_training_step_makes_no_host_sync(tiny_config, tmp_path, loss, train_keys):
     from mtbert.train import _EpochSums, _train_step, setup
 
-    config = tiny_config(loss={"method": method}, train={"schedule": "round_robin_batch"})
+    config = tiny_config(loss=loss, train={"schedule": "round_robin_batch", **train_keys})
     s = setup(config, tmp_path / "run", torch.device("cuda"))
     s.model.train()
     plan = s.schedule.plan(0, 3 * s.per_step)
