@@ -135,8 +135,8 @@ def test_spec_enqueue_respects_conditional_parameters(tmp_path):
         "enqueue:\n  - {train.schedule: annealed, train.alpha: 0.5}\n")
     result = runner.invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--print"])
     assert result.exit_code == 2
-    assert "enqueue[0]: 'train.alpha' is only sampled when train.schedule is 'proportional', " \
-           "here it is 'annealed'" in result.stderr
+    assert "enqueue[0]: 'train.alpha' is only sampled when train.schedule is proportional; " \
+           "here train.schedule is 'annealed'" in result.stderr
     (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text().replace(
         "schedule: annealed, train", "schedule: proportional, train"))
     shown = runner.invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--print"])

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mtbert.errors import ConfigError
+from mtbert.studies.conditions import describe_when, when_alternatives, when_holds
 
 if TYPE_CHECKING:
     from mtbert.studies.spec import Param, SweepSpec
@@ -43,11 +44,12 @@ def check_configuration(item: dict[str, Any], space: dict[str, Param],
         params[key] = _enqueued_value(space[key], value, f"{where}.{key}" if where else key,
                                       fail)
     for key in params:
-        for cond_key, cond_value in space[key].when.items():
-            actual = params.get(cond_key, base_values.get(cond_key))
-            if actual != cond_value:
-                raise fail(f"{head}'{key}' is only sampled when {cond_key} is "
-                           f"{cond_value!r}, here it is {actual!r}")
+        when = space[key].when
+        if not when_holds(when, lambda k: params.get(k, base_values.get(k))):
+            here = ", ".join(f"{k} is {params.get(k, base_values.get(k))!r}"
+                             for alternative in when_alternatives(when) for k in alternative)
+            raise fail(f"{head}'{key}' is only sampled when {describe_when(when)}; here "
+                       f"{here}")
     return params
 
 

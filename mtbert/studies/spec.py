@@ -19,6 +19,7 @@ import yaml
 from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping_keys,
                            overrides_to_dict, read_yaml)
 from mtbert.errors import ConfigError
+from mtbert.studies.conditions import when_alternatives, when_holds
 from mtbert.studies.constraints import parse_constraints
 from mtbert.studies.enqueue import check_enqueue
 from mtbert.studies.job import STUDY_SPEC, STUDY_SPEC_NAME
@@ -41,7 +42,9 @@ class Param:
     log: bool = False
     step: float | None = None
     choices: list[Any] = field(default_factory=list)
-    when: dict[str, Any] = field(default_factory=dict)
+    # Sampled only where this holds: {key: value} (a list of values: any of them), or a
+    # list of such mappings (any of them); keys not sampled read the base.
+    when: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,18 +178,7 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     space = {}
     for key, entry in space_raw.items():
         space[key] = _check_param(key, entry, base, leaves, fail)
-    order = list(space)
-    for key, param in space.items():
-        for cond_key, cond_value in param.when.items():
-            if cond_key not in leaves:
-                raise fail(f"space.{key}.when: unknown config key '{cond_key}'")
-            if cond_key in space and order.index(cond_key) > order.index(key):
-                raise fail(f"space.{key}.when: '{cond_key}' must come before '{key}' in the "
-                           "space")
-            try:
-                build_config(_set_key(base, cond_key, cond_value))
-            except ConfigError as err:
-                raise fail(f"space.{key}.when: {err}") from None
+    _check_conditions(space, base, leaves, fail)
 
     objective = raw.get("objective", "overall/geometric")
     objectives = objective if isinstance(objective, list) else [objective]
@@ -244,6 +236,25 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     return spec
 
 
+def _check_conditions(space: dict[str, Param], base: dict[str, Any], leaves: set[str],
+                      fail) -> None:
+    """Every `when:` names config keys sampled before it, with values they can take."""
+    order = list(space)
+    for key, param in space.items():
+        for alternative in when_alternatives(param.when):
+            for cond_key, values in alternative.items():
+                if cond_key not in leaves:
+                    raise fail(f"space.{key}.when: unknown config key '{cond_key}'")
+                if cond_key in space and order.index(cond_key) > order.index(key):
+                    raise fail(f"space.{key}.when: '{cond_key}' must come before '{key}' in "
+                               "the space")
+                for value in values:
+                    try:
+                        build_config(_set_key(base, cond_key, value))
+                    except ConfigError as err:
+                        raise fail(f"space.{key}.when: {err}") from None
+
+
 def check_racing(seeds: Any, alpha: Any, fail,
                  names: tuple[str, str] = ("seeds", "race_alpha")) -> tuple[int, float]:
     """A spec's seeds per configuration and race level, named `names` in an error (the
@@ -280,8 +291,10 @@ def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], f
     if kind not in ("float", "int", "categorical"):
         raise fail(f"space.{key}: type '{kind}'; valid: float, int, categorical")
     when = entry.get("when") or {}
-    if not isinstance(when, dict):
-        raise fail(f"space.{key}.when must map keys to values")
+    if not isinstance(when, dict) and not (
+            isinstance(when, list) and when and all(isinstance(w, dict) and w for w in when)):
+        raise fail(f"space.{key}.when must map keys to values, or be a list of such "
+                   "mappings (any of them holds)")
     if kind == "categorical":
         choices = entry.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -322,7 +335,7 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
     """Sample the spec's space for `trial`; conditional parameters only when their `when` holds."""
     params: dict[str, Any] = {}
     for key, p in spec.space.items():
-        if any(params.get(k, spec.base_values.get(k)) != v for k, v in p.when.items()):
+        if not when_holds(p.when, lambda k: params.get(k, spec.base_values.get(k))):
             continue
         if p.type == "categorical":
             params[key] = trial.suggest_categorical(key, p.choices)
