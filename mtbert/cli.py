@@ -38,6 +38,7 @@ data_app = typer.Typer(help="Task data: download the official CS224N files.",
 app.add_typer(data_app, name="data")
 
 log = logging.getLogger("mtbert")
+SHOWN_FINDINGS = 10  # inert settings named at the start of a sweep (all: --check)
 
 
 class Device(str, Enum):
@@ -133,6 +134,12 @@ TrialsPerGpuOption = Annotated[int, typer.Option(
 PrintSpecOption = Annotated[bool, typer.Option(
     "--print", help="Print the resolved spec (a file sweep runs) and exit.")]
 ListSpecsOption = Annotated[bool, typer.Option("--list", help="List the shipped specs.")]
+CheckSpecOption = Annotated[bool, typer.Option(
+    "--check", help="Name every searched setting that cannot change the model in some "
+                    "reachable combination (ignored, clipped away, two names of one model), "
+                    "one line each, and exit: 1 when there is any, 0 when none.")]
+CheckJsonOption = Annotated[bool, typer.Option(
+    "--json", help="With --check: the findings as a JSON list.")]
 EnqueueOption = Annotated[Optional[Path], typer.Option(
     "--enqueue", help="YAML list of parameter mappings (space keys to values) to run as the "
                       "first trials; a configuration the study holds is not enqueued again.")]
@@ -544,6 +551,8 @@ def sweep(
     trials_per_gpu: TrialsPerGpuOption = DEFAULTS.trials_per_gpu,
     print_spec: PrintSpecOption = False,
     list_specs: ListSpecsOption = False,
+    check: CheckSpecOption = False,
+    as_json: CheckJsonOption = False,
     enqueue: EnqueueOption = None,
     budget_hours: BudgetHoursOption = None,
     seeds: SeedsOption = None,
@@ -569,6 +578,9 @@ def sweep(
     resolved = _resolve_spec(spec, _overrides(set_, data_dir), enqueue, seeds, race_alpha)
     if print_spec:
         return typer.echo(spec_yaml(resolved), nl=False)
+    if check or as_json:
+        return _check_spec(resolved, as_json=as_json, check=check)
+    _warn_inert(resolved, spec)
     options = SweepOptions(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
         study=None if study is None else check_study_name(study), storage=storage, out=out,
@@ -578,6 +590,36 @@ def sweep(
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
         baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top)
     _run_sweep(resolved, options)
+
+
+def _check_spec(spec, *, as_json: bool, check: bool) -> None:
+    """`mtbert sweep SPEC --check [--json]`: the spec's inert settings; exit 1 if any."""
+    from mtbert.studies.inert import check_spec
+
+    if not check:
+        raise MtbertError("--json goes with --check (the findings as a list)")
+    findings, combinations = check_spec(spec)
+    if as_json:
+        typer.echo(json.dumps([f.to_dict() for f in findings], indent=2, default=str))
+    else:
+        _echo_lines([f.line() for f in findings])
+        typer.echo(f"spec {spec.name}: {len(findings) or 'no'} finding"
+                   f"{'' if len(findings) == 1 else 's'} in {combinations} reachable "
+                   f"combination{'' if combinations == 1 else 's'}", err=True)
+    if findings:
+        raise typer.Exit(1)
+
+
+def _warn_inert(spec, name: str) -> None:
+    """The start of a sweep names, as warnings, what `--check` would find."""
+    from mtbert.studies.inert import check_spec
+
+    findings, _ = check_spec(spec)
+    for finding in findings[:SHOWN_FINDINGS]:
+        log.warning("spec %s: %s", spec.name, finding.line())
+    if len(findings) > SHOWN_FINDINGS:
+        log.warning("spec %s: %d more settings that cannot act; `mtbert sweep %s --check` "
+                    "lists them all", spec.name, len(findings) - SHOWN_FINDINGS, name)
 
 
 def _run_sweep(spec, options) -> None:

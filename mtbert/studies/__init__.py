@@ -2,6 +2,9 @@
 
 - `spec`: a sweep spec (YAML): base run config, search space, objectives, sampler,
   pruner; checked against the config schema before any trial runs.
+- `conditions`: a space entry's `when:` (a value, a list of values, alternatives).
+- `inert`: `mtbert sweep SPEC --check`: the searched settings that cannot change the
+  model in some reachable combination, and two names of one model.
 - `enqueue`: known configurations queued first (a spec's `enqueue:`, `--enqueue`, a
   warm start), checked against the space.
 - `samplers`: Optuna samplers and pruners by the names a spec gives them (no torch, so
@@ -37,6 +40,7 @@
 Dependencies point one way: runner -> worker, process, flat, warmstart and retention
 -> results -> configurations, racing, constraints, budget and job (report and listing
 use results and budget too; the trial process uses racing); every module may use
-storage, samplers, enqueue and spec (which uses constraints); optuna_api is used by
+storage, samplers, enqueue, conditions and spec (which uses constraints); inert uses
+spec and reads the schedule and loss-method registries; optuna_api is used by
 the worker, process and racing; nothing here is imported by the training stack.
 """

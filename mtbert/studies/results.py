@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mtbert.config import flatten
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, format_params
 from mtbert.studies.budget import format_hours, study_hours
@@ -27,8 +28,8 @@ from mtbert.studies.configurations import (SeedGroup, groups_table, seed_groups,
                                            usable)
 from mtbert.studies.constraints import NoFeasibleResult, describe_all, meets, study_constraints
 from mtbert.studies.job import (FAIL_REASON, FEASIBLE, GPU, RESEED_OF, RUN_DIR, SEED,
-                                STUDY_OBJECTIVES)
-from mtbert.tasks import METRIC_KEYS
+                                STUDY_OBJECTIVES, STUDY_SPEC)
+from mtbert.tasks import METRIC_KEYS, TASKS
 
 
 def complete_trials(study) -> list:
@@ -286,6 +287,7 @@ class Choice:
             lines.append(f"  seed   {t.user_attrs.get(SEED)} (reseed of trial "
                          f"{t.user_attrs[RESEED_OF]})")
         lines += [f"  param  {key:<22} {value}" for key, value in t.params.items()]
+        lines += loss_weights_lines(self.study, t.params)
         lines += [f"  metric {key:<22} {t.user_attrs[key]:.4f}" for key in METRIC_KEYS
                   if key in t.user_attrs]
         lines.append(f"  run    {t.user_attrs.get(RUN_DIR, '?')}")
@@ -293,6 +295,20 @@ class Choice:
 
     def hours_line(self) -> str:
         return f"hours: {format_hours(study_hours(self.study))}"
+
+
+def loss_weights_lines(study, params: dict[str, Any]) -> list[str]:
+    """The task weights a trial's `loss.weights.*` parameters imply with the spec's base
+    (a spec that searches ratios fixes one weight there), each with its share."""
+    if not any(key.startswith("loss.weights.") for key in params):
+        return []
+    base = flatten((study.user_attrs.get(STUDY_SPEC) or {}).get("base") or {})
+    tasks = base.get("data.tasks") or list(TASKS)
+    weights = {task: float(params.get(f"loss.weights.{task}",
+                                      base.get(f"loss.weights.{task}", 1.0))) for task in tasks}
+    total = sum(weights.values()) or 1.0
+    return ["  weights " + "  ".join(f"{task} {w:.4g} ({w / total:.0%})"
+                                     for task, w in weights.items())]
 
 
 def choose(study, *, metric: str | None = None, trial: int | None = None,
