@@ -107,17 +107,17 @@ class Tracker:
 
 
 def train_tracked(config, *, run_dir: Path, tracker: Tracker, device: str = "auto",
-                  resume: bool = False, progress: bool = False, on_eval=None,
+                  resume: bool = False, progress: bool = False, on_eval=None, on_step=None,
                   clean_stops: tuple[type[BaseException], ...] = (),
                   finish: bool = True) -> dict:
     """One training logged as one W&B run (sweep trials and `mtbert compare` alike).
 
     Every evaluation is logged, then passed on to `on_eval` (a sweep reports it to
-    Optuna there and may raise to prune). The run finishes with the best metrics in
-    its summary, as failed when the training raised, or as finished when it raised one
-    of `clean_stops` (a pruned trial ended as planned). Without `finish` the run stays
-    open for the caller to finish with its outcome (a sweep trial's state, and
-    `best_summary`). Returns summary.json's content.
+    Optuna there and may raise to prune); `on_step` goes to `train` as is. The run
+    finishes with the best metrics in its summary, as failed when the training raised,
+    or as finished when it raised one of `clean_stops` (a pruned trial ended as
+    planned). Without `finish` the run stays open for the caller to finish with its
+    outcome (a sweep trial's state, and `best_summary`). Returns summary.json's content.
     """
     from mtbert.train import train
 
@@ -128,7 +128,7 @@ def train_tracked(config, *, run_dir: Path, tracker: Tracker, device: str = "aut
 
     try:
         summary = train(config, run_dir=run_dir, device=device, resume=resume,
-                        progress=progress, on_eval=log_then_pass_on)
+                        progress=progress, on_eval=log_then_pass_on, on_step=on_step)
     except BaseException as err:
         if finish:
             tracker.finish(0 if isinstance(err, clean_stops) else 1)

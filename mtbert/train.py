@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pickle
@@ -53,6 +54,12 @@ from mtbert.tokenize import Tokenizer
 log = logging.getLogger("mtbert")
 
 EvalCallback = Callable[[int, int, dict[str, float]], None]
+# on_step(epoch=, epochs=, step=, steps=, loss=) where each epoch starts and after every
+# optimizer step: the epoch being trained (0-based) of `epochs`, the optimizer steps
+# taken of `steps` (all epochs), and the training loss where the loop reads it anyway
+# (every train.log_every steps; else None), so that showing progress adds no host-device
+# sync. A sweep trial rewrites its progress file from it (studies.trial).
+StepCallback = Callable[..., None]
 
 
 
@@ -146,12 +153,13 @@ class LoopState:
 
 def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: bool = False,
           progress: bool = True, on_eval: EvalCallback | None = None,
-          existing: str = "reuse") -> dict:
+          on_step: StepCallback | None = None, existing: str = "reuse") -> dict:
     """Train one multitask run into `run_dir`; returns summary.json's content.
 
     `on_eval(epoch, step, metrics)` is called after every evaluation with the
     metric keys and `train/loss` (a sweep reports to Optuna there and may raise
-    to prune). With `resume`, training continues from the last finished epoch
+    to prune); `on_step` after every optimizer step (`StepCallback`). With `resume`,
+    training continues from the last finished epoch
     saved in `run_dir`. A run directory that already holds a run is reused (a
     sweep or comparison manages its own), refused (`existing="refuse"`, what
     `mtbert train --out` does) or cleared first (`"replace"`). One process at a
@@ -162,7 +170,7 @@ def train(config: RunConfig, *, run_dir: Path, device: str = "auto", resume: boo
             claim_run_dir(Path(run_dir), existing)
         try:
             return _train(config, run_dir=Path(run_dir), device=device, resume=resume,
-                          progress=progress, on_eval=on_eval)
+                          progress=progress, on_eval=on_eval, on_step=on_step)
         except torch.cuda.OutOfMemoryError:
             # Anywhere: moving the model, building the optimizer, a step, an evaluation.
             raise TrainingError("out of GPU memory; lower train.batch_size or "
@@ -186,7 +194,7 @@ def claim_run_dir(run_dir: Path, existing: str) -> None:
 
 
 def _train(config: RunConfig, *, run_dir: Path, device: str, resume: bool, progress: bool,
-           on_eval: EvalCallback | None) -> dict:
+           on_eval: EvalCallback | None, on_step: StepCallback | None) -> dict:
     started = time.perf_counter()
     s = setup(config, Path(run_dir), resolve_device(device))
     state = start_or_resume(s, resume=resume)
@@ -198,7 +206,9 @@ def _train(config: RunConfig, *, run_dir: Path, device: str, resume: bool, progr
         for epoch in range(state.epoch + 1, t.epochs):
             if state.finished:
                 break
-            result = _run_epoch(s, state, epoch, progress=progress)
+            tick = None if on_step is None else functools.partial(
+                on_step, epoch=epoch, epochs=t.epochs, steps=s.total_steps)
+            result = _run_epoch(s, state, epoch, progress=progress, on_step=tick)
             record = evaluate_and_checkpoint(s, state, epoch, result)
             if on_eval is not None:
                 on_eval(epoch, state.step, {k: v for k, v in record.items()
@@ -404,8 +414,8 @@ def _restore_cuda_rng(states: list[torch.Tensor]) -> None:
                     len(states), devices)
 
 
-def _run_epoch(s: TrainingSetup, state: LoopState, epoch: int, *,
-               progress: bool) -> EpochResult:
+def _run_epoch(s: TrainingSetup, state: LoopState, epoch: int, *, progress: bool,
+               on_step: Callable[..., None] | None = None) -> EpochResult:
     """Epoch `epoch` (0-based) of training, counted into `state`."""
     config, t = s.config, s.config.train
     trainable = apply_freezing(s.model, config.optim, epoch)
@@ -414,7 +424,7 @@ def _run_epoch(s: TrainingSetup, state: LoopState, epoch: int, *,
     plan = s.schedule.plan(epoch, t.steps_per_epoch * s.per_step or None)
     tic = time.perf_counter()
     result = _train_epoch(s, state, plan, desc=f"epoch {epoch + 1}/{t.epochs}",
-                          progress=progress)
+                          progress=progress, on_step=on_step)
     state.train_time += time.perf_counter() - tic
     state.train_examples += result.seen
     s.combiner.end_epoch(result.task_losses)
@@ -556,8 +566,9 @@ class _EpochSums:
 
 
 def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: str,
-                 progress: bool) -> EpochResult:
-    """One epoch of optimizer steps, each `s.per_step` consecutive batches of `plan`."""
+                 progress: bool, on_step: Callable[..., None] | None = None) -> EpochResult:
+    """One epoch of optimizer steps, each `s.per_step` consecutive batches of `plan`;
+    `on_step(step=, loss=)` after each (`StepCallback`, its epoch bound)."""
     t = s.config.train
     s.model.train()
     n_steps = optimizer_steps(len(plan), s.per_step)
@@ -568,11 +579,14 @@ def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: s
     conflicts: list[dict[str, float]] = []
     bar = tqdm(total=n_steps, desc=desc, disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0, leave=False)
+    if on_step is not None:  # where the epoch starts: loading, or the last evaluation, ended
+        on_step(step=state.step, loss=None)
     for i in range(n_steps):
         for loss in _train_step(s, plan[i * s.per_step:(i + 1) * s.per_step], sums):
             running += loss
         state.step += 1
         bar.update(1)
+        value = None
         if s.probes and state.step % t.log_grad_conflict_every == 0:
             conflicts.append(gradient_conflict(s.model, s.probes, s.device))
             state.grad_cos.append({"step": state.step, **conflicts[-1]})
@@ -589,6 +603,8 @@ def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: s
             bar.set_postfix(loss=f"{value:.4f}", ex_s=f"{rate:.0f}")
             running.zero_()
             window_start, window_seen = time.perf_counter(), sums.seen
+        if on_step is not None:
+            on_step(step=state.step, loss=value)
     bar.close()
     grad_cos = {key: sum(r[key] for r in conflicts) / len(conflicts)
                 for key in (conflicts[0] if conflicts else {})}

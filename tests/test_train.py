@@ -37,6 +37,26 @@ def test_run_directory_files(tiny_config, tmp_path):
     assert "## Dev metrics" in (run / "model" / "README.md").read_text()
 
 
+def test_on_step_sees_every_step_and_the_loss_only_where_the_loop_reads_it(tiny_config,
+                                                                          tmp_path):
+    """A sweep's progress file comes from on_step: it must cost no host-device sync, so
+    the loss it gets is the one the loop reads every train.log_every steps anyway."""
+    calls = []
+    run = tmp_path / "run"
+    train(tiny_config(train={"log_every": 4}), run_dir=run, device="cpu", progress=False,
+          on_step=lambda **position: calls.append(position))
+    assert [(c["epoch"], c["step"]) for c in calls] == [
+        (0, step) for step in range(7)] + [(1, step) for step in range(6, 13)]
+    assert {(c["epochs"], c["steps"]) for c in calls} == {(2, 12)}
+    readings = {c["step"]: c["loss"] for c in calls if c["loss"] is not None}
+    assert sorted(readings) == [4, 6, 10, 12]  # every 4 steps and where each epoch ends
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for record, (window, rest) in zip(records, [(4, 6), (10, 12)]):
+        # The epoch's train/loss is the mean of the same readings, per step.
+        assert record["train/loss"] == pytest.approx((4 * readings[window] +
+                                                      2 * readings[rest]) / 6)
+
+
 def test_same_seed_same_metrics_other_seed_differs(tiny_config, tmp_path):
     a = train(tiny_config(), run_dir=tmp_path / "a", device="cpu", progress=False)
     b = train(tiny_config(), run_dir=tmp_path / "b", device="cpu", progress=False)
