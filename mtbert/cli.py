@@ -588,7 +588,8 @@ def sweep(
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
         max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
-        baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top)
+        baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top,
+        progress=_progress())
     _run_sweep(resolved, options)
 
 
@@ -772,7 +773,7 @@ def _reseed(*, study, storage, out, metric, top, seeds, overrides, device, wandb
 
     options = SweepOptions(study=study, storage=storage, out=out,
                            wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project,
-                           keep_top=keep_top, device=device.value)
+                           keep_top=keep_top, device=device.value, progress=_progress())
     name, by, groups = reseed_study(options, top=top, seeds=seeds, metric=metric,
                                     overrides=overrides)
     typer.echo(f"study {name}: the {len(groups)} best trials, each with {seeds} more seeds, "

@@ -7,7 +7,8 @@ trial process (and the tests' stand-in for it), export and the report share them
     RUN_DIR/summary.json    the best evaluation, times, environment, data (DESIGN.md)
     RUN_DIR/resume.pt       the loop state of the last finished epoch (mtbert.train)
     RUN_DIR/model/          the best evaluation's model directory
-    RUN_DIR/job.json, trial.json, trial.log   a sweep trial's (mtbert.studies.job)
+    RUN_DIR/job.json, trial.json, progress.json, trial.log   a sweep trial's
+                            (mtbert.studies.job)
 """
 
 from __future__ import annotations

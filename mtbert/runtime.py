@@ -32,6 +32,15 @@ def device_type(name: str) -> str:
     return "cpu" if name == "cpu" else resolve_device(name).type
 
 
+def device_label(name: str) -> str:
+    """The device type `--device NAME` trains on, for what a command shows and records;
+    `--device cuda` without one (the training fails, and says why) is named as asked."""
+    try:
+        return device_type(name)
+    except TrainingError:
+        return name
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` -> CUDA when PyTorch sees a GPU, else CPU; `cuda` without one is an error."""
     import torch

@@ -2,20 +2,23 @@
 
 The worker runs it instead of `python -m mtbert.studies.trial` when a test sets
 $MTBERT_TRIAL_PROGRAM to this file (`stub_trials` in conftest.py). It is the
-real trial process (`mtbert.studies.trial.run`: the job read, reports to
-Optuna and pruning, the race, signals, the outcome, trial.json, exit codes
-0/3/1 and death by signal) around a training without a model: every epoch it
-writes what `mtbert.train` writes for its worker (a metrics.jsonl record, an
-`epoch N/M: ...` line in trial.log, the best evaluation's model/, a resume.pt
-in PyTorch's file format holding the loop state), and summary.json at the end.
+real trial process (`mtbert.studies.trial.run`: the job read, the progress
+file, reports to Optuna and pruning, the race, signals, the outcome, trial.json,
+exit codes 0/3/1 and death by signal) around a training without a model: it
+calls `on_step` as `mtbert.train` does (where each epoch starts and after every
+step, the loss every train.log_every steps), and every epoch it writes what
+`mtbert.train` writes for its worker (a metrics.jsonl record, an `epoch N/M:
+...` line in trial.log, the best evaluation's model/, a resume.pt in PyTorch's
+file format holding the loop state), and summary.json at the end.
 It imports no torch, so a trial costs a Python start instead of a training.
 
 Its metrics are a fixed function of the configuration (the job's params), the
 seed and the epoch; a resumed run ends exactly as an uninterrupted one. A test
 steers it through $MTBERT_STUB_TRIAL, a JSON object:
 
-    epoch_s   seconds each epoch takes (default 0), to stop or kill a trial mid-run
-    step_s    seconds each of its train.steps_per_epoch steps adds to an epoch (default 0)
+    epoch_s   seconds each epoch takes before its steps (default 0), to stop or kill a
+              trial mid-run
+    step_s    seconds each of its train.steps_per_epoch steps takes (default 0)
     fail      {run directory name: message}: that run fails in its first epoch with a
               TrainingError of the message (e.g. "out of GPU memory ...")
     values    {str(value of params[key]): [objective value per seed, from seed 0]}
@@ -90,10 +93,11 @@ class StubTraining:
         self.behaviour = json.loads(os.environ.get(STUB_ENV) or "{}")
         self.run_id = None
 
-    def __call__(self, on_eval) -> dict:
+    def __call__(self, on_eval, on_step) -> dict:
         train, started = self.config["train"], time.monotonic()
         epochs, select = train["epochs"], train["select_metric"]
         steps = train.get("steps_per_epoch") or 10
+        log_every = train.get("log_every") or 1
         state = {"epoch": -1, "best": None, "history": []}
         if self.job.resume and (self.run_dir / RESUME_FILE).exists():
             state = read_resume_state(self.run_dir / RESUME_FILE)
@@ -101,14 +105,20 @@ class StubTraining:
                      epochs)
         log.info("training sst, qqp, sts on the stand-in: %d optimizer steps in %d epochs",
                  epochs * steps, epochs)
-        epoch_s = self.behaviour.get("epoch_s", 0) + steps * self.behaviour.get("step_s", 0)
+        step_s = self.behaviour.get("step_s", 0)
         # The killed run may have logged an evaluation after its last saved state.
         atomic_write_jsonl(self.run_dir / METRICS_FILE, state["history"])
         for epoch in range(state["epoch"] + 1, epochs):
-            time.sleep(epoch_s)
+            time.sleep(self.behaviour.get("epoch_s", 0))
             failure = self.behaviour.get("fail", {}).get(self.run_dir.name)
             if failure:
                 raise TrainingError(failure)
+            position = {"epoch": epoch, "epochs": epochs, "steps": epochs * steps}
+            on_step(**position, step=epoch * steps, loss=None)
+            for step in range(epoch * steps + 1, (epoch + 1) * steps + 1):
+                time.sleep(step_s)
+                read = step % log_every == 0 or step == (epoch + 1) * steps
+                on_step(**position, step=step, loss=1 / (epoch + 2) if read else None)
             metrics = stub_metrics(self.job.params, train["seed"], epoch, self.behaviour)
             record = {"step": (epoch + 1) * steps, "epoch": epoch + 1, **metrics,
                       "train/loss": 1 / (epoch + 2)}
@@ -124,7 +134,8 @@ class StubTraining:
                 (model / "metrics.json").write_text(json.dumps(metrics))
             state["epoch"] = epoch
             write_resume_state(self.run_dir / RESUME_FILE, state)
-            on_eval(epoch, record["step"], metrics)
+            # What train passes: the record less its step and epoch, train/loss included.
+            on_eval(epoch, record["step"], {**metrics, "train/loss": record["train/loss"]})
         summary = {"selection_metric": select, "best": state["best"],
                    "wall_time_s": round(time.monotonic() - started, 2),
                    "steps": epochs * steps, "epochs_completed": state["epoch"] + 1,

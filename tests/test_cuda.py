@@ -98,6 +98,36 @@ def test_a_training_step_makes_no_host_sync(tiny_config, tmp_path, loss, train_k
     _with_sync_errors(lambda: _train_step(s, groups[2], sums))  # raises on a sync
 
 
+def test_a_sweep_trials_progress_file_adds_no_host_sync(tiny_config, tmp_path):
+    """The progress file is fed from every step (`on_step`) but gets the loss only where
+    the loop reads it: an epoch that writes it at every step makes as many synchronizing
+    calls as one that does not."""
+    import functools
+    import warnings
+
+    from mtbert.studies.trial import ProgressReport
+    from mtbert.train import LoopState, _train_epoch, setup
+
+    s = setup(tiny_config(train={"log_every": 3}), tmp_path / "run", torch.device("cuda"))
+    report = ProgressReport(tmp_path / "run", every=0.0)  # rewritten at every call
+
+    def syncs(on_step) -> int:
+        plan = s.schedule.plan(0, 6 * s.per_step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _train_epoch(s, LoopState(), plan, desc="", progress=False, on_step=on_step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    syncs(None)  # CUDA's lazy first-use work out of the way
+    assert syncs(functools.partial(report.step, epoch=0, epochs=1, steps=6)) == syncs(None) > 0
+    assert report.progress.step == 6 and report.progress.loss is not None
+
+
 def test_resume_restores_the_cuda_random_states(tiny_config, tmp_path):
     # Dropout 0.1: every step draws from the CUDA generator; whatever the resumed run
     # finds (another seed here), it restores the saved states.

@@ -69,8 +69,8 @@ def test_a_sweep_through_it_leaves_the_trial_processes_files_and_attributes(
     for t in trials:
         run = out / "s" / f"trial-{t.number:04d}"
         assert sorted(p.name for p in run.iterdir()) == [
-            "config.yaml", "job.json", "metrics.jsonl", "model", "summary.json", "trial.json",
-            "trial.log"]  # resume.pt removed: a finished trial is never resumed
+            "config.yaml", "job.json", "metrics.jsonl", "model", "progress.json",
+            "summary.json", "trial.json", "trial.log"]  # resume.pt removed: never resumed
         expected = stub_metrics(t.params, 0, 1, {})
         assert t.values == [expected["overall/geometric"]]
         assert t.user_attrs["sst/acc"] == expected["sst/acc"]

@@ -4,9 +4,11 @@ into the study.
 The worker writes RUN_DIR/config.yaml and RUN_DIR/job.json (a `TrialJob`),
 passes the storage URL in $MTBERT_STORAGE_URL (never on disk or a command
 line, where a password would leak) and waits. The trial process
-(`python -m mtbert.studies.trial RUN_DIR`) trains, writes RUN_DIR/trial.json
-(a `TrialResult`) and exits 0 (complete), 3 (pruned) or 1 (failed). Both sides
-import this module, so a field renamed here is renamed for both.
+(`python -m mtbert.studies.trial RUN_DIR`) trains, keeps RUN_DIR/progress.json
+(a `TrialProgress`) up to date for the worker's display, writes
+RUN_DIR/trial.json (a `TrialResult`) and exits 0 (complete), 3 (pruned) or 1
+(failed). Both sides import this module, so a field renamed here is renamed for
+both.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ STORAGE_ENV = "MTBERT_STORAGE_URL"
 PARENT_ENV = "MTBERT_WORKER_PID"
 JOB_FILE = "job.json"
 RESULT_FILE = "trial.json"
+PROGRESS_FILE = "progress.json"
+# The trial process rewrites its progress file at most this often (and after each
+# evaluation at once): a display refreshed every few seconds needs no more.
+PROGRESS_EVERY_S = 2.0
 # The orchestration tests name a stand-in trial program here (tests/stub_trial.py: the
 # same contract, no model, no torch); a user never sets it.
 TRIAL_PROGRAM_ENV = "MTBERT_TRIAL_PROGRAM"
@@ -140,6 +146,55 @@ class TrialResult:
             return cls.from_json(path.read_text())
         except (OSError, json.JSONDecodeError):
             return cls()
+
+
+@dataclass
+class TrialProgress:
+    """Where a running trial stands, for its worker's display (`studies.progress`).
+
+    The trial process rewrites RUN_DIR/progress.json atomically, at most every
+    PROGRESS_EVERY_S seconds and after each evaluation; the worker reads it as it
+    redraws. Never through the storage: a database write per step of every trial of
+    every worker would load the study's one coordinator for a display.
+    """
+
+    started: float  # time.time() when the trial process started
+    gpu: str | None = None  # the process's CUDA_VISIBLE_DEVICES (--gpus), else None
+    epoch: int = 0  # the epoch in training, from 1; 0 before its first step (loading)
+    epochs: int = 0
+    step: int = 0  # optimizer steps taken, those of a resumed run's earlier epochs included
+    steps: int = 0  # optimizer steps of all epochs
+    loss: float | None = None  # the latest training-loss reading
+    eta_s: float | None = None  # seconds left at the rate since training started
+    updated: float = 0.0  # time.time() of this write
+    # This process's evaluations, oldest first: epoch, step, elapsed_s (since `started`),
+    # eta_s, the metric keys and train/loss. A plain display prints each once.
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrialProgress:
+        data = json.loads(text)
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_text(Path(run_dir) / PROGRESS_FILE, self.to_json())
+
+    @classmethod
+    def read(cls, run_dir: Path) -> TrialProgress | None:
+        """The progress a trial process wrote; None before it wrote any (or if it is no
+        progress file of this version)."""
+        try:
+            return cls.from_json((Path(run_dir) / PROGRESS_FILE).read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def trial_dir(out: Path, study: str, number: int) -> Path:
+    """The run directory of trial `number` of `study` under a sweep's --out (absolute)."""
+    return (Path(out) / study / f"trial-{number:04d}").resolve()
 
 
 def trial_command(run_dir: Path) -> list[str]:

@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.config import load_config, save_config
-from mtbert.errors import TrainingError
 from mtbert.rundir import (CONFIG_FILE, MODEL_DIR, RESUME_FILE, RUN_FILES, TRIAL_LOG,
                            best_metrics, read_metrics)
-from mtbert.runtime import device_type, wandb_dir
+from mtbert.runtime import device_label, wandb_dir
 from mtbert.studies.budget import DEVICE, GPU_SHARE, WALL_S, device_share
 from mtbert.studies.constraints import record_feasibility, study_constraints
 from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
                                 GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 WANDB_RUN_ID, TrialJob, TrialResult, WandbSettings,
-                                retried_from, trial_command)
+                                retried_from, trial_command, trial_dir)
 from mtbert.studies.configurations import config_of, first_trial
 from mtbert.studies.optuna_api import trial_id
 from mtbert.studies.options import SweepOptions
@@ -67,10 +66,7 @@ def record_cost(trial, options: SweepOptions, wall_s: float | None = None) -> No
     """Set a trial's cost attributes: the device type it trains on and its share of it
     (from its start, so that a running trial counts in the study's hours), and, once its
     process ended, the seconds it ran."""
-    try:
-        device = device_type(options.device)  # the device the trial process uses
-    except TrainingError:  # --device cuda without one: the trial fails; the asked name
-        device = options.device
+    device = device_label(options.device)  # the device the trial process uses
     trial.set_user_attr(DEVICE, device)
     trial.set_user_attr(GPU_SHARE, device_share(device, options.trials_per_gpu))
     if wall_s is not None:
@@ -133,7 +129,7 @@ class TrialRunner:
         import optuna
 
         params = suggest(trial, self.spec)
-        run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
+        run_dir = trial_dir(self.options.out, self.study_name, trial.number)
         run_dir.mkdir(parents=True, exist_ok=True)
         job = self._prepare(trial, params, run_dir)
         trial.set_user_attr(RUN_DIR, str(run_dir))

@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtbert.errors import ConfigError
+from mtbert.runtime import device_label
 from mtbert.studies.budget import check_budget, set_budget, stop_reason
 from mtbert.studies.constraints import (constraints_func, describe_all, resolve_constraints,
                                         store_constraints, study_constraints)
 from mtbert.studies.job import (RESEED_OF, SEED, STUDY_OBJECTIVES, STUDY_SPEC,
-                                STUDY_SPEC_NAME, WORKERS_STARTED)
+                                STUDY_SPEC_NAME, WORKERS_STARTED, trial_dir)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.options import SweepOptions
 from mtbert.studies.process import TrialRunner, record_cost
+from mtbert.studies.progress import SweepDisplay
 from mtbert.studies.racing import mean_sampler
 from mtbert.studies.configurations import SeedGroup, reseed_seeds, seed_groups
 from mtbert.studies.results import (complete_trials, describe_trial, feasible_trials,
@@ -195,10 +197,16 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
         return stopped
     runner = TrialRunner(spec, options, study.study_name)
     prune_lock = threading.Lock()
+    display = SweepDisplay(mode=SweepDisplay.choose(options.progress),
+                           objectives=spec.objectives, asked=n_trials,
+                           device=device_label(options.device))
 
     def objective(trial):
         record_cost(trial, options)  # its share, so that it counts in the hours while it runs
-        return runner(trial)
+        display.started(trial.study)
+        with display.running(trial.number, trial_dir(options.out, study.study_name,
+                                                     trial.number)):
+            return runner(trial)
 
     def on_trial_end(study, trial) -> str | None:
         log.info("%s", describe_trial(trial, spec.objectives))
@@ -209,12 +217,13 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
             reason = stop_reason(study)
         if removed:
             log.info("removed %d checkpoints outside the top %d", removed, options.keep_top)
+        display.ended(study)
         return reason  # this worker's other running trials finish; none starts
 
     worker = Worker(study, options.open_storage(), objective=objective,
                     slots=runner.slots.total, next_trial=next_trial or NextTrial(),
                     on_trial_end=on_trial_end)
-    with storage_errors(options.url):
+    with storage_errors(options.url), display.shown(study):
         stopped = worker.optimize(n_trials=n_trials, timeout=timeout, on_signal=runner.stop)
     if runner.stopping:
         raise KeyboardInterrupt

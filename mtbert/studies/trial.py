@@ -1,8 +1,9 @@
 """One sweep trial, run in its own process: `python -m mtbert.studies.trial RUN_DIR`.
 
 The child side of the contract in `mtbert.studies.job`: it reads the job,
-trains, reports every evaluation to Optuna for pruning, logs to W&B, writes
-its `TrialResult` and exits 0 (complete), 3 (pruned) or 1 (failed). A fresh
+trains, reports every evaluation to Optuna for pruning, logs to W&B, keeps its
+`TrialProgress` file for the worker's display (`ProgressReport`), writes its
+`TrialResult` and exits 0 (complete), 3 (pruned) or 1 (failed). A fresh
 process per trial carries no GPU memory from one trial to the next.
 
 How the trial ended is decided once, by `outcome`, and written by this process
@@ -20,11 +21,17 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtbert.live import eta
 from mtbert.rundir import CONFIG_FILE, best_metrics, read_metrics
-from mtbert.studies.job import EXIT_PRUNED, PARENT_ENV, STORAGE_ENV, TrialJob, TrialResult
+from mtbert.studies.job import (EXIT_PRUNED, PARENT_ENV, PROGRESS_EVERY_S, STORAGE_ENV,
+                                TrialJob, TrialProgress, TrialResult)
+from mtbert.tasks import METRIC_KEYS
+
+log = logging.getLogger("mtbert")
 
 
 def die_with_parent() -> None:
@@ -96,11 +103,63 @@ def outcome(error: BaseException | None, race: str | None = None,
     return Outcome("FAIL", 1, f"{type(error).__name__}: {first_line(error)}")
 
 
+class ProgressReport:
+    """This trial's progress file (`TrialProgress`): `step` is the training's `on_step`
+    (mtbert.train.StepCallback), `evaluated` takes each evaluation. Rewritten at most
+    every `every` seconds, after an evaluation at once; a write that fails (a full disk)
+    is logged once and never fails the trial: the display shows it as it last was."""
+
+    def __init__(self, run_dir: Path, *, every: float = PROGRESS_EVERY_S, clock=time.time):
+        self.run_dir, self.every, self.clock = run_dir, every, clock
+        self.progress = TrialProgress(started=clock(),
+                                      gpu=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self._since: tuple[float, int] | None = None  # (time, step) of the first step call
+        self._written = float("-inf")
+        self._failed = False
+        self.write()
+
+    def step(self, *, epoch: int, epochs: int, step: int, steps: int,
+             loss: float | None) -> None:
+        p, now = self.progress, self.clock()
+        p.epoch, p.epochs, p.step, p.steps = epoch + 1, epochs, step, steps
+        if loss is not None:
+            p.loss = loss
+        if self._since is None:  # the rate leaves out loading the model and the data
+            self._since = (now, step)
+        if now - self._written >= self.every:
+            self.write(now)
+
+    def evaluated(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        p, now = self.progress, self.clock()
+        shown = {k: metrics[k] for k in (*METRIC_KEYS, "train/loss") if k in metrics}
+        p.evaluations.append({"epoch": epoch + 1, "step": step,
+                              "elapsed_s": round(now - p.started, 1),
+                              "eta_s": self._eta(now), **shown})
+        self.write(now)
+
+    def _eta(self, now: float) -> float | None:
+        return eta(self._since, now, self.progress.step, self.progress.steps)
+
+    def write(self, now: float | None = None) -> None:
+        p = self.progress
+        p.updated = self.clock() if now is None else now
+        p.eta_s = self._eta(p.updated)
+        self._written = p.updated
+        try:
+            p.write(self.run_dir)
+        except OSError as err:
+            if not self._failed:
+                log.warning("the progress file is not written (%s); the sweep's display "
+                            "shows this trial as it last was", err)
+            self._failed = True
+
+
 class TrackedTraining:
     """A trial's training: the run config in its run directory, trained and logged to W&B.
 
-    `run` takes any object with these three members; the orchestration tests give it a
-    stand-in that writes the same run files without a model (tests/stub_trial.py)."""
+    `run` takes any object with these three members (`run_id`, a call with `on_eval`
+    and `on_step`, `finish`); the orchestration tests give it a stand-in that writes the
+    same run files without a model (tests/stub_trial.py)."""
 
     def __init__(self, job: TrialJob, run_dir: Path):
         from mtbert.config import load_config
@@ -127,14 +186,14 @@ class TrackedTraining:
         return [config.train.schedule, config.loss.method] + ["reseed"] * (
             job.reseed_of is not None) + ["retry"] * (job.retry_of is not None)
 
-    def __call__(self, on_eval) -> dict:
+    def __call__(self, on_eval, on_step) -> dict:
         """Train (resuming when the job says so); the best evaluation's summary keys."""
         from mtbert.tracking import best_summary, train_tracked
 
         return best_summary(train_tracked(self.config, run_dir=self.run_dir,
                                           tracker=self.tracker, device=self.job.device,
                                           resume=self.job.resume, on_eval=on_eval,
-                                          finish=False))
+                                          on_step=on_step, finish=False))
 
     def finish(self, ended: Outcome, summary: dict) -> None:
         """End the W&B run with the trial's outcome as its state and a tag."""
@@ -163,14 +222,16 @@ def _race(study, trial, job: TrialJob, run_dir: Path, result: TrialResult) -> No
 
 
 def run(run_dir: Path, training=TrackedTraining) -> int:
-    """Run the job in `run_dir`: `training(job, run_dir)` trains, this reports to Optuna,
-    races, decides the outcome and writes the result; returns the exit code."""
+    """Run the job in `run_dir`: `training(job, run_dir)` trains, this keeps the progress
+    file, reports to Optuna, races, decides the outcome and writes the result; returns
+    the exit code."""
     import optuna
 
     from mtbert.errors import MtbertError
     from mtbert.studies.samplers import make_pruner
     from mtbert.studies.storage import open_storage
 
+    progress = ProgressReport(run_dir)
     job = TrialJob.read(run_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=job.study,
@@ -184,6 +245,7 @@ def run(run_dir: Path, training=TrackedTraining) -> int:
     taken_over = _history(run_dir, objective) if job.resume else []
 
     def report(epoch: int, step: int, metrics: dict[str, float]) -> None:
+        progress.evaluated(epoch, step, metrics)
         if not job.prune:
             return
         # First the evaluations of the epochs taken over (an evaluation the dead trial made
@@ -201,7 +263,7 @@ def run(run_dir: Path, training=TrackedTraining) -> int:
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, _raise_interrupted)
-        summary = train(report)
+        summary = train(report, progress.step)
         if job.seeds > 1:
             _race(study, trial, job, run_dir, result)
     except BaseException as err:  # each ends the run with its state; see below which re-raise
