@@ -18,10 +18,12 @@ finished epoch; a failed run is reported and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from mtbert.config import SEED_MAX, RunConfig, build_config, flatten, load_confi
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import (aligned_table, first_line, format_mean_std, markdown_table,
                                save_figure)
+from mtbert.live import LiveBlock, duration, eta, is_live, logging_above, position_line
 from mtbert.rundir import read_summary
 from mtbert.runtime import wandb_dir
 from mtbert.tasks import METRIC_KEYS, TASKS, overall_scores
@@ -41,6 +44,7 @@ PRESETS = {"individual": "one single-task model per task of data.tasks, combined
            "multitask": "the default run config (one model, every task of data.tasks)"}
 # Below this many pairs the Wilcoxon signed-rank test cannot reach p < 0.05 at all.
 WILCOXON_MIN_PAIRS = 6
+REFRESH_S = 1.0  # the terminal display redraws the running training at most this often
 
 
 @dataclass
@@ -230,13 +234,86 @@ def _plan(candidates: list[Candidate], seeds: list[int], out: Path):
     return plan
 
 
+class CompareDisplay:
+    """`mtbert compare` in a terminal (`live.is_live`): a block at the bottom of stderr
+    with the running training's line (config, seed, device, epoch and step of the total,
+    elapsed and an estimate of the rest, loss, latest dev value of its selection metric)
+    and the comparison's (runs done of all, failed), redrawn as it steps, at most every
+    REFRESH_S seconds; the log lines, each run's result among them, scroll above it.
+    Elsewhere (`live` False) it draws nothing: the runs' log lines are the plain lines,
+    `mtbert train`'s one per evaluation and one per finished run."""
+
+    def __init__(self, *, live: bool, name: str, total: int, device: str):
+        self.block = LiveBlock(sys.stderr) if live else None
+        self.name, self.total, self.device = name, total, device
+        self.done = self.failed = 0
+        self.label: str | None = None
+        self._drawn = float("-inf")
+
+    @contextlib.contextmanager
+    def shown(self):
+        if self.block is None:
+            yield
+            return
+        with logging_above(self.block, log):
+            try:
+                yield
+            finally:
+                self.block.close()
+
+    def start(self, label: str, metric: str) -> None:
+        self.label, self.metric, self.started = label, metric, time.time()
+        self.position = {"epoch": 0, "epochs": 0, "step": 0, "steps": 0}
+        self.loss, self.dev, self._since = None, "", None
+        self._draw()
+
+    def step(self, *, epoch: int, epochs: int, step: int, steps: int,
+             loss: float | None) -> None:
+        """`train`'s on_step."""
+        now = time.time()
+        self._since = self._since or (now, step)
+        self.position = {"epoch": epoch + 1, "epochs": epochs, "step": step, "steps": steps}
+        self.loss = self.loss if loss is None else loss
+        if now - self._drawn >= REFRESH_S:
+            self._draw(now)
+
+    def evaluated(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        """`train`'s on_eval."""
+        if self.metric in metrics:
+            self.dev = f"{self.metric} {metrics[self.metric]:.4f} (epoch {epoch + 1})"
+        self._draw()
+
+    def end(self, *, failed: bool = False) -> None:
+        self.label = None
+        self.done += 1
+        self.failed += failed
+        self._draw()
+
+    def _draw(self, now: float | None = None) -> None:
+        self._drawn = now = time.time() if now is None else now
+        if self.block is None:
+            return
+        lines = [f"compare {self.name}: {self.done}/{self.total} runs done" +
+                 (f", {self.failed} failed" if self.failed else "")]
+        if self.label is not None and not self.position["epoch"]:
+            lines.insert(0, f"{self.label}  starting  {duration(now - self.started)}")
+        elif self.label is not None:
+            lines.insert(0, position_line(
+                self.label, self.device, **self.position, elapsed_s=now - self.started,
+                eta_s=eta(self._since, now, self.position["step"], self.position["steps"]),
+                loss=self.loss, dev=self.dev))
+        self.block.update(lines)
+
+
 def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, baseline: str,
                 metric: str = "overall/geometric", device: str = "auto",
                 progress: bool = True, wandb_mode: str = "disabled",
                 wandb_project: str = "mtbert") -> Comparison:
     """Train every candidate with every seed (finished runs are read, not trained again)
-    and write OUT/compare.json; returns the comparison."""
+    and write OUT/compare.json; returns the comparison. With `progress`, a terminal on
+    stderr shows the running training and the comparison (`CompareDisplay`)."""
     from mtbert.rundir import RESUME_FILE
+    from mtbert.runtime import device_label
 
     names = [c.name for c in candidates]
     if baseline not in names:
@@ -254,35 +331,46 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
     directory = wandb_dir(out)
     members: dict[tuple[str, int], dict[str | None, dict]] = {}
     failures: dict[tuple[str, int], list[str]] = {}
-    for i, (c, seed, task, config, run_dir) in enumerate(plan, 1):
-        what = f"[{i}/{len(plan)}] {c.name} seed {seed}" + (f" {task}" if task else "")
-        summary = read_summary(run_dir)
-        if summary is not None:
-            log.info("%s: finished earlier, read from %s", what, run_dir)
-        else:
-            resume = (run_dir / RESUME_FILE).exists()
-            log.info("%s: %s in %s", what, "resuming" if resume else "training", run_dir)
-            tic = time.perf_counter()
-            try:
-                tracker = Tracker(mode=wandb_mode, project=wandb_project, group=name,
-                                  job_type="compare",
-                                  name=f"{name}-{c.name}-seed{seed}" + (f"-{task}" if task
-                                                                        else ""),
-                                  config=config.to_dict(), tags=["compare"],
-                                  directory=directory)
-                summary = train_tracked(config, run_dir=run_dir, tracker=tracker,
-                                        device=device, resume=resume, progress=progress)
-            except (MtbertError, RuntimeError) as err:
-                reason = first_line(err)
-                log.warning("%s: FAILED: %s", what, reason)
-                failures.setdefault((c.name, seed), []).append(
-                    f"{task + ': ' if task else ''}{reason}")
-                continue
-            log.info("%s: done in %.0fs, %s %.4f", what, time.perf_counter() - tic,
-                     summary["selection_metric"], summary["best"]["metrics"].get(
-                         summary["selection_metric"], float("nan")))
-        members.setdefault((c.name, seed), {})[task] = {
-            "metrics": summary["best"]["metrics"], "run_dir": str(run_dir)}
+    display = CompareDisplay(live=progress and is_live(sys.stderr), name=name,
+                             total=len(plan), device=device_label(device))
+    with display.shown():
+        for i, (c, seed, task, config, run_dir) in enumerate(plan, 1):
+            label = f"{c.name} seed {seed}" + (f" {task}" if task else "")
+            what = f"[{i}/{len(plan)}] {label}"
+            summary = read_summary(run_dir)
+            if summary is not None:
+                log.info("%s: finished earlier, read from %s", what, run_dir)
+                display.end()
+            else:
+                resume = (run_dir / RESUME_FILE).exists()
+                log.info("%s: %s in %s", what, "resuming" if resume else "training", run_dir)
+                tic = time.perf_counter()
+                display.start(label, config.train.select_metric)
+                try:
+                    tracker = Tracker(mode=wandb_mode, project=wandb_project, group=name,
+                                      job_type="compare",
+                                      name=f"{name}-{c.name}-seed{seed}" + (f"-{task}" if task
+                                                                            else ""),
+                                      config=config.to_dict(), tags=["compare"],
+                                      directory=directory)
+                    # No progress bar: the display is the bar in a terminal, and a log
+                    # file gets no carriage returns.
+                    summary = train_tracked(config, run_dir=run_dir, tracker=tracker,
+                                            device=device, resume=resume, progress=False,
+                                            on_step=display.step, on_eval=display.evaluated)
+                except (MtbertError, RuntimeError) as err:
+                    reason = first_line(err)
+                    log.warning("%s: FAILED: %s", what, reason)
+                    failures.setdefault((c.name, seed), []).append(
+                        f"{task + ': ' if task else ''}{reason}")
+                    display.end(failed=True)
+                    continue
+                log.info("%s: done in %.0fs, %s %.4f", what, time.perf_counter() - tic,
+                         summary["selection_metric"], summary["best"]["metrics"].get(
+                             summary["selection_metric"], float("nan")))
+                display.end()
+            members.setdefault((c.name, seed), {})[task] = {
+                "metrics": summary["best"]["metrics"], "run_dir": str(run_dir)}
 
     runs: dict[str, dict[int, SeedResult]] = {c.name: {} for c in candidates}
     for c in candidates:

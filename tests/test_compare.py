@@ -1,7 +1,10 @@
 """`mtbert compare`: runs per config and seed, the table's numbers, the paired test,
 resuming, failures and bad input."""
 
+import io
 import json
+import os
+import re
 import statistics
 
 import pytest
@@ -10,6 +13,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from mtbert.cli import app
+from mtbert.compare import CompareDisplay
 from mtbert.tasks import METRIC_KEYS, overall_scores
 
 from conftest import write_task_files
@@ -164,6 +168,10 @@ def test_a_failed_run_is_reported_and_the_others_finish(tiny_encoder, tmp_path):
     assert result.exit_code == 1
     assert "1 of 2 seed runs failed" in result.stderr
     assert "broken seed 0: FAILED:" in result.stderr and "missing.csv" in result.stderr
+    # Not a terminal: plain lines, the training's one per evaluation, and no progress bar's
+    # carriage returns or any other control character.
+    assert "mtbert: epoch 1/1: sst/acc " in result.stderr
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", result.stderr)
     assert row.split()[1] == "0/1" and row.split()[2] == "-"
     assert (tmp_path / "out" / "multitask" / "seed0" / "summary.json").exists()
     # One seed: no test, and the table says why.
@@ -259,3 +267,42 @@ def test_a_killed_run_continues_from_its_last_epoch(tiny_encoder, tmp_path, monk
     assert f"resuming {run} after epoch 1 of 2" in resumed.stderr  # the training's own line
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert lines[0] == first[0] and [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_in_a_terminal_the_running_training_and_the_comparison_are_redrawn(monkeypatch):
+    terminal, now = _Terminal(), [100.0]
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr("mtbert.compare.time.time", lambda: now[0])
+    monkeypatch.setattr("mtbert.live.FALLBACK_SIZE", os.terminal_size((120, 24)))
+
+    def at(seconds, call, *args, **kwargs):
+        now[0] = seconds
+        call(*args, **kwargs)
+
+    display = CompareDisplay(live=True, name="a-vs-b", total=2, device="cpu")
+    with display.shown():
+        at(100.0, display.start, "a seed 0", "overall/geometric")
+        at(100.5, display.step, epoch=0, epochs=2, step=0, steps=10, loss=None)  # too soon
+        at(101.0, display.step, epoch=0, epochs=2, step=2, steps=10, loss=0.9)
+        at(101.5, display.step, epoch=0, epochs=2, step=3, steps=10, loss=None)  # too soon
+        at(102.5, display.step, epoch=0, epochs=2, step=5, steps=10, loss=None)
+        at(104.0, display.evaluated, 0, 5, {"overall/geometric": 0.41, "train/loss": 0.8})
+        at(104.5, display.end, failed=True)
+    # What each redraw wrote after erasing the last (cursor up, erase below).
+    drawn = [f.split("\x1b[")[0].rstrip("\n").split("\n")
+             for f in terminal.getvalue().split("\x1b[J")]
+    assert drawn == [
+        ["a seed 0  starting  0s", "compare a-vs-b: 0/2 runs done"],
+        ["a seed 0  cpu  epoch 1/2  step 2/10  1s, ~2s left  loss 0.9000",
+         "compare a-vs-b: 0/2 runs done"],
+        ["a seed 0  cpu  epoch 1/2  step 5/10  2s, ~2s left  loss 0.9000",
+         "compare a-vs-b: 0/2 runs done"],
+        ["a seed 0  cpu  epoch 1/2  step 5/10  4s, ~3s left  loss 0.9000  "
+         "dev overall/geometric 0.4100 (epoch 1)", "compare a-vs-b: 0/2 runs done"],
+        ["compare a-vs-b: 1/2 runs done, 1 failed"],
+        [""]]  # erased at the end
