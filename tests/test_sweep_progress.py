@@ -170,3 +170,70 @@ def test_in_a_terminal_the_running_trial_is_redrawn_then_its_result_scrolls_abov
     # ... and once the sweep ends it goes; its study line stays, then the sweep's table.
     assert frames[-1].startswith("mtbert: study s: 1/1 trials done; 1 complete")
     assert "overall/geometric" in frames[-1].splitlines()[-2]
+
+
+def test_two_workers_each_show_their_own_trials_and_the_studys_totals(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC)
+    out = tmp_path / "runs"
+    args = _sweep(spec, out, "--trials", "2", "--storage", f"sqlite:///{tmp_path}/shared.db")
+    workers = [subprocess.Popen(args, env=_stub_env(step_s=0.05), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [w.communicate(timeout=180)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errs
+    mine = []
+    for err in errs:
+        evaluated = set(map(int, re.findall(r"^mtbert: trial (\d+)  cpu  epoch", err, re.M)))
+        ended = set(map(int, re.findall(r"^mtbert: trial (\d+) COMPLETE", err, re.M)))
+        assert evaluated == ended and len(ended) == 2, err
+        mine.append(ended)
+        assert re.findall(r"^mtbert: study s: (\d)/2 trials done", err, re.M) == ["1", "2"]
+    assert mine[0] | mine[1] == {0, 1, 2, 3}
+    # The worker that ended last counts the other's trials too.
+    complete = [int(n) for err in errs for n in re.findall(r"trials done; (\d) complete", err)]
+    assert max(complete) == 4
+
+
+def _trial_process(run_dir) -> int | None:
+    """The pid of the stand-in trial process of `run_dir`, from /proc."""
+    for entry in os.scandir("/proc"):
+        try:
+            with open(os.path.join(entry.path, "cmdline"), "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir).encode() in argv and str(STUB_TRIAL).encode() in argv:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the trial process in /proc")
+def test_a_killed_trials_retry_shows_the_epochs_it_trains_after_the_ones_it_took_over(
+        tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nspace:\n  train.seed: {type: categorical, choices: [0]}\n"
+                    "pruner: {name: none}\n")
+    out = tmp_path / "runs"
+    worker = subprocess.Popen(_sweep(spec, out, "--trials", "2", "--set", "train.epochs=3"),
+                              env=_stub_env(epoch_s=0.7), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    first = (out / "s" / "trial-0000").resolve()
+    deadline = time.monotonic() + 120
+    while not ((first / "resume.pt").exists() and _trial_process(first)):
+        assert worker.poll() is None and time.monotonic() < deadline, "no first epoch"
+        time.sleep(0.1)
+    os.kill(_trial_process(first), 9)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    lines = [line.removeprefix("mtbert: ") for line in err.splitlines()]
+    shown = [line for line in lines if re.match(r"trial \d+( |  cpu)|study s: \d/", line)]
+    retry = _trials(out)[1]
+    resumed = retry.user_attrs["resumed_from_epoch"]
+    assert retry.user_attrs["retry_of"] == 0 and resumed >= 1
+    # The killed trial's evaluations, its FAIL; then its retry's, from the epoch it resumes.
+    assert [re.match(r"trial \d+(  cpu  epoch \d/3| \w+)|study s: \d/2", line).group(0)
+            for line in shown] == [
+        *[f"trial 0  cpu  epoch {e}/3" for e in range(1, resumed + 1)],
+        "trial 0 FAIL", "study s: 1/2", "trial 1 resumes",  # the worker's own log line
+        *[f"trial 1  cpu  epoch {e}/3" for e in range(resumed + 1, 4)],
+        "trial 1 COMPLETE", "study s: 2/2"], err
