@@ -1,8 +1,8 @@
 """The `mtbert` command line: thin commands over the library.
 
 Each command turns its options into one library call and prints the result.
-stdout carries results only (tables, JSON); logs, warnings, skip counts and
-progress bars go to stderr. Exit codes: 0 success, 1 a run that failed,
+stdout carries results only (tables, JSON); logs, warnings, skip counts,
+progress bars and the sweep's display go to stderr. Exit codes: 0 success, 1 a run that failed,
 2 bad input, with one line saying what and what would be valid, 130 when
 interrupted (Ctrl-C or SIGTERM).
 """
@@ -242,7 +242,8 @@ def main(
                                           help="Print the version and exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
                                         help="Only warnings and errors on stderr; no "
-                                             "progress bars.")] = False,
+                                             "progress bars, no sweep or compare "
+                                             "display.")] = False,
 ) -> None:
     from mtbert.formatting import mask_url
 

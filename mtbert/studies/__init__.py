@@ -13,7 +13,7 @@
   safe study names) and opening the study a command names.
 - `optuna_api`: the few reaches past Optuna's public API, each with why.
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
-  `TrialResult`) and the attribute names both write into the study.
+  `TrialProgress`, `TrialResult`) and the attribute names both write into the study.
 - `options`: a worker's options (`SweepOptions`), every default declared once.
 - `runner`: creating or joining a study, a sweep, `best --reseed`.
 - `worker`: the worker loop (Optuna's three levels on its public API) and the one
@@ -25,7 +25,11 @@
   the sampler's view of configurations by their mean.
 - `flat`: the noise-aware stop (`--stop-after-flat`), stored in the study.
 - `slots`: which GPU each running trial gets (`--gpus`, `--trials-per-gpu`).
-- `trial`: the trial process's entry point (`python -m mtbert.studies.trial RUN_DIR`).
+- `trial`: the trial process's entry point (`python -m mtbert.studies.trial RUN_DIR`)
+  and its progress file (`ProgressReport`).
+- `progress`: what a worker shows while its trials run (`SweepDisplay`): each running
+  trial from its progress file, and the study line; a block redrawn in a terminal,
+  plain lines elsewhere.
 - `retention`: which checkpoints a study keeps, and what deleting a study may remove.
 - `budget`: what a study costs (`hours`: wall time × device share over its trials),
   its budget and a stop asked for, which every worker reads from the storage.
@@ -37,8 +41,8 @@
 - `export`: a chosen trial's model as a self-contained model directory.
 - `report` and `figures`: an offline HTML report of a study, its figures, its W&B run.
 
-Dependencies point one way: runner -> worker, process, flat, warmstart and retention
--> results -> configurations, racing, constraints, budget and job (report and listing
+Dependencies point one way: runner -> worker, process, progress, flat, warmstart and
+retention -> results -> configurations, racing, constraints, budget and job (report and listing
 use results and budget too; the trial process uses racing); every module may use
 storage, samplers, enqueue, conditions and spec (which uses constraints); inert uses
 spec and reads the schedule and loss-method registries; optuna_api is used by
