@@ -152,14 +152,17 @@ def test_in_a_terminal_the_running_trial_is_redrawn_then_its_result_scrolls_abov
     spec = tmp_path / "s.yaml"
     spec.write_text(SPEC)
     out = tmp_path / "runs"
-    code, written = _run_in_a_terminal(_sweep(spec, out, "--trials", "1"),
-                                       _stub_env(step_s=0.3))  # 20 steps: 6 s
+    # 40 steps of 0.25 s: the progress file (rewritten every 2 s) and the display
+    # (redrawn every 2 s) meet at several steps.
+    code, written = _run_in_a_terminal(
+        _sweep(spec, out, "--trials", "1", "--set", "train.steps_per_epoch=20"),
+        _stub_env(step_s=0.25))
     assert code == 0, written
     # What was written after each erase of the block (cursor up N rows, erase below).
     frames = re.split(r"\x1b\[\d+A\r\x1b\[J", written)
     running = [i for i, f in enumerate(frames) if re.search(r"^trial 0  cpu  epoch", f, re.M)]
     steps = {int(m) for f in frames for m in re.findall(r"^trial 0  cpu  epoch \d/2  step "
-                                                         r"(\d+)/20", f, re.M)}
+                                                         r"(\d+)/40", f, re.M)}
     assert len(steps) >= 2, written  # the step moved between redraws
     assert re.search(r"^trial 0  starting  \d+s$", "".join(frames[:running[0]]), re.M)
     result = next(i for i, f in enumerate(frames) if "mtbert: trial 0 COMPLETE" in f)
