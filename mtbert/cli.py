@@ -134,6 +134,15 @@ TrialsPerGpuOption = Annotated[int, typer.Option(
 PrintSpecOption = Annotated[bool, typer.Option(
     "--print", help="Print the resolved spec (a file sweep runs) and exit.")]
 ListSpecsOption = Annotated[bool, typer.Option("--list", help="List the shipped specs.")]
+StorageOutageOption = Annotated[float, typer.Option(
+    "--storage-outage", min=0, envvar="MTBERT_STORAGE_OUTAGE",
+    help="Seconds a worker rides out an unreachable study storage (retrying, said on "
+         "stderr) before it ends with one line, exit 1; its running trial is resumed by "
+         "the next worker.")]
+StorageTimeoutOption = Annotated[Optional[float], typer.Option(
+    "--storage-timeout", min=1, envvar="MTBERT_STORAGE_TIMEOUT", show_default="10",
+    help="Seconds a connection to the study storage may take (every command reads "
+         "$MTBERT_STORAGE_TIMEOUT).")]
 CheckSpecOption = Annotated[bool, typer.Option(
     "--check", help="Name every searched setting that cannot change the model in some "
                     "reachable combination (ignored, clipped away, two names of one model), "
@@ -563,6 +572,8 @@ def sweep(
     warm_start: WarmStartOption = None,
     warm_storage: WarmStorageOption = None,
     warm_top: WarmTopOption = DEFAULTS.warm_top,
+    storage_outage: StorageOutageOption = DEFAULTS.storage_outage,
+    storage_timeout: StorageTimeoutOption = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
@@ -588,7 +599,10 @@ def sweep(
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
         max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
-        baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top)
+        baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top,
+        storage_outage=storage_outage)
+    if storage_timeout is not None:  # this process's connections and its trials'
+        os.environ["MTBERT_STORAGE_TIMEOUT"] = f"{storage_timeout:g}"
     _run_sweep(resolved, options)
 
 

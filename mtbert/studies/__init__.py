@@ -11,6 +11,8 @@
   that a trial process builds its pruner without the training stack).
 - `storage`: the study storage (SQLite or PostgreSQL URL, driver, credentials masked,
   safe study names) and opening the study a command names.
+- `outage`: riding out a storage that goes away (retries with a limit, said on stderr)
+  and the bounds on every connection (connect and statement timeouts, keepalives).
 - `optuna_api`: the few reaches past Optuna's public API, each with why.
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
   `TrialResult`) and the attribute names both write into the study.

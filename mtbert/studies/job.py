@@ -22,6 +22,9 @@ from typing import Any
 from mtbert.rundir import atomic_write_text
 
 EXIT_PRUNED = 3
+# The trial's storage stayed away past the outage limit: queued again, to resume from
+# its run directory, as a trial killed from outside is.
+EXIT_STORAGE_OUTAGE = 75
 STORAGE_ENV = "MTBERT_STORAGE_URL"
 PARENT_ENV = "MTBERT_WORKER_PID"
 JOB_FILE = "job.json"

@@ -22,7 +22,8 @@ from mtbert.rundir import (CONFIG_FILE, MODEL_DIR, RESUME_FILE, RUN_FILES, TRIAL
 from mtbert.runtime import device_type, wandb_dir
 from mtbert.studies.budget import DEVICE, GPU_SHARE, WALL_S, device_share
 from mtbert.studies.constraints import record_feasibility, study_constraints
-from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
+from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, EXIT_STORAGE_OUTAGE,
+                                FAIL_REASON, FAILED_TRIAL,
                                 GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 WANDB_RUN_ID, TrialJob, TrialResult, WandbSettings,
@@ -30,6 +31,7 @@ from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON,
 from mtbert.studies.configurations import config_of, first_trial
 from mtbert.studies.optuna_api import trial_id
 from mtbert.studies.options import SweepOptions
+from mtbert.studies.outage import OUTAGE_ENV
 from mtbert.studies.racing import CONTINUE, next_seed, queue_seed
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import SweepSpec, suggest, trial_config
@@ -87,6 +89,10 @@ class TrialRunner:
         # these track the live trial processes so that a stop ends all of them.
         self._lock = threading.Lock()
         self._procs: set[subprocess.Popen] = set()
+        self._by_trial: dict[int, subprocess.Popen] = {}  # trial number -> its process
+        self._lost: set[int] = set()  # trials stopped for want of a heartbeat
+        self._run_dirs: dict[int, Path] = {}
+        self._resumable: set[int] = set()  # queued again: their resume state stays
         self.stopping = False
         self.slots = DeviceSlots(options.gpus, options.trials_per_gpu)
 
@@ -98,9 +104,29 @@ class TrialRunner:
         for proc in procs:
             proc.terminate()
 
+    def lost_heartbeat(self, trial) -> None:
+        """The worker could not record `trial`'s heartbeat for the grace period: another
+        worker may fail it and run its retry, so this one stops it (its retry resumes)."""
+        with self._lock:
+            proc = self._by_trial.get(trial.number)
+            self._lost.add(trial.number)
+        log.warning("trial %d: its heartbeat could not be recorded for %d s; stopping it so "
+                    "that it never runs twice at once (its retry resumes it)", trial.number,
+                    self.options.grace)
+        if proc is not None:
+            proc.terminate()
+
+    def ended(self, trial, told: bool) -> None:
+        """After the study was told how `trial` ended: a finished trial is never resumed,
+        so its resume state goes; a trial queued again, or one another worker failed
+        (`told` False), keeps it for the retry."""
+        run_dir = self._run_dirs.pop(trial.number, None)
+        if told and run_dir is not None and trial.number not in self._resumable:
+            (run_dir / RESUME_FILE).unlink(missing_ok=True)
+
     def _child_env(self, slot: Slot) -> dict[str, str]:
         env = {**os.environ, STORAGE_ENV: with_driver(self.options.url),
-               PARENT_ENV: str(os.getpid())}
+               PARENT_ENV: str(os.getpid()), OUTAGE_ENV: str(self.options.storage_outage)}
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         # Fewer fragmentation OOMs when batch shapes vary (PyTorch's CUDA caching allocator);
@@ -132,9 +158,11 @@ class TrialRunner:
     def __call__(self, trial) -> float | list[float]:
         import optuna
 
+        record_cost(trial, self.options)  # its share: it counts in the hours while it runs
         params = suggest(trial, self.spec)
         run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_dirs[trial.number] = run_dir
         job = self._prepare(trial, params, run_dir)
         trial.set_user_attr(RUN_DIR, str(run_dir))
         trial.set_user_attr(CHECKPOINT, str(run_dir / MODEL_DIR))
@@ -147,10 +175,14 @@ class TrialRunner:
         finally:
             self.slots.release(slot)
         result = self._record(trial, run_dir)
-        if code < 0:
+        if code < 0 or code == EXIT_STORAGE_OUTAGE:
             # Killed by a signal this worker did not send (a scheduler signalling the whole
-            # job, the OOM killer): like a dead worker's trial, queued again to resume.
-            reason = f"killed by signal {-code}"
+            # job, the OOM killer), stopped for want of a heartbeat, or its storage gone:
+            # like a dead worker's trial, queued again to resume.
+            reason = (f"its heartbeat could not be recorded for {self.options.grace} s"
+                      if trial.number in self._lost else
+                      "its storage stayed unreachable" if code == EXIT_STORAGE_OUTAGE else
+                      f"killed by signal {-code}")
             trial.set_user_attr(FAIL_REASON, reason)
             self._queue_retry(trial)
             raise TrialFailed(reason)
@@ -163,9 +195,8 @@ class TrialRunner:
             self._queue_retry(trial, retry_reason="oom")
             raise TrialFailed(f"{reason} (beside {slot.neighbours} other trials: queued to "
                               "run again alone)")
-        # A finished trial (complete, pruned or failed) is never resumed; a stopped or
-        # killed one keeps its resume state for its retry.
-        (run_dir / RESUME_FILE).unlink(missing_ok=True)
+        # A finished trial (complete, pruned or failed) is never resumed: its resume state
+        # goes once the study is told (`ended`); a stopped or killed one keeps it.
         if code == EXIT_PRUNED:
             raise optuna.TrialPruned(reason)
         if code != 0:
@@ -250,7 +281,12 @@ class TrialRunner:
         `retry_reason` "oom": the retry runs alone on a GPU."""
         import optuna
 
+        self._resumable.add(trial.number)
         frozen = _frozen(trial)
+        if frozen.state != optuna.trial.TrialState.RUNNING:
+            log.info("trial %d was %s by another worker, which queued its retry",
+                     trial.number, frozen.state.name)
+            return
         history = [*frozen.system_attrs.get(RETRY_HISTORY, []), trial.number]
         if len(history) > self.options.max_retries:
             log.warning("trial %d was stopped; not queued again: retried %d times already "
@@ -276,6 +312,7 @@ class TrialRunner:
                 proc = subprocess.Popen(trial_command(run_dir), stdout=log_file,
                                         stderr=subprocess.STDOUT, env=self._child_env(slot))
                 self._procs.add(proc)
+                self._by_trial[trial.number] = proc
             try:
                 code = proc.wait()
                 if self.stopping:  # another thread's stop() ended this trial
@@ -293,6 +330,7 @@ class TrialRunner:
             finally:
                 with self._lock:
                     self._procs.discard(proc)
+                    self._by_trial.pop(trial.number, None)
                 record_cost(trial, self.options, time.monotonic() - started)
 
     def _record(self, trial, run_dir: Path) -> TrialResult:

@@ -27,7 +27,8 @@ from mtbert.studies.job import (RESEED_OF, SEED, STUDY_OBJECTIVES, STUDY_SPEC,
                                 STUDY_SPEC_NAME, WORKERS_STARTED)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.options import SweepOptions
-from mtbert.studies.process import TrialRunner, record_cost
+from mtbert.studies.outage import Outage
+from mtbert.studies.process import TrialRunner
 from mtbert.studies.racing import mean_sampler
 from mtbert.studies.configurations import SeedGroup, reseed_seeds, seed_groups
 from mtbert.studies.results import (complete_trials, describe_trial, feasible_trials,
@@ -196,10 +197,6 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
     runner = TrialRunner(spec, options, study.study_name)
     prune_lock = threading.Lock()
 
-    def objective(trial):
-        record_cost(trial, options)  # its share, so that it counts in the hours while it runs
-        return runner(trial)
-
     def on_trial_end(study, trial) -> str | None:
         log.info("%s", describe_trial(trial, spec.objectives))
         with prune_lock:  # several trial threads with trials_per_gpu > 1
@@ -211,9 +208,10 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
             log.info("removed %d checkpoints outside the top %d", removed, options.keep_top)
         return reason  # this worker's other running trials finish; none starts
 
-    worker = Worker(study, options.open_storage(), objective=objective,
+    worker = Worker(study, options.open_storage(), objective=runner,
                     slots=runner.slots.total, next_trial=next_trial or NextTrial(),
-                    on_trial_end=on_trial_end)
+                    on_trial_end=on_trial_end, grace=options.grace,
+                    outage=Outage(options.url, options.storage_outage))
     with storage_errors(options.url):
         stopped = worker.optimize(n_trials=n_trials, timeout=timeout, on_signal=runner.stop)
     if runner.stopping:
