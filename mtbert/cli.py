@@ -638,6 +638,7 @@ def _warn_inert(spec, name: str) -> None:
 
 def _run_sweep(spec, options) -> None:
     """Run the sweep, say why it stopped early, print its table (exit 1: nothing finished)."""
+    from mtbert.studies.job import RUNS_FOLDER
     from mtbert.studies.results import state_counts, sweep_table
     from mtbert.studies.runner import interrupted_table, run_sweep
 
@@ -652,8 +653,9 @@ def _run_sweep(spec, options) -> None:
     if run.stopped:
         typer.echo(f"mtbert: {run.stopped}", err=True)
     if run.failed:
+        folder = run.study.user_attrs.get(RUNS_FOLDER, name)
         typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
-                   f"{options.out / name}", err=True)
+                   f"{options.out / folder}", err=True)
         raise typer.Exit(1)
     _echo_lines(sweep_table(run.study))
 
@@ -889,6 +891,9 @@ def studies(
                          "study again.")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the list as a JSON array, one object per study.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --delete: delete a study whose trials are RUNNING (a worker "
+                        "may be training them).")] = False,
 ) -> None:
     """List the studies of a storage: trials by state, hours, budget, best values.
 
@@ -904,8 +909,8 @@ def studies(
                             ("--json", as_json)) if v]
     if len(given) > 1:
         raise MtbertError(f"{' and '.join(given)} do not go together; pick one")
-    if runs and delete is None:
-        raise MtbertError("--runs goes with --delete NAME")
+    if (runs or force) and delete is None:
+        raise MtbertError(f"{'--runs' if runs else '--force'} goes with --delete NAME")
     if stop or resume:
         return typer.echo(set_stop(storage, out, stop or resume, requested=bool(stop)))
     url = storage_url(storage, out)
@@ -916,6 +921,11 @@ def studies(
             return typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
         return _echo_lines(studies_table(summaries))
     plan = plan_deletion(rdb, select_study(rdb, delete), url=url, out=out, runs=runs)
+    if plan.running and not force:
+        raise MtbertError(f"study {plan.study} has {plan.running} RUNNING trial(s): a worker "
+                          "may be training them; stop its sweep first (`mtbert studies --stop "
+                          f"{plan.study}`, or Ctrl-C), or pass --force (a dead worker's "
+                          "trials stay RUNNING until the next worker fails them)")
     for note in plan.left:
         log.warning("%s", note)
     if not yes and not _confirm(f"Delete {plan.describe()}?"):
@@ -949,15 +959,17 @@ def report(
 ) -> None:
     """Write a study report: index.html (opens offline) and the figures as PNG files."""
     from mtbert.runtime import wandb_dir
-    from mtbert.studies.report import build_report, check_destination, log_study_report
+    from mtbert.studies.report import build_report, check_destination, destination
+    from mtbert.studies.report import log_study_report
     from mtbert.studies.storage import mask_url, open_study
 
     mode = _wandb_mode(wandb_mode) if wandb else "disabled"
     if to is not None:
-        check_destination(to, overwrite=overwrite)
+        check_destination(to, overwrite=overwrite)  # before the storage is opened
     loaded, url = open_study(storage, out, study)
-    dest = to or out / loaded.study_name / "report"
-    written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
+    with destination(to or out / loaded.study_name / "report", overwrite=overwrite,
+                     given=to is not None) as dest:
+        written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
     for note in written.notes:
         log.info("%s", note)
     log.info("figures: %s", ", ".join(p.name for p in written.figures.values()) or "none")

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from mtbert.errors import ConfigError
+from mtbert.safeyaml import load_yaml
 from mtbert.tasks import METRIC_KEYS, TASKS
 
 
@@ -408,7 +409,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"bad --set {item!r}; expected KEY=VALUE, e.g. train.lr=2e-5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -431,7 +432,7 @@ def overrides_to_dict(items: list[str]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), f"config file {path}")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -58,6 +58,11 @@ STUDY_OBJECTIVES = "objectives"
 STUDY_SPEC = "spec_def"
 STUDY_CONSTRAINTS = "constraints"  # the spec's constraints, thresholds resolved
 WORKERS_STARTED = "workers_started"  # sweeps started on the study (each its sampler seed)
+# A study's identity (a random hex id, set once) and the folder under --out its trials'
+# run directories go in: its name, or name-<id> where that folder holds the runs of
+# another study of the same name (deleted, or in another storage).
+STUDY_UID = "study_uid"
+RUNS_FOLDER = "runs_folder"
 
 
 @dataclass
@@ -90,6 +95,7 @@ class TrialJob:
     resume: bool = False  # the run directory holds the taken-over trial's resume state
     wandb_resume_id: str | None = None  # the W&B run to continue (online mode)
     wandb: WandbSettings = field(default_factory=WandbSettings)
+    study_uid: str | None = None  # the study's identity: whose run directory this is
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.config import load_config, save_config
-from mtbert.errors import TrainingError
+from mtbert.errors import ConfigError, TrainingError
+from mtbert.formatting import first_line
 from mtbert.rundir import (CONFIG_FILE, MODEL_DIR, RESUME_FILE, RUN_FILES, TRIAL_LOG,
                            best_metrics, read_metrics)
 from mtbert.runtime import device_type, wandb_dir
 from mtbert.studies.budget import DEVICE, GPU_SHARE, WALL_S, device_share
 from mtbert.studies.constraints import record_feasibility, study_constraints
 from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, EXIT_STORAGE_OUTAGE,
-                                FAIL_REASON, FAILED_TRIAL,
+                                FAIL_REASON, FAILED_TRIAL, JOB_FILE,
                                 GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 WANDB_RUN_ID, TrialJob, TrialResult, WandbSettings,
@@ -60,6 +61,11 @@ def best_record(run_dir: Path, metric: str, direction: str = "maximize") -> dict
     return max(records, key=lambda r: sign * r[metric])
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a trial's run (its job.json or any run file)."""
+    return any((Path(run_dir) / name).exists() for name in (JOB_FILE, *RUN_FILES))
+
+
 def _frozen(trial):
     """A running trial's record as the storage holds it (system attributes included)."""
     return trial.storage.get_trial(trial_id(trial))
@@ -82,8 +88,11 @@ def record_cost(trial, options: SweepOptions, wall_s: float | None = None) -> No
 class TrialRunner:
     """The objective: sample, write the trial's run dir, train in a child process."""
 
-    def __init__(self, spec: SweepSpec, options: SweepOptions, study_name: str):
+    def __init__(self, spec: SweepSpec, options: SweepOptions, study_name: str, *,
+                 folder: str | None = None, uid: str | None = None):
         self.spec, self.options, self.study_name = spec, options, study_name
+        self.folder = options.out / (folder or study_name)  # the trials' run directories
+        self.uid = uid  # the study's identity, written into every job.json
         self.wandb_dir = wandb_dir(options.out)
         # With trials_per_gpu > 1 Optuna calls this object from several threads at once;
         # these track the live trial processes so that a stop ends all of them.
@@ -103,6 +112,20 @@ class TrialRunner:
             procs = list(self._procs)
         for proc in procs:
             proc.terminate()
+
+    def _check_not_anothers(self, run_dir: Path) -> None:
+        """A trial's run directory is new: one that holds a run already is another
+        study's (of the same name, in another storage or deleted), never written over."""
+        if not holds_a_run(run_dir):
+            return
+        try:
+            owner = TrialJob.read(run_dir).study_uid
+        except (OSError, ValueError, TypeError):
+            owner = None
+        if owner is None or owner != self.uid:
+            raise ConfigError(f"{run_dir} holds a run of another study named "
+                              f"{self.study_name}; it stays as it is and this sweep stops: "
+                              "pass another --out, or move that folder away")
 
     def lost_heartbeat(self, trial) -> None:
         """The worker could not record `trial`'s heartbeat for the grace period: another
@@ -160,7 +183,8 @@ class TrialRunner:
 
         record_cost(trial, self.options)  # its share: it counts in the hours while it runs
         params = suggest(trial, self.spec)
-        run_dir = (self.options.out / self.study_name / f"trial-{trial.number:04d}").resolve()
+        run_dir = (self.folder / f"trial-{trial.number:04d}").resolve()
+        self._check_not_anothers(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._run_dirs[trial.number] = run_dir
         job = self._prepare(trial, params, run_dir)
@@ -228,9 +252,9 @@ class TrialRunner:
         resume state) is reachable from here, so that it goes on from its last epoch."""
         retry_of = retried_from(_frozen(trial))
         epochs = self._take_over(trial, retry_of, run_dir) if retry_of is not None else 0
-        if epochs:
-            config = load_config(run_dir / CONFIG_FILE)
-        else:
+        config = self._taken_over_config(trial, retry_of, run_dir) if epochs else None
+        if config is None:
+            epochs = 0
             # A reseed (`mtbert best --reseed`) is an enqueued copy of a finished trial's
             # parameters with another train.seed.
             seed = trial.user_attrs.get(SEED)
@@ -247,8 +271,22 @@ class TrialRunner:
         job.retry_of, job.resume = retry_of, epochs > 0
         job.wandb_resume_id = trial.user_attrs.get(WANDB_RUN_ID) if retry_of is not None \
             else None
+        job.study_uid = self.uid
         job.write(run_dir)
         return job
+
+    def _taken_over_config(self, trial, retry_of: int, run_dir: Path):
+        """The config of the run a retry took over; None when it is unreadable: the retry
+        then starts from the beginning, with none of that run's files, and says so."""
+        try:
+            return load_config(run_dir / CONFIG_FILE)
+        except ConfigError as err:
+            log.warning("trial %d retries trial %d from the start: the config.yaml of its run "
+                        "is unreadable (%s)", trial.number, retry_of, first_line(err))
+            for name in RUN_FILES:
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            return None
 
     def _take_over(self, trial, retry_of: int, run_dir: Path) -> int:
         """Copy the retried trial's run (config, metrics, best model, resume state) into
@@ -270,8 +308,8 @@ class TrialRunner:
         if epochs:
             log.info("trial %d resumes trial %d after epoch %d", trial.number, retry_of, epochs)
         else:
-            log.info("trial %d retries trial %d from the start: its resume state at %s is "
-                     "unreadable", trial.number, retry_of, dead)
+            log.warning("trial %d retries trial %d from the start: its resume state at %s is "
+                        "unreadable", trial.number, retry_of, dead)
             (run_dir / RESUME_FILE).unlink(missing_ok=True)
         return epochs
 

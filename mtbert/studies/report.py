@@ -18,6 +18,7 @@ import base64
 import html
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -126,6 +127,29 @@ def _reseed_note(trial) -> str:
     note = f"trial {trial.user_attrs[RESEED_OF]} with seed {trial.user_attrs.get(SEED)}"
     reason = trial_note(trial) or raced
     return f"{note}: {reason}" if reason else note
+
+
+@contextmanager
+def destination(dest: Path, *, overwrite: bool, given: bool):
+    """Hold the report directory `dest` while a report is written into it: one report
+    at a time (a lock file beside it), and a `given` (--to) directory that holds files
+    already is written over only with `overwrite`."""
+    import filelock
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(dest.parent / f".{dest.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise MtbertError(f"another `mtbert report` is writing into {dest}; wait for it, or "
+                          "pick another --to") from None
+    try:
+        if given:
+            check_destination(dest, overwrite=overwrite)
+        yield dest
+    finally:
+        lock.release()
 
 
 def check_destination(dest: Path, *, overwrite: bool) -> None:

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mtbert.errors import ConfigError
 from mtbert.studies.budget import check_budget, set_budget, stop_reason
 from mtbert.studies.constraints import (constraints_func, describe_all, resolve_constraints,
                                         store_constraints, study_constraints)
-from mtbert.studies.job import (RESEED_OF, SEED, STUDY_OBJECTIVES, STUDY_SPEC,
-                                STUDY_SPEC_NAME, WORKERS_STARTED)
+from mtbert.studies.job import (RESEED_OF, RUNS_FOLDER, SEED, STUDY_OBJECTIVES, STUDY_SPEC,
+                                STUDY_SPEC_NAME, STUDY_UID, WORKERS_STARTED)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.options import SweepOptions
 from mtbert.studies.outage import Outage
-from mtbert.studies.process import TrialRunner
+from mtbert.studies.process import TrialRunner, holds_a_run
 from mtbert.studies.racing import mean_sampler
 from mtbert.studies.configurations import SeedGroup, reseed_seeds, seed_groups
 from mtbert.studies.results import (complete_trials, describe_trial, feasible_trials,
@@ -54,7 +56,7 @@ def study_sampler(spec: SweepSpec, constraints: list | None = None, worker: int 
     return mean_sampler(sampler) if spec.seeds > 1 else sampler
 
 
-def join_study(study, url: str) -> int:
+def join_study(study, url: str, out: Path) -> int:
     """This worker's number among every worker that ran the study so far (0: the first),
     counted in the study (`workers_started`) under the setup lock.
 
@@ -66,7 +68,25 @@ def join_study(study, url: str) -> int:
     with setup_lock(url, f"joining study {study.study_name}"):
         worker = study.user_attrs.get(WORKERS_STARTED, 0)
         study.set_user_attr(WORKERS_STARTED, worker + 1)
+        if STUDY_UID not in study.user_attrs:
+            _identify(study, out)
     return worker
+
+
+def _identify(study, out: Path) -> None:
+    """Give a study its identity and its runs folder under `out`: its name, unless that
+    folder holds trial runs already and the study has none yet (they are another study's
+    of the same name: deleted, or in another storage), which are never written over."""
+    uid, name = uuid.uuid4().hex, study.study_name
+    folder = name
+    if not study.get_trials(deepcopy=False) and any(
+            holds_a_run(d) for d in (out / name).glob("trial-*")):
+        folder = f"{name}-{uid[:8]}"
+        log.warning("%s holds the runs of another study named %s (deleted, or in another "
+                    "storage); they stay as they are, and this study's runs go to %s",
+                    out / name, name, out / folder)
+    study.set_user_attr(STUDY_UID, uid)
+    study.set_user_attr(RUNS_FOLDER, folder)
 
 
 def create_study(spec: SweepSpec, options: SweepOptions):
@@ -108,7 +128,7 @@ def create_study(spec: SweepSpec, options: SweepOptions):
                    own_url=options.url)
     for params in spec.enqueue:  # known configurations run first, and once per study
         enqueue_once(study, options.url, params)
-    worker = join_study(study, options.url)
+    worker = join_study(study, options.url, options.out)
     if worker and spec.sampler.get("seed") is not None:
         study.sampler = study_sampler(spec, constraints, worker)
         log.info("worker %d of study %s: sampler seed %d (the spec's + %d, so that workers "
@@ -194,7 +214,12 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
         stopped = stop_reason(study)
     if stopped:
         return stopped
-    runner = TrialRunner(spec, options, study.study_name)
+    from mtbert.tracking import online_or_offline
+
+    options.wandb_mode = online_or_offline(options.wandb_mode)
+    runner = TrialRunner(spec, options, study.study_name,
+                         folder=study.user_attrs.get(RUNS_FOLDER, study.study_name),
+                         uid=study.user_attrs.get(STUDY_UID))
     prune_lock = threading.Lock()
 
     def on_trial_end(study, trial) -> str | None:

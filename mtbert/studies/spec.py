@@ -30,6 +30,7 @@ SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "
              "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
+MAX_SEEDS = 100  # seed runs per configuration: far above any race, refuses a typo
 log = logging.getLogger("mtbert")
 
 
@@ -259,8 +260,9 @@ def check_racing(seeds: Any, alpha: Any, fail,
                  names: tuple[str, str] = ("seeds", "race_alpha")) -> tuple[int, float]:
     """A spec's seeds per configuration and race level, named `names` in an error (the
     spec's keys, or the options `--seeds` / `--race-alpha`)."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise fail(f"{names[0]} must be a whole number >= 1, got {seeds!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise fail(f"{names[0]} must be a whole number from 1 to {MAX_SEEDS}, got "
+                   f"{str(seeds)[:40]}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise fail(f"{names[1]} must be a number between 0 and 1, got {alpha!r}")
     return seeds, float(alpha)

@@ -116,9 +116,14 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     # Heartbeats are "experimental" in Optuna since v2.9; mtbert relies on them on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     _check_url(url)
-    if must_exist and url.startswith("sqlite:///") and not Path(url[10:]).exists():
-        raise ConfigError(f"no study storage at {url[10:]}; run `mtbert sweep` first or pass "
-                          "--storage / --out")
+    if must_exist and url.startswith("sqlite:///"):
+        path = Path(url[10:])
+        if not path.exists():
+            raise ConfigError(f"no study storage at {path}; run `mtbert sweep` first or pass "
+                              "--storage / --out")
+        if path.is_file() and path.stat().st_size == 0:  # never re-created by a reader
+            raise ConfigError(f"the study storage {path} is empty (0 bytes): its studies are "
+                              "gone; restore it from a copy, or start over with `mtbert sweep`")
     kwargs: dict[str, Any] = {}
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=grace or 3 * heartbeat,
