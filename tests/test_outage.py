@@ -101,17 +101,23 @@ def _running(out: Path, number: int, epoch: int):
     return lambda: log.exists() and f"epoch {epoch}/" in log.read_text()
 
 
-def test_a_blip_loses_nothing_and_the_sweep_ends_as_usual(server, tmp_path, monkeypatch):
-    use_stub_trials(monkeypatch, epoch_s=1.0)
-    out = tmp_path / "runs"
-    worker = _sweep(server, out, "--trials", "2", "--set", "train.epochs=4",
-                    "--grace", "30")
+def _away_during_trial_0(server, out: Path, seconds: float, *extra: str) -> str:
+    """A 2-trial sweep whose storage is stopped for `seconds` in trial 0's first epoch;
+    its stderr, once it exited 0."""
+    worker = _sweep(server, out, "--trials", "2", "--set", "train.epochs=4", *extra)
     wait_for(_running(out, 0, 1), timeout=60, what="trial 0's first epoch")
     server.stop()
-    time.sleep(5)
+    time.sleep(seconds)
     server.start()
     stdout, stderr = worker.communicate(timeout=180)
     assert worker.returncode == 0, stderr
+    return stderr
+
+
+def test_a_blip_loses_nothing_and_the_sweep_ends_as_usual(server, tmp_path, monkeypatch):
+    use_stub_trials(monkeypatch, epoch_s=1.0)
+    out = tmp_path / "runs"
+    stderr = _away_during_trial_0(server, out, 5, "--grace", "30")
     assert "Traceback" not in stderr
     trial_log = (out / "s" / "trial-0000" / "trial.log").read_text()
     assert "is unreachable (" in trial_log and "the study storage is back after" in trial_log
@@ -122,14 +128,7 @@ def test_a_blip_loses_nothing_and_the_sweep_ends_as_usual(server, tmp_path, monk
 def test_a_trial_whose_heartbeat_stays_away_past_grace_is_stopped_and_resumed(
         server, tmp_path, monkeypatch):
     use_stub_trials(monkeypatch, epoch_s=1.0)
-    out = tmp_path / "runs"
-    worker = _sweep(server, out, "--trials", "2", "--set", "train.epochs=4")  # grace 4 s
-    wait_for(_running(out, 0, 1), timeout=60, what="trial 0's first epoch")
-    server.stop()
-    time.sleep(8)
-    server.start()
-    stdout, stderr = worker.communicate(timeout=180)
-    assert worker.returncode == 0, stderr
+    stderr = _away_during_trial_0(server, tmp_path / "runs", 8)  # --grace 4
     assert "trial 0: its heartbeat could not be recorded for 4 s; stopping it" in stderr
     first, retry = _trials(server)
     assert first.state.name == "FAIL", stderr
