@@ -14,16 +14,18 @@ the storage (`budget`); either ends the loop once the running trials finish.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mtbert.errors import ConfigError
 from mtbert.studies.budget import check_budget, set_budget, stop_reason
 from mtbert.studies.constraints import (constraints_func, describe_all, resolve_constraints,
                                         store_constraints, study_constraints)
-from mtbert.studies.job import (RESEED_OF, SEED, STUDY_OBJECTIVES, STUDY_SPEC,
+from mtbert.studies.job import (RESEED_OF, SEED, STUDY_OBJECTIVES, STUDY_SIZE, STUDY_SPEC,
                                 STUDY_SPEC_NAME, WORKERS_STARTED)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.options import SweepOptions
@@ -34,7 +36,8 @@ from mtbert.studies.results import (complete_trials, describe_trial, feasible_tr
                                     new_finished, ranked)
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.samplers import make_pruner, make_sampler
-from mtbert.studies.spec import SweepSpec, stored_spec, trial_config
+from mtbert.studies.sizes import NO_STUDY, NoStudy, SizeChoice, check_sizes, choose_size
+from mtbert.studies.spec import SweepSpec, load_spec, read_spec, stored_spec, trial_config
 from mtbert.studies.storage import (check_study_name, enqueue_once, mask_url, select_study,
                                     setup_lock, storage_errors, with_driver)
 from mtbert.studies.warmstart import warm_start
@@ -94,6 +97,13 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     stored = study.user_attrs.get(STUDY_SPEC)
     if stored is None:
         study.set_user_attr(STUDY_SPEC, spec.to_dict())
+        if spec.size is not None:
+            study.set_user_attr(STUDY_SIZE, spec.size)
+    elif STUDY_SIZE in study.user_attrs and study.user_attrs[STUDY_SIZE] != spec.size:
+        # Two workers that chose their sizes before either made the study.
+        raise ConfigError(f"study '{name}' was made with size {study.user_attrs[STUDY_SIZE]}, "
+                          f"this sweep runs {spec.size or 'its spec without a size'}; pass "
+                          f"--size {study.user_attrs[STUDY_SIZE]}, or use --study NEW_NAME")
     elif stored.get("seeds", 1) != spec.seeds:
         raise ConfigError(f"study '{name}' races each configuration over "
                           f"{stored.get('seeds', 1)} seed(s), this sweep over {spec.seeds}; "
@@ -114,6 +124,43 @@ def create_study(spec: SweepSpec, options: SweepOptions):
                  "draw different configurations)", worker, name,
                  spec.sampler["seed"] + worker, worker)
     return study, before
+
+
+def stored_size(options: SweepOptions, name: str) -> str | None | NoStudy:
+    """The size stored in study `name` of the sweep's storage; None: the study has none;
+    NO_STUDY: there is no such study yet (a SQLite file that does not exist is not made)."""
+    url = options.url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return NO_STUDY
+    with storage_errors(url):
+        storage = options.open_storage()
+        try:
+            study_id = storage.get_study_id_from_name(name)
+        except KeyError:
+            return NO_STUDY
+        return storage.get_study_user_attrs(study_id).get(STUDY_SIZE)
+
+
+def sized_spec(spec: str, overrides: list[str], requested: str, *, on_cuda,
+               options: SweepOptions | None = None) -> tuple[SweepSpec, SizeChoice]:
+    """`spec` (a shipped name or a path) at its size for `--size requested`, `overrides`
+    (`--set`) on its base, and the size chosen. The size is the one stored in the study
+    that `options` join, where it exists (asked once the spec is checked, so that a bad
+    spec touches no storage), else `requested` (`auto`: by `on_cuda()`, whether the trials
+    train on CUDA). Without `options` (`--print`, `--check`) there is no study to ask."""
+    raw, _, where = read_spec(spec)
+    sizes = list(check_sizes(raw.get("sizes"), lambda message: ConfigError(f"{where}: "
+                                                                           f"{message}")))
+    choose = functools.partial(choose_size, requested, sizes, where=where, on_cuda=on_cuda)
+    chosen = choose()
+    resolved = load_spec(spec, overrides, size=chosen.name)
+    if options is not None and sizes:  # a spec without sizes has one base: nothing to ask
+        name = check_study_name(options.study or resolved.name)
+        joined = choose(study=name, stored=stored_size(options, name))
+        if joined.name != chosen.name:
+            resolved = load_spec(spec, overrides, size=joined.name)
+        chosen = joined
+    return resolved, chosen
 
 
 @dataclass

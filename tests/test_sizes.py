@@ -1,0 +1,288 @@
+"""Spec sizes: `sizes:` in a spec, `mtbert sweep --size cpu|gpu|NAME|auto`, the size a
+study stores and every later worker runs, and where it shows (studies, best, report, the
+W&B config of a trial). No trial runs here: a sweep's start is checked up to the call
+that would run it (`_run_sweep`), the study made in-process by `create_study`."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtbert import cli
+from mtbert.cli import app
+from mtbert.errors import ConfigError
+from mtbert.studies.job import TrialJob
+from mtbert.studies.options import SweepOptions
+from mtbert.studies.runner import create_study
+from mtbert.studies.sizes import NO_STUDY, choose_size
+from mtbert.studies.spec import load_spec, stored_spec, trial_config
+
+runner = CliRunner()
+
+SIZED = """name: sized
+base:
+  train.epochs: 4
+  train.lr: 1.0e-5
+sizes:
+  cpu: {train.epochs: 1, train.lr: 1.0e-4}
+  gpu: {}
+  tiny: {train.epochs: 2}
+space:
+  model.dropout: {type: float, low: 0.0, high: 0.3}
+"""
+UNSIZED = """name: unsized
+base:
+  train.epochs: 3
+space:
+  model.dropout: {type: float, low: 0.0, high: 0.3}
+"""
+
+
+@pytest.fixture
+def sized(tmp_path):
+    path = tmp_path / "sized.yaml"
+    path.write_text(SIZED)
+    return path
+
+
+@pytest.fixture
+def unsized(tmp_path):
+    path = tmp_path / "unsized.yaml"
+    path.write_text(UNSIZED)
+    return path
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """PyTorch sees a GPU (what `--device auto` asks)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """`mtbert sweep` runs up to the call that would run the sweep: the spec and options it
+    would run with, and the study made as the sweep makes it (no trial)."""
+    seen = {}
+
+    def run(spec, options):
+        options.out.mkdir(parents=True, exist_ok=True)
+        seen.update(spec=spec, options=options, study=create_study(spec, options)[0])
+
+    monkeypatch.setattr(cli, "_run_sweep", run)
+    return seen
+
+
+def _printed(*args: str):
+    result = runner.invoke(app, ["sweep", *args, "--print"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _base(printed: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(printed)["base"]
+
+
+# ---------------------------------------------------------------- which size
+
+
+def _never():
+    raise AssertionError("auto had no need to ask for the device")
+
+
+@pytest.mark.parametrize("requested, stored, on_cuda, expected", [
+    ("auto", NO_STUDY, False, "cpu"),
+    ("auto", NO_STUDY, True, "gpu"),
+    ("tiny", NO_STUDY, True, "tiny"),
+    ("auto", "tiny", True, "tiny"),  # the study's size, whatever the device
+    ("tiny", "tiny", False, "tiny"),
+    ("auto", None, True, "cpu"),  # made before sizes: the shipped bases were cpu then
+    ("gpu", None, False, "gpu"),
+])
+def test_the_size_of_a_sweep(requested, stored, on_cuda, expected):
+    ask = (lambda: on_cuda) if requested == "auto" and stored is NO_STUDY else _never
+    choice = choose_size(requested, ["cpu", "gpu", "tiny"], where="spec s", on_cuda=ask,
+                         study="s", stored=stored)
+    assert choice.name == expected
+
+
+def test_auto_runs_a_spec_without_the_machines_size_as_written():
+    choice = choose_size("auto", ["small", "big"], where="spec s", on_cuda=lambda: True)
+    assert choice.name is None
+    assert choice.line("s") == ("spec s: no size (auto: the trials train on CUDA and the spec "
+                                "has no size gpu (sizes: small, big); its base as written)")
+
+
+@pytest.mark.parametrize("requested, sizes, stored, message", [
+    ("big", ["cpu", "gpu"], NO_STUDY, "spec s has no size 'big'; its sizes: cpu, gpu"),
+    ("cpu", [], NO_STUDY, "spec s has no size 'cpu'; its sizes: none (it runs as written)"),
+    ("gpu", ["cpu", "gpu"], "cpu", "study s was made with size cpu; a worker of it runs size "
+                                   "cpu (leave --size out), or use --study NEW_NAME"),
+    ("auto", ["gpu"], "cpu", "study s was made with size cpu, which spec s does not have"),
+])
+def test_a_size_that_cannot_run_is_refused(requested, sizes, stored, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        choose_size(requested, sizes, where="spec s", on_cuda=_never, study="s", stored=stored)
+
+
+# ---------------------------------------------------------------- the spec at a size
+
+
+def test_the_base_takes_the_size_then_set(sized):
+    assert load_spec(str(sized)).base_values["train.epochs"] == 4  # no size: as written
+    cpu = load_spec(str(sized), size="cpu")
+    assert (cpu.size, cpu.sizes) == ("cpu", ["cpu", "gpu", "tiny"])
+    assert (cpu.base_values["train.epochs"], cpu.base_values["train.lr"]) == (1, 1e-4)
+    tiny = load_spec(str(sized), ["train.epochs=7"], size="tiny")
+    assert (tiny.base_values["train.epochs"], tiny.base_values["train.lr"]) == (7, 1e-5)
+    assert "sizes" not in tiny.to_dict()  # folded in: the resolved spec has one base
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ("[cpu, gpu]", "sizes must map size names to base overrides"),
+    ("{auto: {}}", "sizes: bad size name 'auto'"),
+    ("{cpu: 3}", "sizes.cpu must be a mapping of run config keys (or empty)"),
+    ("{gpu: {train.epochz: 2}}", "sizes.gpu: unknown config key 'train.epochz'"),
+    ("{gpu: {train.epochs: 0}}", "sizes.gpu: bad value 0 for train.epochs"),
+])
+def test_a_bad_sizes_mapping_is_one_line_exit_2(tmp_path, sizes, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(UNSIZED + f"sizes: {sizes}\n")
+    result = runner.invoke(app, ["sweep", str(path), "--print", "--size", "auto"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"mtbert: error: sweep spec {path}: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_auto_picks_cpu_where_trials_run_on_the_cpu_and_gpu_on_cuda(sized, cuda):
+    on_gpu = _printed(str(sized))
+    assert _base(on_gpu.stdout)["train"] == {"epochs": 4, "lr": 1e-5}
+    assert "spec sized: size gpu (auto: the trials train on CUDA)" in on_gpu.stderr
+    on_cpu = _printed(str(sized), "--device", "cpu")
+    assert _base(on_cpu.stdout)["train"] == {"epochs": 1, "lr": 1e-4}
+    assert "spec sized: size cpu (auto: the trials train on the CPU)" in on_cpu.stderr
+
+
+def test_auto_without_cuda_and_with_gpus_or_device_cuda(sized, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _base(_printed(str(sized)).stdout)["train"]["epochs"] == 1
+    assert _base(_printed(str(sized), "--device", "cuda").stdout)["train"]["epochs"] == 4
+    assert _base(_printed(str(sized), "--gpus", "0").stdout)["train"]["epochs"] == 4
+
+
+def test_print_folds_the_size_in_and_the_printed_file_runs_the_same_anywhere(sized, tmp_path,
+                                                                           cuda):
+    printed = _printed(str(sized), "--size", "tiny", "--set", "train.lr=0.001").stdout
+    assert "sizes" not in printed
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    again = _printed(str(path))  # auto on CUDA: a spec without sizes runs as written
+    assert again.stdout == printed and again.stderr == ""
+    assert _base(printed)["train"] == {"epochs": 2, "lr": 0.001}
+
+
+def test_a_spec_without_sizes_runs_as_written_and_names_none(unsized, cuda):
+    printed = _printed(str(unsized))
+    assert _base(printed.stdout) == {"train": {"epochs": 3}} and printed.stderr == ""
+    result = runner.invoke(app, ["sweep", str(unsized), "--size", "cpu", "--print"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"mtbert: error: sweep spec {unsized} has no size 'cpu'; its "
+                             "sizes: none (it runs as written)\n")
+
+
+def test_a_size_the_spec_lacks_is_one_line_exit_2(sized, tmp_path):
+    result = runner.invoke(app, ["sweep", str(sized), "--size", "huge", "--out",
+                                 str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    assert result.stderr == (f"mtbert: error: sweep spec {sized} has no size 'huge'; its "
+                             "sizes: cpu, gpu, tiny\n")
+    assert not (tmp_path / "runs" / "mtbert.db").exists()
+
+
+# ---------------------------------------------------------------- the study keeps its size
+
+
+def _sweep(spec, tmp_path, *args: str):
+    return runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "runs"),
+                               "--wandb-mode", "disabled", *args])
+
+
+def test_the_study_stores_its_size_and_every_later_worker_runs_it(sized, tmp_path, started,
+                                                                  monkeypatch):
+    first = _sweep(sized, tmp_path, "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    assert started["study"].user_attrs["size"] == "cpu"
+    assert started["study"].user_attrs["spec_def"]["base"]["train"]["epochs"] == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    later = _sweep(sized, tmp_path)  # auto, now on CUDA: still the study's size
+    assert later.exit_code == 0, later.output
+    assert (started["spec"].size, started["spec"].base_values["train.epochs"]) == ("cpu", 1)
+    assert "spec sized: size cpu (study sized's size)" in later.stderr
+    refused = _sweep(sized, tmp_path, "--size", "gpu")
+    assert refused.exit_code == 2
+    assert refused.stderr == ("mtbert: error: study sized was made with size cpu; a worker "
+                              "of it runs size cpu (leave --size out), or use --study "
+                              "NEW_NAME\n")
+    other = _sweep(sized, tmp_path, "--size", "gpu", "--study", "sized-gpu")
+    assert other.exit_code == 0, other.output
+    assert started["study"].user_attrs["size"] == "gpu"
+    assert started["spec"].base_values["train.epochs"] == 4
+
+
+def test_a_study_made_before_sizes_runs_as_it_always_did(sized, unsized, tmp_path, started,
+                                                         cuda):
+    # The study of an older mtbert: its spec stored, no size (then: the base of today's cpu).
+    old = load_spec(str(sized), size="cpu")
+    old.size = None
+    (tmp_path / "runs").mkdir()
+    create_study(old, SweepOptions(out=tmp_path / "runs"))
+    joined = _sweep(sized, tmp_path)
+    assert joined.exit_code == 0, joined.output
+    assert started["spec"].base_values["train.epochs"] == 1
+    assert ("spec sized: size cpu (study sized has no stored size: made before sizes, when "
+            "shipped bases were the cpu size)") in joined.stderr
+    assert "size" not in started["study"].user_attrs  # not written into an old study
+    plain = _sweep(unsized, tmp_path, "--study", "plain")  # a spec without sizes: no size
+    assert plain.exit_code == 0 and "size" not in started["study"].user_attrs
+
+
+def test_two_workers_that_chose_different_sizes_do_not_share_a_study(sized, tmp_path):
+    options = SweepOptions(out=tmp_path)
+    create_study(load_spec(str(sized), size="cpu"), options)
+    with pytest.raises(ConfigError, match=r"^study 'sized' was made with size cpu, this sweep "
+                                          r"runs gpu; pass --size cpu, or use --study "):
+        create_study(load_spec(str(sized), size="gpu"), SweepOptions(out=tmp_path))
+
+
+def test_reseeding_reads_the_studys_size(sized, tmp_path):
+    study, _ = create_study(load_spec(str(sized), size="tiny"), SweepOptions(out=tmp_path))
+    spec = stored_spec(study)
+    assert (spec.size, spec.base_values["train.epochs"]) == ("tiny", 2)
+
+
+def test_the_trial_job_and_its_wandb_config_carry_the_size(sized, tmp_path, monkeypatch):
+    from mtbert.config import save_config
+    from mtbert.studies.process import TrialRunner
+    from mtbert.studies.trial import TrackedTraining
+
+    spec = load_spec(str(sized), size="tiny")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    job = TrialRunner(spec, SweepOptions(out=tmp_path), "sized")._job(study.ask(), {}, 0)
+    assert TrialJob.from_json(job.to_json()).size == "tiny"
+    seen = {}
+
+    class Tracker:
+        run_id = None
+
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr("mtbert.tracking.Tracker", Tracker)
+    save_config(trial_config(spec, {}), tmp_path / "config.yaml")
+    TrackedTraining(job, tmp_path)
+    assert (seen["config"]["size"], seen["config"]["train"]["epochs"]) == ("tiny", 2)
