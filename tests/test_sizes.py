@@ -10,6 +10,8 @@ import json
 import optuna
 import pytest
 import torch
+from optuna.distributions import FloatDistribution
+from optuna.trial import create_trial
 from typer.testing import CliRunner
 
 from mtbert import cli
@@ -263,6 +265,37 @@ def test_reseeding_reads_the_studys_size(sized, tmp_path):
     study, _ = create_study(load_spec(str(sized), size="tiny"), SweepOptions(out=tmp_path))
     spec = stored_spec(study)
     assert (spec.size, spec.base_values["train.epochs"]) == ("tiny", 2)
+
+
+# ---------------------------------------------------------------- where the size shows
+
+
+@pytest.fixture
+def finished(sized, tmp_path):
+    """A study made at size tiny, with one complete trial."""
+    study, _ = create_study(load_spec(str(sized), size="tiny"), SweepOptions(out=tmp_path))
+    study.add_trial(create_trial(
+        value=0.5, params={"model.dropout": 0.1},
+        distributions={"model.dropout": FloatDistribution(0.0, 0.3)},
+        user_attrs={"overall/geometric": 0.5, "run_dir": str(tmp_path / "trial-0000")}))
+    return tmp_path
+
+
+def test_studies_best_and_report_show_the_size(finished):
+    out = str(finished)
+    table = runner.invoke(app, ["studies", "--out", out])
+    assert table.stdout.splitlines()[0].split()[-2:] == ["size", "best"]
+    assert table.stdout.splitlines()[1].split()[8] == "tiny"
+    assert json.loads(runner.invoke(app, ["studies", "--out", out, "--json"]).stdout)[0][
+        "size"] == "tiny"
+    best = runner.invoke(app, ["best", "--out", out])
+    assert best.stdout.splitlines()[:2] == ["study sized: best trial 0", "  size   tiny"]
+    top = runner.invoke(app, ["best", "--out", out, "--top", "1"])
+    assert top.stdout.splitlines()[0] == ("study sized: top 1 of 1 complete trials by "
+                                          "overall/geometric, size tiny")
+    report = runner.invoke(app, ["report", "--out", out, "--to", str(finished / "report")])
+    assert report.exit_code == 0, report.output
+    assert "<li>size: <b>tiny</b>" in (finished / "report" / "index.html").read_text()
 
 
 def test_the_trial_job_and_its_wandb_config_carry_the_size(sized, tmp_path, monkeypatch):
