@@ -577,21 +577,19 @@ def sweep(
     """
     from mtbert.studies.sizes import trials_on_cuda
     from mtbert.studies.slots import parse_gpus
-    from mtbert.studies.spec import spec_list, spec_yaml
+    from mtbert.studies.spec import spec_list
     from mtbert.studies.storage import check_study_name
 
     if list_specs:
         return _echo_lines(spec_list())
     overrides = _overrides(set_, data_dir)
-    def on_cuda() -> bool:  # asked only where --size auto has to look
-        return trials_on_cuda(device.value, gpus is not None)
-
+    # Whether the trials train on CUDA: asked only where --size auto has to look.
+    on_cuda = functools.partial(trials_on_cuda, device.value, gpus is not None)
     if print_spec or check or as_json:
-        resolved = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha, size=size,
-                                 on_cuda=on_cuda)
-        if print_spec:
-            return typer.echo(spec_yaml(resolved), nl=False)
-        return _check_spec(resolved, as_json=as_json, check=check)
+        resolved, chosen = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha,
+                                         size=size, on_cuda=on_cuda)
+        return _show_spec(resolved, chosen, print_spec=print_spec, check=check,
+                          as_json=as_json)
     options = SweepOptions(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
         study=None if study is None else check_study_name(study), storage=storage, out=out,
@@ -600,10 +598,21 @@ def sweep(
         max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
         baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top)
-    resolved = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha, size=size,
-                             on_cuda=on_cuda, options=options)
+    resolved, chosen = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha, size=size,
+                                     on_cuda=on_cuda, options=options)
     _warn_inert(resolved, spec)
-    _run_sweep(resolved, options)
+    _run_sweep(resolved, options, size=chosen if resolved.sizes else None)
+
+
+def _show_spec(spec, size, *, print_spec: bool, check: bool, as_json: bool) -> None:
+    """`mtbert sweep SPEC --print` or `--check`: the spec at its size, said on stderr."""
+    from mtbert.studies.spec import spec_yaml
+
+    if spec.sizes:  # a spec without sizes runs as written, as it always did
+        log.info("%s", size.line(spec.name))
+    if print_spec:
+        return typer.echo(spec_yaml(spec), nl=False)
+    return _check_spec(spec, as_json=as_json, check=check)
 
 
 def _check_spec(spec, *, as_json: bool, check: bool) -> None:
@@ -636,13 +645,13 @@ def _warn_inert(spec, name: str) -> None:
                     "lists them all", spec.name, len(findings) - SHOWN_FINDINGS, name)
 
 
-def _run_sweep(spec, options) -> None:
+def _run_sweep(spec, options, size=None) -> None:
     """Run the sweep, say why it stopped early, print its table (exit 1: nothing finished)."""
     from mtbert.studies.results import state_counts, sweep_table
     from mtbert.studies.runner import interrupted_table, run_sweep
 
     try:
-        run = run_sweep(spec, options)
+        run = run_sweep(spec, options, size=size)
     except KeyboardInterrupt:
         _echo_lines(interrupted_table(options, spec.name))
         raise
@@ -662,7 +671,7 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
                   seeds: Optional[int], race_alpha: Optional[float], *, size: str, on_cuda,
                   options: Optional[SweepOptions] = None):
     """The spec at its size (the study's, when `options` join one that exists), with --set,
-    --enqueue and the racing options; the size is said on stderr."""
+    --enqueue and the racing options, and the size chosen."""
     from mtbert.studies.enqueue import load_enqueue
     from mtbert.studies.runner import sized_spec
     from mtbert.studies.spec import with_racing
@@ -675,10 +684,7 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
     if race_alpha is not None and (seeds or resolved.seeds) < 2:
         raise MtbertError("--race-alpha goes with --seeds N (N >= 2), or a spec with seeds")
-    resolved = with_racing(resolved, seeds, race_alpha)
-    if resolved.sizes:  # a spec without sizes runs as written, as it always did
-        log.info("%s", chosen.line(resolved.name))
-    return resolved
+    return with_racing(resolved, seeds, race_alpha), chosen
 
 
 def _check_best_options(*, metric, export, trial, top, hf, wandb, reseed, set_, data_dir,

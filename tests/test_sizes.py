@@ -70,9 +70,10 @@ def started(monkeypatch):
     would run with, and the study made as the sweep makes it (no trial)."""
     seen = {}
 
-    def run(spec, options):
+    def run(spec, options, size=None):
         options.out.mkdir(parents=True, exist_ok=True)
-        seen.update(spec=spec, options=options, study=create_study(spec, options)[0])
+        seen.update(spec=spec, options=options, study=create_study(spec, options)[0],
+                    size=size and size.line(spec.name))
 
     monkeypatch.setattr(cli, "_run_sweep", run)
     return seen
@@ -224,7 +225,7 @@ def test_the_study_stores_its_size_and_every_later_worker_runs_it(sized, tmp_pat
     later = _sweep(sized, tmp_path)  # auto, now on CUDA: still the study's size
     assert later.exit_code == 0, later.output
     assert (started["spec"].size, started["spec"].base_values["train.epochs"]) == ("cpu", 1)
-    assert "spec sized: size cpu (study sized's size)" in later.stderr
+    assert started["size"] == "spec sized: size cpu (study sized's size)"
     refused = _sweep(sized, tmp_path, "--size", "gpu")
     assert refused.exit_code == 2
     assert refused.stderr == ("mtbert: error: study sized was made with size cpu; a worker "
@@ -246,8 +247,8 @@ def test_a_study_made_before_sizes_runs_as_it_always_did(sized, unsized, tmp_pat
     joined = _sweep(sized, tmp_path)
     assert joined.exit_code == 0, joined.output
     assert started["spec"].base_values["train.epochs"] == 1
-    assert ("spec sized: size cpu (study sized has no stored size: made before sizes, when "
-            "shipped bases were the cpu size)") in joined.stderr
+    assert started["size"] == ("spec sized: size cpu (study sized has no stored size: made "
+                               "before sizes, when shipped bases were the cpu size)")
     assert "size" not in started["study"].user_attrs  # not written into an old study
     plain = _sweep(unsized, tmp_path, "--study", "plain")  # a spec without sizes: no size
     assert plain.exit_code == 0 and "size" not in started["study"].user_attrs
@@ -319,3 +320,16 @@ def test_the_trial_job_and_its_wandb_config_carry_the_size(sized, tmp_path, monk
     save_config(trial_config(spec, {}), tmp_path / "config.yaml")
     TrackedTraining(job, tmp_path)
     assert (seen["config"]["size"], seen["config"]["train"]["epochs"]) == ("tiny", 2)
+
+
+def test_a_sweep_says_its_size_as_its_trials_start(sized, tmp_path, caplog):
+    from mtbert.studies.runner import run_sweep, sized_spec
+
+    options = SweepOptions(out=tmp_path, trials=0, wandb_mode="disabled")
+    spec, size = sized_spec(str(sized), [], "auto", on_cuda=lambda: False, options=options)
+    with caplog.at_level("INFO", logger="mtbert"):
+        run = run_sweep(spec, options, size=size)
+    assert run.study.user_attrs["size"] == "cpu"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.index("spec sized: size cpu (auto: the trials train on the CPU)") == \
+        lines.index(next(line for line in lines if line.startswith("study sized in "))) - 1

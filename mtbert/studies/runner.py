@@ -179,9 +179,11 @@ class SweepRun:
         return self.ran and not new_finished(self.study, self.before)
 
 
-def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
+def run_sweep(spec: SweepSpec, options: SweepOptions, *,
+              size: SizeChoice | None = None) -> SweepRun:
     """Create or resume the study, store `options.budget_hours` in it, and run
-    `options.trials` more trials (or until the timeout, a stop or the budget)."""
+    `options.trials` more trials (or until the timeout, a stop or the budget); `size`, the
+    spec's size and why (`sized_spec`), is said as the trials start."""
     import optuna
 
     if options.budget_hours is not None:
@@ -203,6 +205,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
         stopped = stop_reason(study)
     if stopped:
         return SweepRun(study, before, stopped, ran=False)
+    if size is not None:
+        log.info("%s", size.line(spec.name))
     log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
              mask_url(options.url), count,
              options.trials if options.trials is not None else "until the timeout")
