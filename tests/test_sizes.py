@@ -6,6 +6,7 @@ that would run it (`_run_sweep`), the study made in-process by `create_study`.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -21,9 +22,10 @@ from mtbert.studies.job import TrialJob
 from mtbert.studies.options import SweepOptions
 from mtbert.studies.runner import create_study
 from mtbert.studies.sizes import NO_STUDY, choose_size
-from mtbert.studies.spec import load_spec, stored_spec, trial_config
+from mtbert.studies.spec import load_spec, shipped_specs, stored_spec, trial_config
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZED = """name: sized
 base:
@@ -320,6 +322,89 @@ def test_the_trial_job_and_its_wandb_config_carry_the_size(sized, tmp_path, monk
     save_config(trial_config(spec, {}), tmp_path / "config.yaml")
     TrackedTraining(job, tmp_path)
     assert (seen["config"]["size"], seen["config"]["train"]["epochs"]) == ("tiny", 2)
+
+
+# ---------------------------------------------------------------- the shipped specs
+
+# The research protocol every shipped spec's base (its gpu size) follows.
+PROTOCOL = {"model.encoder": "bert-base-uncased", "data.max_train_examples": 0,
+            "data.max_eval_examples": 0, "train.epochs": 10, "train.steps_per_epoch": 0,
+            "train.batch_size": 8, "train.lr": 1e-5}
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+def test_every_shipped_spec_is_the_protocol_on_cuda_and_small_on_a_cpu(name):
+    gpu, cpu = load_spec(name, size="gpu"), load_spec(name, size="cpu")
+    assert gpu.sizes == ["cpu", "gpu"]
+    assert {key: gpu.base_values[key] for key in PROTOCOL} == PROTOCOL
+    assert gpu.base_values == load_spec(name).base_values  # gpu: the base as written
+    small = cpu.base_values
+    assert (small["model.encoder"], small["train.epochs"], small["data.max_eval_examples"]) \
+        == ("minilm-l6", 2, 600)
+    assert 0 < small["train.steps_per_epoch"] <= 50
+
+
+def test_the_strategies_windows_act_at_both_sizes():
+    """DWA sets its weights after two windows; the gradient-conflict readings come
+    inside an epoch."""
+    cpu, gpu = (load_spec("strategies", size=size).base_values for size in ("cpu", "gpu"))
+    # cpu: windows of 10 steps in 2 x 50 steps (weights from step 21); readings every 25.
+    assert (cpu["loss.dwa_window"], cpu["train.epochs"] * cpu["train.steps_per_epoch"]) \
+        == (10, 100)
+    assert cpu["train.log_grad_conflict_every"] == 25
+    # gpu: DWA over epochs, as its paper counts (weights from epoch 3 of 10); a reading
+    # every 1,000 steps of a pass of round robin over the 16k QQP part (3,824 batches of 8).
+    assert (gpu["loss.dwa_window"], gpu["train.epochs"]) == (0, 10)
+    assert gpu["train.log_grad_conflict_every"] == 1000 < 8544 // 8 + 16002 // 8 + 6040 // 8
+
+
+def test_loss_weights_prints_the_cpu_size_without_cuda_and_the_protocol_with_size_gpu(
+        monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    small = _printed("loss-weights")
+    assert _base(small.stdout)["model"] == {"encoder": "minilm-l6"}
+    assert "spec loss-weights: size cpu (auto: the trials train on the CPU)" in small.stderr
+    protocol = _base(_printed("loss-weights", "--size", "gpu").stdout)
+    assert protocol["model"] == {"encoder": "bert-base-uncased"}
+    assert protocol["data"] == {"max_train_examples": 0, "max_eval_examples": 0}
+
+
+def test_readme_command_1_sweeps_the_cpu_size_on_this_machine(tmp_path, started,
+                                                               monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    command = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                   if line.startswith("pip install "))
+    args = command.split(" && mtbert ")[-1].split()
+    assert args[:2] == ["sweep", "loss-weights"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path), "--wandb-mode", "disabled"])
+    assert result.exit_code == 0, result.output
+    spec, options = started["spec"], started["options"]
+    assert (spec.size, options.trials, started["study"].user_attrs["size"]) == ("cpu", 3, "cpu")
+    assert spec.base_values == load_spec("loss-weights", size="cpu").base_values | {
+        "data.dir": "../shared/data/cs224n-qqp16k"}
+    assert (spec.base_values["model.encoder"], spec.base_values["train.steps_per_epoch"]) == \
+        ("minilm-l6", 34)
+
+
+def test_print_check_and_size_gpu_download_nothing(tmp_path, started, monkeypatch):
+    import huggingface_hub
+
+    import mtbert.encoder
+
+    def download(*args, **kwargs):
+        raise AssertionError("an encoder was fetched")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.setattr(mtbert.encoder, "resolve_encoder", download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    printed = _printed("loss-weights", "--size", "gpu")
+    assert _base(printed.stdout)["model"] == {"encoder": "bert-base-uncased"}
+    checked = runner.invoke(app, ["sweep", "loss-weights", "--size", "gpu", "--check"])
+    assert checked.exit_code == 0, checked.output
+    swept = runner.invoke(app, ["sweep", "loss-weights", "--size", "gpu", "--out",
+                                str(tmp_path), "--wandb-mode", "disabled"])
+    assert swept.exit_code == 0, swept.output
+    assert started["spec"].base_values["model.encoder"] == "bert-base-uncased"
 
 
 def test_a_sweep_says_its_size_as_its_trials_start(sized, tmp_path, caplog):
