@@ -256,6 +256,16 @@ def test_a_study_made_before_sizes_runs_as_it_always_did(sized, unsized, tmp_pat
     assert plain.exit_code == 0 and "size" not in started["study"].user_attrs
 
 
+def test_a_spec_printed_at_the_studys_size_joins_it(sized, tmp_path, started):
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(_printed(str(sized), "--size", "tiny").stdout)
+    assert _sweep(sized, tmp_path, "--size", "tiny").exit_code == 0
+    joined = _sweep(printed, tmp_path)  # the study's name; no sizes: its base as written
+    assert joined.exit_code == 0, joined.output
+    assert started["study"].user_attrs["size"] == "tiny"
+    assert started["spec"].base_values == load_spec(str(sized), size="tiny").base_values
+
+
 def test_two_workers_that_chose_different_sizes_do_not_share_a_study(sized, tmp_path):
     options = SweepOptions(out=tmp_path)
     create_study(load_spec(str(sized), size="cpu"), options)

@@ -99,11 +99,12 @@ def create_study(spec: SweepSpec, options: SweepOptions):
         study.set_user_attr(STUDY_SPEC, spec.to_dict())
         if spec.size is not None:
             study.set_user_attr(STUDY_SIZE, spec.size)
-    elif STUDY_SIZE in study.user_attrs and study.user_attrs[STUDY_SIZE] != spec.size:
-        # Two workers that chose their sizes before either made the study.
+    elif spec.size is not None and study.user_attrs.get(STUDY_SIZE, spec.size) != spec.size:
+        # Two workers that chose their sizes before either made the study. (A spec without
+        # sizes, such as one printed at the study's size, runs as written, as --set does.)
         raise ConfigError(f"study '{name}' was made with size {study.user_attrs[STUDY_SIZE]}, "
-                          f"this sweep runs {spec.size or 'its spec without a size'}; pass "
-                          f"--size {study.user_attrs[STUDY_SIZE]}, or use --study NEW_NAME")
+                          f"this sweep runs {spec.size}; pass --size "
+                          f"{study.user_attrs[STUDY_SIZE]}, or use --study NEW_NAME")
     elif stored.get("seeds", 1) != spec.seeds:
         raise ConfigError(f"study '{name}' races each configuration over "
                           f"{stored.get('seeds', 1)} seed(s), this sweep over {spec.seeds}; "
