@@ -23,6 +23,7 @@ from mtbert.studies.options import SweepOptions
 from mtbert.studies.runner import create_study
 from mtbert.studies.sizes import NO_STUDY, choose_size
 from mtbert.studies.spec import load_spec, shipped_specs, stored_spec, trial_config
+from conftest import tiny_sweep_args
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -428,3 +429,20 @@ def test_a_sweep_says_its_size_as_its_trials_start(sized, tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines.index("spec sized: size cpu (auto: the trials train on the CPU)") == \
         lines.index(next(line for line in lines if line.startswith("study sized in "))) - 1
+
+
+@pytest.mark.slow
+def test_a_sized_sweep_runs_its_trials_at_its_size(sized, tiny_encoder, task_dir, tmp_path,
+                                                   stub_trials):
+    out = tmp_path / "runs"
+    args = tiny_sweep_args(sized, tiny_encoder, task_dir, out, 1, "--size", "cpu")
+    result = runner.invoke(app, args[1:])  # not quiet: the size line is INFO
+    assert result.exit_code == 0, result.output
+    assert "spec sized: size cpu (--size)" in result.stderr
+    run_dir = out / "sized" / "trial-0000"
+    assert TrialJob.read(run_dir).size == "cpu"
+    from mtbert.config import load_config
+
+    assert load_config(run_dir / "config.yaml").train.lr == 1e-4  # the size's, not 1e-5
+    study = optuna.load_study(study_name="sized", storage=f"sqlite:///{out}/mtbert.db")
+    assert study.user_attrs["size"] == "cpu" and study.trials[0].state.name == "COMPLETE"
