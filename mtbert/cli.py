@@ -131,8 +131,13 @@ TrialsPerGpuOption = Annotated[int, typer.Option(
     "--trials-per-gpu", min=1, help="Trials run at once on each device (each GPU of --gpus), "
                                     "each its own process, so that small encoders fill a big "
                                     "GPU.")]
+SizeOption = Annotated[str, typer.Option(
+    "--size", help="The spec's size (its `sizes:`): cpu, gpu or another it names; auto: gpu "
+                   "where the trials train on CUDA, else cpu (a spec without that size runs "
+                   "as written). A study keeps the size it was made with.")]
 PrintSpecOption = Annotated[bool, typer.Option(
-    "--print", help="Print the resolved spec (a file sweep runs) and exit.")]
+    "--print", help="Print the resolved spec, its size folded into the base (a file sweep "
+                    "runs the same anywhere), and exit.")]
 ListSpecsOption = Annotated[bool, typer.Option("--list", help="List the shipped specs.")]
 StorageOutageOption = Annotated[float, typer.Option(
     "--storage-outage", min=0, envvar="MTBERT_STORAGE_OUTAGE",
@@ -558,6 +563,7 @@ def sweep(
     max_retries: MaxRetriesOption = DEFAULTS.max_retries,
     gpus: GpusOption = None,
     trials_per_gpu: TrialsPerGpuOption = DEFAULTS.trials_per_gpu,
+    size: SizeOption = "auto",
     print_spec: PrintSpecOption = False,
     list_specs: ListSpecsOption = False,
     check: CheckSpecOption = False,
@@ -580,18 +586,21 @@ def sweep(
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
     trials, exit 0, with the reason on stderr.
     """
+    from mtbert.studies.sizes import trials_on_cuda
     from mtbert.studies.slots import parse_gpus
-    from mtbert.studies.spec import spec_list, spec_yaml
+    from mtbert.studies.spec import spec_list
     from mtbert.studies.storage import check_study_name
 
     if list_specs:
         return _echo_lines(spec_list())
-    resolved = _resolve_spec(spec, _overrides(set_, data_dir), enqueue, seeds, race_alpha)
-    if print_spec:
-        return typer.echo(spec_yaml(resolved), nl=False)
-    if check or as_json:
-        return _check_spec(resolved, as_json=as_json, check=check)
-    _warn_inert(resolved, spec)
+    overrides = _overrides(set_, data_dir)
+    # Whether the trials train on CUDA: asked only where --size auto has to look.
+    on_cuda = functools.partial(trials_on_cuda, device.value, gpus is not None)
+    if print_spec or check or as_json:
+        resolved, chosen = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha,
+                                         size=size, on_cuda=on_cuda)
+        return _show_spec(resolved, chosen, print_spec=print_spec, check=check,
+                          as_json=as_json)
     options = SweepOptions(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
         study=None if study is None else check_study_name(study), storage=storage, out=out,
@@ -603,7 +612,21 @@ def sweep(
         storage_outage=storage_outage)
     if storage_timeout is not None:  # this process's connections and its trials'
         os.environ["MTBERT_STORAGE_TIMEOUT"] = f"{storage_timeout:g}"
-    _run_sweep(resolved, options)
+    resolved, chosen = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha, size=size,
+                                     on_cuda=on_cuda, options=options)
+    _warn_inert(resolved, spec)
+    _run_sweep(resolved, options, size=chosen if resolved.sizes else None)
+
+
+def _show_spec(spec, size, *, print_spec: bool, check: bool, as_json: bool) -> None:
+    """`mtbert sweep SPEC --print` or `--check`: the spec at its size, said on stderr."""
+    from mtbert.studies.spec import spec_yaml
+
+    if spec.sizes:  # a spec without sizes runs as written, as it always did
+        log.info("%s", size.line(spec.name))
+    if print_spec:
+        return typer.echo(spec_yaml(spec), nl=False)
+    return _check_spec(spec, as_json=as_json, check=check)
 
 
 def _check_spec(spec, *, as_json: bool, check: bool) -> None:
@@ -636,14 +659,14 @@ def _warn_inert(spec, name: str) -> None:
                     "lists them all", spec.name, len(findings) - SHOWN_FINDINGS, name)
 
 
-def _run_sweep(spec, options) -> None:
+def _run_sweep(spec, options, size=None) -> None:
     """Run the sweep, say why it stopped early, print its table (exit 1: nothing finished)."""
     from mtbert.studies.job import RUNS_FOLDER
     from mtbert.studies.results import state_counts, sweep_table
     from mtbert.studies.runner import interrupted_table, run_sweep
 
     try:
-        run = run_sweep(spec, options)
+        run = run_sweep(spec, options, size=size)
     except KeyboardInterrupt:
         _echo_lines(interrupted_table(options, spec.name))
         raise
@@ -661,19 +684,23 @@ def _run_sweep(spec, options) -> None:
 
 
 def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path],
-                  seeds: Optional[int] = None, race_alpha: Optional[float] = None):
+                  seeds: Optional[int], race_alpha: Optional[float], *, size: str, on_cuda,
+                  options: Optional[SweepOptions] = None):
+    """The spec at its size (the study's, when `options` join one that exists), with --set,
+    --enqueue and the racing options, and the size chosen."""
     from mtbert.studies.enqueue import load_enqueue
-    from mtbert.studies.spec import load_spec, with_racing
+    from mtbert.studies.runner import sized_spec
+    from mtbert.studies.spec import with_racing
 
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
                           "(see `mtbert sweep --list`)")
-    resolved = load_spec(spec, overrides)
+    resolved, chosen = sized_spec(spec, overrides, size, on_cuda=on_cuda, options=options)
     if enqueue is not None:
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
     if race_alpha is not None and (seeds or resolved.seeds) < 2:
         raise MtbertError("--race-alpha goes with --seeds N (N >= 2), or a spec with seeds")
-    return with_racing(resolved, seeds, race_alpha)
+    return with_racing(resolved, seeds, race_alpha), chosen
 
 
 def _check_best_options(*, metric, export, trial, top, hf, wandb, reseed, set_, data_dir,

@@ -524,6 +524,28 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def unflatten(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Run config keys given dotted (`train.lr: 1e-4`) or nested, as one nested mapping."""
+    nested: dict[str, Any] = {}
+    for key, value in mapping.items():
+        nested = set_key(nested, str(key), value) if "." in str(key) else \
+            deep_merge(nested, {key: value})
+    return nested
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `data` with dotted `key` set to `value`."""
+    out = deep_merge(data, {})
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "null"

@@ -57,6 +57,9 @@ STUDY_SPEC_NAME = "spec"
 STUDY_OBJECTIVES = "objectives"
 STUDY_SPEC = "spec_def"
 STUDY_CONSTRAINTS = "constraints"  # the spec's constraints, thresholds resolved
+# The size of the spec folded into its stored base (`studies.sizes`): every later worker
+# runs it. Absent: a study made before sizes, or from a spec without them.
+STUDY_SIZE = "size"
 WORKERS_STARTED = "workers_started"  # sweeps started on the study (each its sampler seed)
 # A study's identity (a random hex id, set once) and the folder under --out its trials'
 # run directories go in: its name, or name-<id> where that folder holds the runs of
@@ -91,6 +94,7 @@ class TrialJob:
     seeds: int = 1  # > 1: the configuration races over this many seeds (studies.racing)
     race_alpha: float = 0.1
     direction: str = "maximize"  # of the first objective, for the race
+    size: str | None = None  # the spec's size (studies.sizes); None: its base as written
     retry_of: int | None = None  # a retry: the trial it takes over
     resume: bool = False  # the run directory holds the taken-over trial's resume state
     wandb_resume_id: str | None = None  # the W&B run to continue (online mode)

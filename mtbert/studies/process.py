@@ -175,6 +175,7 @@ class TrialRunner:
             pruner=self.spec.pruner, params=params, seed=seed, device=self.options.device,
             reseed_of=reseed_of, config_id=config_of(trial),
             seeds=spec.seeds, race_alpha=spec.race_alpha, direction=spec.directions[0],
+            size=spec.size,
             wandb=WandbSettings(self.options.wandb_mode, self.options.wandb_project,
                                 str(self.wandb_dir)))
 

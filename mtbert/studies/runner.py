@@ -14,6 +14,7 @@ the storage (`budget`); either ends the loop once the running trials finish.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import uuid
@@ -25,8 +26,8 @@ from mtbert.errors import ConfigError
 from mtbert.studies.budget import check_budget, set_budget, stop_reason
 from mtbert.studies.constraints import (constraints_func, describe_all, resolve_constraints,
                                         store_constraints, study_constraints)
-from mtbert.studies.job import (RESEED_OF, RUNS_FOLDER, SEED, STUDY_OBJECTIVES, STUDY_SPEC,
-                                STUDY_SPEC_NAME, STUDY_UID, WORKERS_STARTED)
+from mtbert.studies.job import (RESEED_OF, RUNS_FOLDER, SEED, STUDY_OBJECTIVES, STUDY_SIZE,
+                                STUDY_SPEC, STUDY_SPEC_NAME, STUDY_UID, WORKERS_STARTED)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.options import SweepOptions
 from mtbert.studies.outage import Outage
@@ -37,7 +38,8 @@ from mtbert.studies.results import (complete_trials, describe_trial, feasible_tr
                                     new_finished, ranked)
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.samplers import make_pruner, make_sampler
-from mtbert.studies.spec import SweepSpec, stored_spec, trial_config
+from mtbert.studies.sizes import NO_STUDY, NoStudy, SizeChoice, check_sizes, choose_size
+from mtbert.studies.spec import SweepSpec, load_spec, read_spec, stored_spec, trial_config
 from mtbert.studies.storage import (check_study_name, enqueue_once, mask_url, select_study,
                                     setup_lock, storage_errors, with_driver)
 from mtbert.studies.warmstart import warm_start
@@ -115,6 +117,14 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     stored = study.user_attrs.get(STUDY_SPEC)
     if stored is None:
         study.set_user_attr(STUDY_SPEC, spec.to_dict())
+        if spec.size is not None:
+            study.set_user_attr(STUDY_SIZE, spec.size)
+    elif spec.size is not None and study.user_attrs.get(STUDY_SIZE, spec.size) != spec.size:
+        # Two workers that chose their sizes before either made the study. (A spec without
+        # sizes, such as one printed at the study's size, runs as written, as --set does.)
+        raise ConfigError(f"study '{name}' was made with size {study.user_attrs[STUDY_SIZE]}, "
+                          f"this sweep runs {spec.size}; pass --size "
+                          f"{study.user_attrs[STUDY_SIZE]}, or use --study NEW_NAME")
     elif stored.get("seeds", 1) != spec.seeds:
         raise ConfigError(f"study '{name}' races each configuration over "
                           f"{stored.get('seeds', 1)} seed(s), this sweep over {spec.seeds}; "
@@ -137,6 +147,43 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     return study, before
 
 
+def stored_size(options: SweepOptions, name: str) -> str | None | NoStudy:
+    """The size stored in study `name` of the sweep's storage; None: the study has none;
+    NO_STUDY: there is no such study yet (a SQLite file that does not exist is not made)."""
+    url = options.url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return NO_STUDY
+    with storage_errors(url):
+        storage = options.open_storage()
+        try:
+            study_id = storage.get_study_id_from_name(name)
+        except KeyError:
+            return NO_STUDY
+        return storage.get_study_user_attrs(study_id).get(STUDY_SIZE)
+
+
+def sized_spec(spec: str, overrides: list[str], requested: str, *, on_cuda,
+               options: SweepOptions | None = None) -> tuple[SweepSpec, SizeChoice]:
+    """`spec` (a shipped name or a path) at its size for `--size requested`, `overrides`
+    (`--set`) on its base, and the size chosen. The size is the one stored in the study
+    that `options` join, where it exists (asked once the spec is checked, so that a bad
+    spec touches no storage), else `requested` (`auto`: by `on_cuda()`, whether the trials
+    train on CUDA). Without `options` (`--print`, `--check`) there is no study to ask."""
+    raw, _, where = read_spec(spec)
+    sizes = list(check_sizes(raw.get("sizes"), lambda message: ConfigError(f"{where}: "
+                                                                           f"{message}")))
+    choose = functools.partial(choose_size, requested, sizes, where=where, on_cuda=on_cuda)
+    chosen = choose()
+    resolved = load_spec(spec, overrides, size=chosen.name)
+    if options is not None and sizes:  # a spec without sizes has one base: nothing to ask
+        name = check_study_name(options.study or resolved.name)
+        joined = choose(study=name, stored=stored_size(options, name))
+        if joined.name != chosen.name:
+            resolved = load_spec(spec, overrides, size=joined.name)
+        chosen = joined
+    return resolved, chosen
+
+
 @dataclass
 class SweepRun:
     """What `run_sweep` did: the study, which trials had finished before, and why it started
@@ -153,9 +200,11 @@ class SweepRun:
         return self.ran and not new_finished(self.study, self.before)
 
 
-def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
+def run_sweep(spec: SweepSpec, options: SweepOptions, *,
+              size: SizeChoice | None = None) -> SweepRun:
     """Create or resume the study, store `options.budget_hours` in it, and run
-    `options.trials` more trials (or until the timeout, a stop or the budget)."""
+    `options.trials` more trials (or until the timeout, a stop or the budget); `size`, the
+    spec's size and why (`sized_spec`), is said as the trials start."""
     import optuna
 
     if options.budget_hours is not None:
@@ -177,6 +226,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
         stopped = stop_reason(study)
     if stopped:
         return SweepRun(study, before, stopped, ran=False)
+    if size is not None:
+        log.info("%s", size.line(spec.name))
     log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
              mask_url(options.url), count,
              options.trials if options.trials is not None else "until the timeout")

@@ -121,7 +121,7 @@ class TrackedTraining:
             mode=job.wandb.mode, project=job.wandb.project, group=job.study,
             job_type=job.spec, name=name,
             config={**config.to_dict(), "params": job.params, "study": job.study,
-                    "trial": job.number, "config_id": job.config_id,
+                    "size": job.size, "trial": job.number, "config_id": job.config_id,
                     "reseed_of": job.reseed_of, "retry_of": job.retry_of},
             tags=self._tags(), directory=Path(job.wandb.dir), resume_id=job.wandb_resume_id)
         self.run_id = self.tracker.run_id
