@@ -584,8 +584,7 @@ def sweep(
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
-    trials, exit 0, with the reason on stderr.
-    """
+    trials, exit 0, with the reason on stderr."""
     from mtbert.studies.sizes import trials_on_cuda
     from mtbert.studies.slots import parse_gpus
     from mtbert.studies.spec import spec_list
@@ -610,12 +609,16 @@ def sweep(
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
         baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top,
         storage_outage=storage_outage)
-    if storage_timeout is not None:  # this process's connections and its trials'
-        os.environ["MTBERT_STORAGE_TIMEOUT"] = f"{storage_timeout:g}"
+    _set_storage_timeout(storage_timeout)
     resolved, chosen = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha, size=size,
                                      on_cuda=on_cuda, options=options)
-    _warn_inert(resolved, spec)
     _run_sweep(resolved, options, size=chosen if resolved.sizes else None)
+
+
+def _set_storage_timeout(seconds: Optional[float]) -> None:
+    """`--storage-timeout`: for this process's connections and its trial processes'."""
+    if seconds is not None:
+        os.environ["MTBERT_STORAGE_TIMEOUT"] = f"{seconds:g}"
 
 
 def _show_spec(spec, size, *, print_spec: bool, check: bool, as_json: bool) -> None:
@@ -700,6 +703,8 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
     if race_alpha is not None and (seeds or resolved.seeds) < 2:
         raise MtbertError("--race-alpha goes with --seeds N (N >= 2), or a spec with seeds")
+    if options is not None:  # a sweep starts: it says what --check would
+        _warn_inert(resolved, spec)
     return with_racing(resolved, seeds, race_alpha), chosen
 
 
