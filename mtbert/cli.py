@@ -131,9 +131,23 @@ TrialsPerGpuOption = Annotated[int, typer.Option(
     "--trials-per-gpu", min=1, help="Trials run at once on each device (each GPU of --gpus), "
                                     "each its own process, so that small encoders fill a big "
                                     "GPU.")]
+SizeOption = Annotated[str, typer.Option(
+    "--size", help="The spec's size (its `sizes:`): cpu, gpu or another it names; auto: gpu "
+                   "where the trials train on CUDA, else cpu (a spec without that size runs "
+                   "as written). A study keeps the size it was made with.")]
 PrintSpecOption = Annotated[bool, typer.Option(
-    "--print", help="Print the resolved spec (a file sweep runs) and exit.")]
+    "--print", help="Print the resolved spec, its size folded into the base (a file sweep "
+                    "runs the same anywhere), and exit.")]
 ListSpecsOption = Annotated[bool, typer.Option("--list", help="List the shipped specs.")]
+StorageOutageOption = Annotated[float, typer.Option(
+    "--storage-outage", min=0, envvar="MTBERT_STORAGE_OUTAGE",
+    help="Seconds a worker rides out an unreachable study storage (retrying, said on "
+         "stderr) before it ends with one line, exit 1; its running trial is resumed by "
+         "the next worker.")]
+StorageTimeoutOption = Annotated[Optional[float], typer.Option(
+    "--storage-timeout", min=1, envvar="MTBERT_STORAGE_TIMEOUT", show_default="10",
+    help="Seconds a connection to the study storage may take (every command reads "
+         "$MTBERT_STORAGE_TIMEOUT).")]
 CheckSpecOption = Annotated[bool, typer.Option(
     "--check", help="Name every searched setting that cannot change the model in some "
                     "reachable combination (ignored, clipped away, two names of one model), "
@@ -550,6 +564,7 @@ def sweep(
     max_retries: MaxRetriesOption = DEFAULTS.max_retries,
     gpus: GpusOption = None,
     trials_per_gpu: TrialsPerGpuOption = DEFAULTS.trials_per_gpu,
+    size: SizeOption = "auto",
     print_spec: PrintSpecOption = False,
     list_specs: ListSpecsOption = False,
     check: CheckSpecOption = False,
@@ -564,24 +579,28 @@ def sweep(
     warm_start: WarmStartOption = None,
     warm_storage: WarmStorageOption = None,
     warm_top: WarmTopOption = DEFAULTS.warm_top,
+    storage_outage: StorageOutageOption = DEFAULTS.storage_outage,
+    storage_timeout: StorageTimeoutOption = None,
 ) -> None:
     """Run an Optuna study over a sweep spec: each trial a multitask training run.
 
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
-    trials, exit 0, with the reason on stderr.
-    """
+    trials, exit 0, with the reason on stderr."""
+    from mtbert.studies.sizes import trials_on_cuda
     from mtbert.studies.slots import parse_gpus
-    from mtbert.studies.spec import spec_list, spec_yaml
+    from mtbert.studies.spec import spec_list
     from mtbert.studies.storage import check_study_name
 
     if list_specs:
         return _echo_lines(spec_list())
-    resolved = _resolve_spec(spec, _overrides(set_, data_dir), enqueue, seeds, race_alpha)
-    if print_spec:
-        return typer.echo(spec_yaml(resolved), nl=False)
-    if check or as_json:
-        return _check_spec(resolved, as_json=as_json, check=check)
-    _warn_inert(resolved, spec)
+    overrides = _overrides(set_, data_dir)
+    # Whether the trials train on CUDA: asked only where --size auto has to look.
+    on_cuda = functools.partial(trials_on_cuda, device.value, gpus is not None)
+    if print_spec or check or as_json:
+        resolved, chosen = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha,
+                                         size=size, on_cuda=on_cuda)
+        return _show_spec(resolved, chosen, print_spec=print_spec, check=check,
+                          as_json=as_json)
     options = SweepOptions(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
         study=None if study is None else check_study_name(study), storage=storage, out=out,
@@ -590,8 +609,28 @@ def sweep(
         max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
         baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top,
-        progress=_progress())
-    _run_sweep(resolved, options)
+        storage_outage=storage_outage, progress=_progress())
+    _set_storage_timeout(storage_timeout)
+    resolved, chosen = _resolve_spec(spec, overrides, enqueue, seeds, race_alpha, size=size,
+                                     on_cuda=on_cuda, options=options)
+    _run_sweep(resolved, options, size=chosen if resolved.sizes else None)
+
+
+def _set_storage_timeout(seconds: Optional[float]) -> None:
+    """`--storage-timeout`: for this process's connections and its trial processes'."""
+    if seconds is not None:
+        os.environ["MTBERT_STORAGE_TIMEOUT"] = f"{seconds:g}"
+
+
+def _show_spec(spec, size, *, print_spec: bool, check: bool, as_json: bool) -> None:
+    """`mtbert sweep SPEC --print` or `--check`: the spec at its size, said on stderr."""
+    from mtbert.studies.spec import spec_yaml
+
+    if spec.sizes:  # a spec without sizes runs as written, as it always did
+        log.info("%s", size.line(spec.name))
+    if print_spec:
+        return typer.echo(spec_yaml(spec), nl=False)
+    return _check_spec(spec, as_json=as_json, check=check)
 
 
 def _check_spec(spec, *, as_json: bool, check: bool) -> None:
@@ -624,13 +663,14 @@ def _warn_inert(spec, name: str) -> None:
                     "lists them all", spec.name, len(findings) - SHOWN_FINDINGS, name)
 
 
-def _run_sweep(spec, options) -> None:
+def _run_sweep(spec, options, size=None) -> None:
     """Run the sweep, say why it stopped early, print its table (exit 1: nothing finished)."""
+    from mtbert.studies.job import RUNS_FOLDER
     from mtbert.studies.results import state_counts, sweep_table
     from mtbert.studies.runner import interrupted_table, run_sweep
 
     try:
-        run = run_sweep(spec, options)
+        run = run_sweep(spec, options, size=size)
     except KeyboardInterrupt:
         _echo_lines(interrupted_table(options, spec.name))
         raise
@@ -640,26 +680,33 @@ def _run_sweep(spec, options) -> None:
     if run.stopped:
         typer.echo(f"mtbert: {run.stopped}", err=True)
     if run.failed:
+        folder = run.study.user_attrs.get(RUNS_FOLDER, name)
         typer.echo("mtbert: error: no trial could finish; see the trial.log files under "
-                   f"{options.out / name}", err=True)
+                   f"{options.out / folder}", err=True)
         raise typer.Exit(1)
     _echo_lines(sweep_table(run.study))
 
 
 def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[Path],
-                  seeds: Optional[int] = None, race_alpha: Optional[float] = None):
+                  seeds: Optional[int], race_alpha: Optional[float], *, size: str, on_cuda,
+                  options: Optional[SweepOptions] = None):
+    """The spec at its size (the study's, when `options` join one that exists), with --set,
+    --enqueue and the racing options, and the size chosen."""
     from mtbert.studies.enqueue import load_enqueue
-    from mtbert.studies.spec import load_spec, with_racing
+    from mtbert.studies.runner import sized_spec
+    from mtbert.studies.spec import with_racing
 
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
                           "(see `mtbert sweep --list`)")
-    resolved = load_spec(spec, overrides)
+    resolved, chosen = sized_spec(spec, overrides, size, on_cuda=on_cuda, options=options)
     if enqueue is not None:
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
     if race_alpha is not None and (seeds or resolved.seeds) < 2:
         raise MtbertError("--race-alpha goes with --seeds N (N >= 2), or a spec with seeds")
-    return with_racing(resolved, seeds, race_alpha)
+    if options is not None:  # a sweep starts: it says what --check would
+        _warn_inert(resolved, spec)
+    return with_racing(resolved, seeds, race_alpha), chosen
 
 
 def _check_best_options(*, metric, export, trial, top, hf, wandb, reseed, set_, data_dir,
@@ -877,6 +924,9 @@ def studies(
                          "study again.")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the list as a JSON array, one object per study.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --delete: delete a study whose trials are RUNNING (a worker "
+                        "may be training them).")] = False,
 ) -> None:
     """List the studies of a storage: trials by state, hours, budget, best values.
 
@@ -892,8 +942,8 @@ def studies(
                             ("--json", as_json)) if v]
     if len(given) > 1:
         raise MtbertError(f"{' and '.join(given)} do not go together; pick one")
-    if runs and delete is None:
-        raise MtbertError("--runs goes with --delete NAME")
+    if (runs or force) and delete is None:
+        raise MtbertError(f"{'--runs' if runs else '--force'} goes with --delete NAME")
     if stop or resume:
         return typer.echo(set_stop(storage, out, stop or resume, requested=bool(stop)))
     url = storage_url(storage, out)
@@ -904,6 +954,11 @@ def studies(
             return typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
         return _echo_lines(studies_table(summaries))
     plan = plan_deletion(rdb, select_study(rdb, delete), url=url, out=out, runs=runs)
+    if plan.running and not force:
+        raise MtbertError(f"study {plan.study} has {plan.running} RUNNING trial(s): a worker "
+                          "may be training them; stop its sweep first (`mtbert studies --stop "
+                          f"{plan.study}`, or Ctrl-C), or pass --force (a dead worker's "
+                          "trials stay RUNNING until the next worker fails them)")
     for note in plan.left:
         log.warning("%s", note)
     if not yes and not _confirm(f"Delete {plan.describe()}?"):
@@ -937,15 +992,17 @@ def report(
 ) -> None:
     """Write a study report: index.html (opens offline) and the figures as PNG files."""
     from mtbert.runtime import wandb_dir
-    from mtbert.studies.report import build_report, check_destination, log_study_report
+    from mtbert.studies.report import build_report, check_destination, destination
+    from mtbert.studies.report import log_study_report
     from mtbert.studies.storage import mask_url, open_study
 
     mode = _wandb_mode(wandb_mode) if wandb else "disabled"
     if to is not None:
-        check_destination(to, overwrite=overwrite)
+        check_destination(to, overwrite=overwrite)  # before the storage is opened
     loaded, url = open_study(storage, out, study)
-    dest = to or out / loaded.study_name / "report"
-    written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
+    with destination(to or out / loaded.study_name / "report", overwrite=overwrite,
+                     given=to is not None) as dest:
+        written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
     for note in written.notes:
         log.info("%s", note)
     log.info("figures: %s", ", ".join(p.name for p in written.figures.values()) or "none")

@@ -214,7 +214,7 @@ def _config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[s
 def _plan(candidates: list[Candidate], seeds: list[int], out: Path):
     """Every run as (candidate, seed, task, config, run_dir); a run directory that holds
     another config is bad input, found before anything trains."""
-    import yaml
+    from mtbert.safeyaml import load_yaml
 
     plan = []
     for c in candidates:
@@ -223,7 +223,7 @@ def _plan(candidates: list[Candidate], seeds: list[int], out: Path):
                 run_dir = out / c.name / f"seed{seed}" / (task or "")
                 saved = run_dir / "config.yaml"
                 if saved.exists():
-                    differ = _config_differences(yaml.safe_load(saved.read_text()) or {},
+                    differ = _config_differences(load_yaml(saved.read_text(), str(saved)) or {},
                                                  config.to_dict())
                     if differ:
                         raise ConfigError(

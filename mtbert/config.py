@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from mtbert.errors import ConfigError
+from mtbert.safeyaml import load_yaml
 from mtbert.tasks import METRIC_KEYS, TASKS
 
 
@@ -408,7 +409,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"bad --set {item!r}; expected KEY=VALUE, e.g. train.lr=2e-5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -431,7 +432,7 @@ def overrides_to_dict(items: list[str]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), f"config file {path}")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -521,6 +522,28 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def unflatten(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Run config keys given dotted (`train.lr: 1e-4`) or nested, as one nested mapping."""
+    nested: dict[str, Any] = {}
+    for key, value in mapping.items():
+        nested = set_key(nested, str(key), value) if "." in str(key) else \
+            deep_merge(nested, {key: value})
+    return nested
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `data` with dotted `key` set to `value`."""
+    out = deep_merge(data, {})
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
 
 
 def _show(value: Any) -> str:

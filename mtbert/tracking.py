@@ -23,6 +23,39 @@ from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
 MODES = ("online", "offline", "disabled")
+# How long W&B online may take to answer before a run goes offline: wandb's own
+# $WANDB_INIT_TIMEOUT when set, else this (seconds); the sweep's one check of the
+# server takes at most REACH_TIMEOUT_S.
+INIT_TIMEOUT_S = 30
+REACH_TIMEOUT_S = 10
+
+
+def unreachable(timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """Why the W&B server ($WANDB_BASE_URL, else api.wandb.ai) cannot be reached within
+    `timeout` seconds; None when it accepts a connection."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        return f"{url.hostname}:{port}: {first_line(err) or type(err).__name__}"
+    return None
+
+
+def online_or_offline(mode: str) -> str:
+    """`mode`, except that online with a W&B server out of reach is offline, said once: a
+    sweep checks before its first trial, so that no trial waits on the server."""
+    if mode != "online":
+        return mode
+    reason = unreachable()
+    if reason is None:
+        return mode
+    log.warning("W&B online: the server is out of reach (%s); this sweep's runs are "
+                "logged offline, to upload later with `wandb sync`", reason)
+    return "offline"
 
 
 def api_key_configured() -> bool:
@@ -63,9 +96,19 @@ class Tracker:
             directory.mkdir(parents=True, exist_ok=True)
             resume = {"id": resume_id, "resume": "allow"} if resume_id and mode == "online" \
                 else {}
-            self.run = wandb.init(project=project, group=group, job_type=job_type, name=name,
-                                  config=config, tags=tags, dir=str(directory), mode=mode,
-                                  **resume)
+            kwargs = dict(project=project, group=group, job_type=job_type, name=name,
+                          config=config, tags=tags, dir=str(directory), **resume)
+            timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+            try:
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(
+                    init_timeout=timeout), **kwargs)
+            except Exception as err:  # noqa: BLE001 - online out of reach: offline
+                if mode != "online":
+                    raise
+                log.warning("W&B online did not start within %g s (%s); this run is logged "
+                            "offline", timeout, first_line(err))
+                kwargs.pop("id", None), kwargs.pop("resume", None)
+                self.run = wandb.init(mode="offline", **kwargs)
             self.run.define_metric("step")
             for key in METRIC_KEYS:
                 self.run.define_metric(key, step_metric="step", summary="max")

@@ -385,7 +385,8 @@ def epochs_finished(run_dir: Path) -> int:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(payload["state"]["epoch"]) + 1
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError):
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError,
+            OSError):  # OSError: a truncated file that cannot be memory-mapped
         return 0
 
 
@@ -435,19 +436,23 @@ def _run_epoch(s: TrainingSetup, state: LoopState, epoch: int, *, progress: bool
 
 def evaluate_and_checkpoint(s: TrainingSetup, state: LoopState, epoch: int,
                             result: EpochResult) -> dict:
-    """Dev metrics of the epoch just trained, appended to metrics.jsonl; the model
-    directory if they are the best; then the epoch's resume state. Returns the record."""
+    """Dev metrics of the epoch just trained: the model directory if they are the best,
+    the epoch's resume state, then its line in metrics.jsonl. Returns the record."""
     t = s.config.train
     metrics = evaluate(s.model, s.data.dev, batch_size=t.eval_batch_size, device=s.device)
     record = {"step": state.step, "epoch": epoch + 1, **metrics,
               "train/loss": result.loss, **result.extra(s.combiner)}
     state.history.append(record)
-    append_metrics(s.run_dir, record)
-    log.info("epoch %d/%d: %s", epoch + 1, t.epochs,
-             "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    # Checkpoint, then announce: the model and the resume state are on disk before the
+    # epoch's metrics line and log line say it finished, so that a run killed in between
+    # is resumed after this epoch, and never holds it twice (the resume rewrites
+    # metrics.jsonl from the saved history).
     _keep_the_best(s, state, epoch, metrics)
     state.epoch = epoch
     save_resume_state(s, state)
+    append_metrics(s.run_dir, record)
+    log.info("epoch %d/%d: %s", epoch + 1, t.epochs,
+             "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return record
 
 

@@ -22,7 +22,8 @@ PACKAGE = ROOT / "mtbert"
 # config, which names their entries; the model modules sit below the training loop, which
 # sits below everything that runs trainings (studies, compare) and the CLI on top.
 LAYERS = [
-    {"version", "errors", "tasks", "formatting", "schedules", "balancing", "rundir", "live"},
+    {"version", "errors", "tasks", "formatting", "schedules", "balancing", "rundir", "live",
+     "safeyaml"},
     {"config", "runtime", "tokenize", "encoder", "contrastive"},
     {"data", "heads", "optim", "fastpath", "evaluate", "modeldir", "predictor", "download",
      "analysis"},

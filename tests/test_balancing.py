@@ -361,6 +361,17 @@ def test_every_method_is_registered():
                                  "pcgrad"}
 
 
+
+def _one_step(combiner, model, losses) -> None:
+    """Backpropagate one optimizer step's task losses as the training loop does: at once
+    for a per-step method, batch by batch otherwise; then the method's after-step."""
+    if combiner.per_step:
+        combiner.backward(losses, model, scale=1.0)
+    else:
+        for task, loss in losses.items():
+            combiner.backward({task: loss}, model, scale=1.0)
+    combiner.after_step()
+
 @pytest.mark.parametrize("method", sorted(LOSS_METHODS))
 def test_a_method_declares_the_keys_it_reads(method):
     config = ConfigReads("loss", LossConfig(method=method))
@@ -369,12 +380,7 @@ def test_a_method_declares_the_keys_it_reads(method):
     for epoch in range(3):
         model.zero_grad()
         losses = _task_losses(model)
-        if combiner.per_step:
-            combiner.backward(losses, model, scale=1.0)
-        else:
-            for task, loss in losses.items():
-                combiner.backward({task: loss}, model, scale=1.0)
-        combiner.after_step()
+        _one_step(combiner, model, losses)
         combiner.end_epoch({t: 1.0 / (epoch + 1) for t in TASK_NAMES})
     combiner.task_weights()
     # The loop trains a method's parameters at loss.weight_lr (train._make_optimizer).
@@ -411,12 +417,7 @@ def test_a_step_builds_no_tensor_from_python_values(method, window, monkeypatch)
             monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or item(t))
             monkeypatch.setattr(torch.Tensor, "__bool__",
                                 lambda t: calls.append("bool") or as_bool(t))
-        if combiner.per_step:
-            combiner.backward(losses, model, scale=1.0)
-        else:
-            for task, loss in losses.items():
-                combiner.backward({task: loss}, model, scale=1.0)
-        combiner.after_step()
+        _one_step(combiner, model, losses)
         monkeypatch.undo()
     assert calls == []
     if method == "gradnorm":  # built once per task order and device, then reused

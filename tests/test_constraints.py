@@ -389,3 +389,29 @@ def test_warm_start_from_another_storage_runs_its_best_first(stub_trials, tiny_e
                                   earlier])
     assert missing.exit_code == 2
     assert "no study 'nope' in this storage; studies: small" in missing.stderr
+
+
+@pytest.mark.parametrize("mean", ["NaN", "1e999", '"abc"', "7"])
+def test_a_baseline_mean_that_is_no_score_is_one_line_and_nothing_is_stored(tmp_path, mean):
+    path = _compare_json(tmp_path)
+    data = json.loads(path.read_text())
+    data["summary"]["individual"]["sst/acc"]["mean"] = "@"
+    path.write_text(json.dumps(data).replace('"@"', mean))
+    spec = tmp_path / "c.yaml"
+    spec.write_text("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\n"
+                    "constraints: [\"sst/acc >= baseline - 0.01\"]\n")
+    result = runner.invoke(app, ["sweep", str(spec), "--baseline", str(path), "--out",
+                                 str(tmp_path / "runs"), "--wandb-mode", "disabled"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a number between -1 and 1" in lines[0]
+    assert not (tmp_path / "runs" / "mtbert.db").exists()
+
+
+def test_seeds_have_an_upper_bound(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\n"
+                    "seeds: 10000000000000000000000000000000000000000\n")
+    result = runner.invoke(app, ["sweep", str(spec), "--print"])
+    assert result.exit_code == 2
+    assert "seeds must be a whole number from 1 to 100, got 1000000000" in result.stderr

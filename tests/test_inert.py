@@ -47,9 +47,10 @@ def _findings(tmp_path, body: str):
     return findings
 
 
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
 @pytest.mark.parametrize("name", sorted(shipped_specs()))
-def test_every_shipped_spec_passes_the_check(name):
-    findings, combinations = check_spec(load_spec(name))
+def test_every_shipped_spec_passes_the_check_at_both_sizes(name, size):
+    findings, combinations = check_spec(load_spec(name, size=size))
     assert [f.line() for f in findings] == []
     assert combinations >= 1
 
@@ -92,12 +93,13 @@ def test_the_old_strategies_spec_fails_the_cli_check_and_json_lists_the_findings
     assert {f["kind"] for f in findings} == {"ignored", "threshold", "duplicate"}
 
 
-def test_a_shipped_spec_passes_the_cli_check_with_exit_0():
-    result = runner.invoke(app, ["sweep", "strategies", "--check"])
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+def test_a_shipped_spec_passes_the_cli_check_with_exit_0(size):
+    result = runner.invoke(app, ["sweep", "strategies", "--check", "--size", size])
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
-    assert "spec strategies: no findings in" in result.stderr
-    listed = runner.invoke(app, ["sweep", "strategies", "--check", "--json"])
+    assert "spec strategies: no findings in 27 reachable combinations" in result.stderr
+    listed = runner.invoke(app, ["sweep", "strategies", "--check", "--json", "--size", size])
     assert (listed.exit_code, json.loads(listed.stdout)) == (0, [])
 
 

@@ -464,3 +464,33 @@ def test_the_spec_a_study_stores_rebuilds_the_same_spec(name):
     again = spec_from_dict(stored, where="stored", source="stored")
     assert again.to_dict() == spec.to_dict()
     assert again.base_values == spec.base_values and again.base_values["train.epochs"] == 1
+
+
+def test_deleting_a_study_with_running_trials_needs_force(tmp_path):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    study = optuna.create_study(study_name="live", storage=f"sqlite:///{out}/mtbert.db")
+    study.add_trial(create_trial(state=TrialState.RUNNING, params={"train.lr": 1e-4},
+                                 distributions={"train.lr": FloatDistribution(1e-5, 1e-3)}))
+    refused = runner.invoke(app, ["studies", "--out", str(out), "--delete", "live", "--yes"])
+    assert refused.exit_code == 2
+    assert "study live has 1 RUNNING trial(s): a worker may be training them" in refused.stderr
+    assert optuna.get_all_study_names(f"sqlite:///{out}/mtbert.db") == ["live"]
+    forced = runner.invoke(app, ["studies", "--out", str(out), "--delete", "live", "--yes",
+                                 "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert optuna.get_all_study_names(f"sqlite:///{out}/mtbert.db") == []
+
+
+def test_a_reading_command_never_recreates_an_emptied_storage(tmp_path):
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "mtbert.db").write_bytes(b"")
+    for command in (["best"], ["studies"], ["report"]):
+        result = runner.invoke(app, [*command, "--out", str(out)])
+        assert result.exit_code == 2, (command, result.output)
+        assert "is empty (0 bytes): its studies are gone" in result.stderr
+    assert (out / "mtbert.db").stat().st_size == 0

@@ -221,3 +221,22 @@ def test_wandb_failure_is_a_warning_and_the_report_is_written(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     assert "W&B: could not log the report (RuntimeError: network is down)" in result.stderr
     assert (tmp_path / "report" / "index.html").exists()
+
+
+def test_a_report_being_written_into_a_directory_holds_it(tmp_path):
+    """Two reports into one --to at once: the second is one line, exit 2."""
+    import filelock
+
+    make_study(tmp_path, [0.4, 0.5], pruned=False, failed=False)
+    dest = tmp_path / "shared-report"
+    with filelock.FileLock(tmp_path / ".shared-report.lock"):  # a first report writing
+        result = runner.invoke(app, ["report", "--out", str(tmp_path / "runs"), "--to",
+                                     str(dest)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"mtbert: error: another `mtbert report` is writing "
+                                     f"into {dest}; wait for it, or pick another --to")
+    assert not (dest / "index.html").exists()
+    written = runner.invoke(app, ["report", "--out", str(tmp_path / "runs"), "--to", str(dest)])
+    assert written.exit_code == 0 and (dest / "index.html").exists()
+    again = runner.invoke(app, ["report", "--out", str(tmp_path / "runs"), "--to", str(dest)])
+    assert again.exit_code == 2 and "exists and is not empty" in again.stderr

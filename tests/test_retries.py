@@ -271,3 +271,45 @@ def test_a_trial_process_killed_from_outside_is_queued_and_resumed_by_the_same_w
     assert trials[0].user_attrs["fail_reason"] == "killed by signal 9"
     assert trials[1].user_attrs["retry_of"] == 0
     assert trials[1].user_attrs["resumed_from_epoch"] >= 1
+
+
+def _cut_last_line(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text[:-8])  # the last line cut off mid-record
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, resumed", [
+    (lambda run: _cut_last_line(run / "metrics.jsonl"), True),
+    (lambda run: _truncate(run / "resume.pt"), False),
+    (lambda run: _truncate(run / "config.yaml"), False),
+], ids=["metrics-line-cut", "resume-truncated", "config-truncated"])
+def test_a_damaged_dead_run_never_loses_its_retry(stub, tiny_encoder, task_dir, tmp_path,
+                                                  damage, resumed):
+    """A worker killed after its trial's first epoch, its run then damaged: the next
+    worker's retry completes, resuming where the run is readable, else from the start
+    with a word why."""
+    spec = tmp_path / "survive.yaml"
+    spec.write_text(SPEC)
+    storage, out = f"sqlite:///{tmp_path / 'shared.db'}", tmp_path / "runs"
+    doomed = _worker(spec, storage, "s", out, tiny_encoder, task_dir, "--trials", "1")
+    first = out / "s" / "trial-0000"
+    wait_for(lambda: _epochs_done(first) >= 1 or doomed.poll() is not None, timeout=180,
+             what="the first epoch")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=30)
+    damage(first)
+    time.sleep(2.5)  # past --grace
+    later = _worker(spec, storage, "s", out, tiny_encoder, task_dir, "--trials", "1")
+    _, err = later.communicate(timeout=300)
+    assert later.returncode == 0, err
+    assert "Traceback" not in err
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], err
+    assert (trials[1].user_attrs["resumed_from_epoch"] >= 1) == resumed
+    if not resumed:
+        assert "trial 1 retries trial 0 from the start" in err

@@ -29,7 +29,7 @@ PG = POSTGRES_URL
 ROOT = Path(__file__).resolve().parents[1]
 # `mtbert studies` on an empty storage: the table's header, no study.
 HEADER = ("study                    trials complete pruned fail running     hours    budget  "
-          "best")
+          "size   best")
 
 
 needs_postgres = pytest.mark.skipif(postgres_unreachable() is not None,

@@ -27,7 +27,7 @@ def _trial(state=TrialState.COMPLETE, values=None, lr=1e-4, **attrs):
 @pytest.fixture
 def storage(tmp_path):
     """Three studies as sweeps leave them: one raced over seeds with every trial state, a
-    budget and a stop; one multi-objective; one without trials."""
+    budget, a stop and a size; one multi-objective; one without trials."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path}/mtbert.db"
     raced = optuna.create_study(study_name="raced", storage=url, direction="maximize")
@@ -35,6 +35,7 @@ def storage(tmp_path):
     raced.set_user_attr("spec_def", {"name": "raced", "seeds": 3, "race_alpha": 0.1})
     raced.set_user_attr("budget_hours", 1.0)
     raced.set_user_attr("stop_requested", True)
+    raced.set_user_attr("size", "gpu")
     raced.add_trial(_trial(values=[0.40], config_id=0, wall_s=360.0, gpu_share=1.0))
     raced.add_trial(_trial(values=[0.55], config_id=0, wall_s=720.0, gpu_share=0.5))
     raced.add_trial(_trial(values=[0.55], lr=2e-4, config_id=2, wall_s=90.0))  # a tie
@@ -58,7 +59,7 @@ def test_studies_json_says_what_the_table_says(storage):
     studies = json.loads(listed.stdout)
     header, *rows = table.stdout.splitlines()
     assert header.split() == ["study", "trials", "complete", "pruned", "fail", "running",
-                              "hours", "budget", "best"]
+                              "hours", "budget", "size", "best"]
     assert [r.split()[0] for r in rows] == [s["name"] for s in studies] == \
         ["raced", "front", "empty"]
     for row, study in zip(rows, studies):
@@ -70,6 +71,7 @@ def test_studies_json_says_what_the_table_says(storage):
         assert cells[6] == f"{study['hours']:.4f}"
         assert cells[7] == ("-" if study["budget_hours"] is None
                             else f"{study['budget_hours']:.4f}")
+        assert cells[8] == (study["size"] or "-")
         best = row.split("  ")[-1] if not study["stop_requested"] else \
             row.split("  ")[-2]
         if study["pareto_front"] is not None:
@@ -91,6 +93,7 @@ def test_studies_json_says_what_the_table_says(storage):
                               "value": 0.55, "trial": 1}]  # the lower number of a tie
     assert (raced["seeds"], raced["configurations"], raced["seed_runs"]) == (3, 3, 4)
     assert raced["stop_requested"] is True and raced["pareto_front"] is None
+    assert (raced["size"], front["size"], empty["size"]) == ("gpu", None, None)
     assert front["best"] == [
         {"objective": "sst/acc", "direction": "maximize", "value": 0.6, "trial": 1},
         {"objective": "qqp/acc", "direction": "maximize", "value": 0.6, "trial": 0}]
@@ -127,8 +130,8 @@ def _round_trip(tmp_path, *args: str):
 
 @pytest.mark.parametrize("name", sorted(shipped_specs()))
 def test_every_shipped_spec_prints_as_a_spec_that_runs_unchanged(name, tmp_path):
-    spec = _round_trip(tmp_path, name)
-    shipped = load_spec(name)
+    spec = _round_trip(tmp_path, name, "--device", "cpu")  # auto: the cpu size
+    shipped = load_spec(name, size="cpu")
     assert spec.to_dict() == shipped.to_dict()
     assert spec.base_values == shipped.base_values
 

@@ -322,3 +322,40 @@ def test_cli_resume_from_a_truncated_state_exits_2_with_one_line(tiny_config, tm
     assert len(lines) == 1 and lines[0].startswith("mtbert: error: ")
     assert lines[0].endswith("not a resume state written by mtbert (not a complete PyTorch "
                              "file: truncated or damaged)")
+
+
+class _KilledBetweenWrites(Exception):
+    pass
+
+
+@pytest.mark.parametrize("point", ["before the resume state", "before the metrics line"])
+def test_a_kill_between_an_epochs_writes_never_holds_an_epoch_twice(tiny_config, tmp_path,
+                                                                   monkeypatch, point):
+    """Checkpoint, then announce: killed after epoch 1's model directory (before its
+    resume state), or after its resume state (before its metrics line), the resumed run
+    ends as the uninterrupted one with each epoch's line once."""
+    import mtbert.train as training
+
+    config = tiny_config(train={"epochs": 3})
+    full = train(config, run_dir=tmp_path / "full", device="cpu", progress=False)
+    target = {"before the resume state": "save_resume_state",
+              "before the metrics line": "append_metrics"}[point]
+    real, calls = getattr(training, target), []
+
+    def killed_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2's: epoch 1 is whole on disk
+            raise _KilledBetweenWrites
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, target, killed_at_the_second)
+    with pytest.raises(_KilledBetweenWrites):
+        train(config, run_dir=tmp_path / "killed", device="cpu", progress=False)
+    monkeypatch.setattr(training, target, real)
+    epochs_on_disk = [r["epoch"] for r in mtbert.rundir.read_metrics(tmp_path / "killed")]
+    assert epochs_on_disk == [1]  # epoch 2's line never came before its checkpoint
+    resumed = train(config, run_dir=tmp_path / "killed", device="cpu", progress=False,
+                    resume=True)
+    lines = mtbert.rundir.read_metrics(tmp_path / "killed")
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert resumed["best"] == full["best"]

@@ -267,3 +267,53 @@ def test_a_seed_run_that_ends_its_configurations_race_is_raced_out_in_wandb():
     assert outcome(None, race=racing.CONTINUE).summary == {"state": "COMPLETE"}
     assert outcome(optuna.TrialPruned("pruned after epoch 1")).summary == \
         {"state": "PRUNED", "prune_reason": "pruned after epoch 1"}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_a_sweep_with_wandb_online_out_of_reach_goes_offline_said_once(monkeypatch, caplog):
+    from mtbert.tracking import online_or_offline
+
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    with caplog.at_level("WARNING", logger="mtbert"):
+        assert online_or_offline("online") == "offline"
+        assert online_or_offline("offline") == "offline"
+        assert online_or_offline("disabled") == "disabled"
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith("W&B online: the server is out of reach (127.0.0.1:")
+    assert "logged offline, to upload later with `wandb sync`" in said
+
+
+@pytest.mark.slow
+def test_a_trial_whose_wandb_server_never_answers_logs_offline_within_the_bound(
+        tiny_encoder, task_dir, tmp_path, monkeypatch):
+    """The server accepts connections and never answers (the sweep's check passes): the
+    trial's run waits $WANDB_INIT_TIMEOUT, then logs offline, and the trial completes."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(64)],
+                     daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "8")
+    out = tmp_path / "runs"
+    args = tiny_sweep_args("lr-decay", tiny_encoder, task_dir, out, 1)
+    args[args.index("--wandb-mode") + 1] = "online"
+    result = subprocess.run([sys.executable, "-m", "mtbert", *args], capture_output=True,
+                            text=True, timeout=300)
+    listener.close()
+    assert result.returncode == 0, result.stderr
+    trial_log = (out / "lr-decay" / "trial-0000" / "trial.log").read_text()
+    assert "W&B online did not start within 8 s" in trial_log
+    assert list((out / "wandb").glob("offline-run-*")) or list(out.rglob("offline-run-*"))

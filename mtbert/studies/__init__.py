@@ -2,6 +2,9 @@
 
 - `spec`: a sweep spec (YAML): base run config, search space, objectives, sampler,
   pruner; checked against the config schema before any trial runs.
+- `sizes`: a spec's sizes (`sizes:`, named overrides of its base; the shipped specs'
+  `cpu` and `gpu`, the research protocol) and which one a sweep runs (`--size`,
+  `auto` by the trials' device; a study keeps the size it was made with).
 - `conditions`: a space entry's `when:` (a value, a list of values, alternatives).
 - `inert`: `mtbert sweep SPEC --check`: the searched settings that cannot change the
   model in some reachable combination, and two names of one model.
@@ -11,6 +14,8 @@
   that a trial process builds its pruner without the training stack).
 - `storage`: the study storage (SQLite or PostgreSQL URL, driver, credentials masked,
   safe study names) and opening the study a command names.
+- `outage`: riding out a storage that goes away (retries with a limit, said on stderr)
+  and the bounds on every connection (connect and statement timeouts, keepalives).
 - `optuna_api`: the few reaches past Optuna's public API, each with why.
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
   `TrialProgress`, `TrialResult`) and the attribute names both write into the study.
@@ -44,7 +49,8 @@
 Dependencies point one way: runner -> worker, process, progress, flat, warmstart and
 retention -> results -> configurations, racing, constraints, budget and job (report and listing
 use results and budget too; the trial process uses racing); every module may use
-storage, samplers, enqueue, conditions and spec (which uses constraints); inert uses
-spec and reads the schedule and loss-method registries; optuna_api is used by
-the worker, process and racing; nothing here is imported by the training stack.
+storage, samplers, enqueue, conditions, sizes and spec (which uses constraints and
+sizes); inert uses spec and reads the schedule and loss-method registries; optuna_api
+is used by the worker, process and racing; nothing here is imported by the training
+stack.
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 from mtbert.errors import ConfigError
 from mtbert.studies.storage import open_study, storage_errors
 
-# Trial user attributes, set by the worker (runner.record_cost).
+# Trial user attributes, set by the worker (process.record_cost).
 WALL_S = "wall_s"  # seconds the trial process ran
 DEVICE = "device"  # the torch device type it trained on: "cpu", "cuda"
 GPU_SHARE = "gpu_share"  # 1/K with --trials-per-gpu K on a GPU; 1.0 on the CPU

@@ -169,8 +169,18 @@ def read_baseline(path: Path) -> Baseline:
                           "its 'summary')")
     name = data["baseline"]
     summary = data["summary"][name]
-    means = {k: float(summary[k]["mean"]) for k in METRIC_KEYS
-             if isinstance(summary.get(k), dict) and summary[k].get("mean") is not None}
+    means = {}
+    for key in METRIC_KEYS:
+        mean = summary[key].get("mean") if isinstance(summary.get(key), dict) else None
+        if mean is None:
+            continue
+        try:  # a metric's mean lies in [-1, 1]: a NaN, 1e999 or a word is no bar
+            means[key] = float(mean)
+        except (TypeError, ValueError):
+            means[key] = math.nan
+        if not (math.isfinite(means[key]) and -1.0 <= means[key] <= 1.0):
+            raise ConfigError(f"{where}: the mean {key} of its baseline config '{name}' is "
+                              f"{str(mean)[:40]!r}, not a number between -1 and 1")
     config = None
     for run in (data.get("runs") or {}).get(name, {}).values():
         run_dir = Path(str(run.get("run_dir") or ""))
@@ -178,9 +188,9 @@ def read_baseline(path: Path) -> Baseline:
         found = [run_dir / "config.yaml", *sorted(run_dir.glob("*/config.yaml"))]
         found = [f for f in found if f.is_file()]
         if run.get("status") == "done" and found:
-            import yaml
+            from mtbert.safeyaml import load_yaml
 
-            config = flatten(yaml.safe_load(found[0].read_text()) or {})
+            config = flatten(load_yaml(found[0].read_text(), str(found[0])) or {})
             break
     return Baseline(path, name, means, config)
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mtbert.errors import ConfigError
+from mtbert.safeyaml import load_yaml
 from mtbert.studies.conditions import describe_when, when_alternatives, when_holds
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def load_enqueue(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"enqueue file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(), f"enqueue file {path}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise ConfigError(f"enqueue file {path} is not valid YAML"

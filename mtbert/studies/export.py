@@ -18,13 +18,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mtbert.config import build_config
 from mtbert.errors import MtbertError
 from mtbert.formatting import first_line
 from mtbert.modeldir import HF_ENCODER, WEIGHTS, export_hf_encoder, model_card
 from mtbert.rundir import read_summary
+from mtbert.safeyaml import load_yaml
 from mtbert.studies.configurations import config_of
 from mtbert.studies.job import CHECKPOINT, WANDB_RUN_ID, WandbSettings
 from mtbert.tasks import METRIC_KEYS
@@ -69,7 +68,8 @@ def export_trial(trial, *, study: str, storage: str, dest: Path,
     shutil.rmtree(partial, ignore_errors=True)
     try:
         shutil.copytree(checkpoint, partial)
-        config = build_config(yaml.safe_load((partial / "config.yaml").read_text()))
+        config = build_config(load_yaml((partial / "config.yaml").read_text(),
+                                       str(partial / "config.yaml")))
         metrics = json.loads((partial / "metrics.json").read_text())
         summary = read_summary(checkpoint.parent) or {}
         card = {"source": {"study": study, "trial": trial.number, "storage": storage,

@@ -24,6 +24,9 @@ from typing import Any
 from mtbert.rundir import atomic_write_text
 
 EXIT_PRUNED = 3
+# The trial's storage stayed away past the outage limit: queued again, to resume from
+# its run directory, as a trial killed from outside is.
+EXIT_STORAGE_OUTAGE = 75
 STORAGE_ENV = "MTBERT_STORAGE_URL"
 PARENT_ENV = "MTBERT_WORKER_PID"
 JOB_FILE = "job.json"
@@ -60,7 +63,15 @@ STUDY_SPEC_NAME = "spec"
 STUDY_OBJECTIVES = "objectives"
 STUDY_SPEC = "spec_def"
 STUDY_CONSTRAINTS = "constraints"  # the spec's constraints, thresholds resolved
+# The size of the spec folded into its stored base (`studies.sizes`): every later worker
+# runs it. Absent: a study made before sizes, or from a spec without them.
+STUDY_SIZE = "size"
 WORKERS_STARTED = "workers_started"  # sweeps started on the study (each its sampler seed)
+# A study's identity (a random hex id, set once) and the folder under --out its trials'
+# run directories go in: its name, or name-<id> where that folder holds the runs of
+# another study of the same name (deleted, or in another storage).
+STUDY_UID = "study_uid"
+RUNS_FOLDER = "runs_folder"
 
 
 @dataclass
@@ -89,10 +100,12 @@ class TrialJob:
     seeds: int = 1  # > 1: the configuration races over this many seeds (studies.racing)
     race_alpha: float = 0.1
     direction: str = "maximize"  # of the first objective, for the race
+    size: str | None = None  # the spec's size (studies.sizes); None: its base as written
     retry_of: int | None = None  # a retry: the trial it takes over
     resume: bool = False  # the run directory holds the taken-over trial's resume state
     wandb_resume_id: str | None = None  # the W&B run to continue (online mode)
     wandb: WandbSettings = field(default_factory=WandbSettings)
+    study_uid: str | None = None  # the study's identity: whose run directory this is
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -192,9 +205,9 @@ class TrialProgress:
             return None
 
 
-def trial_dir(out: Path, study: str, number: int) -> Path:
-    """The run directory of trial `number` of `study` under a sweep's --out (absolute)."""
-    return (Path(out) / study / f"trial-{number:04d}").resolve()
+def trial_dir(folder: Path, number: int) -> Path:
+    """The run directory of trial `number` in its study's runs folder (absolute)."""
+    return (Path(folder) / f"trial-{number:04d}").resolve()
 
 
 def trial_command(run_dir: Path) -> list[str]:

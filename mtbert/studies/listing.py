@@ -11,7 +11,7 @@ from typing import Any
 from mtbert.studies.budget import BUDGET_HOURS, STOP_REQUESTED, format_hours, study_hours
 from mtbert.studies.configurations import config_of
 from mtbert.studies.job import STUDY_SPEC
-from mtbert.studies.results import complete_trials, state_counts, study_objectives
+from mtbert.studies.results import complete_trials, state_counts, study_objectives, study_size
 
 
 @dataclass
@@ -29,6 +29,7 @@ class StudySummary:
     seeds: int  # seed runs per configuration, as the study's spec says
     configurations: int  # configurations with a finished (COMPLETE, PRUNED) seed run
     seed_runs: int  # finished (COMPLETE, PRUNED) trials
+    size: str | None = None  # its spec's size (studies.sizes); None: made without one
 
     @property
     def trials(self) -> int:
@@ -44,7 +45,8 @@ class StudySummary:
                 "best": self.best, "pareto_front": self.pareto_front, "hours": self.hours,
                 "budget_hours": self.budget_hours, "budget_left_hours": self.budget_left_hours,
                 "stop_requested": self.stop_requested, "seeds": self.seeds,
-                "configurations": self.configurations, "seed_runs": self.seed_runs}
+                "configurations": self.configurations, "seed_runs": self.seed_runs,
+                "size": self.size}
 
     def best_cell(self) -> str:
         if self.pareto_front is not None:
@@ -87,7 +89,7 @@ def study_summary(study, now: datetime | None = None) -> StudySummary:
                       if len(study.directions) > 1 else None),
         hours=study_hours(study, now), budget_hours=None if budget is None else float(budget),
         stop_requested=bool(attrs.get(STOP_REQUESTED)), seeds=int(spec.get("seeds", 1)),
-        configurations=len(configurations), seed_runs=len(finished))
+        configurations=len(configurations), seed_runs=len(finished), size=study_size(study))
 
 
 def study_summaries(rdb) -> list[StudySummary]:
@@ -100,14 +102,15 @@ def study_summaries(rdb) -> list[StudySummary]:
 
 
 def studies_table(summaries: list[StudySummary]) -> list[str]:
-    """`mtbert studies`: every study, its trials by state, its hours (and budget), best
-    values, and whether it was asked to stop."""
+    """`mtbert studies`: every study, its trials by state, its hours (and budget), its
+    size, best values, and whether it was asked to stop."""
     rows = [f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
-            f"{'running':>7} {'hours':>9} {'budget':>9}  best"]
+            f"{'running':>7} {'hours':>9} {'budget':>9}  {'size':<5}  best"]
     for s in summaries:
         budget = "-" if s.budget_hours is None else format_hours(s.budget_hours)
         rows.append(f"{s.name:<24} {s.trials:>6} {s.states['COMPLETE']:>8} "
                     f"{s.states['PRUNED']:>6} {s.states['FAIL']:>4} {s.states['RUNNING']:>7} "
-                    f"{format_hours(s.hours):>9} {budget:>9}  {s.best_cell()}"
+                    f"{format_hours(s.hours):>9} {budget:>9}  {s.size or '-':<5}  "
+                    f"{s.best_cell()}"
                     + ("  (stop requested)" if s.stop_requested else ""))
     return rows

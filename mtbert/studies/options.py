@@ -38,6 +38,7 @@ class SweepOptions:
     warm_storage: str | None = None  # its storage URL; None: the sweep's own
     warm_top: int = WARM_TOP  # how many of its best configurations
     progress: bool = False  # show the running trials and the study on stderr (--quiet: no)
+    storage_outage: float = 60.0  # seconds a worker waits for its storage to come back
 
     _opened: Any = field(default=None, init=False, repr=False, compare=False)
 

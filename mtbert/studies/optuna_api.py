@@ -9,6 +9,7 @@ sweep at run time. `pyproject.toml` bounds Optuna to the releases tested.
 
 from __future__ import annotations
 
+import abc
 import copy
 
 
@@ -70,3 +71,42 @@ class SamplerView:
     @property
     def trials(self):
         return self._get_trials()
+
+
+def retrying_storage(storage, call):
+    """`storage` (a study's `shared_storage`) with every method, the private ones
+    Optuna's own functions reach for included, run through `call(method, *args)`:
+    the worker's outage policy (`studies.outage`). `.plain` is the storage itself.
+
+    Why private: `optuna.storages.fail_stale_trials`, which the worker runs before each
+    trial as `Study.optimize` does, asks a storage whether it is an instance of the
+    private `optuna.storages._heartbeat.BaseHeartbeat` and then calls its private
+    `_get_stale_trial_ids`; a wrapper must be both to keep dead workers' trials
+    failing and queuing again."""
+    from optuna.storages import BaseStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    class Retrying(BaseStorage, BaseHeartbeat):
+        plain = storage
+
+        def __getattr__(self, name):
+            value = getattr(storage, name)
+            if not callable(value):
+                return value
+            return lambda *args, **kwargs: call(value, *args, **kwargs)
+
+    # Every method the storage has, so that none runs the base class's version on this
+    # wrapper instead of the storage's own.
+    for name in {n for n in dir(type(storage)) if not n.startswith("__")} | \
+            BaseStorage.__abstractmethods__ | BaseHeartbeat.__abstractmethods__:
+        if callable(getattr(storage, name, None)):
+            setattr(Retrying, name, _through(name))
+    abc.update_abstractmethods(Retrying)
+    return Retrying()
+
+
+def _through(name: str):
+    def method(self, *args, **kwargs):
+        return self.__getattr__(name)(*args, **kwargs)
+    method.__name__ = name
+    return method

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.config import load_config, save_config
+from mtbert.errors import ConfigError
+from mtbert.formatting import first_line
 from mtbert.rundir import (CONFIG_FILE, MODEL_DIR, RESUME_FILE, RUN_FILES, TRIAL_LOG,
                            best_metrics, read_metrics)
 from mtbert.runtime import device_label, wandb_dir
 from mtbert.studies.budget import DEVICE, GPU_SHARE, WALL_S, device_share
 from mtbert.studies.constraints import record_feasibility, study_constraints
-from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON, FAILED_TRIAL,
+from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, EXIT_STORAGE_OUTAGE,
+                                FAIL_REASON, FAILED_TRIAL, JOB_FILE,
                                 GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 WANDB_RUN_ID, TrialJob, TrialResult, WandbSettings,
@@ -29,6 +32,7 @@ from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, FAIL_REASON,
 from mtbert.studies.configurations import config_of, first_trial
 from mtbert.studies.optuna_api import trial_id
 from mtbert.studies.options import SweepOptions
+from mtbert.studies.outage import OUTAGE_ENV
 from mtbert.studies.racing import CONTINUE, next_seed, queue_seed
 from mtbert.studies.slots import DeviceSlots, Slot
 from mtbert.studies.spec import SweepSpec, suggest, trial_config
@@ -57,6 +61,11 @@ def best_record(run_dir: Path, metric: str, direction: str = "maximize") -> dict
     return max(records, key=lambda r: sign * r[metric])
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a trial's run (its job.json or any run file)."""
+    return any((Path(run_dir) / name).exists() for name in (JOB_FILE, *RUN_FILES))
+
+
 def _frozen(trial):
     """A running trial's record as the storage holds it (system attributes included)."""
     return trial.storage.get_trial(trial_id(trial))
@@ -76,13 +85,20 @@ def record_cost(trial, options: SweepOptions, wall_s: float | None = None) -> No
 class TrialRunner:
     """The objective: sample, write the trial's run dir, train in a child process."""
 
-    def __init__(self, spec: SweepSpec, options: SweepOptions, study_name: str):
+    def __init__(self, spec: SweepSpec, options: SweepOptions, study_name: str, *,
+                 folder: str | None = None, uid: str | None = None):
         self.spec, self.options, self.study_name = spec, options, study_name
+        self.folder = options.out / (folder or study_name)  # the trials' run directories
+        self.uid = uid  # the study's identity, written into every job.json
         self.wandb_dir = wandb_dir(options.out)
         # With trials_per_gpu > 1 Optuna calls this object from several threads at once;
         # these track the live trial processes so that a stop ends all of them.
         self._lock = threading.Lock()
         self._procs: set[subprocess.Popen] = set()
+        self._by_trial: dict[int, subprocess.Popen] = {}  # trial number -> its process
+        self._lost: set[int] = set()  # trials stopped for want of a heartbeat
+        self._run_dirs: dict[int, Path] = {}
+        self._resumable: set[int] = set()  # queued again: their resume state stays
         self.stopping = False
         self.slots = DeviceSlots(options.gpus, options.trials_per_gpu)
 
@@ -94,9 +110,43 @@ class TrialRunner:
         for proc in procs:
             proc.terminate()
 
+    def _check_not_anothers(self, run_dir: Path) -> None:
+        """A trial's run directory is new: one that holds a run already is another
+        study's (of the same name, in another storage or deleted), never written over."""
+        if not holds_a_run(run_dir):
+            return
+        try:
+            owner = TrialJob.read(run_dir).study_uid
+        except (OSError, ValueError, TypeError):
+            owner = None
+        if owner is None or owner != self.uid:
+            raise ConfigError(f"{run_dir} holds a run of another study named "
+                              f"{self.study_name}; it stays as it is and this sweep stops: "
+                              "pass another --out, or move that folder away")
+
+    def lost_heartbeat(self, trial) -> None:
+        """The worker could not record `trial`'s heartbeat for the grace period: another
+        worker may fail it and run its retry, so this one stops it (its retry resumes)."""
+        with self._lock:
+            proc = self._by_trial.get(trial.number)
+            self._lost.add(trial.number)
+        log.warning("trial %d: its heartbeat could not be recorded for %d s; stopping it so "
+                    "that it never runs twice at once (its retry resumes it)", trial.number,
+                    self.options.grace)
+        if proc is not None:
+            proc.terminate()
+
+    def ended(self, trial, told: bool) -> None:
+        """After the study was told how `trial` ended: a finished trial is never resumed,
+        so its resume state goes; a trial queued again, or one another worker failed
+        (`told` False), keeps it for the retry."""
+        run_dir = self._run_dirs.pop(trial.number, None)
+        if told and run_dir is not None and trial.number not in self._resumable:
+            (run_dir / RESUME_FILE).unlink(missing_ok=True)
+
     def _child_env(self, slot: Slot) -> dict[str, str]:
         env = {**os.environ, STORAGE_ENV: with_driver(self.options.url),
-               PARENT_ENV: str(os.getpid())}
+               PARENT_ENV: str(os.getpid()), OUTAGE_ENV: str(self.options.storage_outage)}
         if slot.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot.gpu
         # Fewer fragmentation OOMs when batch shapes vary (PyTorch's CUDA caching allocator);
@@ -122,15 +172,19 @@ class TrialRunner:
             pruner=self.spec.pruner, params=params, seed=seed, device=self.options.device,
             reseed_of=reseed_of, config_id=config_of(trial),
             seeds=spec.seeds, race_alpha=spec.race_alpha, direction=spec.directions[0],
+            size=spec.size,
             wandb=WandbSettings(self.options.wandb_mode, self.options.wandb_project,
                                 str(self.wandb_dir)))
 
     def __call__(self, trial) -> float | list[float]:
         import optuna
 
+        record_cost(trial, self.options)  # its share: it counts in the hours while it runs
         params = suggest(trial, self.spec)
-        run_dir = trial_dir(self.options.out, self.study_name, trial.number)
+        run_dir = trial_dir(self.folder, trial.number)
+        self._check_not_anothers(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._run_dirs[trial.number] = run_dir
         job = self._prepare(trial, params, run_dir)
         trial.set_user_attr(RUN_DIR, str(run_dir))
         trial.set_user_attr(CHECKPOINT, str(run_dir / MODEL_DIR))
@@ -143,10 +197,14 @@ class TrialRunner:
         finally:
             self.slots.release(slot)
         result = self._record(trial, run_dir)
-        if code < 0:
+        if code < 0 or code == EXIT_STORAGE_OUTAGE:
             # Killed by a signal this worker did not send (a scheduler signalling the whole
-            # job, the OOM killer): like a dead worker's trial, queued again to resume.
-            reason = f"killed by signal {-code}"
+            # job, the OOM killer), stopped for want of a heartbeat, or its storage gone:
+            # like a dead worker's trial, queued again to resume.
+            reason = (f"its heartbeat could not be recorded for {self.options.grace} s"
+                      if trial.number in self._lost else
+                      "its storage stayed unreachable" if code == EXIT_STORAGE_OUTAGE else
+                      f"killed by signal {-code}")
             trial.set_user_attr(FAIL_REASON, reason)
             self._queue_retry(trial)
             raise TrialFailed(reason)
@@ -159,9 +217,8 @@ class TrialRunner:
             self._queue_retry(trial, retry_reason="oom")
             raise TrialFailed(f"{reason} (beside {slot.neighbours} other trials: queued to "
                               "run again alone)")
-        # A finished trial (complete, pruned or failed) is never resumed; a stopped or
-        # killed one keeps its resume state for its retry.
-        (run_dir / RESUME_FILE).unlink(missing_ok=True)
+        # A finished trial (complete, pruned or failed) is never resumed: its resume state
+        # goes once the study is told (`ended`); a stopped or killed one keeps it.
         if code == EXIT_PRUNED:
             raise optuna.TrialPruned(reason)
         if code != 0:
@@ -193,9 +250,9 @@ class TrialRunner:
         resume state) is reachable from here, so that it goes on from its last epoch."""
         retry_of = retried_from(_frozen(trial))
         epochs = self._take_over(trial, retry_of, run_dir) if retry_of is not None else 0
-        if epochs:
-            config = load_config(run_dir / CONFIG_FILE)
-        else:
+        config = self._taken_over_config(trial, retry_of, run_dir) if epochs else None
+        if config is None:
+            epochs = 0
             # A reseed (`mtbert best --reseed`) is an enqueued copy of a finished trial's
             # parameters with another train.seed.
             seed = trial.user_attrs.get(SEED)
@@ -212,8 +269,22 @@ class TrialRunner:
         job.retry_of, job.resume = retry_of, epochs > 0
         job.wandb_resume_id = trial.user_attrs.get(WANDB_RUN_ID) if retry_of is not None \
             else None
+        job.study_uid = self.uid
         job.write(run_dir)
         return job
+
+    def _taken_over_config(self, trial, retry_of: int, run_dir: Path):
+        """The config of the run a retry took over; None when it is unreadable: the retry
+        then starts from the beginning, with none of that run's files, and says so."""
+        try:
+            return load_config(run_dir / CONFIG_FILE)
+        except ConfigError as err:
+            log.warning("trial %d retries trial %d from the start: the config.yaml of its run "
+                        "is unreadable (%s)", trial.number, retry_of, first_line(err))
+            for name in RUN_FILES:
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            return None
 
     def _take_over(self, trial, retry_of: int, run_dir: Path) -> int:
         """Copy the retried trial's run (config, metrics, best model, resume state) into
@@ -235,8 +306,8 @@ class TrialRunner:
         if epochs:
             log.info("trial %d resumes trial %d after epoch %d", trial.number, retry_of, epochs)
         else:
-            log.info("trial %d retries trial %d from the start: its resume state at %s is "
-                     "unreadable", trial.number, retry_of, dead)
+            log.warning("trial %d retries trial %d from the start: its resume state at %s is "
+                        "unreadable", trial.number, retry_of, dead)
             (run_dir / RESUME_FILE).unlink(missing_ok=True)
         return epochs
 
@@ -246,7 +317,12 @@ class TrialRunner:
         `retry_reason` "oom": the retry runs alone on a GPU."""
         import optuna
 
+        self._resumable.add(trial.number)
         frozen = _frozen(trial)
+        if frozen.state != optuna.trial.TrialState.RUNNING:
+            log.info("trial %d was %s by another worker, which queued its retry",
+                     trial.number, frozen.state.name)
+            return
         history = [*frozen.system_attrs.get(RETRY_HISTORY, []), trial.number]
         if len(history) > self.options.max_retries:
             log.warning("trial %d was stopped; not queued again: retried %d times already "
@@ -272,6 +348,7 @@ class TrialRunner:
                 proc = subprocess.Popen(trial_command(run_dir), stdout=log_file,
                                         stderr=subprocess.STDOUT, env=self._child_env(slot))
                 self._procs.add(proc)
+                self._by_trial[trial.number] = proc
             try:
                 code = proc.wait()
                 if self.stopping:  # another thread's stop() ended this trial
@@ -289,6 +366,7 @@ class TrialRunner:
             finally:
                 with self._lock:
                     self._procs.discard(proc)
+                    self._by_trial.pop(trial.number, None)
                 record_cost(trial, self.options, time.monotonic() - started)
 
     def _record(self, trial, run_dir: Path) -> TrialResult:

@@ -18,6 +18,7 @@ import base64
 import html
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,8 @@ from mtbert.studies.figures import (importances, plot_curves, plot_history, plot
                                    plot_parallel, plot_pareto, plot_seed_groups, read_curves)
 from mtbert.studies.job import GPU, RACED_OUT, RESEED_OF, RUN_DIR, SEED, TrialResult
 from mtbert.studies.results import (best_trial, complete_trials, fail_reason, pareto_front,
-                                    ranked, seed_groups, state_counts, study_objectives)
+                                    ranked, seed_groups, state_counts, study_objectives,
+                                    study_size)
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -80,6 +82,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     groups: list = field(default_factory=list)  # reseeded configurations, best mean first
     counts: dict[str, int] = field(default_factory=dict)  # trials by state
+    size: str | None = None  # the study's size (studies.sizes); None: made without one
 
     @property
     def index(self) -> Path:
@@ -128,6 +131,29 @@ def _reseed_note(trial) -> str:
     return f"{note}: {reason}" if reason else note
 
 
+@contextmanager
+def destination(dest: Path, *, overwrite: bool, given: bool):
+    """Hold the report directory `dest` while a report is written into it: one report
+    at a time (a lock file beside it), and a `given` (--to) directory that holds files
+    already is written over only with `overwrite`."""
+    import filelock
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(dest.parent / f".{dest.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise MtbertError(f"another `mtbert report` is writing into {dest}; wait for it, or "
+                          "pick another --to") from None
+    try:
+        if given:
+            check_destination(dest, overwrite=overwrite)
+        yield dest
+    finally:
+        lock.release()
+
+
 def check_destination(dest: Path, *, overwrite: bool) -> None:
     """A report directory given by the user that holds files already is written over only
     with `overwrite`: it may be another study's report, or anything else."""
@@ -149,7 +175,8 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
     objectives = study_objectives(study)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    report = Report(dest, study.study_name, objectives, rows, counts=state_counts(study))
+    report = Report(dest, study.study_name, objectives, rows, counts=state_counts(study),
+                    size=study_size(study))
     done = complete_trials(study)
     multi = len(study.directions) > 1
     if not done:
@@ -243,6 +270,9 @@ def render_html(study, report: Report, storage: str) -> str:
                + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())),
                f"objective: {html.escape(directions)}",
                _hours_item(study, report), f"storage: <code>{html.escape(storage)}</code>"]
+    if report.size is not None:
+        summary.insert(2, f"size: <b>{html.escape(report.size)}</b> (its spec's base at that "
+                          "size: mtbert sweep --size)")
     done = complete_trials(study)
     constraints = study_constraints(study)
     if constraints:
@@ -338,7 +368,8 @@ def log_study_report(report, *, mode: str, project: str, directory: Path) -> str
         directory.mkdir(parents=True, exist_ok=True)
         run = wandb.init(project=project, group=report.study, job_type="report",
                          name=f"{report.study}-report", dir=str(directory), mode=mode,
-                         config={"study": report.study, "objectives": report.objectives},
+                         config={"study": report.study, "objectives": report.objectives,
+                                 "size": report.size},
                          tags=["report"])
         # One type per column for W&B's table schema: numbers stay numbers, the rest text.
         columns = table_columns(report)

@@ -28,7 +28,7 @@ from mtbert.studies.configurations import (SeedGroup, groups_table, seed_groups,
                                            usable)
 from mtbert.studies.constraints import NoFeasibleResult, describe_all, meets, study_constraints
 from mtbert.studies.job import (FAIL_REASON, FEASIBLE, GPU, RESEED_OF, RUN_DIR, SEED,
-                                STUDY_OBJECTIVES, STUDY_SPEC)
+                                STUDY_OBJECTIVES, STUDY_SIZE, STUDY_SPEC)
 from mtbert.tasks import METRIC_KEYS, TASKS
 
 
@@ -114,6 +114,12 @@ def study_objectives(study) -> list[str]:
     """The metric keys a study optimises, as `mtbert sweep` stored them."""
     return list(study.user_attrs.get(STUDY_OBJECTIVES) or
                 [f"objective {i}" for i in range(len(study.directions))])
+
+
+def study_size(study) -> str | None:
+    """The size of its spec a study was made with (None: made before sizes, or from a spec
+    without them)."""
+    return study.user_attrs.get(STUDY_SIZE)
 
 
 def fail_reason(trial) -> str:
@@ -221,18 +227,25 @@ def rank(study, *, top: int, metric: str | None = None, by_trial: bool = False) 
         single = [SeedGroup(t.number, dict(t.params), [t], metric)
                   for t in ranked(study, metric)[:top]]
         return Ranking([f"study {study.study_name}: top {len(rows) - 1} of {feasible} "
-                        f"{'feasible ' * bool(note)}complete trials by {by}", *rows], single,
-                       [note] if note else [])
+                        f"{'feasible ' * bool(note)}complete trials by {by}{_size(study)}",
+                        *rows], single, [note] if note else [])
     kind = "raced" if study_seeds(study) > 1 else "reseeded"
     ranking = Ranking([f"study {study.study_name}: top {min(top, len(groups))} of "
                        f"{len(groups)} {'feasible ' * bool(note)}{kind} configurations by "
-                       f"mean {by} over their seeds (mean ± std)", *groups_table(groups[:top])],
+                       f"mean {by} over their seeds (mean ± std){_size(study)}",
+                       *groups_table(groups[:top])],
                       groups[:top], [note] if note else [])
     singles = len(seed_groups(study, metric)) - len(groups)
     if singles:
         ranking.notes.append(f"{singles} configuration{'s' * (singles != 1)} ran with one "
                              "seed only, not ranked here (`--by-trial` ranks single trials)")
     return ranking
+
+
+def _size(study) -> str:
+    """A ranking title's note of the study's size."""
+    size = study_size(study)
+    return "" if size is None else f", size {size}"
 
 
 @dataclass
@@ -264,9 +277,11 @@ class Choice:
 
     def lines(self) -> list[str]:
         name = self.study.study_name
+        size = study_size(self.study)
+        sized = [f"  size   {size}"] if size is not None else []
         if self.trial is None:
             front = pareto_front(self.study)
-            return [f"study {name}: Pareto front of {len(front)} trials",
+            return [f"study {name}: Pareto front of {len(front)} trials", *sized,
                     *([f"  {self.note}"] if self.note else []),
                     *trials_table(self.study, limit=len(front)), self.hours_line()]
         t = self.trial
@@ -283,6 +298,7 @@ class Choice:
                      + (f" by {self.by}" if self.by else "")]
         if self.note:
             lines.append(f"  {self.note}")
+        lines += sized
         if RESEED_OF in t.user_attrs:
             lines.append(f"  seed   {t.user_attrs.get(SEED)} (reseed of trial "
                          f"{t.user_attrs[RESEED_OF]})")

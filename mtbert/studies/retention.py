@@ -15,7 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtbert.studies.job import CHECKPOINT, JOB_FILE, RESEED_OF, RUN_DIR, retried_from
+from mtbert.studies.job import (CHECKPOINT, JOB_FILE, RESEED_OF, RUN_DIR, RUNS_FOLDER,
+                                retried_from)
 from mtbert.studies.configurations import seed_groups, study_seeds
 from mtbert.studies.results import pareto_front, ranked
 from mtbert.studies.storage import STUDY_NAME, mask_url
@@ -79,6 +80,7 @@ class DeletionPlan:
     runs: bool = False  # the run directories too
     folders: list[Path] = field(default_factory=list)
     study_dir: Path | None = None  # <out>/<study>, when it exists and is safe
+    running: int = 0  # trials RUNNING: a worker may be training them right now
     left: list[str] = field(default_factory=list)  # what is not removed, and why
 
     def all(self) -> list[Path]:
@@ -107,14 +109,16 @@ def plan_deletion(rdb, name: str, *, url: str, out: Path, runs: bool) -> Deletio
     sweep wrote (a run directory holds its job.json), strictly inside `out`."""
     import optuna
 
-    trials = optuna.load_study(study_name=name, storage=rdb).get_trials(deepcopy=False)
-    plan = DeletionPlan(name, len(trials), mask_url(url), runs=runs)
+    study = optuna.load_study(study_name=name, storage=rdb)
+    trials = study.get_trials(deepcopy=False)
+    plan = DeletionPlan(name, len(trials), mask_url(url), runs=runs,
+                        running=sum(t.state == optuna.trial.TrialState.RUNNING for t in trials))
     if runs:
-        _plan_folders(plan, trials, name, Path(out))
+        _plan_folders(plan, trials, study.user_attrs.get(RUNS_FOLDER, name), Path(out))
     return plan
 
 
-def _plan_folders(plan: DeletionPlan, trials: list, name: str, out: Path) -> None:
+def _plan_folders(plan: DeletionPlan, trials: list, folder: str, out: Path) -> None:
     outside = 0
     for t in trials:
         run_dir = t.user_attrs.get(RUN_DIR)
@@ -127,9 +131,9 @@ def _plan_folders(plan: DeletionPlan, trials: list, name: str, out: Path) -> Non
     if outside:
         plan.left.append(f"{outside} run director{'ies' if outside != 1 else 'y'} outside "
                          f"{out} left in place")
-    study_dir = out / name
-    if not STUDY_NAME.fullmatch(name):
-        plan.left.append(f"the study name {name!r} is not a safe directory name: no "
+    study_dir = out / folder
+    if not STUDY_NAME.fullmatch(folder):
+        plan.left.append(f"the study's folder {folder!r} is not a safe directory name: no "
                          f"directory named after it is removed")
     elif study_dir.is_dir() and strictly_inside(study_dir, out):
         plan.study_dir = study_dir

@@ -14,9 +14,12 @@ the storage (`budget`); either ends the loop once the running trials finish.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mtbert.errors import ConfigError
@@ -24,11 +27,13 @@ from mtbert.runtime import device_label
 from mtbert.studies.budget import check_budget, set_budget, stop_reason
 from mtbert.studies.constraints import (constraints_func, describe_all, resolve_constraints,
                                         store_constraints, study_constraints)
-from mtbert.studies.job import (RESEED_OF, SEED, STUDY_OBJECTIVES, STUDY_SPEC,
-                                STUDY_SPEC_NAME, WORKERS_STARTED, trial_dir)
+from mtbert.studies.job import (RESEED_OF, RUNS_FOLDER, SEED, STUDY_OBJECTIVES, STUDY_SIZE,
+                                STUDY_SPEC, STUDY_SPEC_NAME, STUDY_UID, WORKERS_STARTED,
+                                trial_dir)
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.options import SweepOptions
-from mtbert.studies.process import TrialRunner, record_cost
+from mtbert.studies.outage import Outage
+from mtbert.studies.process import TrialRunner, holds_a_run
 from mtbert.studies.progress import SweepDisplay
 from mtbert.studies.racing import mean_sampler
 from mtbert.studies.configurations import SeedGroup, reseed_seeds, seed_groups
@@ -36,7 +41,8 @@ from mtbert.studies.results import (complete_trials, describe_trial, feasible_tr
                                     new_finished, ranked)
 from mtbert.studies.retention import prune_checkpoints
 from mtbert.studies.samplers import make_pruner, make_sampler
-from mtbert.studies.spec import SweepSpec, stored_spec, trial_config
+from mtbert.studies.sizes import NO_STUDY, NoStudy, SizeChoice, check_sizes, choose_size
+from mtbert.studies.spec import SweepSpec, load_spec, read_spec, stored_spec, trial_config
 from mtbert.studies.storage import (check_study_name, enqueue_once, mask_url, select_study,
                                     setup_lock, storage_errors, with_driver)
 from mtbert.studies.warmstart import warm_start
@@ -55,7 +61,7 @@ def study_sampler(spec: SweepSpec, constraints: list | None = None, worker: int 
     return mean_sampler(sampler) if spec.seeds > 1 else sampler
 
 
-def join_study(study, url: str) -> int:
+def join_study(study, url: str, out: Path) -> int:
     """This worker's number among every worker that ran the study so far (0: the first),
     counted in the study (`workers_started`) under the setup lock.
 
@@ -67,7 +73,25 @@ def join_study(study, url: str) -> int:
     with setup_lock(url, f"joining study {study.study_name}"):
         worker = study.user_attrs.get(WORKERS_STARTED, 0)
         study.set_user_attr(WORKERS_STARTED, worker + 1)
+        if STUDY_UID not in study.user_attrs:
+            _identify(study, out)
     return worker
+
+
+def _identify(study, out: Path) -> None:
+    """Give a study its identity and its runs folder under `out`: its name, unless that
+    folder holds trial runs already and the study has none yet (they are another study's
+    of the same name: deleted, or in another storage), which are never written over."""
+    uid, name = uuid.uuid4().hex, study.study_name
+    folder = name
+    if not study.get_trials(deepcopy=False) and any(
+            holds_a_run(d) for d in (out / name).glob("trial-*")):
+        folder = f"{name}-{uid[:8]}"
+        log.warning("%s holds the runs of another study named %s (deleted, or in another "
+                    "storage); they stay as they are, and this study's runs go to %s",
+                    out / name, name, out / folder)
+    study.set_user_attr(STUDY_UID, uid)
+    study.set_user_attr(RUNS_FOLDER, folder)
 
 
 def create_study(spec: SweepSpec, options: SweepOptions):
@@ -96,6 +120,14 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     stored = study.user_attrs.get(STUDY_SPEC)
     if stored is None:
         study.set_user_attr(STUDY_SPEC, spec.to_dict())
+        if spec.size is not None:
+            study.set_user_attr(STUDY_SIZE, spec.size)
+    elif spec.size is not None and study.user_attrs.get(STUDY_SIZE, spec.size) != spec.size:
+        # Two workers that chose their sizes before either made the study. (A spec without
+        # sizes, such as one printed at the study's size, runs as written, as --set does.)
+        raise ConfigError(f"study '{name}' was made with size {study.user_attrs[STUDY_SIZE]}, "
+                          f"this sweep runs {spec.size}; pass --size "
+                          f"{study.user_attrs[STUDY_SIZE]}, or use --study NEW_NAME")
     elif stored.get("seeds", 1) != spec.seeds:
         raise ConfigError(f"study '{name}' races each configuration over "
                           f"{stored.get('seeds', 1)} seed(s), this sweep over {spec.seeds}; "
@@ -109,13 +141,50 @@ def create_study(spec: SweepSpec, options: SweepOptions):
                    own_url=options.url)
     for params in spec.enqueue:  # known configurations run first, and once per study
         enqueue_once(study, options.url, params)
-    worker = join_study(study, options.url)
+    worker = join_study(study, options.url, options.out)
     if worker and spec.sampler.get("seed") is not None:
         study.sampler = study_sampler(spec, constraints, worker)
         log.info("worker %d of study %s: sampler seed %d (the spec's + %d, so that workers "
                  "draw different configurations)", worker, name,
                  spec.sampler["seed"] + worker, worker)
     return study, before
+
+
+def stored_size(options: SweepOptions, name: str) -> str | None | NoStudy:
+    """The size stored in study `name` of the sweep's storage; None: the study has none;
+    NO_STUDY: there is no such study yet (a SQLite file that does not exist is not made)."""
+    url = options.url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return NO_STUDY
+    with storage_errors(url):
+        storage = options.open_storage()
+        try:
+            study_id = storage.get_study_id_from_name(name)
+        except KeyError:
+            return NO_STUDY
+        return storage.get_study_user_attrs(study_id).get(STUDY_SIZE)
+
+
+def sized_spec(spec: str, overrides: list[str], requested: str, *, on_cuda,
+               options: SweepOptions | None = None) -> tuple[SweepSpec, SizeChoice]:
+    """`spec` (a shipped name or a path) at its size for `--size requested`, `overrides`
+    (`--set`) on its base, and the size chosen. The size is the one stored in the study
+    that `options` join, where it exists (asked once the spec is checked, so that a bad
+    spec touches no storage), else `requested` (`auto`: by `on_cuda()`, whether the trials
+    train on CUDA). Without `options` (`--print`, `--check`) there is no study to ask."""
+    raw, _, where = read_spec(spec)
+    sizes = list(check_sizes(raw.get("sizes"), lambda message: ConfigError(f"{where}: "
+                                                                           f"{message}")))
+    choose = functools.partial(choose_size, requested, sizes, where=where, on_cuda=on_cuda)
+    chosen = choose()
+    resolved = load_spec(spec, overrides, size=chosen.name)
+    if options is not None and sizes:  # a spec without sizes has one base: nothing to ask
+        name = check_study_name(options.study or resolved.name)
+        joined = choose(study=name, stored=stored_size(options, name))
+        if joined.name != chosen.name:
+            resolved = load_spec(spec, overrides, size=joined.name)
+        chosen = joined
+    return resolved, chosen
 
 
 @dataclass
@@ -134,9 +203,11 @@ class SweepRun:
         return self.ran and not new_finished(self.study, self.before)
 
 
-def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
+def run_sweep(spec: SweepSpec, options: SweepOptions, *,
+              size: SizeChoice | None = None) -> SweepRun:
     """Create or resume the study, store `options.budget_hours` in it, and run
-    `options.trials` more trials (or until the timeout, a stop or the budget)."""
+    `options.trials` more trials (or until the timeout, a stop or the budget); `size`, the
+    spec's size and why (`sized_spec`), is said as the trials start."""
     import optuna
 
     if options.budget_hours is not None:
@@ -158,6 +229,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepRun:
         stopped = stop_reason(study)
     if stopped:
         return SweepRun(study, before, stopped, ran=False)
+    if size is not None:
+        log.info("%s", size.line(spec.name))
     log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
              mask_url(options.url), count,
              options.trials if options.trials is not None else "until the timeout")
@@ -195,18 +268,16 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
         stopped = stop_reason(study)
     if stopped:
         return stopped
-    runner = TrialRunner(spec, options, study.study_name)
+    from mtbert.tracking import online_or_offline
+
+    options.wandb_mode = online_or_offline(options.wandb_mode)
+    runner = TrialRunner(spec, options, study.study_name,
+                         folder=study.user_attrs.get(RUNS_FOLDER, study.study_name),
+                         uid=study.user_attrs.get(STUDY_UID))
     prune_lock = threading.Lock()
     display = SweepDisplay(mode=SweepDisplay.choose(options.progress),
                            objectives=spec.objectives, asked=n_trials,
                            device=device_label(options.device))
-
-    def objective(trial):
-        record_cost(trial, options)  # its share, so that it counts in the hours while it runs
-        display.started(trial.study)
-        with display.running(trial.number, trial_dir(options.out, study.study_name,
-                                                     trial.number)):
-            return runner(trial)
 
     def on_trial_end(study, trial) -> str | None:
         log.info("%s", describe_trial(trial, spec.objectives))
@@ -220,14 +291,31 @@ def optimize(study, spec: SweepSpec, options: SweepOptions, *, n_trials: int | N
         display.ended(study)
         return reason  # this worker's other running trials finish; none starts
 
-    worker = Worker(study, options.open_storage(), objective=objective,
+    worker = Worker(study, options.open_storage(), objective=Shown(runner, display),
                     slots=runner.slots.total, next_trial=next_trial or NextTrial(),
-                    on_trial_end=on_trial_end)
+                    on_trial_end=on_trial_end, grace=options.grace,
+                    outage=Outage(options.url, options.storage_outage))
     with storage_errors(options.url), display.shown(study):
         stopped = worker.optimize(n_trials=n_trials, timeout=timeout, on_signal=runner.stop)
     if runner.stopping:
         raise KeyboardInterrupt
     return stopped
+
+
+class Shown:
+    """The trial runner, each trial on the sweep's display while it runs; the worker's
+    other calls (a lost heartbeat, a trial told) go to the runner itself."""
+
+    def __init__(self, runner: TrialRunner, display: SweepDisplay):
+        self.runner, self.display = runner, display
+
+    def __call__(self, trial):
+        self.display.started(trial.study)
+        with self.display.running(trial.number, trial_dir(self.runner.folder, trial.number)):
+            return self.runner(trial)
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
 
 
 def reseed(study, spec: SweepSpec, options: SweepOptions, *, top: int, seeds: int,

@@ -17,19 +17,21 @@ from typing import Any
 import yaml
 
 from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping_keys,
-                           overrides_to_dict, read_yaml)
+                           overrides_to_dict, read_yaml, set_key, unflatten)
 from mtbert.errors import ConfigError
 from mtbert.studies.conditions import when_alternatives, when_holds
 from mtbert.studies.constraints import parse_constraints
 from mtbert.studies.enqueue import check_enqueue
-from mtbert.studies.job import STUDY_SPEC, STUDY_SPEC_NAME
+from mtbert.studies.job import STUDY_SIZE, STUDY_SPEC, STUDY_SPEC_NAME
 from mtbert.studies.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from mtbert.studies.sizes import CPU, check_sizes
 from mtbert.tasks import METRIC_KEYS
 
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
-             "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints")
+             "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints", "sizes")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
 RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
+MAX_SEEDS = 100  # seed runs per configuration: far above any race, refuses a typo
 log = logging.getLogger("mtbert")
 
 
@@ -63,6 +65,8 @@ class SweepSpec:
     seeds: int = 1  # seed runs per configuration, raced (mtbert.studies.racing)
     race_alpha: float = RACE_ALPHA
     constraints: list[str] = field(default_factory=list)  # "KEY >= VALUE" / "KEY <= VALUE"
+    size: str | None = None  # the size folded into the base (None: the base as written)
+    sizes: list[str] = field(default_factory=list)  # the names under the spec's `sizes:`
 
     @property
     def multi_objective(self) -> bool:
@@ -121,38 +125,25 @@ def find_spec(name_or_path: str) -> Path:
     return specs[name_or_path]
 
 
-def _nested(mapping: dict[str, Any]) -> dict[str, Any]:
-    """Run config keys given dotted (`train.lr: 1e-4`) or nested, as one nested mapping."""
-    nested: dict[str, Any] = {}
-    for key, value in mapping.items():
-        nested = _set_key(nested, str(key), value) if "." in str(key) else \
-            deep_merge(nested, {key: value})
-    return nested
-
-
-def _set_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of `data` with dotted `key` set to `value`."""
-    out = deep_merge(data, {})
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        node[part] = dict(child) if isinstance(child, dict) else {}
-        node = node[part]
-    node[parts[-1]] = value
-    return out
-
-
-def load_spec(name_or_path: str, overrides: list[str] | None = None) -> SweepSpec:
-    """Read and check a spec; `overrides` (`--set`) change its base."""
+def read_spec(name_or_path: str) -> tuple[dict[str, Any], Path, str]:
+    """A spec file's content, its path and how errors name it."""
     path = find_spec(name_or_path)
-    raw = read_yaml(path)
-    where = f"sweep spec {path.name if path.parent.name == 'sweeps' else path}"
-    return spec_from_dict(raw, overrides, where=where, source=str(path), stem=path.stem)
+    return read_yaml(path), path, \
+        f"sweep spec {path.name if path.parent.name == 'sweeps' else path}"
+
+
+def load_spec(name_or_path: str, overrides: list[str] | None = None,
+              size: str | None = None) -> SweepSpec:
+    """Read and check a spec at `size` (None: its base as written); `overrides` (`--set`)
+    change its base after the size."""
+    raw, path, where = read_spec(name_or_path)
+    return spec_from_dict(raw, overrides, where=where, source=str(path), stem=path.stem,
+                          size=size)
 
 
 def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
-                   where: str, source: str, stem: str = "sweep") -> SweepSpec:
+                   where: str, source: str, stem: str = "sweep",
+                   size: str | None = None) -> SweepSpec:
     """Check a spec given as a mapping (a file's content, or the copy a study stores)."""
 
     def fail(message: str) -> ConfigError:
@@ -164,7 +155,16 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     base_raw = raw.get("base") or {}
     if not isinstance(base_raw, dict):
         raise fail("base must be a mapping of run config keys")
-    base = deep_merge(_nested(base_raw), overrides_to_dict(overrides or []))
+    sizes = check_sizes(raw.get("sizes"), fail)
+    for name, size_raw in sizes.items():  # every size checked, not only the one chosen
+        try:
+            build_config(deep_merge(unflatten(base_raw), unflatten(size_raw)))
+        except ConfigError as err:
+            raise fail(f"sizes.{name}: {err}") from None
+    if size is not None and size not in sizes:
+        raise fail(f"no size '{size}'; its sizes: {', '.join(sizes) or 'none'}")
+    base = deep_merge(deep_merge(unflatten(base_raw), unflatten(sizes.get(size) or {})),
+                      overrides_to_dict(overrides or []))
     try:
         base_config = build_config(base)
     except ConfigError as err:
@@ -227,7 +227,8 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
                      description=str(raw.get("description") or ""), base=base, space=space,
                      objectives=objectives, directions=directions, sampler=sampler,
                      pruner=pruner, enqueue=enqueue, source=source, seeds=seeds,
-                     race_alpha=race_alpha, constraints=list(constraints))
+                     race_alpha=race_alpha, constraints=list(constraints), size=size,
+                     sizes=list(sizes))
     try:  # constructor arguments checked before any trial
         make_sampler(sampler)
         make_pruner(pruner)
@@ -250,7 +251,7 @@ def _check_conditions(space: dict[str, Param], base: dict[str, Any], leaves: set
                                "the space")
                 for value in values:
                     try:
-                        build_config(_set_key(base, cond_key, value))
+                        build_config(set_key(base, cond_key, value))
                     except ConfigError as err:
                         raise fail(f"space.{key}.when: {err}") from None
 
@@ -259,8 +260,9 @@ def check_racing(seeds: Any, alpha: Any, fail,
                  names: tuple[str, str] = ("seeds", "race_alpha")) -> tuple[int, float]:
     """A spec's seeds per configuration and race level, named `names` in an error (the
     spec's keys, or the options `--seeds` / `--race-alpha`)."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise fail(f"{names[0]} must be a whole number >= 1, got {seeds!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise fail(f"{names[0]} must be a whole number from 1 to {MAX_SEEDS}, got "
+                   f"{str(seeds)[:40]}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise fail(f"{names[1]} must be a number between 0 and 1, got {alpha!r}")
     return seeds, float(alpha)
@@ -325,7 +327,7 @@ def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], f
         param = Param(key, kind, low=low, high=high, log=log, step=step, when=when)
     for value in values:
         try:
-            build_config(_set_key(base, key, value))
+            build_config(set_key(base, key, value))
         except ConfigError as err:
             raise fail(f"space.{key}: value {value!r} is invalid ({err})") from None
     return param
@@ -350,10 +352,10 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
 def trial_config(spec: SweepSpec, params: dict[str, Any]) -> RunConfig:
     data = spec.base
     for key, value in params.items():
-        data = _set_key(data, key, value)
+        data = set_key(data, key, value)
     # The kept checkpoint, the trial's values and its metric attributes all come from
     # the evaluation that is best by the (first) objective.
-    data = _set_key(data, "train.select_metric", spec.objectives[0])
+    data = set_key(data, "train.select_metric", spec.objectives[0])
     return build_config(data)
 
 
@@ -367,23 +369,27 @@ class _PlainDumper(yaml.SafeDumper):
 
 def spec_yaml(spec: SweepSpec) -> str:
     """`mtbert sweep --print`: the resolved spec as a file `mtbert sweep FILE.yaml` runs
-    unchanged (the --set overrides folded into its base)."""
+    unchanged anywhere (its size and the --set overrides folded into its base, no sizes)."""
     return yaml.dump(spec.to_dict(), Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
 
 
 def stored_spec(study, overrides: list[str] | None = None) -> SweepSpec:
-    """The spec a study was swept with (stored by `mtbert sweep`), `overrides` on its base.
+    """The spec a study was swept with (stored by `mtbert sweep`, its size folded in),
+    `overrides` on its base.
 
     Studies from before the spec was stored fall back to the shipped spec of the same
-    name, whose base may differ from the sweep's --set: pass them again."""
+    name at size cpu (the shipped bases then), whose base may differ from the sweep's
+    --set: pass them again."""
     stored = study.user_attrs.get(STUDY_SPEC)
     if stored is not None:
-        return spec_from_dict(stored, overrides, where=f"the spec of study {study.study_name}",
+        spec = spec_from_dict(stored, overrides, where=f"the spec of study {study.study_name}",
                               source=f"study {study.study_name}")
+        return dataclasses.replace(spec, size=study.user_attrs.get(STUDY_SIZE))
     name = study.user_attrs.get(STUDY_SPEC_NAME)
     if name is None:
         raise ConfigError(f"study {study.study_name} was not made by `mtbert sweep` (no spec "
                           "stored); reseeding needs its spec")
-    log.warning("study %s stores only its spec's name; using the shipped spec '%s' with "
-                "this command's --set (pass the sweep's --set again)", study.study_name, name)
-    return load_spec(name, overrides)
+    log.warning("study %s stores only its spec's name; using the shipped spec '%s' at size "
+                "cpu with this command's --set (pass the sweep's --set again)",
+                study.study_name, name)
+    return load_spec(name, overrides, size=CPU)

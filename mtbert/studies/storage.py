@@ -23,6 +23,8 @@ from typing import Any
 
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, mask_url
+from mtbert.studies.outage import (CONNECT_TIMEOUT_ENV, connect_args, connect_timeout,
+                                   is_outage)
 
 STORAGE_FILE = "mtbert.db"
 # Study names become directory names (<out>/<study>/trial-NNNN): letters, digits, '.', '_'
@@ -114,19 +116,25 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     # Heartbeats are "experimental" in Optuna since v2.9; mtbert relies on them on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     _check_url(url)
-    if must_exist and url.startswith("sqlite:///") and not Path(url[10:]).exists():
-        raise ConfigError(f"no study storage at {url[10:]}; run `mtbert sweep` first or pass "
-                          "--storage / --out")
+    if must_exist and url.startswith("sqlite:///"):
+        path = Path(url[10:])
+        if not path.exists():
+            raise ConfigError(f"no study storage at {path}; run `mtbert sweep` first or pass "
+                              "--storage / --out")
+        if path.is_file() and path.stat().st_size == 0:  # never re-created by a reader
+            raise ConfigError(f"the study storage {path} is empty (0 bytes): its studies are "
+                              "gone; restore it from a copy, or start over with `mtbert sweep`")
     kwargs: dict[str, Any] = {}
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=grace or 3 * heartbeat,
                       heartbeat_stale_trial_callback=(
                           optuna.storages.RetryHeartbeatStaleTrialCallback(
                               max_retry=max_retries)))
-    engine: dict[str, Any] = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
-        # Workers on one machine wait for SQLite's lock instead of failing at once.
-        engine = {"connect_args": {"timeout": 60}}
+    # Workers on one machine wait for SQLite's lock instead of failing at once; a
+    # server's connections are bounded (connect, statements, keepalives).
+    engine: dict[str, Any] = {"connect_args": connect_args(url)}
+    if not url.startswith("sqlite"):
+        engine["pool_pre_ping"] = True
     if checked:
         return _serialize(optuna.storages.RDBStorage(
             with_driver(url), engine_kwargs=engine, skip_compatibility_check=True,
@@ -145,8 +153,10 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
             # Jitter: workers that lost together should not collide again together.
             pause = delay * random.uniform(0.5, 1.0)
             if not is_schema_race(err) or time.monotonic() + pause > deadline:
+                bound = (f" (connect timeout {connect_timeout():g} s: --storage-timeout or "
+                         f"${CONNECT_TIMEOUT_ENV})" if is_outage(err) else "")
                 raise StorageError(f"cannot reach the study storage {mask_url(url)}: "
-                                   f"{mask_url(first_line(err))}") from None
+                                   f"{mask_url(first_line(err))}{bound}") from None
         time.sleep(pause)
         delay *= 2
 
@@ -219,7 +229,8 @@ def setup_lock(url: str, doing: str):
         yield
         return
     engine = sqlalchemy.create_engine(with_driver(url), poolclass=sqlalchemy.pool.NullPool,
-                                      isolation_level="AUTOCOMMIT")
+                                      isolation_level="AUTOCOMMIT",
+                                      connect_args=connect_args(url))
     try:
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text(f"SET lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'"))
@@ -277,10 +288,11 @@ def enqueue_once(study, url: str, params: dict[str, Any]) -> bool:
 def storage_errors(url: str):
     """A storage that fails while a study runs: one line, the URL masked."""
     import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
 
     try:
         yield
-    except sqlalchemy.exc.SQLAlchemyError as err:
+    except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as err:
         raise StorageError(f"the study storage {mask_url(url)} failed: "
                            f"{mask_url(first_line(err))}") from None
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from mtbert.live import eta
 from mtbert.rundir import CONFIG_FILE, best_metrics, read_metrics
-from mtbert.studies.job import (EXIT_PRUNED, PARENT_ENV, PROGRESS_EVERY_S, STORAGE_ENV,
-                                TrialJob, TrialProgress, TrialResult)
+from mtbert.studies.job import (EXIT_PRUNED, EXIT_STORAGE_OUTAGE, PARENT_ENV,
+                                PROGRESS_EVERY_S, STORAGE_ENV, TrialJob, TrialProgress,
+                                TrialResult)
 from mtbert.tasks import METRIC_KEYS
 
 log = logging.getLogger("mtbert")
@@ -90,6 +91,7 @@ def outcome(error: BaseException | None, race: str | None = None,
 
     from mtbert.errors import MtbertError
     from mtbert.formatting import first_line
+    from mtbert.studies.outage import StorageOutage
     from mtbert.studies.racing import RACED
 
     if error is None:
@@ -98,6 +100,8 @@ def outcome(error: BaseException | None, race: str | None = None,
         return Outcome("RACED_OUT", 0, race_note) if race == RACED else Outcome("COMPLETE", 0)
     if isinstance(error, optuna.TrialPruned):
         return Outcome("PRUNED", EXIT_PRUNED, str(error))
+    if isinstance(error, StorageOutage):  # the worker queues it again, to resume
+        return Outcome("FAIL", EXIT_STORAGE_OUTAGE, str(error))
     if isinstance(error, (MtbertError, Interrupted)):
         return Outcome("FAIL", 1, str(error))
     return Outcome("FAIL", 1, f"{type(error).__name__}: {first_line(error)}")
@@ -176,7 +180,7 @@ class TrackedTraining:
             mode=job.wandb.mode, project=job.wandb.project, group=job.study,
             job_type=job.spec, name=name,
             config={**config.to_dict(), "params": job.params, "study": job.study,
-                    "trial": job.number, "config_id": job.config_id,
+                    "size": job.size, "trial": job.number, "config_id": job.config_id,
                     "reseed_of": job.reseed_of, "retry_of": job.retry_of},
             tags=self._tags(), directory=Path(job.wandb.dir), resume_id=job.wandb_resume_id)
         self.run_id = self.tracker.run_id
@@ -228,14 +232,19 @@ def run(run_dir: Path, training=TrackedTraining) -> int:
     import optuna
 
     from mtbert.errors import MtbertError
+    from mtbert.studies.optuna_api import retrying_storage, shared_storage
+    from mtbert.studies.options import SweepOptions
+    from mtbert.studies.outage import OUTAGE_ENV, Outage
     from mtbert.studies.samplers import make_pruner
     from mtbert.studies.storage import open_storage
 
     progress = ProgressReport(run_dir)
     job = TrialJob.read(run_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=job.study,
-                              storage=open_storage(os.environ[STORAGE_ENV], checked=True),
+    url = os.environ[STORAGE_ENV]
+    outage = Outage(url, float(os.environ.get(OUTAGE_ENV) or SweepOptions.storage_outage))
+    storage = retrying_storage(shared_storage(open_storage(url, checked=True)), outage.call)
+    study = optuna.load_study(study_name=job.study, storage=storage,
                               pruner=make_pruner(job.pruner))
     trial = optuna.trial.Trial(study, job.trial_id)
     objective = job.objectives[0]

@@ -12,11 +12,15 @@ that a queued trial runs once whichever worker, old or new, takes it.
 
 The worker keeps each running trial's heartbeat (so that a worker that dies leaves
 a trial that the next worker marks FAIL and queues again) and fails stale trials
-before each trial, as `Study.optimize` does.
+before each trial, as `Study.optimize` does. Its storage calls ride out an outage
+(`studies.outage`); the heartbeat thread outlives one, and a trial whose heartbeat
+could not be recorded for the grace period is stopped, since another worker may by
+then have failed it and queued its retry: no trial runs twice at once.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -25,8 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from mtbert.studies.optuna_api import refresh_trials, shared_storage, trial_id
+from mtbert.studies.optuna_api import (refresh_trials, retrying_storage, shared_storage,
+                                       trial_id)
+from mtbert.studies.outage import Outage, StorageOutage
 from mtbert.studies.racing import is_new_configuration
+
+log = logging.getLogger("mtbert")
 
 
 class TrialFailed(Exception):
@@ -78,9 +86,12 @@ class NextTrial:
 
 
 @contextmanager
-def heartbeat(storage, trial: int):
+def heartbeat(storage, trial: int, *, grace: float | None = None,
+              on_lost: Callable[[], None] | None = None):
     """Record the heartbeat of trial id `trial` every interval the storage was opened
-    with, as `Study.optimize` does, so that a worker that dies leaves a stale trial."""
+    with, as `Study.optimize` does, so that a worker that dies leaves a stale trial.
+    A beat that fails is tried again at the next interval; once none went through for
+    `grace` seconds, `on_lost()` is called (once)."""
     interval = storage.get_heartbeat_interval()
     if not interval:
         yield
@@ -88,8 +99,16 @@ def heartbeat(storage, trial: int):
     stop = threading.Event()
 
     def beat() -> None:
+        last, lost = time.monotonic(), False
         while True:
-            storage.record_heartbeat(trial)
+            try:
+                storage.record_heartbeat(trial)
+                last = time.monotonic()
+            except Exception as err:  # an outage: the next beat tries again
+                log.debug("heartbeat of trial id %d not recorded: %s", trial, err)
+                if not lost and grace and on_lost and time.monotonic() - last > grace:
+                    lost = True
+                    on_lost()
             if stop.wait(interval):
                 return
 
@@ -108,10 +127,13 @@ class Worker:
     `on_trial_end(study, frozen_trial)` may return why no new trial should start."""
 
     def __init__(self, study, storage, *, objective: Callable, slots: int,
-                 next_trial: NextTrial, on_trial_end: Callable | None = None):
+                 next_trial: NextTrial, on_trial_end: Callable | None = None,
+                 outage: Outage | None = None, grace: float | None = None):
         import optuna
 
-        self.storage = shared_storage(storage)
+        self.plain = shared_storage(storage)  # the heartbeat's: it retries on its own
+        self.storage = retrying_storage(self.plain, outage.call) if outage else self.plain
+        self.grace = grace
         self.study = optuna.load_study(study_name=study.study_name, storage=self.storage,
                                        sampler=study.sampler, pruner=study.pruner)
         self.objective = objective
@@ -197,20 +219,49 @@ class Worker:
         from optuna.trial import TrialState
 
         values, state, error = None, TrialState.COMPLETE, None
-        with heartbeat(self.storage, trial_id(trial)):
+        lost = getattr(self.objective, "lost_heartbeat", None)
+        with heartbeat(self.plain, trial_id(trial), grace=self.grace,
+                       on_lost=lost and (lambda: lost(trial))):
             try:
                 values = self.objective(trial)
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
             except TrialFailed:
                 state = TrialState.FAIL
+            except StorageOutage:
+                # Told nothing: the trial stays RUNNING, its run directory as it is, and
+                # the next worker fails it through its heartbeat and resumes it.
+                raise
             except (Exception, KeyboardInterrupt) as err:
                 state, error = TrialState.FAIL, err
-        frozen = self.study.tell(trial, values if state == TrialState.COMPLETE else None,
-                                 state=state)
+        frozen, told = self._tell(trial, values if state == TrialState.COMPLETE else None,
+                                  state)
+        ended = getattr(self.objective, "ended", None)
+        if ended is not None:
+            ended(trial, told)
         if error is not None:
             raise error
-        reason = self.on_trial_end(self.study, frozen) if self.on_trial_end else None
+        reason = self.on_trial_end(self.study, frozen) if self.on_trial_end and told else None
         if reason:
             with self._lock:
                 self.stopped = self.stopped or reason
+
+    def _tell(self, trial, values, state):
+        """Tell the study how `trial` ended; returns its record and whether it was told.
+        A trial found finished already was failed by another worker while this one's
+        heartbeat could not reach the storage (that worker queued its retry), or was told
+        by a first try whose answer the outage swallowed."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            return self.study.tell(trial, values, state=state), True
+        except (UpdateFinishedTrialError, ValueError):
+            stored = self.storage.get_trial(trial_id(trial))
+            if not stored.state.is_finished():
+                raise
+            if stored.state == state:
+                return stored, True
+            log.warning("trial %d was %s by another worker while this worker could not reach "
+                        "the storage; its result stays in its run directory for the retry",
+                        trial.number, stored.state.name)
+            return stored, False
