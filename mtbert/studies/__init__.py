@@ -16,6 +16,7 @@
   safe study names) and opening the study a command names.
 - `outage`: riding out a storage that goes away (retries with a limit, said on stderr)
   and the bounds on every connection (connect and statement timeouts, keepalives).
+- `folders`: a study's identity and runs folder; a run directory is never written over.
 - `optuna_api`: the few reaches past Optuna's public API, each with why.
 - `job`: the contract between a worker and its trial processes (`TrialJob`,
   `TrialProgress`, `TrialResult`) and the attribute names both write into the study.

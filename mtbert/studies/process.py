@@ -24,13 +24,14 @@ from mtbert.runtime import device_label, wandb_dir
 from mtbert.studies.budget import DEVICE, GPU_SHARE, WALL_S, device_share
 from mtbert.studies.constraints import record_feasibility, study_constraints
 from mtbert.studies.job import (CHECKPOINT, CONFIG_ID, EXIT_PRUNED, EXIT_STORAGE_OUTAGE,
-                                FAIL_REASON, FAILED_TRIAL, JOB_FILE,
+                                FAIL_REASON, FAILED_TRIAL,
                                 GPU, PARENT_ENV, RESEED_OF, RESUMED_FROM_EPOCH, RETRY_HISTORY,
                                 RETRY_OF, RETRY_REASON, RUN_DIR, SEED, STORAGE_ENV,
                                 WANDB_RUN_ID, TrialJob, TrialResult, WandbSettings,
                                 retried_from, trial_command, trial_dir)
 from mtbert.studies.configurations import config_of, first_trial
 from mtbert.studies.optuna_api import trial_id
+from mtbert.studies.folders import check_not_anothers
 from mtbert.studies.options import SweepOptions
 from mtbert.studies.outage import OUTAGE_ENV
 from mtbert.studies.racing import CONTINUE, next_seed, queue_seed
@@ -59,11 +60,6 @@ def best_record(run_dir: Path, metric: str, direction: str = "maximize") -> dict
         return None
     sign = 1 if direction == "maximize" else -1
     return max(records, key=lambda r: sign * r[metric])
-
-
-def holds_a_run(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a trial's run (its job.json or any run file)."""
-    return any((Path(run_dir) / name).exists() for name in (JOB_FILE, *RUN_FILES))
 
 
 def _frozen(trial):
@@ -109,20 +105,6 @@ class TrialRunner:
             procs = list(self._procs)
         for proc in procs:
             proc.terminate()
-
-    def _check_not_anothers(self, run_dir: Path) -> None:
-        """A trial's run directory is new: one that holds a run already is another
-        study's (of the same name, in another storage or deleted), never written over."""
-        if not holds_a_run(run_dir):
-            return
-        try:
-            owner = TrialJob.read(run_dir).study_uid
-        except (OSError, ValueError, TypeError):
-            owner = None
-        if owner is None or owner != self.uid:
-            raise ConfigError(f"{run_dir} holds a run of another study named "
-                              f"{self.study_name}; it stays as it is and this sweep stops: "
-                              "pass another --out, or move that folder away")
 
     def lost_heartbeat(self, trial) -> None:
         """The worker could not record `trial`'s heartbeat for the grace period: another
@@ -182,7 +164,7 @@ class TrialRunner:
         record_cost(trial, self.options)  # its share: it counts in the hours while it runs
         params = suggest(trial, self.spec)
         run_dir = trial_dir(self.folder, trial.number)
-        self._check_not_anothers(run_dir)
+        check_not_anothers(run_dir, uid=self.uid, study=self.study_name)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._run_dirs[trial.number] = run_dir
         job = self._prepare(trial, params, run_dir)

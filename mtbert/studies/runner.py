@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ from mtbert.studies.job import (RESEED_OF, RUNS_FOLDER, SEED, STUDY_OBJECTIVES, 
 from mtbert.studies.flat import check_flat, check_flat_stop, set_flat_rule
 from mtbert.studies.options import SweepOptions
 from mtbert.studies.outage import Outage
-from mtbert.studies.process import TrialRunner, holds_a_run
+from mtbert.studies.folders import identify
+from mtbert.studies.process import TrialRunner
 from mtbert.studies.progress import SweepDisplay
 from mtbert.studies.racing import mean_sampler
 from mtbert.studies.configurations import SeedGroup, reseed_seeds, seed_groups
@@ -74,24 +74,8 @@ def join_study(study, url: str, out: Path) -> int:
         worker = study.user_attrs.get(WORKERS_STARTED, 0)
         study.set_user_attr(WORKERS_STARTED, worker + 1)
         if STUDY_UID not in study.user_attrs:
-            _identify(study, out)
+            identify(study, out)
     return worker
-
-
-def _identify(study, out: Path) -> None:
-    """Give a study its identity and its runs folder under `out`: its name, unless that
-    folder holds trial runs already and the study has none yet (they are another study's
-    of the same name: deleted, or in another storage), which are never written over."""
-    uid, name = uuid.uuid4().hex, study.study_name
-    folder = name
-    if not study.get_trials(deepcopy=False) and any(
-            holds_a_run(d) for d in (out / name).glob("trial-*")):
-        folder = f"{name}-{uid[:8]}"
-        log.warning("%s holds the runs of another study named %s (deleted, or in another "
-                    "storage); they stay as they are, and this study's runs go to %s",
-                    out / name, name, out / folder)
-    study.set_user_attr(STUDY_UID, uid)
-    study.set_user_attr(RUNS_FOLDER, folder)
 
 
 def create_study(spec: SweepSpec, options: SweepOptions):
