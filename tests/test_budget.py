@@ -136,7 +136,7 @@ def test_studies_best_and_report_show_the_hours_of_the_trials(budgeted, tmp_path
     listed = runner.invoke(app, ["studies", "--out", str(out)])
     assert listed.exit_code == 0, listed.output
     header, row = listed.stdout.splitlines()
-    assert header.split()[6:9] == ["hours", "budget", "best"]
+    assert header.split()[6:10] == ["hours", "budget", "size", "best"]
     assert row.split()[:1] + row.split()[6:8] == ["cost", hours, "0.0010"]
     best = runner.invoke(app, ["best", "--out", str(out)])
     assert best.exit_code == 0, best.output

@@ -236,7 +236,9 @@ def test_optunas_own_api_reads_everything_mtbert_writes(swept, tmp_path):
     # What optuna-dashboard does: a plain storage URL, no mtbert code involved.
     url = f"sqlite:///{swept}/runs/mtbert.db"
     study = optuna.load_study(study_name="enq", storage=url)
-    assert set(study.user_attrs) == {"spec", "objectives", "spec_def", "workers_started"}
+    assert set(study.user_attrs) == {"spec", "objectives", "spec_def", "workers_started",
+                                     "study_uid", "runs_folder"}
+    assert study.user_attrs["runs_folder"] == "enq"
     assert study.user_attrs["objectives"] == ["overall/geometric"]
     # The resolved spec, the sweep's --set included, so that `best --reseed` can run it.
     assert study.user_attrs["spec_def"]["base"]["train"]["steps_per_epoch"] == 2
