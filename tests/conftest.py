@@ -116,6 +116,28 @@ class ConfigReads:
         return value
 
 
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a storage or
+    W&B server that hangs); close it to stop."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:  # closed
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
 def wait_for(condition, *, timeout: float, what: str, interval: float = 0.2):
     """Poll `condition()` until it returns a true value, and return that value; fail the
     test naming `what` once `timeout` seconds have passed."""

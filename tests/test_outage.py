@@ -12,14 +12,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from conftest import use_stub_trials, wait_for
+from conftest import silent_server, use_stub_trials, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -162,26 +161,8 @@ def test_an_outage_past_the_limit_is_one_line_and_the_next_worker_resumes(server
     assert retry.user_attrs["resumed_from_epoch"] >= 2  # from its run directory
 
 
-def _silent_server():
-    """A TCP server that accepts connections and never answers; its port."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    held = []
-
-    def accept():
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    return listener
-
-
 def test_a_server_that_never_answers_is_one_line_within_the_timeout(tmp_path):
-    listener = _silent_server()
+    listener = silent_server()
     url = f"postgresql://u@127.0.0.1:{listener.getsockname()[1]}/db"
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "mtbert", "studies", "--storage", url],
@@ -195,7 +176,7 @@ def test_a_server_that_never_answers_is_one_line_within_the_timeout(tmp_path):
 
 
 def test_sigterm_while_connecting_ends_the_command_within_15_s(tmp_path):
-    listener = _silent_server()
+    listener = silent_server()
     url = f"postgresql://u@127.0.0.1:{listener.getsockname()[1]}/db"
     proc = subprocess.Popen([sys.executable, "-m", "mtbert", "best", "--storage", url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

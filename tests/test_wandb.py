@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from mtbert.cli import app
 from mtbert.tasks import METRIC_KEYS
-from conftest import tiny_sweep_args, wait_for, write_task_files
+from conftest import silent_server, tiny_sweep_args, wait_for, write_task_files
 
 runner = CliRunner()
 
@@ -295,15 +295,7 @@ def test_a_trial_whose_wandb_server_never_answers_logs_offline_within_the_bound(
         tiny_encoder, task_dir, tmp_path, monkeypatch):
     """The server accepts connections and never answers (the sweep's check passes): the
     trial's run waits $WANDB_INIT_TIMEOUT, then logs offline, and the trial completes."""
-    import socket
-    import threading
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held = []
-    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(64)],
-                     daemon=True).start()
+    listener = silent_server()
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "8")
