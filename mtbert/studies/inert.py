@@ -245,28 +245,26 @@ def _equal_weights(c: Combination) -> None:
                  "common scale, which Adam and the clip remove", ())
 
 
-def _read_by_registry(kind: str, registry: dict[str, type]) -> Callable[[Combination], None]:
-    """Keys only some entries of a registry read are inert under the others."""
-    config_key = {"schedule": "train.schedule", "method": "loss.method"}[kind]
-
-    def rule(c: Combination) -> None:
-        if kind == "method" and not _uses_loss_methods(c):
-            return
-        readers: dict[str, list[str]] = {}
-        for name, cls in registry.items():
-            for key in cls.reads:
-                readers.setdefault(key, []).append(name)
-        chosen = c.get(config_key)
-        for key, names in readers.items():
-            if chosen not in names:
-                c.inert(key, f"read only by {config_key} {', '.join(names)}", (config_key,))
-    return rule
+def _unread_keys(c: Combination, config_key: str, registry: dict[str, type]) -> None:
+    """Keys only some entries of a registry read (`reads`) are inert under the others."""
+    readers: dict[str, list[str]] = {}
+    for name, cls in registry.items():
+        for key in cls.reads:
+            readers.setdefault(key, []).append(name)
+    chosen = c.get(config_key)
+    for key, names in readers.items():
+        if chosen not in names:
+            c.inert(key, f"read only by {config_key} {', '.join(names)}", (config_key,))
 
 
-def _loss_methods_rule(c: Combination) -> None:
+def _schedule_reads(c: Combination) -> None:
+    _unread_keys(c, "train.schedule", SCHEDULES)
+
+
+def _loss_method_reads(c: Combination) -> None:
     if _uses_loss_methods(c):
         from mtbert.balancing import LOSS_METHODS
-        _read_by_registry("method", LOSS_METHODS)(c)
+        _unread_keys(c, "loss.method", LOSS_METHODS)
 
 
 def _annealing(c: Combination) -> None:
@@ -334,8 +332,8 @@ def _common_scale(c: Combination) -> None:
 
 
 RULES: list[Callable[[Combination], None]] = [
-    _one_task_steps, _dwa_reach, _equal_weights, _read_by_registry("schedule", SCHEDULES),
-    _temperature, _loss_methods_rule, _annealing, _freezing, _heads_and_auxiliary, _tasks_trained,
+    _one_task_steps, _dwa_reach, _equal_weights, _schedule_reads, _temperature,
+    _loss_method_reads, _annealing, _freezing, _heads_and_auxiliary, _tasks_trained,
     _common_scale]
 
 
