@@ -119,7 +119,8 @@ SpecArg = Annotated[Optional[str], typer.Argument(
     help="A shipped spec (see --list) or a path to a spec YAML file.")]
 TrialsOption = Annotated[Optional[int], typer.Option(
     "--trials", min=1, help="Trials to run now, added to the study's earlier ones (default 10, "
-                            "or unlimited with --timeout); with --seeds: new configurations.")]
+                            "or unlimited with --timeout; with the grid sampler, the rest of "
+                            "the grid); with --seeds: new configurations.")]
 TimeoutOption = Annotated[Optional[float], typer.Option(
     "--timeout", min=0, help="Stop starting new trials after this many seconds.")]
 HeartbeatOption = Annotated[int, typer.Option(
@@ -602,9 +603,9 @@ def sweep(
         return _show_spec(resolved, chosen, print_spec=print_spec, check=check,
                           as_json=as_json)
     options = SweepOptions(
-        trials=10 if trials is None and timeout is None else trials, timeout=timeout,
-        study=None if study is None else check_study_name(study), storage=storage, out=out,
-        wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project, keep_top=keep_top,
+        trials=trials, timeout=timeout, storage=storage, out=out,
+        study=None if study is None else check_study_name(study), keep_top=keep_top,
+        wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project,
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
         max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
@@ -706,6 +707,8 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
         raise MtbertError("--race-alpha goes with --seeds N (N >= 2), or a spec with seeds")
     if options is not None:  # a sweep starts: it says what --check would
         _warn_inert(resolved, spec)
+        if options.trials is None and options.timeout is None and resolved.sampler["name"] != "grid":
+            options.trials = 10  # the default --trials; a grid runs to its end
     return with_racing(resolved, seeds, race_alpha), chosen
 
 

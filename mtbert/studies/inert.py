@@ -142,6 +142,8 @@ def combinations(spec: SweepSpec) -> Iterator[Combination]:
 
 
 def _discrete_values(p) -> list[Any]:
+    if p.grid is not None:  # the values the grid sampler runs
+        return list(p.grid)
     if p.type == "categorical":
         return list(p.choices)
     if p.type == "int" and not p.log:

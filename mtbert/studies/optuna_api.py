@@ -110,3 +110,20 @@ def _through(name: str):
         return self.__getattr__(name)(*args, **kwargs)
     method.__name__ = name
     return method
+
+
+def grid_left(study, sampler) -> int:
+    """Points of a grid sampler (`samplers.grid_sampler`) that no trial of `study` has
+    taken yet (running, finished or queued as a retry).
+
+    Why internal: `GridSampler` marks the trial it assigns a point with the system
+    attributes `grid_id` and `search_space`, names Optuna does not document; its own
+    `is_exhausted` counts a running point as not yet visited, so a worker that asked
+    it would start a point that another trial is running."""
+    grid = sampler.search_space
+    points = 1
+    for values in grid.values():
+        points *= len(values)
+    taken = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)
+             if "grid_id" in t.system_attrs and t.system_attrs.get("search_space") == grid}
+    return points - len(taken)

@@ -50,11 +50,14 @@ import copy
 import math
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from mtbert.studies.configurations import config_of
 from mtbert.studies.job import FEASIBLE, RACED_OUT, RESEED_OF, RETRY_HISTORY, SEED
 
 CONTINUE, COMPLETE, RACED = "continue", "complete", "raced out"
+RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
+MAX_SEEDS = 100  # seed runs per configuration: far above any race, refuses a typo
 
 
 @dataclass
@@ -204,6 +207,19 @@ def decide(study, *, config: int, value: float, seeds: int, alpha: float,
     if p < alpha:
         return Decision(RACED, n, f"raced out: {versus} < {alpha:g}")
     return Decision(CONTINUE, n, f"{n} of {seeds} seeds: {versus}")
+
+
+def check_racing(seeds: Any, alpha: Any, fail,
+                 names: tuple[str, str] = ("seeds", "race_alpha")) -> tuple[int, float]:
+    """A spec's seeds per configuration and race level, named `names` in an error (the
+    spec's keys, or the options `--seeds` / `--race-alpha`)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise fail(f"{names[0]} must be a whole number from 1 to {MAX_SEEDS}, got "
+                   f"{str(seeds)[:40]}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < 1:
+        raise fail(f"{names[1]} must be a number from 0 (no configuration raced out: every "
+                   f"one runs all its seeds) to below 1, got {alpha!r}")
+    return seeds, float(alpha)
 
 
 def next_seed(study, *, config: int, first_seed: int, seeds: int) -> int | None:

@@ -35,6 +35,7 @@ from mtbert.studies.outage import Outage
 from mtbert.studies.folders import identify
 from mtbert.studies.process import TrialRunner
 from mtbert.studies.progress import SweepDisplay
+from mtbert.studies.grid import grid_values
 from mtbert.studies.racing import mean_sampler
 from mtbert.studies.configurations import SeedGroup, reseed_seeds, seed_groups
 from mtbert.studies.results import (complete_trials, describe_trial, feasible_trials,
@@ -57,7 +58,8 @@ def study_sampler(spec: SweepSpec, constraints: list | None = None, worker: int 
     options = spec.sampler
     if worker and options.get("seed") is not None:
         options = {**options, "seed": options["seed"] + worker}
-    sampler = make_sampler(options, constraints_func(constraints) if constraints else None)
+    sampler = make_sampler(options, constraints_func(constraints) if constraints else None,
+                           grid=grid_values(spec.space))
     return mean_sampler(sampler) if spec.seeds > 1 else sampler
 
 
@@ -217,7 +219,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, *,
         log.info("%s", size.line(spec.name))
     log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
              mask_url(options.url), count,
-             options.trials if options.trials is not None else "until the timeout")
+             options.trials if options.trials is not None else
+             "until the timeout" if options.timeout is not None else "until the grid is done")
     if spec.seeds > 1 and options.trials is not None:
         stopped = race_configurations(study, spec, options)
     else:

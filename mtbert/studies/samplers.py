@@ -12,7 +12,7 @@ from typing import Any
 
 from mtbert.errors import ConfigError
 
-SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc")
+SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 CONSTRAINED_SAMPLERS = ("tpe", "nsga2", "gp")  # those that take Optuna's constraints_func
 log = logging.getLogger("mtbert")
@@ -26,8 +26,10 @@ def trials_record_constraints() -> bool:
     return hasattr(optuna.trial.Trial, "set_constraint")
 
 
-def make_sampler(options: dict[str, Any], constraints_func=None):
-    """An Optuna sampler from a spec's `sampler: {name: ..., **arguments}`. With
+def make_sampler(options: dict[str, Any], constraints_func=None,
+                 grid: dict[str, list] | None = None):
+    """An Optuna sampler from a spec's `sampler: {name: ..., **arguments}`; the grid
+    sampler's values are the space's `grid` (`studies.grid.grid_values`). With
     `constraints_func` (a study with constraints), the samplers that model constraints
     get it where the installed Optuna wants it (before 5: from 5 on, each trial records
     its constraint values itself, `constraints.record_feasibility`); the others warn."""
@@ -35,7 +37,9 @@ def make_sampler(options: dict[str, Any], constraints_func=None):
 
     classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
                "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
-               "qmc": optuna.samplers.QMCSampler}
+               "qmc": optuna.samplers.QMCSampler, "grid": grid_sampler}
+    if options.get("name") == "grid":
+        options = {**options, "search_space": grid or {}}
     if constraints_func is not None:
         if options.get("name") in CONSTRAINED_SAMPLERS:
             if not trials_record_constraints():
@@ -45,6 +49,23 @@ def make_sampler(options: dict[str, Any], constraints_func=None):
                         "as if there were none; the ranking still leaves infeasible trials "
                         "out", options.get("name"), ", ".join(CONSTRAINED_SAMPLERS))
     return _construct("sampler", classes, options)
+
+
+def grid_sampler(search_space: dict[str, list], seed: int | None = None):
+    """Optuna's `GridSampler`, which ends its study by `Study.stop` when the last point
+    is told; that call is for `Study.optimize`, and the sweep's worker asks and tells
+    trials itself: it starts no trial once the grid is done (`optuna_api.grid_left`)."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def __init__(self, search_space, seed=None):
+            super().__init__(search_space, seed=seed)
+            self.search_space = {k: list(v) for k, v in sorted(search_space.items())}
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler(search_space, seed=seed)
 
 
 def make_pruner(options: dict[str, Any]):

@@ -22,16 +22,16 @@ from mtbert.errors import ConfigError
 from mtbert.studies.conditions import when_alternatives, when_holds
 from mtbert.studies.constraints import parse_constraints
 from mtbert.studies.enqueue import check_enqueue
+from mtbert.studies.grid import check_grid_space, check_grid_values, grid_values
 from mtbert.studies.job import STUDY_SIZE, STUDY_SPEC, STUDY_SPEC_NAME
+from mtbert.studies.racing import RACE_ALPHA, check_racing
 from mtbert.studies.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from mtbert.studies.sizes import CPU, check_sizes
 from mtbert.tasks import METRIC_KEYS
 
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
              "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints", "sizes")
-PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "when")
-RACE_ALPHA = 0.1  # the default level at which a configuration is raced out
-MAX_SEEDS = 100  # seed runs per configuration: far above any race, refuses a typo
+PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "grid", "when")
 log = logging.getLogger("mtbert")
 
 
@@ -47,6 +47,7 @@ class Param:
     # Sampled only where this holds: {key: value} (a list of values: any of them), or a
     # list of such mappings (any of them); keys not sampled read the base.
     when: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
+    grid: list[Any] | None = None  # an int or float parameter's values for the grid sampler
 
 
 @dataclass
@@ -84,6 +85,8 @@ class SweepSpec:
                     entry["log"] = True
                 if p.step is not None:
                     entry["step"] = p.step
+                if p.grid is not None:
+                    entry["grid"] = p.grid
             if p.when:
                 entry["when"] = p.when
             space[key] = entry
@@ -205,6 +208,7 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     if sampler.get("name", "tpe") not in SAMPLERS:
         raise fail(f"sampler '{sampler.get('name')}'; valid: {', '.join(SAMPLERS)}")
     sampler.setdefault("name", "tpe")
+    check_grid_space(space, sampler, fail)
     pruner = dict(raw.get("pruner") or {"name": "median"})
     if pruner.get("name", "median") not in PRUNERS:
         raise fail(f"pruner '{pruner.get('name')}'; valid: {', '.join(PRUNERS)}")
@@ -230,7 +234,7 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
                      race_alpha=race_alpha, constraints=list(constraints), size=size,
                      sizes=list(sizes))
     try:  # constructor arguments checked before any trial
-        make_sampler(sampler)
+        make_sampler(sampler, grid=grid_values(space))
         make_pruner(pruner)
     except ConfigError as err:
         raise fail(str(err)) from None
@@ -254,18 +258,6 @@ def _check_conditions(space: dict[str, Param], base: dict[str, Any], leaves: set
                         build_config(set_key(base, cond_key, value))
                     except ConfigError as err:
                         raise fail(f"space.{key}.when: {err}") from None
-
-
-def check_racing(seeds: Any, alpha: Any, fail,
-                 names: tuple[str, str] = ("seeds", "race_alpha")) -> tuple[int, float]:
-    """A spec's seeds per configuration and race level, named `names` in an error (the
-    spec's keys, or the options `--seeds` / `--race-alpha`)."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
-        raise fail(f"{names[0]} must be a whole number from 1 to {MAX_SEEDS}, got "
-                   f"{str(seeds)[:40]}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise fail(f"{names[1]} must be a number between 0 and 1, got {alpha!r}")
-    return seeds, float(alpha)
 
 
 def with_racing(spec: SweepSpec, seeds: int | None, alpha: float | None) -> SweepSpec:
@@ -301,6 +293,8 @@ def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], f
         choices = entry.get("choices")
         if not isinstance(choices, list) or not choices:
             raise fail(f"space.{key}: categorical needs a non-empty list of choices")
+        if "grid" in entry:
+            raise fail(f"space.{key}: a categorical's grid is its choices; remove grid:")
         values = choices
         param = Param(key, kind, choices=choices, when=when)
     else:
@@ -323,8 +317,9 @@ def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], f
         if kind == "int":
             low, high = int(low), int(high)
             step = int(step) if step is not None else None
-        values = [low, high]
-        param = Param(key, kind, low=low, high=high, log=log, step=step, when=when)
+        grid = check_grid_values(key, entry, kind, low, high, step, fail)
+        values = grid or [low, high]
+        param = Param(key, kind, low=low, high=high, log=log, step=step, when=when, grid=grid)
     for value in values:
         try:
             build_config(set_key(base, key, value))

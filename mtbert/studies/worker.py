@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from mtbert.studies.optuna_api import (refresh_trials, retrying_storage, shared_storage,
-                                       trial_id)
+from mtbert.studies.optuna_api import (grid_left, refresh_trials, retrying_storage,
+                                       shared_storage, trial_id)
 from mtbert.studies.outage import Outage, StorageOutage
 from mtbert.studies.racing import is_new_configuration
 
@@ -48,12 +48,13 @@ class NextTrial:
     Queued trials first, oldest first; with `configurations` set (a raced worker), a
     queued trial that starts a configuration is taken, and a new one drawn, only while
     fewer than that many were started by this worker: seed runs and retries are always
-    taken. With `sample` False (a reseed) nothing new is drawn. None: nothing to run
-    now."""
+    taken. With `sample` False (a reseed), or once a grid sampler has started every
+    point, nothing new is drawn. None: nothing to run now."""
 
     configurations: int | None = None
     sample: bool = True
     started: int = 0  # configurations this worker started (raced)
+    grid_done: bool = False  # the study's grid sampler has no point left (said once)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -78,11 +79,23 @@ class NextTrial:
                 self.started += new
                 refresh_trials(study)
                 return optuna.trial.Trial(study, trial_id(t))
-            if full or not self.sample:
+            if full or not self.sample or self._grid_done(study):
                 return None
             self.started += 1
             refresh_trials(study)
             return optuna.trial.Trial(study, storage.create_new_trial(study_id))
+
+
+    def _grid_done(self, study) -> bool:
+        """Whether the study's grid sampler (if it has one) has no point left to start."""
+        sampler = getattr(study.sampler, "inner", study.sampler)  # a raced study's wrapper
+        if not hasattr(sampler, "search_space") or grid_left(study, sampler) > 0:
+            return False
+        if not self.grid_done:
+            log.info("the grid of study %s is done: every point has started",
+                     study.study_name)
+            self.grid_done = True
+        return True
 
 
 @contextmanager
