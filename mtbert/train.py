@@ -426,7 +426,8 @@ def _run_epoch(s: TrainingSetup, state: LoopState, epoch: int, *, progress: bool
     tic = time.perf_counter()
     result = _train_epoch(s, state, plan, desc=f"epoch {epoch + 1}/{t.epochs}",
                           progress=progress, on_step=on_step)
-    state.train_time += time.perf_counter() - tic
+    result.seconds = time.perf_counter() - tic
+    state.train_time += result.seconds
     state.train_examples += result.seen
     s.combiner.end_epoch(result.task_losses)
     if s.probes:
@@ -439,9 +440,11 @@ def evaluate_and_checkpoint(s: TrainingSetup, state: LoopState, epoch: int,
     """Dev metrics of the epoch just trained: the model directory if they are the best,
     the epoch's resume state, then its line in metrics.jsonl. Returns the record."""
     t = s.config.train
+    tic = time.perf_counter()
     metrics = evaluate(s.model, s.data.dev, batch_size=t.eval_batch_size, device=s.device)
     record = {"step": state.step, "epoch": epoch + 1, **metrics,
-              "train/loss": result.loss, **result.extra(s.combiner)}
+              "train/loss": result.loss, **result.extra(s.combiner),
+              "time/eval_s": round(time.perf_counter() - tic, 3)}
     state.history.append(record)
     # Checkpoint, then announce: the model and the resume state are on disk before the
     # epoch's metrics line and log line say it finished, so that a run killed in between
@@ -504,6 +507,8 @@ class EpochResult:
     clipped: float | None = None  # share of the epoch's steps whose gradient was clipped
     # Each task's share of the epoch's steps holding a batch of it that were clipped.
     task_clipped: dict[str, float] = field(default_factory=dict)
+    task_seen: dict[str, int] = field(default_factory=dict)  # training examples per task
+    seconds: float = 0.0  # wall seconds of the epoch's training
 
     def extra(self, combiner: LossCombiner) -> dict[str, float]:
         """Per-task losses, loss weights, the share of clipped steps (pooled and per task)
@@ -514,6 +519,8 @@ class EpochResult:
         if self.clipped is not None:
             out["train/clipped"] = round(self.clipped, 6)
         out.update({f"train/clipped/{t}": round(v, 6) for t, v in self.task_clipped.items()})
+        out.update({f"train/examples/{t}": n for t, n in self.task_seen.items()})
+        out["time/train_s"] = round(self.seconds, 3)
         out.update(self.grad_cos)
         return out
 
@@ -527,6 +534,7 @@ class _EpochSums:
         self.auxiliary = {name: torch.zeros((), device=device) for name in auxiliary}
         self.batches = dict.fromkeys(tasks, 0)
         self.seen = 0  # training examples
+        self.task_seen = dict.fromkeys(tasks, 0)
         self.clipped = torch.zeros((), device=device)  # steps whose gradient was clipped
         self.steps = 0
         # The same per task, over the steps that held a batch of it.
@@ -539,6 +547,7 @@ class _EpochSums:
         self.task[task] += loss.total.detach()
         self.batches[task] += 1
         self.seen += examples
+        self.task_seen[task] += examples
 
     def means(self) -> tuple[dict[str, float], dict[str, float]]:
         """Each task's mean loss, and mean auxiliary loss, over its batches."""
@@ -615,7 +624,8 @@ def _train_epoch(s: TrainingSetup, state: LoopState, plan: list[str], *, desc: s
                 for key in (conflicts[0] if conflicts else {})}
     task_losses, aux_losses = sums.means()
     return EpochResult(total_loss / max(readings, 1), sums.seen, task_losses, grad_cos,
-                       aux_losses, sums.clipped_share(), sums.task_clipped_shares())
+                       aux_losses, sums.clipped_share(), sums.task_clipped_shares(),
+                       task_seen=sums.task_seen)
 
 
 def _train_step(s: TrainingSetup, group: list[str], sums: _EpochSums) -> list[torch.Tensor]:

@@ -265,6 +265,13 @@ class Killed(Exception):
     """Raised from an on_eval callback: the run dies as a killed process would."""
 
 
+def timeless_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records without their wall seconds (`time/...`), which no
+    two runs share: what a resumed run must reproduce exactly."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
 def train_killed_and_resumed(config, root: Path, kill_epoch: int = 0,
                              before_resume=None) -> tuple[dict, dict]:
     """Summaries of an uninterrupted run (root/full) and of the same run killed after

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import ConfigReads, train_killed_and_resumed
+from conftest import ConfigReads, timeless_metrics, train_killed_and_resumed
 from mtbert.balancing import LOSS_METHODS, make_loss_combiner, pcgrad_project
 from mtbert.config import LossConfig, ModelConfig
 from mtbert.encoder import BertConfig, BertEncoder
@@ -218,9 +218,9 @@ def test_resume_with_dwa_windows_across_epochs_matches_the_uninterrupted_run(tin
     config = tiny_config(loss={"method": "dwa", "dwa_window": 4}, train={"epochs": 3})
     full, resumed = train_killed_and_resumed(config, tmp_path, kill_epoch=0)
     assert resumed["best"] == full["best"]
-    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    assert lines == (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    weights = [[json.loads(line)[f"loss_weight/{t}"] for t in TASK_NAMES] for line in lines]
+    records = timeless_metrics(tmp_path / "killed")
+    assert records == timeless_metrics(tmp_path / "full")
+    weights = [[r[f"loss_weight/{t}"] for t in TASK_NAMES] for r in records]
     assert weights[0] == [1.0, 1.0, 1.0]  # step 6: one window ended
     assert weights[1] != [1.0, 1.0, 1.0] and weights[2] != weights[1]  # after steps 8, 12, 16
 
@@ -352,8 +352,7 @@ def test_resume_keeps_the_method_state(tiny_config, tmp_path, method):
     config = tiny_config(loss={"method": method}, train={"epochs": 3})
     full, resumed = train_killed_and_resumed(config, tmp_path, kill_epoch=1)
     assert resumed["best"] == full["best"]
-    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == \
-        (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert timeless_metrics(tmp_path / "killed") == timeless_metrics(tmp_path / "full")
 
 
 def test_every_method_is_registered():
