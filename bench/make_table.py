@@ -1,0 +1,182 @@
+"""Make (or grow) a table of real runs: every configuration x seed x epoch of a grid.
+
+The table is what `bench/replay.py` replays search policies on. It is made by
+ordinary sweeps, resumed where they stopped:
+
+1. `mtbert sweep bench/tables/NAME.yaml` - the grid sampler, `seeds: 3` with
+   `race_alpha: 0` (every configuration runs every seed) and no pruner (every
+   epoch): the fixed protocol on the grid.
+2. Once that grid is done, the single-task baselines, `mtbert sweep
+   bench/tables/NAME-single.yaml` once per task (`data.tasks`), each trained on as
+   many examples of its task as the multitask runs saw of it on average (its
+   `train.steps_per_epoch` batches of one task an epoch).
+3. The export, after each sweep and with `--export`: `bench/tables/NAME.jsonl`, a
+   header record, then one line per run x epoch (`bench/tables/README.md` lists the
+   fields).
+
+Kill it at any time (Ctrl-C, a reboot) and run it again: the sweeps resume their
+studies (a killed trial's retry resumes from its last epoch) and the export
+rewrites the table from every finished run. Commit the table as it grows.
+
+    python bench/make_table.py --data-dir ../shared/data/cs224n-qqp16k
+    python bench/make_table.py --export            # rewrite the table, run nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+from mtbert.studies.job import RUNS_FOLDER, SEED, STUDY_SPEC, trial_dir
+from mtbert.studies.configurations import config_of
+from mtbert.tasks import METRIC_KEYS, TASKS
+
+TASK_NAMES = tuple(TASKS)
+
+TABLES = Path(__file__).resolve().parent / "tables"
+ROOT = TABLES.parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="mission", help="the table: bench/tables/NAME.yaml")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" /
+                        "cs224n-qqp16k")
+    parser.add_argument("--runs", type=Path, default=TABLES / ".runs",
+                        help="where the sweeps keep their study and runs (not committed)")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads of a run")
+    parser.add_argument("--export", action="store_true", help="only rewrite the table")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        metavar="KEY=VALUE", help="a config key of every run (tests: a tiny "
+                        "encoder); a table made with one says so in its specs")
+    parser.add_argument("--tables", type=Path, default=TABLES,
+                        help="where the specs are and the table goes")
+    args = parser.parse_args()
+    storage = f"sqlite:///{args.runs.resolve() / 'mtbert.db'}"
+    if not args.export:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        code = sweep(args, args.tables / f"{args.name}.yaml", args.name)
+        export(args, storage)
+        if code != 0:
+            sys.exit(code)
+        for task, steps in baseline_steps(args.name, storage).items():
+            code = sweep(args, args.tables / f"{args.name}-single.yaml",
+                         f"{args.name}-single-{task}",
+                         "--set", f"data.tasks={task}", "--set", f"train.steps_per_epoch={steps}")
+            if code != 0:
+                break
+    lines = export(args, storage)
+    print(f"{args.tables / (args.name + '.jsonl')}: {lines} lines")
+
+
+def sweep(args, spec: Path, study: str, *extra: str) -> int:
+    """One ordinary sweep of the table (resumed where a study exists)."""
+    command = [sys.executable, "-m", "mtbert", "sweep", str(spec), "--study", study,
+               "--out", str(args.runs), "--data-dir", str(args.data_dir), "--device", "cpu",
+               "--wandb-mode", "disabled", "--keep-top", "0",
+               *[a for o in args.overrides for a in ("--set", o)], *extra]
+    print("$", " ".join(command), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "MKL_NUM_THREADS": str(args.threads)}
+    return subprocess.run(command, env=env).returncode
+
+
+def baseline_steps(name: str, storage: str) -> dict[str, int]:
+    """Each task's batches a multitask run saw an epoch, on average over the table:
+    the steps of its single-task baseline (one batch a step). Nothing while the grid
+    has points left (the average would move)."""
+    records = list(runs(storage, name))
+    study = optuna.load_study(study_name=name, storage=storage)
+    points = grid_points(study.user_attrs[STUDY_SPEC])
+    seeds = int(study.user_attrs[STUDY_SPEC].get("seeds", 1))
+    if len({(r["config"], r["seed"]) for r in records}) < points * seeds:
+        print(f"the grid of {name} is not done: no baselines yet")
+        return {}
+    batch = int(study.user_attrs[STUDY_SPEC]["base"]["train"]["batch_size"])
+    return {task: max(1, round(statistics.fmean(r["epoch_examples"][task] for r in records)
+                               / batch)) for task in TASK_NAMES}
+
+
+def grid_points(spec: dict) -> int:
+    points = 1
+    for entry in spec["space"].values():
+        points *= len(entry.get("choices") or entry.get("grid") or [None])
+    return points
+
+
+def runs(storage: str, study_name: str):
+    """Every epoch of every COMPLETE trial of the study, as table lines."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    folder = Path(storage.removeprefix("sqlite:///")).parent / study.user_attrs.get(
+        RUNS_FOLDER, study_name)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        path = trial_dir(folder, trial.number) / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        params = {k: trial.params[k] for k in sorted(trial.params)}
+        seen = dict.fromkeys(TASK_NAMES, 0)
+        for record in records:
+            epoch_examples = {t: int(record.get(f"train/examples/{t}", 0)) for t in TASK_NAMES}
+            seen = {t: seen[t] + epoch_examples[t] for t in TASK_NAMES}
+            yield {"study": study_name, "config": json.dumps(params, sort_keys=True),
+                   "params": params, "seed": int(trial.user_attrs[SEED]),
+                   "trial": trial.number, "config_id": config_of(trial),
+                   "epoch": int(record["epoch"]), "steps": int(record["step"]),
+                   "metrics": {k: record.get(k) for k in METRIC_KEYS},
+                   "train_s": record.get("time/train_s"), "eval_s": record.get("time/eval_s"),
+                   "epoch_examples": epoch_examples, "examples": seen}
+
+
+def export(args, storage: str) -> int:
+    """Rewrite bench/tables/NAME.jsonl from every finished run; returns its lines."""
+    name = args.name
+    studies = [s.study_name for s in optuna.get_all_study_summaries(storage)
+               if s.study_name == name or s.study_name.startswith(f"{name}-single-")]
+    specs, lines = {}, []
+    for study_name in sorted(studies):
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        specs[study_name] = study.user_attrs.get(STUDY_SPEC)
+        kind = "multitask" if study_name == name else "single"
+        lines += [{"kind": kind, **line} for line in runs(storage, study_name)]
+    lines.sort(key=lambda r: (r["kind"], r["study"], r["config"], r["seed"], r["epoch"]))
+    header = {"kind": "header", "table": name, "commit": _git("rev-parse", "HEAD"),
+              "uncommitted_changes": bool(_git("status", "--porcelain", "--", "mtbert")),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "processor": _cpu_model(),
+                          "cpus": os.cpu_count()},
+              "threads": args.threads, "load_at_export": [round(x, 2) for x in os.getloadavg()],
+              "cost": "train_s + eval_s: wall seconds of the epoch on this machine; steps "
+                      "and examples count the work without its noise",
+              "specs": specs}
+    path = args.tables / f"{name}.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in [header, *lines]))
+    tmp.replace(path)
+    return len(lines) + 1
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
