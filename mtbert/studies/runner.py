@@ -217,9 +217,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, *,
         return SweepRun(study, before, stopped, ran=False)
     if size is not None:
         log.info("%s", size.line(spec.name))
-    log.info("study %s in %s: %d trials so far; running %s more", study.study_name,
+    log.info("study %s in %s: %d trials so far; running %s", study.study_name,
              mask_url(options.url), count,
-             options.trials if options.trials is not None else
+             f"{options.trials} more" if options.trials is not None else
              "until the timeout" if options.timeout is not None else "until the grid is done")
     if spec.seeds > 1 and options.trials is not None:
         stopped = race_configurations(study, spec, options)
