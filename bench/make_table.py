@@ -20,6 +20,7 @@ rewrites the table from every finished run. Commit the table as it grows.
 
     python bench/make_table.py --data-dir ../shared/data/cs224n-qqp16k
     python bench/make_table.py --export            # rewrite the table, run nothing
+    python bench/make_table.py --verify 3          # train 3 of its runs again, compare
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ def main() -> None:
                         "encoder); a table made with one says so in its specs")
     parser.add_argument("--tables", type=Path, default=TABLES,
                         help="where the specs are and the table goes")
+    parser.add_argument("--verify", type=int, metavar="K",
+                        help="run K of the table's runs again (chosen at random, seed 0) "
+                        "and print how far their metrics are from the table's")
     args = parser.parse_args()
     storage = f"sqlite:///{args.runs.resolve() / 'mtbert.db'}"
+    if args.verify:
+        sys.exit(verify(args, args.verify))
     if not args.export:
         args.runs.mkdir(parents=True, exist_ok=True)
         code = sweep(args, args.tables / f"{args.name}.yaml", args.name)
@@ -161,6 +167,42 @@ def export(args, storage: str) -> int:
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in [header, *lines]))
     tmp.replace(path)
     return len(lines) + 1
+
+
+def verify(args, k: int) -> int:
+    """Train K of the table's runs again from their config.yaml, each in a temporary
+    directory, and compare every epoch's metrics with the table's lines."""
+    import random
+    import tempfile
+
+    lines = [json.loads(x) for x in (args.tables / f"{args.name}.jsonl").read_text().splitlines()]
+    runs_of: dict[tuple, list[dict]] = {}
+    for line in lines[1:]:
+        runs_of.setdefault((line["study"], line["trial"]), []).append(line)
+    chosen = random.Random(0).sample(sorted(runs_of), min(k, len(runs_of)))
+    worst = 0.0
+    for study_name, number in chosen:
+        study = optuna.load_study(study_name=study_name,
+                                  storage=f"sqlite:///{args.runs.resolve() / 'mtbert.db'}")
+        folder = args.runs / study.user_attrs.get(RUNS_FOLDER, study_name)
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, "-m", "mtbert", "-q", "train",
+                       str(trial_dir(folder, number) / "config.yaml"), "--out", f"{tmp}/run",
+                       "--device", "cpu"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+                   "MKL_NUM_THREADS": str(args.threads)}
+            subprocess.run(command, env=env, check=True)
+            again = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text()
+                     .splitlines()]
+        for line, record in zip(sorted(runs_of[(study_name, number)], key=lambda r: r["epoch"]),
+                                again):
+            diff = max(abs(line["metrics"][m] - record[m]) for m in METRIC_KEYS
+                       if line["metrics"].get(m) is not None)
+            worst = max(worst, diff)
+        print(f"{study_name} trial {number}: {len(again)} epochs again, the largest "
+              f"difference so far {worst:.3g}", flush=True)
+    print(f"largest difference of a metric over {len(chosen)} runs: {worst:.3g}")
+    return 0 if worst <= 1e-6 else 1
 
 
 def _git(*args: str) -> str:
