@@ -1,0 +1,163 @@
+"""Negative transfer, from a table of real runs: each multitask configuration against
+the three single-task baselines, task by task, paired over seeds.
+
+A run's model is its best evaluation by the objective (the checkpoint a trial keeps);
+its task metrics are read at that epoch, for a multitask run and a baseline alike.
+For each configuration and task, over the seeds both have (seed s against seed s:
+the same data order and head initialisation): the mean and standard deviation of the
+difference, and the two-sided paired t-test's p. A configuration **loses no task**
+when no task's mean difference is below 0; the table marks the tasks significantly
+below (p < 0.05).
+
+    python bench/negative_transfer.py bench/tables/mission.jsonl
+    python bench/negative_transfer.py bench/tables/mission.jsonl --out docs/negative-transfer/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy import stats
+
+OBJECTIVE = "overall/geometric"
+TASK_METRICS = {"sst": "sst/acc", "qqp": "qqp/acc", "sts": "sts/pearson"}
+LEVEL = 0.05
+
+
+@dataclass
+class Versus:
+    """One configuration against one task's baseline over their shared seeds."""
+
+    task: str
+    differences: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.differences)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.differences) if len(self.differences) > 1 else math.nan
+
+    @property
+    def p(self) -> float:
+        """Two-sided paired t-test (the differences' one-sample test against 0)."""
+        if len(self.differences) < 2:
+            return math.nan
+        if self.sd == 0:
+            return 0.0 if self.mean != 0 else 1.0
+        return float(stats.ttest_1samp(self.differences, 0.0).pvalue)
+
+    def cell(self) -> str:
+        mark = " **↓**" if self.mean < 0 and self.p < LEVEL else ""
+        return f"{self.mean:+.4f} ± {self.sd:.4f} (p {self.p:.2g}){mark}"
+
+
+def selected(records: list[dict]) -> dict:
+    """The metrics of a run's best evaluation by the objective (the earliest on a tie)."""
+    return max(sorted(records, key=lambda r: r["epoch"]),
+               key=lambda r: r["metrics"][OBJECTIVE])["metrics"]
+
+
+def read(path: Path) -> tuple[dict, dict[str, dict[int, dict]], dict[str, dict[int, dict]],
+                              dict[str, float]]:
+    """The header, each configuration's and each baseline task's selected metrics by seed,
+    and each configuration's cost (wall seconds of all its runs)."""
+    header, runs, costs = {}, {}, {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "header":
+            header = record
+            continue
+        key = (record["kind"], record["study"], record["config"], record["seed"])
+        runs.setdefault(key, []).append(record)
+    configs: dict[str, dict[int, dict]] = {}
+    baselines: dict[str, dict[int, dict]] = {}
+    for (kind, study, config, seed), records in runs.items():
+        if kind == "multitask":
+            configs.setdefault(config, {})[seed] = selected(records)
+            costs[config] = costs.get(config, 0.0) + sum(
+                (r["train_s"] or 0) + (r["eval_s"] or 0) for r in records)
+        else:
+            task = study.rsplit("-", 1)[1]
+            baselines.setdefault(task, {})[seed] = selected(records)
+    return header, configs, baselines, costs
+
+
+def compare(configs, baselines) -> dict[str, list[Versus]]:
+    found = {}
+    for config, by_seed in configs.items():
+        found[config] = []
+        for task, metric in TASK_METRICS.items():
+            shared = sorted(set(by_seed) & set(baselines.get(task, {})))
+            found[config].append(Versus(task, [by_seed[s][metric] - baselines[task][s][metric]
+                                               for s in shared]))
+    return found
+
+
+def report(path: Path) -> str:
+    header, configs, baselines, costs = read(path)
+    missing = [t for t in TASK_METRICS if t not in baselines]
+    if missing:
+        raise SystemExit(f"{path}: no single-task baseline of {', '.join(missing)} yet "
+                         "(bench/make_table.py runs them once the grid is done)")
+    versus = compare(configs, baselines)
+    overall = {c: statistics.fmean(m[OBJECTIVE] for m in by_seed.values())
+               for c, by_seed in configs.items()}
+    order = sorted(configs, key=lambda c: -overall[c])
+    keep = [c for c in order if all(v.mean >= 0 for v in versus[c])]
+    lines = [f"# Negative transfer on `{header.get('table', path.stem)}`", "",
+             f"From `{path}` (mtbert {header.get('commit', '?')[:10]}, {header.get('date', '?')}"
+             f"): {len(configs)} multitask configurations against the single-task "
+             "baselines, each task's metric at the run's best evaluation by "
+             f"{OBJECTIVE}, paired over seeds (mean ± sd of the difference, two-sided "
+             f"paired t-test p; **↓**: below at p < {LEVEL}). Made by "
+             f"`python bench/negative_transfer.py {path} --out ...`.", "",
+             "| baseline | " + " | ".join(TASK_METRICS.values()) + " |", "|---|---|---|---|",
+             "| single task (mean ± sd over seeds) | " + " | ".join(
+                 _mean_sd([m[metric] for m in baselines[t].values()])
+                 for t, metric in TASK_METRICS.items()) + " |", "",
+             f"| configuration | {OBJECTIVE} | " + " | ".join(
+                 f"Δ {m}" for m in TASK_METRICS.values()) + " | loses no task |",
+             "|---|---|---|---|---|---|"]
+    for c in order:
+        params = ", ".join(f"{k}={v}" for k, v in json.loads(c).items())
+        lines.append(f"| {params} | {overall[c]:.4f} | " + " | ".join(
+            v.cell() for v in versus[c]) + f" | {'yes' if c in keep else 'no'} |")
+    lines += ["", f"**{len(keep)} of {len(configs)} configurations lose no task** (no task's "
+              "mean difference below 0)."]
+    if keep:
+        best = keep[0]
+        lines.append(f"The best of them by {OBJECTIVE} ({overall[best]:.4f}): "
+                     f"{', '.join(f'{k}={v}' for k, v in json.loads(best).items())}; its "
+                     f"{len(configs[best])} seed runs cost {costs[best]:.0f} wall seconds "
+                     f"({costs[best] / sum(costs.values()):.1%} of the table's multitask runs).")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else math.nan
+    return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("table", type=Path)
+    parser.add_argument("--out", type=Path, help="write the Markdown here (else stdout)")
+    args = parser.parse_args(argv)
+    text = report(args.table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
