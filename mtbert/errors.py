@@ -4,8 +4,8 @@
 class MtbertError(Exception):
     """Base of every error the CLI reports as one line.
 
-    `exit_code` follows DESIGN.md: 2 for bad input (option, key, value, file,
-    spec), 1 for a run that failed.
+    `exit_code` follows the README's "Output and exit codes": 2 for bad input (option,
+    key, value, file, spec), 1 for a run that failed.
     """
 
     exit_code = 2

@@ -4,7 +4,7 @@ trial process (and the tests' stand-in for it), export and the report share them
 
     RUN_DIR/config.yaml     the resolved run config
     RUN_DIR/metrics.jsonl   one JSON object per evaluation: step, epoch, the metric keys
-    RUN_DIR/summary.json    the best evaluation, times, environment, data (DESIGN.md)
+    RUN_DIR/summary.json    the best evaluation, times, environment, data
     RUN_DIR/resume.pt       the loop state of the last finished epoch (mtbert.train)
     RUN_DIR/model/          the best evaluation's model directory
     RUN_DIR/job.json, trial.json, progress.json, trial.log   a sweep trial's

@@ -39,7 +39,7 @@ PROGRESS_EVERY_S = 2.0
 # same contract, no model, no torch); a user never sets it.
 TRIAL_PROGRAM_ENV = "MTBERT_TRIAL_PROGRAM"
 
-# Trial user attributes (DESIGN.md): besides the metric keys at the trial's best evaluation,
+# Trial user attributes (README "Sweep"): besides the metric keys at the trial's best evaluation,
 RUN_DIR = "run_dir"  # the trial's run directory (absolute)
 CHECKPOINT = "checkpoint"  # its model directory (absolute), removed outside --keep-top
 WANDB_RUN_ID = "wandb_run_id"

@@ -33,11 +33,6 @@ def make_sampler(options: dict[str, Any], constraints_func=None,
     `constraints_func` (a study with constraints), the samplers that model constraints
     get it where the installed Optuna wants it (before 5: from 5 on, each trial records
     its constraint values itself, `constraints.record_feasibility`); the others warn."""
-    import optuna
-
-    classes = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-               "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
-               "qmc": optuna.samplers.QMCSampler, "grid": grid_sampler}
     if options.get("name") == "grid":
         options = {**options, "search_space": grid or {}}
     if constraints_func is not None:
@@ -48,7 +43,17 @@ def make_sampler(options: dict[str, Any], constraints_func=None,
             log.warning("sampler %s ignores constraints (those of %s do not): it samples "
                         "as if there were none; the ranking still leaves infeasible trials "
                         "out", options.get("name"), ", ".join(CONSTRAINED_SAMPLERS))
-    return _construct("sampler", classes, options)
+    return _construct("sampler", sampler_classes(), options)
+
+
+def sampler_classes() -> dict[str, Any]:
+    """What builds each sampler of SAMPLERS: an Optuna class, or for grid a function that
+    takes the space's values as `search_space`."""
+    import optuna
+
+    return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
+            "qmc": optuna.samplers.QMCSampler, "grid": grid_sampler}
 
 
 def grid_sampler(search_space: dict[str, list], seed: int | None = None):
@@ -70,12 +75,16 @@ def grid_sampler(search_space: dict[str, list], seed: int | None = None):
 
 def make_pruner(options: dict[str, Any]):
     """An Optuna pruner from a spec's `pruner: {name: ..., **arguments}`."""
+    return _construct("pruner", pruner_classes(), options)
+
+
+def pruner_classes() -> dict[str, type]:
+    """The Optuna class of each pruner of PRUNERS."""
     import optuna
 
-    classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
-               "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-               "none": optuna.pruners.NopPruner}
-    return _construct("pruner", classes, options)
+    return {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+            "none": optuna.pruners.NopPruner}
 
 
 def _construct(kind: str, classes: dict[str, type], options: dict[str, Any]):

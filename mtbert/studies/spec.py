@@ -1,6 +1,6 @@
 """Sweep specs: a base run config, a search space, objectives, sampler and pruner.
 
-A spec is YAML (schema in DESIGN.md). Every key is checked against the run
+A spec is YAML (docs/reference/spec.md). Every key is checked against the run
 config schema before any trial runs; a bad spec is one `ConfigError` naming
 the spec, the key and what would be valid.
 """
@@ -32,6 +32,7 @@ from mtbert.tasks import METRIC_KEYS
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
              "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints", "sizes")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "grid", "when")
+PARAM_TYPES = ("float", "int", "categorical")
 log = logging.getLogger("mtbert")
 
 
@@ -282,8 +283,8 @@ def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], f
         if k not in PARAM_KEYS:
             raise fail(f"space.{key}: unknown field '{k}'; valid: {', '.join(PARAM_KEYS)}")
     kind = entry.get("type")
-    if kind not in ("float", "int", "categorical"):
-        raise fail(f"space.{key}: type '{kind}'; valid: float, int, categorical")
+    if kind not in PARAM_TYPES:
+        raise fail(f"space.{key}: type '{kind}'; valid: {', '.join(PARAM_TYPES)}")
     when = entry.get("when") or {}
     if not isinstance(when, dict) and not (
             isinstance(when, list) and when and all(isinstance(w, dict) and w for w in when)):
