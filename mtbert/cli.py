@@ -22,6 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 from tqdm import tqdm
+from typer.core import TyperCommand, TyperGroup
 
 from mtbert.errors import MtbertError
 from mtbert.rundir import RUNS_DIR
@@ -30,11 +31,40 @@ from mtbert.version import __version__
 
 DEFAULTS = SweepOptions()  # the sweep options' defaults, declared once there
 
-app = typer.Typer(
+
+class _FlagsTakeNoValue:
+    """Help that shows a flag (`--print`, `--json`, `--help`) bare: Typer 0.2x prints a
+    flag's type after it (`--print <bool>`) as if it took a value."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class _Typer(typer.Typer):
+    """The app's command groups: their commands' help shows flags bare (_Command)."""
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
     help="Multitask BERT (SST-5, QQP, STS-B): train, sweep and compare multitask strategies.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Task data: download the official CS224N files.",
-                       no_args_is_help=True)
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, cls=_Group)
+data_app = _Typer(help="Task data: download the official CS224N files.",
+                  no_args_is_help=True, cls=_Group)
 app.add_typer(data_app, name="data")
 
 log = logging.getLogger("mtbert")
