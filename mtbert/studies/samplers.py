@@ -57,9 +57,11 @@ def sampler_classes() -> dict[str, Any]:
 
 
 def grid_sampler(search_space: dict[str, list], seed: int | None = None):
-    """Optuna's `GridSampler`, which ends its study by `Study.stop` when the last point
-    is told; that call is for `Study.optimize`, and the sweep's worker asks and tells
-    trials itself: it starts no trial once the grid is done (`optuna_api.grid_left`)."""
+    """Optuna's `GridSampler` over the space's values (`grid:`, a categorical's choices).
+
+    Optuna's ends its study by `Study.stop` when the last point is told; that call is for
+    `Study.optimize`, and the sweep's worker asks and tells trials itself: it starts no
+    trial once the grid is done (`optuna_api.grid_left`)."""
     import optuna
 
     class GridSampler(optuna.samplers.GridSampler):
