@@ -36,6 +36,7 @@ from mtbert.formatting import (aligned_table, first_line, format_mean_std, markd
 from mtbert.live import LiveBlock, duration, eta, is_live, logging_above, position_line
 from mtbert.rundir import read_summary
 from mtbert.runtime import wandb_dir
+from mtbert.safeyaml import file_problem
 from mtbert.tasks import METRIC_KEYS, TASKS, overall_scores
 from mtbert.tracking import Tracker, train_tracked
 
@@ -102,8 +103,9 @@ def resolve_candidates(names: list[str], overrides: list[str],
             config = load_config(None, overrides + own.get(name, []), extra=extra)
             candidates.append(Candidate(name, config, individual=name == "individual"))
         elif path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
+            problem = file_problem(path)
+            if problem:
+                raise ConfigError(f"config file {path} {problem}")
             candidates.append(Candidate(path.stem, load_config(
                 path, overrides + own.get(path.stem, []), extra=extra)))
         else:
