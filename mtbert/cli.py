@@ -130,7 +130,7 @@ GraceOption = Annotated[int, typer.Option(
     "--grace", min=2, max=7 * 86400, help="Seconds without heartbeat before a trial counts as dead (FAIL, "
                            "queued again; see --max-retries).")]
 TrialsPerGpuOption = Annotated[int, typer.Option(
-    "--trials-per-gpu", min=1, help="Trials run at once on each device (each GPU of --gpus), "
+    "--trials-per-gpu", min=1, max=256, help="Trials run at once on each device (each GPU of --gpus), "
                                     "each its own process, so that small encoders fill a big "
                                     "GPU.")]
 SizeOption = Annotated[str, typer.Option(
@@ -218,8 +218,7 @@ def handle_errors(func):
             _error(str(err))
             raise typer.Exit(err.exit_code) from None
         except OSError as err:  # a path that cannot be read or written
-            where = f": {err.filename}" if err.filename else ""
-            _error(f"{err.strerror or err}{where}")
+            _error(_os_error(err))
             # A full disk is a run that failed, not bad input.
             raise typer.Exit(1 if err.errno in (errno.ENOSPC, errno.EDQUOT) else 2) from None
         except RuntimeError as err:  # pathlib before Python 3.13 on a loop of symlinks
@@ -235,6 +234,17 @@ def handle_errors(func):
 
 
 _SYMLINK_LOOP = "Symlink loop from"
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError in words; a directory made where a file (or a loop of symbolic links)
+    is in the way says so rather than "File exists"."""
+    where = f": {err.filename}" if err.filename else ""
+    if isinstance(err, FileExistsError) and err.filename and not os.path.isdir(err.filename):
+        if os.path.islink(err.filename) and not os.path.exists(err.filename):
+            return f"{os.strerror(errno.ELOOP)}{where}"
+        return f"{err.filename} is not a directory (a file is in its place)"
+    return f"{err.strerror or err}{where}"
 
 
 def _error(message: str) -> None:

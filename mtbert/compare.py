@@ -36,7 +36,7 @@ from mtbert.formatting import (aligned_table, first_line, format_mean_std, markd
 from mtbert.live import LiveBlock, duration, eta, is_live, logging_above, position_line
 from mtbert.rundir import read_summary
 from mtbert.runtime import wandb_dir
-from mtbert.safeyaml import file_problem
+from mtbert.safeyaml import file_problem, shown
 from mtbert.tasks import METRIC_KEYS, TASKS, overall_scores
 from mtbert.tracking import Tracker, train_tracked
 
@@ -45,6 +45,7 @@ PRESETS = {"individual": "one single-task model per task of data.tasks, combined
            "multitask": "the default run config (one model, every task of data.tasks)"}
 # Below this many pairs the Wilcoxon signed-rank test cannot reach p < 0.05 at all.
 WILCOXON_MIN_PAIRS = 6
+MAX_SEEDS = 1000  # trainings per config: far above any comparison, refuses a typo
 REFRESH_S = 1.0  # the terminal display redraws the running training at most this often
 
 
@@ -529,14 +530,23 @@ def markdown(result: Comparison, figure: Path | None = None) -> str:
 
 
 def parse_seeds(count: int, seed_list: str | None) -> list[int]:
-    """--seeds K (0..K-1) or --seed-list "3,7,11"."""
+    """--seeds K (0..K-1) or --seed-list "3,7,11"; at most MAX_SEEDS seeds, each a
+    seed the run config takes."""
     if seed_list is None:
+        if count > MAX_SEEDS:
+            raise ConfigError(f"bad --seeds {count}; valid: 1 to {MAX_SEEDS} (each seed is "
+                              "a training per config)")
         return list(range(count))
     try:
-        return [int(s) for s in seed_list.split(",") if s.strip()]
+        seeds = [int(s) for s in seed_list.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"bad --seed-list {seed_list!r}; expected integers such as "
+        raise ConfigError(f"bad --seed-list {shown(seed_list)}; expected integers such as "
                           "0,1,2") from None
+    wrong = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if wrong or len(seeds) > MAX_SEEDS:
+        raise ConfigError(f"bad --seed-list {shown(seed_list)}; valid: at most {MAX_SEEDS} "
+                          f"seeds, each 0..{SEED_MAX}")
+    return seeds
 
 
 def write_reports(result: Comparison, out: Path, markdown_file: Path | None = None

@@ -155,6 +155,8 @@ def test_a_space_entry_that_would_not_search_what_it_says_is_refused(tmp_path, n
      {"type": "float", "low": 0.0, "high": 0.5, "step": 0.1}),
     ("{type: int, low: 2, high: 2, step: 5}", "train.epochs",
      {"type": "int", "low": 2, "high": 2, "step": 5}),
+    ("{type: float, low: 1e-5, high: 1e-4, log: null}", "train.lr",
+     {"type": "float", "low": 1e-5, "high": 1e-4}),
 ])
 def test_what_is_valid_prints_in_its_type(tmp_path, entry, key, printed):
     result = _print(_spec_file(tmp_path, f"space:\n  {key}: {entry}\n"))
@@ -355,6 +357,7 @@ def test_out_through_a_loop_of_symbolic_links_is_one_line(tmp_path, command):
     (["--timeout", "inf"], "bad --timeout inf"),
     (["--gpus", ""], "--gpus is empty"),
     (["--gpus", " "], "--gpus is empty"),
+    (["--trials-per-gpu", "99999999999"], "--trials-per-gpu"),
 ])
 def test_sweep_options_no_run_can_use_are_refused_before_the_study(tmp_path, args, message):
     out = tmp_path / "out"
@@ -402,3 +405,29 @@ def test_a_newline_in_a_study_name_cannot_split_the_error_line(tmp_path, command
                                  str(out), *(["--yes"] if "--delete" in command else [])])
     line = _error_line(result)
     assert "no study 'evil\\nmtbert: error: forged'" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "99999999999"], "bad --seeds 99999999999; valid: 1 to 1000"),
+    (["--seed-list", "0,99999999999"], "bad --seed-list '0,99999999999'; valid: at most 1000 "
+                                       "seeds, each 0..4294967295"),
+    (["--seed-list", "-1"], "bad --seed-list '-1'"),
+])
+def test_compare_seeds_that_no_run_takes_are_one_line(tmp_path, args, message):
+    result = runner.invoke(app, ["compare", "individual", "--out", str(tmp_path / "c"), *args])
+    assert message in _error_line(result)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("command", [["sweep", "lr-decay", "--trials", "1", "--out"],
+                                     ["train", "--out"]])
+def test_a_file_or_a_loop_where_out_must_be_a_directory_says_so(tmp_path, command):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("kept")
+    line = _error_line(runner.invoke(app, [*command, str(in_the_way)]))
+    assert f"{in_the_way} is not a directory (a file is in its place)" in line
+    assert in_the_way.read_text() == "kept"
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    line = _error_line(runner.invoke(app, [*command, str(loop)]))
+    assert f"Too many levels of symbolic links: {loop}" in line

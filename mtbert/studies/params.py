@@ -98,7 +98,7 @@ def _numeric(key: str, kind: str, entry: dict[str, Any], fail) -> Param:
         _number(key, "high", entry["high"], kind, fail)
     step = None if entry.get("step") is None else \
         _number(key, "step", entry["step"], kind, fail)
-    log = entry.get("log", False)
+    log = False if entry.get("log") is None else entry["log"]  # `log:` left empty: off
     if not isinstance(log, bool):
         raise fail(f"space.{key}.log must be true or false (unquoted), got {shown(log)}")
     if low > high:
