@@ -267,7 +267,8 @@ def spec_reference() -> str:
     import optuna
 
     from mtbert.studies.samplers import PRUNERS, SAMPLERS, pruner_classes, sampler_classes
-    from mtbert.studies.spec import PARAM_KEYS, PARAM_TYPES, SPEC_KEYS, shipped_specs
+    from mtbert.studies.params import PARAM_KEYS, PARAM_TYPES
+    from mtbert.studies.spec import SPEC_KEYS, shipped_specs
     from mtbert.studies.spec import load_spec
     from mtbert.tasks import METRIC_KEYS
 

@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from datetime import datetime
@@ -69,6 +70,7 @@ app.add_typer(data_app, name="data")
 
 log = logging.getLogger("mtbert")
 SHOWN_FINDINGS = 10  # inert settings named at the start of a sweep (all: --check)
+MAX_STORAGE_TIMEOUT_S = 3600  # a connection that takes longer is no connection
 
 
 class Device(str, Enum):
@@ -154,12 +156,12 @@ TrialsOption = Annotated[Optional[int], typer.Option(
 TimeoutOption = Annotated[Optional[float], typer.Option(
     "--timeout", min=0, help="Stop starting new trials after this many seconds.")]
 HeartbeatOption = Annotated[int, typer.Option(
-    "--heartbeat", min=1, help="Seconds between a running trial's heartbeats.")]
+    "--heartbeat", min=1, max=3600, help="Seconds between a running trial's heartbeats.")]
 GraceOption = Annotated[int, typer.Option(
-    "--grace", min=1, help="Seconds without heartbeat before a trial counts as dead (FAIL, "
+    "--grace", min=2, max=7 * 86400, help="Seconds without heartbeat before a trial counts as dead (FAIL, "
                            "queued again; see --max-retries).")]
 TrialsPerGpuOption = Annotated[int, typer.Option(
-    "--trials-per-gpu", min=1, help="Trials run at once on each device (each GPU of --gpus), "
+    "--trials-per-gpu", min=1, max=256, help="Trials run at once on each device (each GPU of --gpus), "
                                     "each its own process, so that small encoders fill a big "
                                     "GPU.")]
 SizeOption = Annotated[str, typer.Option(
@@ -244,17 +246,43 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except MtbertError as err:
-            typer.echo(f"mtbert: error: {err}", err=True)
+            _error(str(err))
             raise typer.Exit(err.exit_code) from None
         except OSError as err:  # a path that cannot be read or written
-            where = f": {err.filename}" if err.filename else ""
-            typer.echo(f"mtbert: error: {err.strerror or err}{where}", err=True)
+            _error(_os_error(err))
             # A full disk is a run that failed, not bad input.
             raise typer.Exit(1 if err.errno in (errno.ENOSPC, errno.EDQUOT) else 2) from None
+        except RuntimeError as err:  # pathlib before Python 3.13 on a loop of symlinks
+            if not str(err).startswith(_SYMLINK_LOOP):
+                raise
+            path = str(err)[len(_SYMLINK_LOOP):].strip().strip("'\"")
+            _error(f"{os.strerror(errno.ELOOP)}: {path}")
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("mtbert: interrupted", err=True)
             raise typer.Exit(130) from None
     return wrapper
+
+
+_SYMLINK_LOOP = "Symlink loop from"
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError in words; a directory made where a file (or a loop of symbolic links)
+    is in the way says so rather than "File exists"."""
+    where = f": {err.filename}" if err.filename else ""
+    if isinstance(err, FileExistsError) and err.filename and not os.path.isdir(err.filename):
+        if os.path.islink(err.filename) and not os.path.exists(err.filename):
+            return f"{os.strerror(errno.ELOOP)}{where}"
+        return f"{err.filename} is not a directory (a file is in its place)"
+    return f"{err.strerror or err}{where}"
+
+
+def _error(message: str) -> None:
+    """An error line: one line whatever the message quotes (a study name with a newline)."""
+    from mtbert.formatting import one_line
+
+    typer.echo(f"mtbert: error: {one_line(message)}", err=True)
 
 
 def _overrides(set_: Optional[list[str]], data_dir: Optional[Path]) -> list[str]:
@@ -618,7 +646,6 @@ def sweep(
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
     trials, exit 0, with the reason on stderr."""
     from mtbert.studies.sizes import trials_on_cuda
-    from mtbert.studies.slots import parse_gpus
     from mtbert.studies.spec import spec_list
     from mtbert.studies.storage import check_study_name
 
@@ -632,12 +659,13 @@ def sweep(
                                          size=size, on_cuda=on_cuda)
         return _show_spec(resolved, chosen, print_spec=print_spec, check=check,
                           as_json=as_json)
+    _check_timing(timeout, heartbeat, grace, storage_outage)
     options = SweepOptions(
         trials=trials, timeout=timeout, storage=storage, out=out,
         study=None if study is None else check_study_name(study), keep_top=keep_top,
         wandb_mode=_wandb_mode(wandb_mode), wandb_project=wandb_project,
         heartbeat=heartbeat, grace=grace, device=device.value, trials_per_gpu=trials_per_gpu,
-        max_retries=max_retries, gpus=parse_gpus(gpus) if gpus else None,
+        max_retries=max_retries, gpus=_gpus(gpus),
         budget_hours=budget_hours, stop_after_flat=stop_after_flat, min_delta=min_delta,
         baseline=baseline, warm_start=warm_start, warm_storage=warm_storage, warm_top=warm_top,
         storage_outage=storage_outage, progress=_progress())
@@ -650,7 +678,38 @@ def sweep(
 def _set_storage_timeout(seconds: Optional[float]) -> None:
     """`--storage-timeout`: for this process's connections and its trial processes'."""
     if seconds is not None:
+        if not math.isfinite(seconds) or seconds > MAX_STORAGE_TIMEOUT_S:
+            raise MtbertError(f"bad --storage-timeout {seconds:g}; valid: 1 to "
+                              f"{MAX_STORAGE_TIMEOUT_S} seconds")
         os.environ["MTBERT_STORAGE_TIMEOUT"] = f"{seconds:g}"
+
+
+def _check_timing(timeout: Optional[float], heartbeat: int, grace: int,
+                  outage: float) -> None:
+    """The sweep's seconds: each a finite number a run can use, the grace longer than a
+    heartbeat (else a live trial counts as dead between two of its heartbeats)."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise MtbertError(f"bad --timeout {timeout:g}: no trial could start; give the "
+                          "seconds after which no new trial starts (> 0), or leave "
+                          "--timeout out")
+    if not math.isfinite(outage):
+        raise MtbertError(f"bad --storage-outage {outage:g}; valid: a finite number of "
+                          "seconds >= 0")
+    if grace <= heartbeat:
+        raise MtbertError(f"--grace {grace} must be longer than --heartbeat {heartbeat}: a "
+                          "running trial would count as dead between its heartbeats")
+
+
+def _gpus(text: Optional[str]) -> Optional[list[str]]:
+    """`--gpus`: the GPUs' CUDA_VISIBLE_DEVICES values; None without the option."""
+    from mtbert.studies.slots import parse_gpus
+
+    if text is None:
+        return None
+    if not text.strip():
+        raise MtbertError("--gpus is empty; e.g. --gpus 0,1 or --gpus all (leave it out to "
+                          "run on one device)")
+    return parse_gpus(text)
 
 
 def _show_spec(spec, size, *, print_spec: bool, check: bool, as_json: bool) -> None:
@@ -1075,7 +1134,7 @@ def run() -> None:
     except exceptions.ClickException as err:
         ctx = getattr(err, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        typer.echo(f"mtbert: error: {err.format_message()}{hint}", err=True)
+        _error(f"{err.format_message()}{hint}")
         sys.exit(err.exit_code)
     except typer.Abort:
         typer.echo("mtbert: interrupted", err=True)

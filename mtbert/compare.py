@@ -36,6 +36,7 @@ from mtbert.formatting import (aligned_table, first_line, format_mean_std, markd
 from mtbert.live import LiveBlock, duration, eta, is_live, logging_above, position_line
 from mtbert.rundir import read_summary
 from mtbert.runtime import wandb_dir
+from mtbert.safeyaml import file_problem, shown
 from mtbert.tasks import METRIC_KEYS, TASKS, overall_scores
 from mtbert.tracking import Tracker, train_tracked
 
@@ -44,6 +45,7 @@ PRESETS = {"individual": "one single-task model per task of data.tasks, combined
            "multitask": "the default run config (one model, every task of data.tasks)"}
 # Below this many pairs the Wilcoxon signed-rank test cannot reach p < 0.05 at all.
 WILCOXON_MIN_PAIRS = 6
+MAX_SEEDS = 1000  # trainings per config: far above any comparison, refuses a typo
 REFRESH_S = 1.0  # the terminal display redraws the running training at most this often
 
 
@@ -102,8 +104,9 @@ def resolve_candidates(names: list[str], overrides: list[str],
             config = load_config(None, overrides + own.get(name, []), extra=extra)
             candidates.append(Candidate(name, config, individual=name == "individual"))
         elif path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
+            problem = file_problem(path)
+            if problem:
+                raise ConfigError(f"config file {path} {problem}")
             candidates.append(Candidate(path.stem, load_config(
                 path, overrides + own.get(path.stem, []), extra=extra)))
         else:
@@ -527,14 +530,21 @@ def markdown(result: Comparison, figure: Path | None = None) -> str:
 
 
 def parse_seeds(count: int, seed_list: str | None) -> list[int]:
-    """--seeds K (0..K-1) or --seed-list "3,7,11"."""
+    """--seeds K (0..K-1) or --seed-list "3,7,11"; at most MAX_SEEDS seeds."""
     if seed_list is None:
+        if count > MAX_SEEDS:
+            raise ConfigError(f"bad --seeds {count}; valid: 1 to {MAX_SEEDS} (each seed is "
+                              "a training per config)")
         return list(range(count))
     try:
-        return [int(s) for s in seed_list.split(",") if s.strip()]
+        seeds = [int(s) for s in seed_list.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"bad --seed-list {seed_list!r}; expected integers such as "
+        raise ConfigError(f"bad --seed-list {shown(seed_list)}; expected integers such as "
                           "0,1,2") from None
+    if len(seeds) > MAX_SEEDS:  # each seed's range: run_compare checks it
+        raise ConfigError(f"bad --seed-list {shown(seed_list)}; valid: at most {MAX_SEEDS} "
+                          "seeds")
+    return seeds
 
 
 def write_reports(result: Comparison, out: Path, markdown_file: Path | None = None

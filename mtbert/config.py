@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from mtbert.errors import ConfigError
-from mtbert.safeyaml import load_yaml
+from mtbert.safeyaml import MAX_DEPTH, load_yaml, read_text, shown
 from mtbert.tasks import METRIC_KEYS, TASKS
 
 
@@ -243,7 +243,7 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         return _coerce(key, value, next(a for a in args if a is not type(None)), meta)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"bad value {value!r} for {key}; valid: {', '.join(args)}")
+            raise ConfigError(f"bad value {shown(value)} for {key}; valid: {', '.join(args)}")
         return value
     if origin is list:
         given = value
@@ -252,30 +252,31 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"bad value {value!r} for {key}; expected a list")
+            raise ConfigError(f"bad value {shown(value)} for {key}; expected a list")
         items = [_coerce(key, v, args[0], _bounds(meta)) for v in value]
         choices = meta.get("choices")
         for item in items:
             if choices and item not in choices:
-                raise ConfigError(f"bad value {item!r} in {key}; valid: {', '.join(choices)}")
+                raise ConfigError(f"bad value {shown(item)} in {key}; valid: {', '.join(choices)}")
         if not items and choices:
             raise ConfigError(f"{key} is empty; valid: {', '.join(choices)}")
         repeated = [item for i, item in enumerate(items) if item in items[:i]]
         if meta.get("unique") and repeated:
             valid = f"; valid: {', '.join(choices)}" if choices else ""
-            raise ConfigError(f"bad value {given!r} for {key}; {repeated[0]!r} is listed more "
-                              f"than once (each at most once{valid})")
+            raise ConfigError(f"bad value {shown(given)} for {key}; {shown(repeated[0])} is "
+                              f"listed more than once (each at most once{valid})")
         return items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"bad value {value!r} for {key}; expected a mapping")
+            raise ConfigError(f"bad value {shown(value)} for {key}; expected a mapping")
         return {str(k): _coerce(f"{key}.{k}", v, args[1], _bounds(meta))
                 for k, v in value.items()}
     if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
+        # Booleans only as booleans: a quoted "false" or "no" is a string, and a string
+        # read as a truth value is how `log: "false"` once meant log scale on.
         if not isinstance(value, bool):
-            raise ConfigError(f"bad value {value!r} for {key}; expected true or false")
+            raise ConfigError(f"bad value {shown(value)} for {key}; expected true or false "
+                              "(unquoted)")
         return value
     if tp in (int, float):
         low, high = meta.get("min"), meta.get("max")
@@ -286,24 +287,24 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
             number = float(value) if tp is float else _as_int(value)
         except (TypeError, ValueError, OverflowError):  # OverflowError: int("inf")
             kind = "an integer" if tp is int else "a number"
-            raise ConfigError(f"bad value {value!r} for {key}; expected {kind}, valid range: "
+            raise ConfigError(f"bad value {shown(value)} for {key}; expected {kind}, valid range: "
                               f"{bounds}") from None
         # NaN passes every comparison and inf every lower bound: neither is a setting.
         if not math.isfinite(number):
-            raise ConfigError(f"bad value {value!r} for {key}; expected a finite number, "
+            raise ConfigError(f"bad value {shown(value)} for {key}; expected a finite number, "
                               f"valid range: {bounds}")
         if (low is not None and number < low) or (high is not None and number > high):
-            raise ConfigError(f"bad value {value!r} for {key}; valid range: {bounds}")
+            raise ConfigError(f"bad value {shown(value)} for {key}; valid range: {bounds}")
         return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"bad value {value!r} for {key}; expected a string")
+            raise ConfigError(f"bad value {shown(value)} for {key}; expected a string")
         value = str(value)
         choices = meta.get("choices")
         if isinstance(choices, str):
             choices = _registry_choices(choices)
         if choices and value not in choices:
-            raise ConfigError(f"bad value {value!r} for {key}; valid: {', '.join(choices)}")
+            raise ConfigError(f"bad value {shown(value)} for {key}; valid: {', '.join(choices)}")
         return value
     raise TypeError(f"config field {key} has an unsupported type {tp!r}")
 
@@ -407,12 +408,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=2e-5' -> (['train', 'lr'], '2e-5'); values are YAML scalars or lists."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"bad --set {item!r}; expected KEY=VALUE, e.g. train.lr=2e-5")
+        raise ConfigError(f"bad --set {shown(item)}; expected KEY=VALUE, e.g. train.lr=2e-5")
+    check_key_depth(key.strip(), f"--set {shown(key.strip())}")
     try:
         value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
+
+
+def check_key_depth(key: str, where: str) -> None:
+    """A dotted key nests at most MAX_DEPTH levels, as a YAML document does."""
+    if key.count(".") >= MAX_DEPTH:
+        raise ConfigError(f"{where} nests deeper than {MAX_DEPTH} levels "
+                          f"({key.count('.') + 1} dotted parts)")
 
 
 def overrides_to_dict(items: list[str]) -> dict[str, Any]:
@@ -424,27 +433,24 @@ def overrides_to_dict(items: list[str]) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"bad --set {item!r}: {part} is not a mapping")
+                raise ConfigError(f"bad --set {shown(item)}: {part} is not a mapping")
         node[path[-1]] = value
     return nested
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file of a mapping (a run config, a spec: `what` names it in an error)."""
     path = Path(path)
     try:
-        data = load_yaml(path.read_text(), f"config file {path}")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} cannot be read ({type(err).__name__})") from None
+        data = load_yaml(read_text(path, f"{what} {path}"), f"{what} {path}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of config keys")
+        raise ConfigError(f"{what} {path} must hold a mapping of config keys")
     return data
 
 
@@ -528,6 +534,7 @@ def unflatten(mapping: dict[str, Any]) -> dict[str, Any]:
     """Run config keys given dotted (`train.lr: 1e-4`) or nested, as one nested mapping."""
     nested: dict[str, Any] = {}
     for key, value in mapping.items():
+        check_key_depth(str(key), f"key {shown(str(key))}")
         nested = set_key(nested, str(key), value) if "." in str(key) else \
             deep_merge(nested, {key: value})
     return nested

@@ -32,6 +32,12 @@ def first_line(err: BaseException | str | None, default: str = "") -> str:
     return default
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (a newline, a tab, an escape)
+    written as its escape, so that an error quoting a user's value stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_value(value: Any) -> str:
     """A parameter value: floats to 4 significant digits, the rest as is."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -71,10 +71,10 @@ def test_the_config_reference_has_every_key_of_the_schema():
 
 
 def test_the_spec_reference_follows_the_code_lists(monkeypatch):
-    from mtbert.studies import samplers, spec
+    from mtbert.studies import params, samplers, spec
 
     text = generate.spec_reference()
-    for name in spec.SPEC_KEYS + spec.PARAM_KEYS + spec.PARAM_TYPES:
+    for name in spec.SPEC_KEYS + params.PARAM_KEYS + params.PARAM_TYPES:
         assert f"| `{name}` |" in text
     for name in samplers.SAMPLERS:
         assert f"### sampler `{name}`" in text

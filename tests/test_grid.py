@@ -57,7 +57,7 @@ def test_a_grid_is_every_combination_of_choices_and_grid_values():
     ({"type": "float", "low": 0.1, "high": 10.0, "grid": ["abc"]}, "'abc' is not a number"),
     ({"type": "float", "low": 0.1, "high": 10.0, "grid": [True]}, "True is not a number"),
     ({"type": "float", "low": 0.1, "high": 10.0, "grid": [1.0, 1.0]}, "lists a value twice"),
-    ({"type": "categorical", "choices": [0.5, 1.0], "grid": [0.5]}, "grid is its choices"),
+    ({"type": "categorical", "choices": [0.5, 1.0], "grid": [0.5]}, "grid do not go with a categorical"),
 ])
 def test_bad_grid_values_are_one_line_naming_the_key(entry, message):
     with pytest.raises(ConfigError, match="space.loss.weights.qqp") as err:

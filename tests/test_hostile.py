@@ -306,7 +306,7 @@ BROKEN = {
     "config.yaml a list": (_write("config.yaml", b"- 1\n- 2\n"),
                            "config.yaml must hold a mapping of config keys"),
     "config.yaml binary": (_write("config.yaml", b"\xff\xfe\x00\x01"),
-                           "config.yaml cannot be read"),
+                           "config.yaml is not UTF-8 text"),
     "config.yaml empty": (_write("config.yaml", b""), "config.yaml is empty"),
     "config.yaml bad value": (_write("config.yaml", b"train: {lr: .nan}\n"),
                               "config.yaml: bad value nan for train.lr"),

@@ -49,7 +49,7 @@ def test_a_bomb_in_a_spec_is_one_line(tmp_path):
     spec.write_text(BOMB + "space:\n  train.lr: {type: float, low: 1e-5, high: 1e-4}\n")
     started = time.monotonic()
     line = _one_line_exit_2(runner.invoke(app, ["sweep", str(spec), "--print"]), started)
-    assert f"config file {spec} expands to more than" in line
+    assert f"sweep spec {spec} expands to more than" in line
 
 
 def test_a_bomb_in_a_run_config_is_one_line(tmp_path):

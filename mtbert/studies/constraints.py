@@ -25,7 +25,6 @@ feasible results only.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -34,7 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mtbert.errors import ConfigError, MtbertError
+from mtbert.formatting import first_line
+from mtbert.safeyaml import file_problem, load_json, read_text, shown
 from mtbert.studies.job import FEASIBLE, STUDY_CONSTRAINTS
 from mtbert.studies.samplers import trials_record_constraints
 from mtbert.tasks import METRIC_KEYS
@@ -42,6 +45,7 @@ from mtbert.tasks import METRIC_KEYS
 log = logging.getLogger("mtbert")
 
 OPERATORS = (">=", "<=")
+MAX_BASELINE_BYTES = 64_000_000  # a compare.json holds a few lines per seed run
 FORM = ('"KEY >= VALUE" or "KEY <= VALUE", VALUE a number or baseline, baseline + DELTA, '
         "baseline - DELTA (with --baseline FILE, the JSON of `mtbert compare`)")
 _CONSTRAINT = re.compile(r"\s*(?P<key>[^\s<>=]+)\s*(?P<op>>=|<=)\s*(?P<value>\S.*?)\s*")
@@ -151,17 +155,13 @@ class Baseline:
 
 def read_baseline(path: Path) -> Baseline:
     """`--baseline FILE`: the compare.json `mtbert compare` wrote."""
-    from mtbert.config import flatten
-
     path = Path(path)
     where = f"--baseline {path}"
-    if not path.is_file():
-        raise ConfigError(f"{where} does not exist; pass the compare.json that "
-                          "`mtbert compare` writes into its --out")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{where} is not JSON ({err})") from None
+    problem = file_problem(path)
+    if problem:
+        raise ConfigError(f"{where} {problem}; pass the compare.json that `mtbert compare` "
+                          "writes into its --out")
+    data = load_json(read_text(path, where, limit=MAX_BASELINE_BYTES), where)
     if not isinstance(data, dict) or not isinstance(data.get("summary"), dict) \
             or not isinstance(data.get("baseline"), str) \
             or not isinstance(data["summary"].get(data["baseline"]), dict):
@@ -175,24 +175,49 @@ def read_baseline(path: Path) -> Baseline:
         if mean is None:
             continue
         try:  # a metric's mean lies in [-1, 1]: a NaN, 1e999 or a word is no bar
-            means[key] = float(mean)
-        except (TypeError, ValueError):
+            means[key] = float(mean) if not isinstance(mean, bool) else math.nan
+        except (TypeError, ValueError, OverflowError):
             means[key] = math.nan
         if not (math.isfinite(means[key]) and -1.0 <= means[key] <= 1.0):
             raise ConfigError(f"{where}: the mean {key} of its baseline config '{name}' is "
-                              f"{str(mean)[:40]!r}, not a number between -1 and 1")
-    config = None
-    for run in (data.get("runs") or {}).get(name, {}).values():
+                              f"{shown(mean)}, not a number between -1 and 1")
+    return Baseline(path, name, means, _baseline_config(data.get("runs"), name, where))
+
+
+def _baseline_config(runs: Any, name: str, where: str) -> dict[str, Any] | None:
+    """The run config of one finished run of the baseline config `name` (the compare
+    JSON's `runs`), flat; None when none is readable here. The config only checks
+    that the baseline is comparable, so a missing or damaged one is a warning."""
+    from mtbert.config import flatten
+    from mtbert.safeyaml import load_yaml
+
+    seeds = runs.get(name) if isinstance(runs, dict) else None
+    if runs is not None and not isinstance(runs, dict) or \
+            seeds is not None and not isinstance(seeds, dict):
+        log.warning("%s: its 'runs' is not a mapping of configs to seeds to runs; its run "
+                    "configs are not read", where)
+        return None
+    for run in (seeds or {}).values():
+        if not isinstance(run, dict) or run.get("status") != "done":
+            continue
         run_dir = Path(str(run.get("run_dir") or ""))
         # A preset `individual` keeps one run per task below its seed's directory.
-        found = [run_dir / "config.yaml", *sorted(run_dir.glob("*/config.yaml"))]
-        found = [f for f in found if f.is_file()]
-        if run.get("status") == "done" and found:
-            from mtbert.safeyaml import load_yaml
-
-            config = flatten(load_yaml(found[0].read_text(), str(found[0])) or {})
-            break
-    return Baseline(path, name, means, config)
+        try:
+            found = [run_dir / "config.yaml", *sorted(run_dir.glob("*/config.yaml"))]
+            found = [f for f in found if f.is_file()]
+        except (OSError, ValueError):  # a name the system refuses
+            continue
+        if not found:
+            continue
+        try:
+            config = load_yaml(read_text(found[0], str(found[0])), str(found[0]))
+            if not isinstance(config, dict):
+                raise ConfigError(f"{found[0]} holds no mapping of config keys")
+            return flatten(config)
+        except (ConfigError, yaml.YAMLError) as err:
+            log.warning("%s: a run config of its baseline cannot be read (%s)", where,
+                        first_line(err))
+    return None
 
 
 def resolve_constraints(texts: list[str], baseline: Path | None,

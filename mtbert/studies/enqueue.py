@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mtbert.errors import ConfigError
-from mtbert.safeyaml import load_yaml
+from mtbert.safeyaml import load_yaml, read_text, shown
 from mtbert.studies.conditions import describe_when, when_alternatives, when_holds
 
 if TYPE_CHECKING:
-    from mtbert.studies.spec import Param, SweepSpec
+    from mtbert.studies.params import Param
+    from mtbert.studies.spec import SweepSpec
 
 
 def check_enqueue(items: Any, space: dict[str, Param], base_values: dict[str, Any],
@@ -56,34 +57,35 @@ def check_configuration(item: dict[str, Any], space: dict[str, Param],
 
 def _enqueued_value(p: Param, value: Any, where: str, fail) -> Any:
     if p.type == "categorical":
-        if value not in p.choices:
-            raise fail(f"{where}: {value!r} is not a choice; valid: "
-                       f"{', '.join(map(str, p.choices))}")
-        return value
+        # true is no choice 1, nor 1 a choice true: booleans match booleans only.
+        for choice in p.choices:
+            if choice == value and isinstance(choice, bool) == isinstance(value, bool):
+                return choice
+        raise fail(f"{where}: {shown(value)} is not a choice; valid: "
+                   f"{', '.join(map(str, p.choices))}")
+    raw = value
     if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
             value = float(value)
         except ValueError:
-            raise fail(f"{where}: {value!r} is not a number") from None
+            raise fail(f"{where}: {shown(raw)} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise fail(f"{where}: {value!r} is not a number")
+        raise fail(f"{where}: {shown(raw)} is not a number")
+    if not p.low <= value <= p.high:  # NaN and the infinities too
+        raise fail(f"{where}: {shown(raw)} is outside [{p.low}, {p.high}]")
     if p.type == "int" and value != int(value):
-        raise fail(f"{where}: {value!r} is not an integer")
-    if not p.low <= value <= p.high:
-        raise fail(f"{where}: {value!r} is outside [{p.low}, {p.high}]")
+        raise fail(f"{where}: {shown(raw)} is not an integer")
     if p.step is not None and abs((value - p.low) / p.step - round((value - p.low) / p.step)) \
             > 1e-9:
-        raise fail(f"{where}: {value!r} is not on the grid {p.low} + k * {p.step}")
+        raise fail(f"{where}: {shown(raw)} is not on the grid {p.low} + k * {p.step}")
     return int(value) if p.type == "int" else float(value)
 
 
 def load_enqueue(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
     """`--enqueue FILE.yaml`: a list of mappings of the spec's space keys to values."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"enqueue file {path} does not exist")
     try:
-        raw = load_yaml(path.read_text(), f"enqueue file {path}")
+        raw = load_yaml(read_text(path, f"enqueue file {path}"), f"enqueue file {path}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise ConfigError(f"enqueue file {path} is not valid YAML"

@@ -6,11 +6,13 @@ training stack (the stand-in trial of the orchestration tests imports no torch).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from typing import Any
 
 from mtbert.errors import ConfigError
+from mtbert.safeyaml import shown
 
 SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
@@ -89,6 +91,23 @@ def pruner_classes() -> dict[str, type]:
             "none": optuna.pruners.NopPruner}
 
 
+def _check_types(kind: str, name: str, cls: type, arguments: dict[str, Any]) -> None:
+    """A boolean argument is a boolean and an int one a whole number: Optuna takes
+    `multivariate: "false"` as true and `n_startup_trials: 2.5` until it compares."""
+    parameters = inspect.signature(cls).parameters
+    for argument, value in arguments.items():
+        if argument not in parameters or value is None:
+            continue  # an unknown argument: the constructor names it
+        wanted = str(parameters[argument].annotation).removeprefix("<class '")
+        wanted = wanted.removesuffix("'>").replace(" | None", "")
+        if wanted == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{kind} {name}: {argument} must be true or false (unquoted), "
+                              f"got {shown(value)}")
+        if wanted == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{kind} {name}: {argument} must be a whole number, got "
+                              f"{shown(value)}")
+
+
 def _construct(kind: str, classes: dict[str, type], options: dict[str, Any]):
     from optuna.exceptions import ExperimentalWarning
 
@@ -96,6 +115,7 @@ def _construct(kind: str, classes: dict[str, type], options: dict[str, Any]):
     arguments = {k: v for k, v in options.items() if k != "name"}
     if name not in classes:
         raise ConfigError(f"{kind} '{name}'; valid: {', '.join(classes)}")
+    _check_types(kind, name, classes[name], arguments)
     try:
         with warnings.catch_warnings():
             # Optuna marks QMCSampler experimental at every construction; the README says so

@@ -16,14 +16,16 @@ from typing import Any
 
 import yaml
 
-from mtbert.config import (RunConfig, build_config, deep_merge, flatten, mapping_keys,
-                           overrides_to_dict, read_yaml, set_key, unflatten)
+from mtbert.config import (RunConfig, build_config, deep_merge, flatten, overrides_to_dict,
+                           read_yaml, set_key, unflatten)
 from mtbert.errors import ConfigError
-from mtbert.studies.conditions import when_alternatives, when_holds
+from mtbert.safeyaml import file_problem
+from mtbert.studies.conditions import when_holds
 from mtbert.studies.constraints import parse_constraints
 from mtbert.studies.enqueue import check_enqueue
-from mtbert.studies.grid import check_grid_space, check_grid_values, grid_values
+from mtbert.studies.grid import check_grid_space, grid_values
 from mtbert.studies.job import STUDY_SIZE, STUDY_SPEC, STUDY_SPEC_NAME
+from mtbert.studies.params import Param, check_conditions, check_param
 from mtbert.studies.racing import RACE_ALPHA, check_racing
 from mtbert.studies.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from mtbert.studies.sizes import CPU, check_sizes
@@ -31,24 +33,7 @@ from mtbert.tasks import METRIC_KEYS
 
 SPEC_KEYS = ("name", "description", "base", "space", "objective", "direction", "directions",
              "sampler", "pruner", "enqueue", "seeds", "race_alpha", "constraints", "sizes")
-PARAM_KEYS = ("type", "low", "high", "log", "step", "choices", "grid", "when")
-PARAM_TYPES = ("float", "int", "categorical")
 log = logging.getLogger("mtbert")
-
-
-@dataclass
-class Param:
-    key: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] = field(default_factory=list)
-    # Sampled only where this holds: {key: value} (a list of values: any of them), or a
-    # list of such mappings (any of them); keys not sampled read the base.
-    when: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
-    grid: list[Any] | None = None  # an int or float parameter's values for the grid sampler
 
 
 @dataclass
@@ -119,8 +104,9 @@ def spec_list() -> list[str]:
 def find_spec(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"sweep spec {path} does not exist")
+        problem = file_problem(path)
+        if problem:
+            raise ConfigError(f"sweep spec {path} {problem}")
         return path
     specs = shipped_specs()
     if name_or_path not in specs:
@@ -132,7 +118,7 @@ def find_spec(name_or_path: str) -> Path:
 def read_spec(name_or_path: str) -> tuple[dict[str, Any], Path, str]:
     """A spec file's content, its path and how errors name it."""
     path = find_spec(name_or_path)
-    return read_yaml(path), path, \
+    return read_yaml(path, "sweep spec"), path, \
         f"sweep spec {path.name if path.parent.name == 'sweeps' else path}"
 
 
@@ -181,8 +167,8 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
         raise fail("space must map run config keys to distributions")
     space = {}
     for key, entry in space_raw.items():
-        space[key] = _check_param(key, entry, base, leaves, fail)
-    _check_conditions(space, base, leaves, fail)
+        space[key] = check_param(key, entry, base, leaves, fail)
+    check_conditions(space, base, leaves, fail)
 
     objective = raw.get("objective", "overall/geometric")
     objectives = objective if isinstance(objective, list) else [objective]
@@ -242,25 +228,6 @@ def spec_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, *,
     return spec
 
 
-def _check_conditions(space: dict[str, Param], base: dict[str, Any], leaves: set[str],
-                      fail) -> None:
-    """Every `when:` names config keys sampled before it, with values they can take."""
-    order = list(space)
-    for key, param in space.items():
-        for alternative in when_alternatives(param.when):
-            for cond_key, values in alternative.items():
-                if cond_key not in leaves:
-                    raise fail(f"space.{key}.when: unknown config key '{cond_key}'")
-                if cond_key in space and order.index(cond_key) > order.index(key):
-                    raise fail(f"space.{key}.when: '{cond_key}' must come before '{key}' in "
-                               "the space")
-                for value in values:
-                    try:
-                        build_config(set_key(base, cond_key, value))
-                    except ConfigError as err:
-                        raise fail(f"space.{key}.when: {err}") from None
-
-
 def with_racing(spec: SweepSpec, seeds: int | None, alpha: float | None) -> SweepSpec:
     """`spec` with `--seeds` / `--race-alpha` in place of its own `seeds:` / `race_alpha:`."""
     seeds, alpha = check_racing(spec.seeds if seeds is None else seeds,
@@ -270,63 +237,6 @@ def with_racing(spec: SweepSpec, seeds: int | None, alpha: float | None) -> Swee
         raise ConfigError("--seeds: racing compares one objective; this spec has "
                           f"{len(spec.objectives)}")
     return dataclasses.replace(spec, seeds=seeds, race_alpha=alpha)
-
-
-def _check_param(key: str, entry: Any, base: dict[str, Any], leaves: set[str], fail) -> Param:
-    if key not in leaves and key.rpartition(".")[0] not in mapping_keys():
-        close = sorted(k for k in leaves if k.split(".")[0] == key.split(".")[0])
-        raise fail(f"space: unknown config key '{key}'; valid keys include: "
-                   f"{', '.join(close or sorted(leaves)[:12])}")
-    if not isinstance(entry, dict):
-        raise fail(f"space.{key} must be a mapping with a type")
-    for k in entry:
-        if k not in PARAM_KEYS:
-            raise fail(f"space.{key}: unknown field '{k}'; valid: {', '.join(PARAM_KEYS)}")
-    kind = entry.get("type")
-    if kind not in PARAM_TYPES:
-        raise fail(f"space.{key}: type '{kind}'; valid: {', '.join(PARAM_TYPES)}")
-    when = entry.get("when") or {}
-    if not isinstance(when, dict) and not (
-            isinstance(when, list) and when and all(isinstance(w, dict) and w for w in when)):
-        raise fail(f"space.{key}.when must map keys to values, or be a list of such "
-                   "mappings (any of them holds)")
-    if kind == "categorical":
-        choices = entry.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise fail(f"space.{key}: categorical needs a non-empty list of choices")
-        if "grid" in entry:
-            raise fail(f"space.{key}: a categorical's grid is its choices; remove grid:")
-        values = choices
-        param = Param(key, kind, choices=choices, when=when)
-    else:
-        if "low" not in entry or "high" not in entry:
-            raise fail(f"space.{key}: {kind} needs low and high")
-        try:
-            low, high = float(entry["low"]), float(entry["high"])
-            step = float(entry["step"]) if entry.get("step") is not None else None
-        except (TypeError, ValueError):
-            raise fail(f"space.{key}: low, high and step must be numbers") from None
-        if low > high:
-            raise fail(f"space.{key}: low {entry['low']} > high {entry['high']}")
-        log = bool(entry.get("log", False))
-        if log and low <= 0:
-            raise fail(f"space.{key}: a log distribution needs low > 0, got {entry['low']}")
-        if step is not None and step <= 0:
-            raise fail(f"space.{key}: step must be > 0, got {entry['step']}")
-        if log and step is not None:
-            raise fail(f"space.{key}: log and step cannot be combined")
-        if kind == "int":
-            low, high = int(low), int(high)
-            step = int(step) if step is not None else None
-        grid = check_grid_values(key, entry, kind, low, high, step, fail)
-        values = grid or [low, high]
-        param = Param(key, kind, low=low, high=high, log=log, step=step, when=when, grid=grid)
-    for value in values:
-        try:
-            build_config(set_key(base, key, value))
-        except ConfigError as err:
-            raise fail(f"space.{key}: value {value!r} is invalid ({err})") from None
-    return param
 
 
 def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
