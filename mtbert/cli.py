@@ -67,6 +67,9 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
 DataDirOption = Annotated[Optional[Path], typer.Option(
     "--data-dir", help="Task files directory (same as --set data.dir=DIR).")]
 DeviceOption = Annotated[Device, typer.Option("--device", help="Where to run.")]
+SweepDeviceOption = Annotated[Device, typer.Option(
+    "--device", help="Where the trials train; cuda where PyTorch sees no GPU is refused at "
+                     "once (exit 2, before any trial).")]
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML file of config keys.")]
 ModelDirArg = Annotated[Path, typer.Argument(help="An exported model directory.")]
 OutParent = Annotated[Path, typer.Option(
@@ -560,7 +563,7 @@ def sweep(
     keep_top: KeepTopOption = DEFAULTS.keep_top,
     heartbeat: HeartbeatOption = DEFAULTS.heartbeat,
     grace: GraceOption = DEFAULTS.grace,
-    device: DeviceOption = Device(DEFAULTS.device),
+    device: SweepDeviceOption = Device(DEFAULTS.device),
     max_retries: MaxRetriesOption = DEFAULTS.max_retries,
     gpus: GpusOption = None,
     trials_per_gpu: TrialsPerGpuOption = DEFAULTS.trials_per_gpu,
@@ -586,6 +589,7 @@ def sweep(
 
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
     trials, exit 0, with the reason on stderr."""
+    from mtbert.runtime import require_device
     from mtbert.studies.sizes import trials_on_cuda
     from mtbert.studies.slots import parse_gpus
     from mtbert.studies.spec import spec_list
@@ -601,6 +605,7 @@ def sweep(
                                          size=size, on_cuda=on_cuda)
         return _show_spec(resolved, chosen, print_spec=print_spec, check=check,
                           as_json=as_json)
+    require_device(device.value)  # before the storage or any trial
     options = SweepOptions(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
         study=None if study is None else check_study_name(study), storage=storage, out=out,
