@@ -1,17 +1,20 @@
 """The shipped `deploy/slurm/sweep-array.sbatch` on a real Slurm (tests/slurm_cluster.py: a
-single node of Debian's slurm-wlm and munge that the test starts and stops itself), on the
-CPU, the tiny encoder and the CI PostgreSQL.
+single node of Debian's slurm-wlm and munge, with slurmdbd for `sacct` where a MariaDB
+answers, that this module starts and stops itself), on the CPU, the tiny encoder and the
+CI PostgreSQL (a new database per test).
 
 The script is submitted unchanged: the resources are overridden on the sbatch command line
 (no GPU, one CPU and 1 GB per task) and its settings exported (SWEEP_DEVICE=cpu, the tiny
-model through SWEEP_ARGS). A two-task array runs one trial per task; task 0 is requeued
-from outside (`scontrol requeue`) in its trial's second epoch. Slurm starts it again
-(SLURM_RESTART_COUNT 1: "start 2"), the stopped trial's retry resumes from its last epoch,
-and the study ends with no trial RUNNING, queued or lost; the log says what happened and
-nothing that did not (no "requeueing" by the script, no "could not requeue").
+model through SWEEP_ARGS), one trial per task. Each test stops a task in its trial's
+second epoch: from outside (`scontrol requeue`, as a preemption does: Slurm signals every
+process of the job and requeues it), or with SIGTERM to the batch shell alone
+(`scancel --signal=TERM --batch`, what `--signal=B:TERM@120` sends before the time limit,
+without waiting for one). Either way Slurm starts the task again (SLURM_RESTART_COUNT 1:
+"start 2"), the stopped trial's retry resumes from its last epoch, the study ends with no
+trial RUNNING, queued or lost, and the log says what happened and nothing that did not.
 
-Slurm holds a requeued job for about two minutes (its BeginTime); the test starts it at
-once (`scontrol update StartTime=now`), so that the test takes about a minute and a half.
+Slurm holds a requeued job for about two minutes (its BeginTime); the tests start it at
+once (`scontrol update StartTime=now`): about a minute each.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     # A short root: a munge socket path must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="mtbert-slurm-", dir="/tmp"))
@@ -104,83 +107,151 @@ def _epochs(run_dir: Path) -> int:
     return metrics.read_text().count("\n") if metrics.exists() else 0
 
 
-def test_a_sweep_array_on_slurm_survives_a_requeue_and_loses_no_trial(
+class Sweep:
+    """The sweep array submitted to `cluster` with `tasks` tasks; its logs in `work`."""
+
+    def __init__(self, cluster: SlurmCluster, database: str, encoder: Path, root: Path,
+                 tasks: int):
+        self.cluster, self.database, self.work = cluster, database, root / "work"
+        self.work.mkdir()
+        data, out = write_task_files(root / "data"), root / "runs"
+        spec = root / "slurm.yaml"
+        spec.write_text(SPEC)
+        # Epochs of a few seconds: long enough to stop the task inside the second.
+        extra = (f"--study {STUDY} --wandb-mode disabled --set model.encoder={encoder} "
+                 f"--set model.max_length=32 --set data.cache_dir={root / 'cache'} "
+                 "--set data.max_train_examples=0 --set data.max_eval_examples=0 "
+                 "--set train.epochs=3 --set train.steps_per_epoch=300 "
+                 "--set train.batch_size=8")
+        self.env = {"MTBERT_STORAGE": database, "SWEEP_ARGS": extra, "OMP_NUM_THREADS": "1",
+                    "PATH": f"{MTBERT.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        submitted = cluster.client(
+            "sbatch", "--parsable", f"--array=0-{tasks - 1}", "--gres=none",
+            "--cpus-per-task=1", "--mem=1G", "--time=20",
+            f"--export=ALL,SWEEP_DEVICE=cpu,SWEEP_SPEC={spec},SWEEP_TRIALS=1,"
+            f"SWEEP_OUT={out},SWEEP_DATA={data},SWEEP_MAX_RETRIES=2", str(SBATCH),
+            env=self.env, cwd=self.work)
+        self.job = submitted.stdout.strip().split(";")[0]
+        self.tasks = [f"{self.job}_{i}" for i in range(tasks)]
+
+    def in_second_epoch(self, index: int) -> Path:
+        """Wait until task `index`'s trial has written its first epoch and resume state;
+        its run directory."""
+        run_dir = wait_for(lambda: _trial_of_task(str(index)), timeout=180,
+                           what=f"the trial process of task {self.tasks[index]}")
+        wait_for(lambda: _epochs(run_dir) >= 1 and (run_dir / "resume.pt").exists(),
+                 timeout=180, what=f"the first epoch of {run_dir.name}")
+        assert _epochs(run_dir) < 3, "the trial ended before it could be stopped"
+        return run_dir
+
+    def restart_now(self, index: int) -> None:
+        """Task `index`, requeued, pends for its BeginTime: start it now (once it waits for
+        that time, not while its last start is still completing)."""
+        task = self.tasks[index]
+        wait_for(lambda: self.cluster.job(task).get("Reason") == "BeginTime", timeout=120,
+                 what=f"task {task} back in the queue")
+        self.cluster.client("scontrol", "update", f"JobId={task}", "StartTime=now")
+
+    def ended(self) -> list[str]:
+        """Wait until every task ended; their final states."""
+        def states():
+            found = [self.cluster.job(task).get("JobState") for task in self.tasks]
+            return found if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                                for s in found) else None
+        return wait_for(states, timeout=360, what=f"every task of job {self.job} to end")
+
+    def log(self, index: int) -> str:
+        return (self.work / f"mtbert-sweep-{self.tasks[index]}.out").read_text()
+
+    def starts(self, index: int) -> list[str]:
+        """The `start K` of each start of task `index`, from its first log lines."""
+        first = f"sweep-array: task {self.tasks[index]} on "
+        lines = [ln for ln in self.log(index).splitlines() if ln.startswith(first)]
+        assert all("device cpu" in ln for ln in lines), lines
+        return [ln.split(", ")[1] for ln in lines]
+
+    def check_study(self, stopped_dir: Path, complete: int) -> None:
+        """The stopped trial is FAIL "interrupted" and its retry COMPLETE, resumed after its
+        last epoch; every other trial COMPLETE, none RUNNING or queued."""
+        trials = optuna.load_study(study_name=STUDY, storage=with_driver(self.database)).trials
+        states = sorted(t.state.name for t in trials)
+        assert states == ["COMPLETE"] * complete + ["FAIL"], states
+        (stopped,) = [t for t in trials if t.state.name == "FAIL"]
+        assert stopped.user_attrs["fail_reason"] == "interrupted"
+        assert Path(stopped.user_attrs["run_dir"]) == stopped_dir
+        (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == stopped.number]
+        assert retry.state.name == "COMPLETE" and retry.user_attrs["resumed_from_epoch"] >= 1
+        summary = json.loads(Path(retry.user_attrs["run_dir"], "summary.json").read_text())
+        assert summary["epochs_completed"] == 3
+        # `mtbert studies`: the stopped trial is retried, not a failure.
+        listed = json.loads(self.cluster.client(str(MTBERT), "studies", "--json",
+                                                env=self.env).stdout)
+        assert [(s["name"], s["retried"], s["states"]["FAIL"]) for s in listed] == \
+            [(STUDY, 1, 1)]
+
+    def sacct(self) -> list[str]:
+        """`sacct -D` of the job: JOBID|STATE|EXITCODE per record, every start's."""
+        return self.cluster.client("sacct", "-j", self.job, "-D", "-n", "-P",
+                                   "-o", "JobID,State,ExitCode").stdout.split()
+
+
+FALSE_ALARMS = ("could not requeue", "Terminated", "Job is pending execution")
+STOPPED = ("sweep-array: mtbert exited 130: stopped; its running trial is queued again "
+           "(sacct shows 130 as 2:0)")
+DONE = "sweep-array: mtbert exited 0: done"
+
+
+def test_a_sweep_array_requeued_from_outside_comes_back_and_loses_no_trial(
         cluster, database, tiny_encoder, tmp_path):
-    data, out, work = write_task_files(tmp_path / "data"), tmp_path / "runs", tmp_path / "work"
-    work.mkdir()
-    spec = tmp_path / "slurm.yaml"
-    spec.write_text(SPEC)
-    # Epochs of a few seconds: long enough to requeue the task inside the second.
-    extra = (f"--study {STUDY} --wandb-mode disabled --set model.encoder={tiny_encoder} "
-             f"--set model.max_length=32 --set data.cache_dir={tmp_path / 'cache'} "
-             "--set data.max_train_examples=0 --set data.max_eval_examples=0 "
-             "--set train.epochs=3 --set train.steps_per_epoch=300 --set train.batch_size=8")
-    env = {"MTBERT_STORAGE": database, "SWEEP_ARGS": extra, "OMP_NUM_THREADS": "1",
-           "PATH": f"{MTBERT.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    submitted = cluster.client(
-        "sbatch", "--parsable", "--array=0-1", "--gres=none", "--cpus-per-task=1",
-        "--mem=1G", "--time=20",
-        f"--export=ALL,SWEEP_DEVICE=cpu,SWEEP_SPEC={spec},SWEEP_TRIALS=1,SWEEP_OUT={out},"
-        f"SWEEP_DATA={data},SWEEP_MAX_RETRIES=2", str(SBATCH), env=env, cwd=work)
-    job = submitted.stdout.strip().split(";")[0]
+    sweep = Sweep(cluster, database, tiny_encoder, tmp_path, tasks=2)
+    run_dir = sweep.in_second_epoch(0)
+    cluster.client("scontrol", "requeue", sweep.tasks[0])
+    sweep.restart_now(0)
 
-    # Task 0's trial in its second epoch: its first epoch and resume state are written.
-    run_dir = wait_for(lambda: _trial_of_task("0"), timeout=180,
-                       what="the trial process of task 0")
-    wait_for(lambda: _epochs(run_dir) >= 1 and (run_dir / "resume.pt").exists(),
-             timeout=180, what=f"the first epoch of {run_dir.name}")
-    assert _epochs(run_dir) < 3, "the trial ended before it could be requeued"
-    cluster.client("scontrol", "requeue", f"{job}_0")
-    wait_for(lambda: cluster.job(f"{job}_0").get("JobState") == "PENDING", timeout=120,
-             what=f"task {job}_0 back in the queue")
-    cluster.client("scontrol", "update", f"JobId={job}_0", "StartTime=now")
-
-    def ended():
-        states = [cluster.job(f"{job}_{task}").get("JobState") for task in (0, 1)]
-        return states if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-                             for s in states) else None
-
-    assert wait_for(ended, timeout=360, what=f"both tasks of job {job} to end") == \
-        ["COMPLETED", "COMPLETED"]
-    task0, task1 = cluster.job(f"{job}_0"), cluster.job(f"{job}_1")
+    assert sweep.ended() == ["COMPLETED", "COMPLETED"]
+    task0, task1 = cluster.job(sweep.tasks[0]), cluster.job(sweep.tasks[1])
     assert (task0["Restarts"], task0["ExitCode"]) == ("1", "0:0")
     assert (task1["Restarts"], task1["ExitCode"]) == ("0", "0:0")
-
-    log0 = (work / f"mtbert-sweep-{job}_0.out").read_text()
-    log1 = (work / f"mtbert-sweep-{job}_1.out").read_text()
-    starts = [ln for ln in log0.splitlines() if ln.startswith(f"sweep-array: task {job}_0 on ")]
-    assert [ln.split(", ")[1] for ln in starts] == ["start 1", "start 2"], log0
-    assert "device cpu" in starts[0]
-    assert ("sweep-array: mtbert exited 130: stopped; its running trial is queued again "
-            "(sacct shows 130 as 2:0)") in log0
+    assert sweep.starts(0) == ["start 1", "start 2"] and sweep.starts(1) == ["start 1"]
+    log0, log1 = sweep.log(0), sweep.log(1)
+    assert STOPPED in log0
     assert (f"sweep-array: stopped by Slurm (job COMPLETING, restart 1): requeued or "
-            f"preempted from outside; Slurm starts {job}_0 again itself") in log0
-    assert log0.rstrip().endswith("sweep-array: mtbert exited 0: done"), log0
-    for false_alarm in ("requeueing", "could not requeue", "Terminated"):
+            f"preempted from outside; Slurm starts {sweep.tasks[0]} again itself") in log0
+    assert log0.rstrip().endswith(DONE) and log1.rstrip().endswith(DONE), log0 + log1
+    for false_alarm in ("requeueing", *FALSE_ALARMS):
         assert false_alarm not in log0 + log1, false_alarm
-    assert log1.count(f"sweep-array: task {job}_1 on ") == 1
-    assert log1.rstrip().endswith("sweep-array: mtbert exited 0: done"), log1
+    sweep.check_study(run_dir, complete=2)
 
-    trials = optuna.load_study(study_name=STUDY, storage=with_driver(database)).trials
-    states = sorted(t.state.name for t in trials)
-    assert states == ["COMPLETE", "COMPLETE", "FAIL"], states  # none RUNNING, none queued
-    (stopped,) = [t for t in trials if t.state.name == "FAIL"]
-    assert stopped.user_attrs["fail_reason"] == "interrupted"
-    assert Path(stopped.user_attrs["run_dir"]) == run_dir
-    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == stopped.number]
-    assert retry.state.name == "COMPLETE" and retry.user_attrs["resumed_from_epoch"] >= 1
-    summary = json.loads(Path(retry.user_attrs["run_dir"], "summary.json").read_text())
-    assert summary["epochs_completed"] == 3
+    if cluster.accounting:  # each start of task 0, and mtbert's 130 as sacct shows it
+        rows, task = sweep.sacct(), sweep.tasks[0]
+        assert rows.count(f"{task}|REQUEUED|0:0") == 1, rows
+        assert rows.count(f"{task}.batch|FAILED|2:0") == 1, rows
+        assert rows.count(f"{task}|COMPLETED|0:0") == 1, rows
+        assert f"{sweep.tasks[1]}|COMPLETED|0:0" in rows, rows
 
-    # `mtbert studies`: the stopped trial is retried, not a failure.
-    listed = json.loads(cluster.client(str(MTBERT), "studies", "--json", env=env).stdout)
-    assert [(s["name"], s["retried"], s["states"]["FAIL"]) for s in listed] == \
-        [(STUDY, 1, 1)]
 
-    if cluster.accounting:  # sacct: each start of task 0, and mtbert's 130 read as 2
-        rows = cluster.client("sacct", "-j", job, "-D", "-n", "-P",
-                              "-o", "JobID,State,ExitCode").stdout.split()
-        assert rows.count(f"{job}_0|REQUEUED|0:0") == 1, rows
-        assert rows.count(f"{job}_0.batch|FAILED|2:0") == 1, rows
-        assert rows.count(f"{job}_0|COMPLETED|0:0") == 1, rows
-        assert f"{job}_1|COMPLETED|0:0" in rows, rows
+def test_the_signal_to_the_batch_shell_has_the_script_requeue_its_task(
+        cluster, database, tiny_encoder, tmp_path):
+    sweep = Sweep(cluster, database, tiny_encoder, tmp_path, tasks=1)
+    (task,) = sweep.tasks
+    run_dir = sweep.in_second_epoch(0)
+    # What --signal=B:TERM@120 sends before the time limit: SIGTERM to the batch shell only.
+    cluster.client("scancel", "--signal=TERM", "--batch", task)
+    sweep.restart_now(0)
+
+    assert sweep.ended() == ["COMPLETED"]
+    assert (cluster.job(task)["Restarts"], cluster.job(task)["ExitCode"]) == ("1", "0:0")
+    assert sweep.starts(0) == ["start 1", "start 2"]
+    log = sweep.log(0)
+    assert f"{STOPPED}\nsweep-array: stopped by the signal to the batch shell (the time " \
+           f"limit's); requeueing {task}\nsweep-array: requeued {task}\n" in log
+    assert log.rstrip().endswith(DONE), log
+    for false_alarm in FALSE_ALARMS:
+        assert false_alarm not in log, false_alarm
+    sweep.check_study(run_dir, complete=1)
+
+    if cluster.accounting:
+        rows = sweep.sacct()
+        assert rows.count(f"{task}|REQUEUED|0:0") == 1, rows
+        assert rows.count(f"{task}.batch|FAILED|2:0") == 1, rows
+        assert rows.count(f"{task}|COMPLETED|0:0") == 1, rows
