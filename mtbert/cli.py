@@ -589,7 +589,6 @@ def sweep(
 
     A budget spent or a stop (`mtbert studies --stop`) ends the sweep after its running
     trials, exit 0, with the reason on stderr."""
-    from mtbert.runtime import require_device
     from mtbert.studies.sizes import trials_on_cuda
     from mtbert.studies.slots import parse_gpus
     from mtbert.studies.spec import spec_list
@@ -605,7 +604,6 @@ def sweep(
                                          size=size, on_cuda=on_cuda)
         return _show_spec(resolved, chosen, print_spec=print_spec, check=check,
                           as_json=as_json)
-    require_device(device.value)  # before the storage or any trial
     options = SweepOptions(
         trials=10 if trials is None and timeout is None else trials, timeout=timeout,
         study=None if study is None else check_study_name(study), storage=storage, out=out,
@@ -697,6 +695,7 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
                   options: Optional[SweepOptions] = None):
     """The spec at its size (the study's, when `options` join one that exists), with --set,
     --enqueue and the racing options, and the size chosen."""
+    from mtbert.runtime import require_device
     from mtbert.studies.enqueue import load_enqueue
     from mtbert.studies.runner import sized_spec
     from mtbert.studies.spec import with_racing
@@ -704,6 +703,8 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
                           "(see `mtbert sweep --list`)")
+    if options is not None:  # a sweep starts: its device is there, before any storage
+        require_device(options.device)
     resolved, chosen = sized_spec(spec, overrides, size, on_cuda=on_cuda, options=options)
     if enqueue is not None:
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)
