@@ -370,13 +370,16 @@ exit 0
 
 
 def _stop_before_the_time_limit(tmp_path: Path, signals: int, *, every_process=False,
-                                **job):
+                                unset=(), **job):
     """Run the script under the stand-ins and SIGTERM it `signals` times once mtbert runs:
     the batch shell alone, as the time limit's --signal=B: does, or `every_process` of the
     job, as Slurm does when it requeues, preempts or cancels it (`job`: the job's state
-    scontrol then shows, STUB_JOB_STATE and STUB_RESTARTS)."""
+    scontrol then shows, STUB_JOB_STATE and STUB_RESTARTS; `unset`: variables of Slurm's
+    left out)."""
     env, log = _stubs(tmp_path, STOPPABLE)
     env.update(job)
+    for name in unset:
+        del env[name]
     # Its own session: the test's signal goes to the batch shell only, as with --signal=B:.
     shell = subprocess.Popen(["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -414,6 +417,15 @@ def test_the_time_limit_signal_reaches_mtbert_and_the_task_is_requeued(tmp_path,
         "sweep-array: stopped by the signal to the batch shell (the time limit's); "
         "requeueing 4242_3",
         "sweep-array: requeued 4242_3"]
+
+
+@pytest.mark.slow
+def test_stopped_outside_slurm_the_script_requeues_nothing(tmp_path):
+    code, stderr, log = _stop_before_the_time_limit(
+        tmp_path, 1, unset=("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"))
+    assert (log / "signals").read_text() == "TERM\n" and code == 130, stderr
+    assert stderr.splitlines()[-1] == "sweep-array: stopped outside Slurm; nothing to requeue"
+    assert "requeue " not in (log / "scontrol").read_text()
 
 
 @pytest.mark.slow
