@@ -340,6 +340,7 @@ def test_a_sweep_args_quote_left_open_stops_the_script_before_mtbert(tmp_path):
 
 @pytest.mark.parametrize("code, words", [
     (1, "no trial could finish"), (2, "bad input: spec, option or device"),
+    (137, "killed by signal 9"), (3, "an error (see above)"),
     (130, "stopped; its running trial is queued again (sacct shows 130 as 2:0)")])
 def test_the_batch_script_logs_mtberts_exit_code_in_words(tmp_path, code, words):
     env, log = _stubs(tmp_path, f"exit {code}\n")
