@@ -99,6 +99,9 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
 DataDirOption = Annotated[Optional[Path], typer.Option(
     "--data-dir", help="Task files directory (same as --set data.dir=DIR).")]
 DeviceOption = Annotated[Device, typer.Option("--device", help="Where to run.")]
+SweepDeviceOption = Annotated[Device, typer.Option(
+    "--device", help="Where the trials train; cuda where PyTorch sees no GPU is refused at "
+                     "once (exit 2, before any trial).")]
 ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML file of config keys.")]
 ModelDirArg = Annotated[Path, typer.Argument(help="An exported model directory.")]
 OutParent = Annotated[Path, typer.Option(
@@ -619,7 +622,7 @@ def sweep(
     keep_top: KeepTopOption = DEFAULTS.keep_top,
     heartbeat: HeartbeatOption = DEFAULTS.heartbeat,
     grace: GraceOption = DEFAULTS.grace,
-    device: DeviceOption = Device(DEFAULTS.device),
+    device: SweepDeviceOption = Device(DEFAULTS.device),
     max_retries: MaxRetriesOption = DEFAULTS.max_retries,
     gpus: GpusOption = None,
     trials_per_gpu: TrialsPerGpuOption = DEFAULTS.trials_per_gpu,
@@ -782,6 +785,7 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
                   options: Optional[SweepOptions] = None):
     """The spec at its size (the study's, when `options` join one that exists), with --set,
     --enqueue and the racing options, and the size chosen."""
+    from mtbert.runtime import require_device
     from mtbert.studies.enqueue import load_enqueue
     from mtbert.studies.runner import sized_spec
     from mtbert.studies.spec import with_racing
@@ -789,6 +793,8 @@ def _resolve_spec(spec: Optional[str], overrides: list[str], enqueue: Optional[P
     if spec is None:
         raise MtbertError("name a sweep spec, e.g. `mtbert sweep loss-weights` "
                           "(see `mtbert sweep --list`)")
+    if options is not None:  # a sweep starts: its device is there, before any storage
+        require_device(options.device)
     resolved, chosen = sized_spec(spec, overrides, size, on_cuda=on_cuda, options=options)
     if enqueue is not None:
         resolved.enqueue = resolved.enqueue + load_enqueue(enqueue, resolved)

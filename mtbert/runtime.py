@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtbert.errors import MtbertError, TrainingError
+from mtbert.errors import ConfigError, MtbertError, TrainingError
 from mtbert.rundir import naming
 from mtbert.version import __version__
 
@@ -39,6 +39,18 @@ def device_label(name: str) -> str:
         return device_type(name)
     except TrainingError:
         return name
+
+
+def require_device(name: str) -> None:
+    """Refuse `--device NAME` of a command that starts its work in other processes (a
+    sweep's trials) where the device is not there: one line, exit 2, before any of it
+    starts, rather than a failure in every trial."""
+    if name == "cuda":
+        try:
+            resolve_device(name)
+        except TrainingError as err:
+            raise ConfigError(f"{err}; pass --device cpu, or --device auto to use a GPU "
+                              "only where there is one") from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,6 +23,8 @@ steers it through $MTBERT_STUB_TRIAL, a JSON object:
               TrainingError of the message (e.g. "out of GPU memory ...")
     values    {str(value of params[key]): [objective value per seed, from seed 0]}
               with `key`: the objective's value at every epoch, for controlled races
+    finish_s  seconds the run takes to finish once its training has (as W&B's finish
+              does), to stop a trial whose result is already written
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ class StubTraining:
         return {f"best/{k}": v for k, v in summary["best"]["metrics"].items()}
 
     def finish(self, ended, summary: dict) -> None:
-        """No W&B run to end."""
+        """No W&B run to end: `finish_s` seconds of nothing instead."""
+        time.sleep(self.behaviour.get("finish_s", 0))
 
 
 if __name__ == "__main__":

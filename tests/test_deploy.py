@@ -259,9 +259,13 @@ def test_the_batch_script_asks_for_a_requeueable_array_of_one_gpu_tasks():
              if ln.strip() and not ln.lstrip().startswith("#")]
     assert lines[0] == "set -euo pipefail"
     # The settings come first, each overridable (sbatch --export=ALL,SWEEP_SPEC=...).
-    settings = [re.match(r"(\w+)=\"\$\{\1:-", ln) for ln in lines[1:6]]
+    settings = [re.match(r"(\w+)=\"\$\{\1:-", ln) for ln in lines[1:8]]
     assert [m.group(1) for m in settings] == ["SWEEP_SPEC", "SWEEP_TRIALS", "SWEEP_OUT",
-                                              "SWEEP_DATA", "SWEEP_MAX_RETRIES"]
+                                              "SWEEP_DATA", "SWEEP_MAX_RETRIES",
+                                              "SWEEP_DEVICE", "SWEEP_ARGS"]
+    # What a site edits: one #SBATCH line per resource.
+    for resource in ("--gres=", "--cpus-per-task=", "--mem=", "--time="):
+        assert len([d for d in directives if d.startswith(resource)]) == 1, resource
     assert not [ln for ln in lines if re.match(r"\s*(export\s+)?MTBERT_STORAGE=", ln)], \
         "the URL comes from outside"
 
@@ -273,8 +277,11 @@ def _stubs(tmp_path: Path, mtbert_body: str) -> tuple[dict, Path]:
     log.mkdir()
     (bin_dir / "mtbert").write_text(
         "#!/bin/bash\nprintf '%s\\0' \"$@\" > \"$STUB_LOG/argv\"\n" + mtbert_body)
+    # `scontrol -o show job ID` answers with the state a test sets (RUNNING by default).
     (bin_dir / "scontrol").write_text(
-        "#!/bin/bash\necho \"$*\" >> \"$STUB_LOG/scontrol\"\n")
+        "#!/bin/bash\necho \"$*\" >> \"$STUB_LOG/scontrol\"\n"
+        "if [[ $2 == show ]]; then echo \"JobId=$4 JobState=${STUB_JOB_STATE:-RUNNING}"
+        " Restarts=${STUB_RESTARTS:-0} ExitCode=0:0\"; fi\n")
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path / "home"),
@@ -301,14 +308,47 @@ def test_the_batch_script_runs_a_sweep_the_cli_accepts(tmp_path):
     assert ctx.params["data_dir"] == tmp_path / "home" / "mtbert-data"
     assert ctx.params["device"].value == "cuda" and ctx.params["storage"] is None
     assert not (log / "scontrol").exists(), "a finished worker is not requeued"
-    # The settings reach the command.
+    first, last = done.stderr.splitlines()[0], done.stderr.splitlines()[-1]
+    assert first.startswith("sweep-array: task 4242_3 on ") and ", start 1, device cuda" in first
+    assert last == "sweep-array: mtbert exited 0: done"
+    # The settings reach the command; SWEEP_ARGS is split as a shell splits, quotes kept.
     env.update(SWEEP_SPEC="strategies", SWEEP_TRIALS="3", SWEEP_OUT="/shared/my runs",
-               SWEEP_MAX_RETRIES="5")
+               SWEEP_MAX_RETRIES="5", SWEEP_DEVICE="cpu",
+               SWEEP_ARGS="--study lw1 --set 'model.encoder=/shared/my models/tiny' "
+                          "--set \"train.epochs=2\"  --wandb-mode offline --set data.cache_dir=$HOME/c")
     subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, check=True, timeout=30)
     ctx = _parse(_argv(log))
     assert (ctx.params["spec"], ctx.params["trials"], ctx.params["max_retries"]) == \
         ("strategies", 3, 5)
-    assert ctx.params["out"] == Path("/shared/my runs")
+    assert ctx.params["out"] == Path("/shared/my runs") and ctx.params["device"].value == "cpu"
+    assert ctx.params["study"] == "lw1" and ctx.params["wandb_mode"].value == "offline"
+    # Nothing in SWEEP_ARGS is expanded.
+    assert ctx.params["set_"] == ["model.encoder=/shared/my models/tiny", "train.epochs=2",
+                                  "data.cache_dir=$HOME/c"]
+
+
+def test_a_sweep_args_quote_left_open_stops_the_script_before_mtbert(tmp_path):
+    env, log = _stubs(tmp_path, "exit 0\n")
+    env["SWEEP_ARGS"] = "--set 'model.encoder=/shared/my models"
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("sweep-array: SWEEP_ARGS has a quote that is not closed: "
+                                   "--set 'model.encoder=/shared/my models")
+    assert not (log / "argv").exists()
+
+
+@pytest.mark.parametrize("code, words", [
+    (1, "no trial could finish"), (2, "bad input: spec, option or device"),
+    (137, "killed by signal 9"), (3, "an error (see above)"),
+    (130, "stopped; its running trial is queued again (sacct shows 130 as 2:0)")])
+def test_the_batch_script_logs_mtberts_exit_code_in_words(tmp_path, code, words):
+    env, log = _stubs(tmp_path, f"exit {code}\n")
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == code
+    assert done.stderr.splitlines()[-1].startswith(f"sweep-array: mtbert exited {code}: {words}")
+    assert not (log / "scontrol").exists(), "no signal: nothing to requeue"
 
 
 def test_the_batch_script_needs_the_storage_url_from_the_environment(tmp_path):
@@ -330,8 +370,17 @@ exit 0
 """
 
 
-def _stop_before_the_time_limit(tmp_path: Path, signals: int):
+def _stop_before_the_time_limit(tmp_path: Path, signals: int, *, every_process=False,
+                                unset=(), **job):
+    """Run the script under the stand-ins and SIGTERM it `signals` times once mtbert runs:
+    the batch shell alone, as the time limit's --signal=B: does, or `every_process` of the
+    job, as Slurm does when it requeues, preempts or cancels it (`job`: the job's state
+    scontrol then shows, STUB_JOB_STATE and STUB_RESTARTS; `unset`: variables of Slurm's
+    left out)."""
     env, log = _stubs(tmp_path, STOPPABLE)
+    env.update(job)
+    for name in unset:
+        del env[name]
     # Its own session: the test's signal goes to the batch shell only, as with --signal=B:.
     shell = subprocess.Popen(["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -341,7 +390,10 @@ def _stop_before_the_time_limit(tmp_path: Path, signals: int):
             assert time.monotonic() < deadline and shell.poll() is None, shell.stderr.read()
             time.sleep(0.05)
         for _ in range(signals):
-            shell.send_signal(signal.SIGTERM)
+            if every_process:
+                os.killpg(shell.pid, signal.SIGTERM)
+            else:
+                shell.send_signal(signal.SIGTERM)
             time.sleep(0.1)
         _, stderr = shell.communicate(timeout=20)
     finally:
@@ -358,8 +410,41 @@ def test_the_time_limit_signal_reaches_mtbert_and_the_task_is_requeued(tmp_path,
     # Once: a second SIGTERM while mtbert ends its trial would cut that short.
     assert (log / "signals").read_text() == "TERM\n"
     assert code == 130, stderr  # mtbert's exit code, passed on
-    assert (log / "scontrol").read_text() == "requeue 4242_3\n"
-    assert "requeueing 4242_3" in stderr
+    # Slurm still runs the job: this shell's own signal, the time limit's.
+    assert (log / "scontrol").read_text() == "-o show job 4245\nrequeue 4242_3\n"
+    assert stderr.splitlines()[-3:] == [
+        "sweep-array: mtbert exited 130: stopped; its running trial is queued again (sacct "
+        "shows 130 as 2:0)",
+        "sweep-array: stopped by the signal to the batch shell (the time limit's); "
+        "requeueing 4242_3",
+        "sweep-array: requeued 4242_3"]
+
+
+@pytest.mark.slow
+def test_stopped_outside_slurm_the_script_requeues_nothing(tmp_path):
+    code, stderr, log = _stop_before_the_time_limit(
+        tmp_path, 1, unset=("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID"))
+    assert (log / "signals").read_text() == "TERM\n" and code == 130, stderr
+    assert stderr.splitlines()[-1] == "sweep-array: stopped outside Slurm; nothing to requeue"
+    assert "requeue " not in (log / "scontrol").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state, restarts, said", [
+    ("COMPLETING", "1", "sweep-array: stopped by Slurm (job COMPLETING, restart 1): requeued "
+                        "or preempted from outside; Slurm starts 4242_3 again itself"),
+    ("CANCELLED", "0", "sweep-array: stopped by Slurm (job CANCELLED): cancelled or "
+                       "preempted from outside; not requeued by this script")])
+def test_an_outside_requeue_or_cancel_is_told_as_such_and_not_requeued_again(
+        tmp_path, state, restarts, said):
+    code, stderr, log = _stop_before_the_time_limit(
+        tmp_path, 1, every_process=True, STUB_JOB_STATE=state, STUB_RESTARTS=restarts)
+    # Slurm signalled mtbert itself: the shell does not send it a second SIGTERM.
+    assert (log / "signals").read_text() == "TERM\n"
+    assert code == 130, stderr
+    assert (log / "scontrol").read_text() == "-o show job 4245\n"  # asked, never requeued
+    assert stderr.splitlines()[-1] == said
+    assert "requeueing" not in stderr and "could not" not in stderr
 
 
 # ---------------------------------------------------------------- README and secrets

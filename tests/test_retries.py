@@ -168,6 +168,30 @@ def test_a_stopped_sweep_queues_its_trial_and_the_same_command_resumes_it(stub, 
     assert summary["epochs_completed"] == 3
 
 
+@pytest.mark.slow
+def test_a_stop_after_the_training_finished_is_told_complete_and_not_retried(
+        monkeypatch, tiny_encoder, task_dir, tmp_path):
+    use_stub_trials(monkeypatch, finish_s=30)  # the trial process ends its run slowly
+    spec = tmp_path / "survive.yaml"
+    spec.write_text(SPEC)
+    storage = f"sqlite:///{tmp_path / 'mtbert.db'}"
+    out = tmp_path / "runs"
+    worker = _worker(spec, storage, "survive", out, tiny_encoder, task_dir, "--trials", "2",
+                     "--max-retries", "1", steps=2)
+    first = out / "survive" / "trial-0000"
+    wait_for(lambda: (first / "summary.json").exists() or worker.poll() is not None,
+             timeout=120, what="the first trial's summary.json")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130, err
+    (trial,) = optuna.load_study(study_name="survive", storage=storage).trials
+    assert trial.state.name == "COMPLETE" and "fail_reason" not in trial.user_attrs
+    summary = json.loads((first / "summary.json").read_text())
+    assert trial.value == summary["best"]["metrics"]["overall/arithmetic"]
+    assert trial.user_attrs["overall/arithmetic"] == trial.value
+    assert not (first / "resume.pt").exists()  # nothing left to resume
+
+
 def _finished(number: int, run_dir: Path, state=optuna.trial.TrialState.FAIL, **system):
     run_dir.mkdir(parents=True)
     (run_dir / "model").mkdir()

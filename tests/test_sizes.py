@@ -299,7 +299,8 @@ def test_studies_best_and_report_show_the_size(finished):
     out = str(finished)
     table = runner.invoke(app, ["studies", "--out", out])
     assert table.stdout.splitlines()[0].split()[-2:] == ["size", "best"]
-    assert table.stdout.splitlines()[1].split()[8] == "tiny"
+    header = table.stdout.splitlines()[0].split()
+    assert table.stdout.splitlines()[1].split()[header.index("size")] == "tiny"
     assert json.loads(runner.invoke(app, ["studies", "--out", out, "--json"]).stdout)[0][
         "size"] == "tiny"
     best = runner.invoke(app, ["best", "--out", out])

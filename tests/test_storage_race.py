@@ -28,8 +28,8 @@ from mtbert.studies.storage import StorageError, open_storage, with_driver
 PG = POSTGRES_URL
 ROOT = Path(__file__).resolve().parents[1]
 # `mtbert studies` on an empty storage: the table's header, no study.
-HEADER = ("study                    trials complete pruned fail running     hours    budget  "
-          "size   best")
+HEADER = ("study                    trials complete pruned fail retried running     hours    "
+          "budget  size   best")
 
 
 needs_postgres = pytest.mark.skipif(postgres_unreachable() is not None,

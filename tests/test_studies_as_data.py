@@ -19,9 +19,9 @@ runner = CliRunner()
 LR = {"train.lr": FloatDistribution(1e-5, 1e-3, log=True)}
 
 
-def _trial(state=TrialState.COMPLETE, values=None, lr=1e-4, **attrs):
+def _trial(state=TrialState.COMPLETE, values=None, lr=1e-4, system_attrs=None, **attrs):
     return create_trial(state=state, values=values, params={"train.lr": lr},
-                        distributions=LR, user_attrs=attrs)
+                        distributions=LR, user_attrs=attrs, system_attrs=system_attrs or {})
 
 
 @pytest.fixture
@@ -43,6 +43,11 @@ def storage(tmp_path):
     raced.add_trial(_trial(TrialState.FAIL, lr=4e-4, wall_s=18.0))
     raced.add_trial(_trial(TrialState.RUNNING, lr=5e-4, wall_s=36.0))
     raced.add_trial(_trial(TrialState.WAITING, lr=6e-4))
+    # Trial 7 was stopped (FAIL "interrupted") and queued again as trial 8: retried, not
+    # a failure.
+    raced.add_trial(_trial(TrialState.FAIL, lr=7e-4, fail_reason="interrupted"))
+    raced.add_trial(_trial(TrialState.WAITING, lr=7e-4,
+                           system_attrs={"failed_trial": 7, "retry_history": [7]}))
     front = optuna.create_study(study_name="front", storage=url,
                                 directions=["maximize", "maximize"])
     front.set_user_attr("objectives", ["sst/acc", "qqp/acc"])
@@ -58,20 +63,22 @@ def test_studies_json_says_what_the_table_says(storage):
     assert table.exit_code == 0 and listed.exit_code == 0, table.output + listed.output
     studies = json.loads(listed.stdout)
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["study", "trials", "complete", "pruned", "fail", "running",
-                              "hours", "budget", "size", "best"]
+    assert header.split() == ["study", "trials", "complete", "pruned", "fail", "retried",
+                              "running", "hours", "budget", "size", "best"]
     assert [r.split()[0] for r in rows] == [s["name"] for s in studies] == \
         ["raced", "front", "empty"]
     for row, study in zip(rows, studies):
         cells = row.split()
         states = study["states"]
-        assert [int(c) for c in cells[1:6]] == [study["trials"], states["COMPLETE"],
-                                                states["PRUNED"], states["FAIL"],
-                                                states["RUNNING"]]
-        assert cells[6] == f"{study['hours']:.4f}"
-        assert cells[7] == ("-" if study["budget_hours"] is None
+        # fail: the FAIL trials no retry took over; retried: the others.
+        assert [int(c) for c in cells[1:7]] == [study["trials"], states["COMPLETE"],
+                                                states["PRUNED"],
+                                                states["FAIL"] - study["retried"],
+                                                study["retried"], states["RUNNING"]]
+        assert cells[7] == f"{study['hours']:.4f}"
+        assert cells[8] == ("-" if study["budget_hours"] is None
                             else f"{study['budget_hours']:.4f}")
-        assert cells[8] == (study["size"] or "-")
+        assert cells[9] == (study["size"] or "-")
         best = row.split("  ")[-1] if not study["stop_requested"] else \
             row.split("  ")[-2]
         if study["pareto_front"] is not None:
@@ -83,8 +90,10 @@ def test_studies_json_says_what_the_table_says(storage):
         assert row.endswith("(stop requested)") is study["stop_requested"]
 
     raced, front, empty = studies
-    assert raced["trials"] == 7 and raced["states"] == {
-        "RUNNING": 1, "COMPLETE": 3, "PRUNED": 1, "FAIL": 1, "WAITING": 1}
+    assert raced["trials"] == 9 and raced["states"] == {
+        "RUNNING": 1, "COMPLETE": 3, "PRUNED": 1, "FAIL": 2, "WAITING": 2}
+    assert (raced["retried"], front["retried"], empty["retried"]) == (1, 0, 0)
+    assert rows[0].split()[4:6] == ["1", "1"]  # one real failure, one retried
     # 360 s + 720 s at half a GPU + 90 + 36 + 18 + 36 (running) = 900 s.
     assert raced["hours"] == pytest.approx(0.25, abs=1e-4)
     assert raced["budget_hours"] == 1.0

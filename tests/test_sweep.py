@@ -248,6 +248,24 @@ def test_unreachable_storage_exits_1_with_masked_password(tmp_path):
     assert "s3cret" not in result.output
 
 
+def test_device_cuda_without_a_gpu_is_refused_before_the_storage_or_any_trial(monkeypatch,
+                                                                             tmp_path):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["sweep", "alpha", "--wandb-mode", "disabled", "--device",
+                                 "cuda", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "mtbert: error: --device cuda was asked for, but PyTorch sees no CUDA device; pass "
+        "--device cpu, or --device auto to use a GPU only where there is one")
+    assert list(tmp_path.iterdir()) == []  # no storage made, no run directory
+    # With a GPU there, the same command goes on to the storage (here: one that is down).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = runner.invoke(app, ["sweep", "alpha", "--wandb-mode", "disabled", "--device",
+                                 "cuda", "--storage", "postgresql://u@127.0.0.1:1/none"])
+    assert result.exit_code == 1 and "cannot reach the study storage" in result.stderr
+
+
 def test_wandb_mode_without_wandb_installed_exits_2(monkeypatch, tmp_path):
     import importlib.util
     real = importlib.util.find_spec

@@ -10,7 +10,7 @@ from typing import Any
 
 from mtbert.studies.budget import BUDGET_HOURS, STOP_REQUESTED, format_hours, study_hours
 from mtbert.studies.configurations import config_of
-from mtbert.studies.job import STUDY_SPEC
+from mtbert.studies.job import RETRY_HISTORY, STUDY_SPEC
 from mtbert.studies.results import complete_trials, state_counts, study_objectives, study_size
 
 
@@ -30,10 +30,18 @@ class StudySummary:
     configurations: int  # configurations with a finished (COMPLETE, PRUNED) seed run
     seed_runs: int  # finished (COMPLETE, PRUNED) trials
     size: str | None = None  # its spec's size (studies.sizes); None: made without one
+    # FAIL trials that were queued again (stopped, killed, a dead worker's): a later trial
+    # retries each, so the study lost nothing. The table's `fail` counts the others.
+    retried: int = 0
 
     @property
     def trials(self) -> int:
         return sum(self.states.values())
+
+    @property
+    def failed(self) -> int:
+        """FAIL trials that no retry took over: the study's real failures."""
+        return self.states["FAIL"] - self.retried
 
     @property
     def budget_left_hours(self) -> float | None:
@@ -46,7 +54,7 @@ class StudySummary:
                 "budget_hours": self.budget_hours, "budget_left_hours": self.budget_left_hours,
                 "stop_requested": self.stop_requested, "seeds": self.seeds,
                 "configurations": self.configurations, "seed_runs": self.seed_runs,
-                "size": self.size}
+                "size": self.size, "retried": self.retried}
 
     def best_cell(self) -> str:
         if self.pareto_front is not None:
@@ -75,8 +83,10 @@ def study_summary(study, now: datetime | None = None) -> StudySummary:
 
     counts = {state.name: 0 for state in TrialState}
     counts.update(state_counts(study))
-    finished = [t for t in study.get_trials(deepcopy=False)
-                if t.state.name in ("COMPLETE", "PRUNED")]
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    # A retry's history names every trial of its series before it (studies.job).
+    taken_over = {number for t in trials for number in t.system_attrs.get(RETRY_HISTORY, [])}
     # A configuration: its seed runs share config_id; reseeds name their original.
     configurations = {config_of(t)
                       for t in finished}
@@ -89,7 +99,8 @@ def study_summary(study, now: datetime | None = None) -> StudySummary:
                       if len(study.directions) > 1 else None),
         hours=study_hours(study, now), budget_hours=None if budget is None else float(budget),
         stop_requested=bool(attrs.get(STOP_REQUESTED)), seeds=int(spec.get("seeds", 1)),
-        configurations=len(configurations), seed_runs=len(finished), size=study_size(study))
+        configurations=len(configurations), seed_runs=len(finished), size=study_size(study),
+        retried=sum(t.state.name == "FAIL" and t.number in taken_over for t in trials))
 
 
 def study_summaries(rdb) -> list[StudySummary]:
@@ -102,14 +113,16 @@ def study_summaries(rdb) -> list[StudySummary]:
 
 
 def studies_table(summaries: list[StudySummary]) -> list[str]:
-    """`mtbert studies`: every study, its trials by state, its hours (and budget), its
-    size, best values, and whether it was asked to stop."""
+    """`mtbert studies`: every study, its trials by state (FAIL split into real failures and
+    trials stopped and retried), its hours (and budget), its size, best values, and
+    whether it was asked to stop."""
     rows = [f"{'study':<24} {'trials':>6} {'complete':>8} {'pruned':>6} {'fail':>4} "
-            f"{'running':>7} {'hours':>9} {'budget':>9}  {'size':<5}  best"]
+            f"{'retried':>7} {'running':>7} {'hours':>9} {'budget':>9}  {'size':<5}  best"]
     for s in summaries:
         budget = "-" if s.budget_hours is None else format_hours(s.budget_hours)
         rows.append(f"{s.name:<24} {s.trials:>6} {s.states['COMPLETE']:>8} "
-                    f"{s.states['PRUNED']:>6} {s.states['FAIL']:>4} {s.states['RUNNING']:>7} "
+                    f"{s.states['PRUNED']:>6} {s.failed:>4} {s.retried:>7} "
+                    f"{s.states['RUNNING']:>7} "
                     f"{format_hours(s.hours):>9} {budget:>9}  {s.size or '-':<5}  "
                     f"{s.best_cell()}"
                     + ("  (stop requested)" if s.stop_requested else ""))

@@ -206,11 +206,38 @@ class TrialRunner:
         if code != 0:
             trial.set_user_attr(FAIL_REASON, reason)
             raise TrialFailed(reason)
+        return self._values(trial, job, run_dir, result)
+
+    def _values(self, trial, job: TrialJob, run_dir: Path, result: TrialResult):
+        """A complete trial's objective values (its race's next seed queued)."""
         best = best_metrics(run_dir)
         values = [best[key] for key in job.objectives]
         if result.race:
             self._next_seed(trial, job, result)
         return values[0] if len(values) == 1 else values
+
+    def _result_stands(self, run_dir: Path) -> bool:
+        """Whether the run's training finished and its result can be read: summary.json
+        with the objectives (and, in a raced study, the race's decision after it)."""
+        try:
+            best = best_metrics(run_dir)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if not best or any(key not in best for key in self.spec.objectives):
+            return False
+        return self.spec.seeds == 1 or TrialResult.read(run_dir).race is not None
+
+    def finished(self, trial) -> float | list[float] | None:
+        """The values of a trial stopped after its training finished, with its result
+        there to read: it is told COMPLETE and not queued again (a retry would only read
+        the same result again, at the cost of one of --max-retries). None otherwise."""
+        run_dir = self._run_dirs.get(trial.number)
+        if run_dir is None or not self._result_stands(run_dir):
+            return None
+        log.info("trial %d was stopped after its training finished: its result stands",
+                 trial.number)
+        return self._values(trial, TrialJob.read(run_dir), run_dir,
+                            self._record(trial, run_dir))
 
     def _next_seed(self, trial, job: TrialJob, result: TrialResult) -> None:
         """A raced study: queue the configuration's next seed when the race goes on."""
@@ -342,8 +369,9 @@ class TrialRunner:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-                trial.set_user_attr(FAIL_REASON, "interrupted")
-                self._queue_retry(trial)  # resumes from run_dir's resume state
+                if not self._result_stands(run_dir):  # else told COMPLETE (`finished`)
+                    trial.set_user_attr(FAIL_REASON, "interrupted")
+                    self._queue_retry(trial)  # resumes from run_dir's resume state
                 raise
             finally:
                 with self._lock:

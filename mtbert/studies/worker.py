@@ -227,7 +227,9 @@ class Worker:
     def _run_trial(self, trial) -> None:
         """Run the objective on `trial` and tell the study how it ended (Optuna's
         `_run_trial`): its value, PRUNED, or FAIL; a TrialFailed ends only the trial,
-        anything else (KeyboardInterrupt, a bug) ends the worker after the FAIL is told."""
+        anything else (KeyboardInterrupt, a bug) ends the worker after the FAIL is told. A
+        stop (KeyboardInterrupt) after the trial's result was there (the objective's
+        `finished(trial)` gives its values) is told COMPLETE, then ends the worker."""
         import optuna
         from optuna.trial import TrialState
 
@@ -247,6 +249,12 @@ class Worker:
                 raise
             except (Exception, KeyboardInterrupt) as err:
                 state, error = TrialState.FAIL, err
+                finished = getattr(self.objective, "finished", None)
+                if isinstance(err, KeyboardInterrupt) and finished is not None:
+                    # Stopped once its training had finished: its result stands (COMPLETE,
+                    # then this worker stops), rather than a retry that trains nothing.
+                    values = finished(trial)
+                    state = TrialState.FAIL if values is None else TrialState.COMPLETE
         frozen, told = self._tell(trial, values if state == TrialState.COMPLETE else None,
                                   state)
         ended = getattr(self.objective, "ended", None)
