@@ -301,7 +301,14 @@ def main(training=TrackedTraining) -> None:
               "by `mtbert sweep`)", file=sys.stderr)
         sys.exit(2)
     die_with_parent()
-    sys.exit(run(Path(sys.argv[1]), training))
+    from mtbert.errors import MtbertError
+
+    try:
+        code = run(Path(sys.argv[1]), training)
+    except MtbertError as err:  # before its training started, e.g. the storage is gone
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":
