@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from mtbert.errors import ConfigError
+from mtbert.rundir import naming
 from mtbert.safeyaml import load_yaml
 from mtbert.tasks import METRIC_KEYS, TASKS
 
@@ -466,7 +467,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    with naming(path):
+        Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False),
+                              encoding="utf-8")
 
 
 def describe() -> list[tuple[str, str, str]]:

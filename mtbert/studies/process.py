@@ -207,6 +207,10 @@ class TrialRunner:
             trial.set_user_attr(FAIL_REASON, reason)
             raise TrialFailed(reason)
         best = best_metrics(run_dir)
+        if best is None or any(key not in best for key in job.objectives):
+            reason = f"its summary.json in {run_dir} is missing or damaged"
+            trial.set_user_attr(FAIL_REASON, reason)
+            raise TrialFailed(reason)
         values = [best[key] for key in job.objectives]
         if result.race:
             self._next_seed(trial, job, result)
