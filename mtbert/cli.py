@@ -259,8 +259,9 @@ def main(
                                              "progress bars, no sweep or compare "
                                              "display.")] = False,
 ) -> None:
-    from mtbert.formatting import mask_url
+    from mtbert.formatting import mask_url, safe_streams
 
+    safe_streams()
     _setup_logging(quiet)
     # The command line is parsed; what stays in sys.argv is only read by others, such as
     # W&B, which records it with every run: no storage password goes there.

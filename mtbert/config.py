@@ -433,7 +433,7 @@ def overrides_to_dict(items: list[str]) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = load_yaml(path.read_text(), f"config file {path}")
+        data = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:

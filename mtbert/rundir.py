@@ -95,7 +95,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with naming(path, partial=tmp):
-        tmp.write_text(text, encoding="utf-8")
+        # UTF-8 whatever the locale; a path that came in undecodable (LC_ALL=C) goes back
+        # out as the bytes it was
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, path)
 
 

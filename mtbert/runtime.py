@@ -110,7 +110,7 @@ def run_dir_lock(run_dir: Path):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with naming(run_dir / LOCK_FILE):
-        handle = open(run_dir / LOCK_FILE, "a+")
+        handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -159,7 +159,7 @@ def read_baseline(path: Path) -> Baseline:
         raise ConfigError(f"{where} does not exist; pass the compare.json that "
                           "`mtbert compare` writes into its --out")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{where} is not JSON ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("summary"), dict) \
@@ -190,7 +190,7 @@ def read_baseline(path: Path) -> Baseline:
         if run.get("status") == "done" and found:
             from mtbert.safeyaml import load_yaml
 
-            config = flatten(load_yaml(found[0].read_text(), str(found[0])) or {})
+            config = flatten(load_yaml(found[0].read_text(encoding="utf-8"), str(found[0])) or {})
             break
     return Baseline(path, name, means, config)
 

@@ -83,7 +83,7 @@ def load_enqueue(path: Path, spec: SweepSpec) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"enqueue file {path} does not exist")
     try:
-        raw = load_yaml(path.read_text(), f"enqueue file {path}")
+        raw = load_yaml(path.read_text(encoding="utf-8"), f"enqueue file {path}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise ConfigError(f"enqueue file {path} is not valid YAML"

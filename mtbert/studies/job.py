@@ -212,7 +212,7 @@ class TrialProgress:
         """The progress a trial process wrote; None before it wrote any (or if it is no
         progress file of this version)."""
         try:
-            return cls.from_json((Path(run_dir) / PROGRESS_FILE).read_text())
+            return cls.from_json((Path(run_dir) / PROGRESS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             return None
 

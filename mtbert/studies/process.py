@@ -326,7 +326,7 @@ class TrialRunner:
     def _run_process(self, trial, run_dir: Path, slot: Slot) -> int:
         """Train in `python -m mtbert.studies.trial RUN_DIR`; its exit code. A stop (signal
         or another thread's `stop()`) ends the process and fails the trial as interrupted."""
-        with open(run_dir / TRIAL_LOG, "w") as log_file:
+        with open(run_dir / TRIAL_LOG, "w", encoding="utf-8") as log_file:
             with self._lock:
                 if self.stopping:
                     raise KeyboardInterrupt

@@ -295,6 +295,9 @@ def run(run_dir: Path, training=TrackedTraining) -> int:
 
 
 def main(training=TrackedTraining) -> None:
+    from mtbert.formatting import safe_streams
+
+    safe_streams()  # its trial.log is UTF-8; a terminal's locale may not be
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if len(sys.argv) != 2 or STORAGE_ENV not in os.environ:
         print("usage: MTBERT_STORAGE_URL=... python -m mtbert.studies.trial RUN_DIR (started "
