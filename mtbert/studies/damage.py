@@ -5,12 +5,14 @@ neither the URL nor the version needed; SQLite answers a damaged file with
 "database disk image is malformed" deep inside Optuna's StorageInternalError;
 a SQLite file deleted while a sweep runs makes every later write fail as
 "attempt to write a readonly database", which would otherwise be waited for as
-an outage. `explain` turns each into one line; everything else is left to the
+an outage; a writer's lock file on a read-only file system is refused. `explain`
+turns each into one line; everything else is left to the
 caller (an outage is retried, `studies.outage`).
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import sqlite3
 
@@ -33,6 +35,10 @@ def explain(err: BaseException, url: str) -> str | None:
         return (f"the study storage {path} was deleted while this command ran: its studies "
                 "are gone (the run directories stay); restore it from a copy, or start over "
                 "with `mtbert sweep`")
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return (f"the study storage {mask_url(url)} is on a read-only file system "
+                f"({err.filename or err.strerror}): this command writes to it; `best`, "
+                "`studies`, `report --to DIR` and `best --export DIR` only read it")
     if isinstance(err, RuntimeError) and _SCHEMA_WORDS in str(err):
         return _schema(err, url)
     damage = _sqlite_damage(err)
