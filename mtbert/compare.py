@@ -223,7 +223,8 @@ def _plan(candidates: list[Candidate], seeds: list[int], out: Path):
                 run_dir = out / c.name / f"seed{seed}" / (task or "")
                 saved = run_dir / "config.yaml"
                 if saved.exists():
-                    differ = _config_differences(load_yaml(saved.read_text(encoding="utf-8"), str(saved)) or {},
+                    text = saved.read_text(encoding="utf-8")
+                    differ = _config_differences(load_yaml(text, str(saved)) or {},
                                                  config.to_dict())
                     if differ:
                         raise ConfigError(

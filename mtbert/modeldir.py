@@ -99,7 +99,8 @@ def export_hf_encoder(model_dir: Path, dest: Path | None = None) -> Path:
         if not (model_dir / name).exists():
             raise MtbertError(f"{model_dir} is not an mtbert model directory (no {name})")
     dest = Path(dest) if dest is not None else model_dir / HF_ENCODER
-    bert = BertConfig.from_dict(json.loads((model_dir / ENCODER_CONFIG).read_text(encoding="utf-8")))
+    bert = BertConfig.from_dict(json.loads(
+        (model_dir / ENCODER_CONFIG).read_text(encoding="utf-8")))
     encoder = BertEncoder(bert)
     state = load_file(str(model_dir / WEIGHTS))
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
