@@ -382,6 +382,6 @@ def analyze(predictor, *, data_dir: Path, split: str, dest: Path, top: int = 10,
         analysis.numbers["metrics"].update(overall_scores(analysis.numbers["metrics"]))
     analysis.numbers["figures"] = {k: p.name for k, p in analysis.figures.items()}
     analysis.numbers["notes"] = list(analysis.notes)
-    (dest / NUMBERS).write_text(json.dumps(analysis.numbers, indent=2))
-    analysis.report.write_text(render_markdown(analysis))
+    (dest / NUMBERS).write_text(json.dumps(analysis.numbers, indent=2), encoding="utf-8")
+    analysis.report.write_text(render_markdown(analysis), encoding="utf-8")
     return analysis

@@ -321,8 +321,9 @@ def main(
                                              "progress bars, no sweep or compare "
                                              "display.")] = False,
 ) -> None:
-    from mtbert.formatting import mask_url
+    from mtbert.formatting import mask_url, safe_streams
 
+    safe_streams()
     _setup_logging(quiet)
     # The command line is parsed; what stays in sys.argv is only read by others, such as
     # W&B, which records it with every run: no storage password goes there.
@@ -870,7 +871,7 @@ def best(
     study.
     """
     from mtbert.studies.results import choose, rank
-    from mtbert.studies.storage import open_study
+    from mtbert.studies.storage import open_study, storage_errors
 
     _check_best_options(metric=metric, export=export, trial=trial, top=top, hf=hf,
                         wandb=wandb, reseed=reseed, set_=set_, data_dir=data_dir,
@@ -879,14 +880,16 @@ def best(
         return _reseed(study=study, storage=storage, out=out, metric=metric, top=top,
                        seeds=reseed, overrides=_overrides(set_, data_dir), device=device,
                        wandb_mode=wandb_mode, wandb_project=wandb_project, keep_top=keep_top)
-    loaded, url = open_study(storage, out, study)
-    if top is not None or as_json:
-        ranking = rank(loaded, top=top or len(loaded.trials), metric=metric, by_trial=by_trial)
-        _echo_lines([ranking.to_json()] if as_json else ranking.lines)
-        for note in ranking.notes:
-            log.info("%s", note)
-        return
-    choice = choose(loaded, metric=metric, trial=trial, by_trial=by_trial)
+    loaded, url = open_study(storage, out, study, read_only=True)
+    with storage_errors(url):
+        if top is not None or as_json:
+            ranking = rank(loaded, top=top or len(loaded.trials), metric=metric,
+                           by_trial=by_trial)
+            _echo_lines([ranking.to_json()] if as_json else ranking.lines)
+            for note in ranking.notes:
+                log.info("%s", note)
+            return
+        choice = choose(loaded, metric=metric, trial=trial, by_trial=by_trial)
     _echo_lines(choice.lines())
     if export is not None:
         _export(choice, url=url, dest=export, hf=hf, wandb=wandb, out=out,
@@ -1034,7 +1037,7 @@ def studies(
     from mtbert.studies.budget import set_stop
     from mtbert.studies.listing import studies_table, study_summaries
     from mtbert.studies.retention import plan_deletion
-    from mtbert.studies.storage import open_storage, select_study, storage_url
+    from mtbert.studies.storage import open_storage, select_study, storage_errors, storage_url
 
     given = [o for o, v in (("--delete", delete), ("--stop", stop), ("--resume", resume),
                             ("--json", as_json)) if v]
@@ -1045,9 +1048,10 @@ def studies(
     if stop or resume:
         return typer.echo(set_stop(storage, out, stop or resume, requested=bool(stop)))
     url = storage_url(storage, out)
-    rdb = open_storage(url, must_exist=True)
+    rdb = open_storage(url, must_exist=True, read_only=delete is None)
     if delete is None:
-        summaries = study_summaries(rdb)
+        with storage_errors(url):
+            summaries = study_summaries(rdb)
         if as_json:
             return typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
         return _echo_lines(studies_table(summaries))
@@ -1092,14 +1096,14 @@ def report(
     from mtbert.runtime import wandb_dir
     from mtbert.studies.report import build_report, check_destination, destination
     from mtbert.studies.report import log_study_report
-    from mtbert.studies.storage import mask_url, open_study
+    from mtbert.studies.storage import mask_url, open_study, storage_errors
 
     mode = _wandb_mode(wandb_mode) if wandb else "disabled"
     if to is not None:
         check_destination(to, overwrite=overwrite)  # before the storage is opened
-    loaded, url = open_study(storage, out, study)
-    with destination(to or out / loaded.study_name / "report", overwrite=overwrite,
-                     given=to is not None) as dest:
+    loaded, url = open_study(storage, out, study, read_only=True)
+    with storage_errors(url), destination(to or out / loaded.study_name / "report",
+                                          overwrite=overwrite, given=to is not None) as dest:
         written = build_report(loaded, dest=dest, storage=mask_url(url), top=top)
     for note in written.notes:
         log.info("%s", note)

@@ -226,7 +226,8 @@ def _plan(candidates: list[Candidate], seeds: list[int], out: Path):
                 run_dir = out / c.name / f"seed{seed}" / (task or "")
                 saved = run_dir / "config.yaml"
                 if saved.exists():
-                    differ = _config_differences(load_yaml(saved.read_text(), str(saved)) or {},
+                    text = saved.read_text(encoding="utf-8")
+                    differ = _config_differences(load_yaml(text, str(saved)) or {},
                                                  config.to_dict())
                     if differ:
                         raise ConfigError(
@@ -394,7 +395,7 @@ def run_compare(candidates: list[Candidate], *, seeds: list[int], out: Path, bas
             runs[c.name][seed] = SeedResult("done", metrics, where)
     result = Comparison(name, names, baseline, list(seeds), metric, runs)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result.to_json(), indent=2))
+    (out / "compare.json").write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
     return result
 
 
@@ -556,7 +557,7 @@ def write_reports(result: Comparison, out: Path, markdown_file: Path | None = No
     md.parent.mkdir(parents=True, exist_ok=True)
     figure = plot_comparison(result, out / "compare.png")
     link = Path(os.path.relpath(figure.resolve(), md.parent.resolve())) if figure else None
-    md.write_text(markdown(result, link))
+    md.write_text(markdown(result, link), encoding="utf-8")
     return md, figure
 
 

@@ -22,6 +22,7 @@ import yaml
 
 from mtbert.errors import ConfigError
 from mtbert.safeyaml import MAX_DEPTH, load_yaml, read_text, shown
+from mtbert.rundir import naming
 from mtbert.tasks import METRIC_KEYS, TASKS
 
 
@@ -472,7 +473,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    with naming(path):
+        Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False),
+                              encoding="utf-8")
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -447,7 +447,7 @@ def read_bert_config(directory: Path) -> BertConfig:
     if not config_file.exists():
         raise EncoderError(f"{directory} has no config.json; is it a BERT checkpoint?")
     try:
-        return BertConfig.from_dict(json.loads(config_file.read_text()))
+        return BertConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
     except json.JSONDecodeError as err:
         raise EncoderError(f"{config_file} is not valid JSON ({err.msg})") from None
 

@@ -83,7 +83,7 @@ def evaluate(model: MultitaskModel, dev_sets: dict[str, EncodedSet], *, batch_si
 def write_predictions(path: Path, task: Task, ids: list[str], predictions: np.ndarray) -> None:
     """CS224N output format: a header, then `id<TAB>prediction` per example."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with naming(path), open(path, "w") as f:
+    with naming(path), open(path, "w", encoding="utf-8") as f:
         f.write(f"id\t{task.prediction_header}\n")
         for example_id, value in zip(ids, predictions):
             f.write(f"{example_id}\t{task.format_prediction(value)}\n")

@@ -1,11 +1,14 @@
 """How results are shown: numbers, mean ± std, text and Markdown tables, error lines, PNG
-figures, and URLs with their credentials masked. One home for each, shared by the
+figures, URLs with their credentials masked, and streams that never fail on a character
+their locale cannot encode. One home for each, shared by the
 commands that print or write them."""
 
 from __future__ import annotations
 
+import codecs
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,29 @@ _KEY_PASSWORD = re.compile(r"(\b(?:password|passwd|pwd|sslpassword|sslkey|secret
 def mask_url(text: str) -> str:
     """`text` (a URL, or a message quoting one) with every credential replaced by ***."""
     return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def _escape(err: UnicodeError):
+    """A path's undecodable bytes (surrogates, as Python reads them under LC_ALL=C) go out
+    as those bytes; any other character the encoding lacks as a backslash escape."""
+    if isinstance(err, UnicodeEncodeError):
+        text = err.object[err.start:err.end]
+        if all(0xDC80 <= ord(c) <= 0xDCFF for c in text):
+            return bytes(ord(c) - 0xDC00 for c in text), err.end
+        return codecs.backslashreplace_errors(err)
+    raise err
+
+
+codecs.register_error("mtbert.escape", _escape)
+
+
+def safe_streams() -> None:
+    """stdout and stderr never fail on a character their locale cannot encode (a `×` or
+    an accented path under LC_ALL=C): `_escape`."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="mtbert.escape")
 
 
 def first_line(err: BaseException | str | None, default: str = "") -> str:

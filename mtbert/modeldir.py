@@ -22,6 +22,7 @@ from mtbert.config import RunConfig, save_config
 from mtbert.encoder import BertConfig, BertEncoder, to_hf_state_dict
 from mtbert.errors import MtbertError
 from mtbert.heads import MultitaskModel
+from mtbert.rundir import naming
 from mtbert.tokenize import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -36,15 +37,18 @@ def save_model_dir(directory: Path, *, model: MultitaskModel, config: RunConfig,
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_config(config, tmp / "config.yaml")
-    (tmp / ENCODER_CONFIG).write_text(json.dumps(model.encoder.config.to_hf_dict(), indent=2))
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "mtbert"})
-    for path in tokenizer.files():
-        shutil.copy(path, tmp / path.name)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "README.md").write_text(model_card(config, metrics, card))
+    with naming(tmp, partial=tmp):  # a full disk: nothing half-written stays
+        tmp.mkdir(parents=True)
+        save_config(config, tmp / "config.yaml")
+        (tmp / ENCODER_CONFIG).write_text(json.dumps(model.encoder.config.to_hf_dict(),
+                                                     indent=2), encoding="utf-8")
+        state = {k: v.detach().float().cpu().contiguous()
+                 for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "mtbert"})
+        for path in tokenizer.files():
+            shutil.copy(path, tmp / path.name)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(config, metrics, card), encoding="utf-8")
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -95,7 +99,8 @@ def export_hf_encoder(model_dir: Path, dest: Path | None = None) -> Path:
         if not (model_dir / name).exists():
             raise MtbertError(f"{model_dir} is not an mtbert model directory (no {name})")
     dest = Path(dest) if dest is not None else model_dir / HF_ENCODER
-    bert = BertConfig.from_dict(json.loads((model_dir / ENCODER_CONFIG).read_text()))
+    bert = BertConfig.from_dict(json.loads(
+        (model_dir / ENCODER_CONFIG).read_text(encoding="utf-8")))
     encoder = BertEncoder(bert)
     state = load_file(str(model_dir / WEIGHTS))
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
@@ -109,13 +114,23 @@ def write_hf_encoder(encoder: BertEncoder, tokenizer: Tokenizer, dest: Path,
     BertModel's names, tokenizer files), which `model.encoder=DEST` loads. `extra` are
     further tensors under their Hugging Face names, e.g. the `cls.predictions.*` MLM head."""
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "config.json").write_text(json.dumps(encoder.config.to_hf_dict(), indent=2))
-    state = {k: v.detach().float().cpu().contiguous()
-             for k, v in {**to_hf_state_dict(encoder), **(extra or {})}.items()}
-    save_file(state, str(dest / WEIGHTS), metadata={"format": "pt"})
-    for path in tokenizer.files():
-        shutil.copy(path, dest / path.name)
+    written = [dest / "config.json", dest / WEIGHTS, *(dest / p.name for p in tokenizer.files())]
+    try:
+        with naming(dest):
+            dest.mkdir(parents=True, exist_ok=True)
+            written[0].write_text(json.dumps(encoder.config.to_hf_dict(), indent=2),
+                                  encoding="utf-8")
+            state = {k: v.detach().float().cpu().contiguous()
+                     for k, v in {**to_hf_state_dict(encoder), **(extra or {})}.items()}
+            save_file(state, str(dest / WEIGHTS), metadata={"format": "pt"})
+            for path in tokenizer.files():
+                shutil.copy(path, dest / path.name)
+    except OSError:
+        # A full disk: none of the encoder's files stay, so that the same command (or its
+        # --resume, from a state saved beside them) runs again once there is space.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return dest
 
 

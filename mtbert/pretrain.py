@@ -40,6 +40,7 @@ from mtbert.encoder import BertEncoder, _normalise_hf_key, load_pretrained, read
 from mtbert.errors import ConfigError, DataError, MtbertError, TrainingError
 from mtbert.modeldir import write_hf_encoder
 from mtbert.optim import linear_schedule
+from mtbert.rundir import atomic_write_text
 from mtbert.runtime import atomic_torch_save, autocast, resolve_device
 from mtbert.tasks import get_task
 from mtbert.tokenize import Tokenizer
@@ -301,7 +302,7 @@ def pretrain(config: RunConfig, *, out: Path, options: PretrainOptions, device: 
         "curve": curve,
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2))
     state_path.unlink(missing_ok=True)
     if curve:
         log.info("MLM loss %.4f -> %.4f, masked-token accuracy %.4f -> %.4f (first and last "

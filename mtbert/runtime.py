@@ -78,8 +78,11 @@ def atomic_torch_save(payload: object, path: Path) -> None:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    # Through a Python file object: a failed write (a full disk) then raises an OSError
+    # that `naming` finds behind torch's RuntimeError; torch's own writer says neither.
     with naming(path, partial=tmp):
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
         os.replace(tmp, path)
 
 
@@ -118,7 +121,9 @@ def run_dir_lock(run_dir: Path):
     SIGKILL, so a killed run leaves nothing to clean up)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a+") as handle:
+    with naming(run_dir / LOCK_FILE):
+        handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -130,8 +135,8 @@ def run_dir_lock(run_dir: Path):
                               "wait for it to finish or pick another --out") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        with naming(run_dir / LOCK_FILE):  # unbuffered: nothing left to fail at close
+            os.write(handle.fileno(), f"{os.getpid()}\n".encode())
         try:
             yield
         finally:

@@ -41,7 +41,7 @@ class Tokenizer:
     def _lowercase(self) -> bool:
         config = self.directory / "tokenizer_config.json"
         if config.exists():
-            return bool(json.loads(config.read_text()).get("do_lower_case", True))
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("do_lower_case", True))
         return True
 
     def special_id(self, token: str) -> int:

@@ -22,7 +22,7 @@ from mtbert.config import build_config
 from mtbert.errors import MtbertError
 from mtbert.formatting import first_line
 from mtbert.modeldir import HF_ENCODER, WEIGHTS, export_hf_encoder, model_card
-from mtbert.rundir import read_summary
+from mtbert.rundir import naming, read_summary
 from mtbert.safeyaml import load_yaml
 from mtbert.studies.configurations import config_of
 from mtbert.studies.job import CHECKPOINT, WANDB_RUN_ID, WandbSettings
@@ -67,17 +67,11 @@ def export_trial(trial, *, study: str, storage: str, dest: Path,
     partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        shutil.copytree(checkpoint, partial)
-        config = build_config(load_yaml((partial / "config.yaml").read_text(),
-                                       str(partial / "config.yaml")))
-        metrics = json.loads((partial / "metrics.json").read_text())
-        summary = read_summary(checkpoint.parent) or {}
-        card = {"source": {"study": study, "trial": trial.number, "storage": storage,
+        with naming(dest, partial=partial):  # a full disk: one line naming dest
+            config = _build(checkpoint, partial, card={
+                "source": {"study": study, "trial": trial.number, "storage": storage,
                            "run": str(checkpoint.parent), **(selection or {})},
-                "params": trial.params, "data": summary.get("data"), "env": summary.get("env")}
-        (partial / "README.md").write_text(model_card(config, metrics, card))
-        if hf:
-            export_hf_encoder(partial, partial / HF_ENCODER)
+                "params": trial.params}, hf=hf)
         if dest.exists():
             dest.rmdir()  # empty, checked above
         partial.rename(dest)
@@ -87,6 +81,21 @@ def export_trial(trial, *, study: str, storage: str, dest: Path,
         log_export(dest, trial, study=study, wandb=wandb, selection=selection,
                    seeds=seeds if seeds is not None else [config.train.seed])
     return dest
+
+
+def _build(checkpoint: Path, partial: Path, *, card: dict[str, Any], hf: bool):
+    """The export in `partial`: the checkpoint, its card (with the run's data and versions
+    where its summary.json is readable), the HF encoder with `hf`; returns its config."""
+    shutil.copytree(checkpoint, partial)
+    config = build_config(load_yaml((partial / "config.yaml").read_text(encoding="utf-8"),
+                                    str(partial / "config.yaml")))
+    metrics = json.loads((partial / "metrics.json").read_text(encoding="utf-8"))
+    summary = read_summary(checkpoint.parent) or {}  # damaged: a warning names it
+    card = {**card, "data": summary.get("data"), "env": summary.get("env")}
+    (partial / "README.md").write_text(model_card(config, metrics, card), encoding="utf-8")
+    if hf:
+        export_hf_encoder(partial, partial / HF_ENCODER)
+    return config
 
 
 def log_export(model_dir: Path, trial, *, study: str, wandb: WandbSettings,

@@ -13,7 +13,7 @@ import logging
 import uuid
 from pathlib import Path
 
-from mtbert.errors import ConfigError
+from mtbert.errors import ConfigError, MtbertError
 from mtbert.rundir import RUN_FILES
 from mtbert.studies.job import JOB_FILE, RUNS_FOLDER, STUDY_UID, TrialJob
 
@@ -48,7 +48,7 @@ def check_not_anothers(run_dir: Path, *, uid: str | None, study: str) -> None:
         return
     try:
         owner = TrialJob.read(run_dir).study_uid
-    except (OSError, ValueError, TypeError):
+    except (OSError, MtbertError):
         owner = None
     if owner is None or owner != uid:
         raise ConfigError(f"{run_dir} holds a run of another study named {study}; it stays "

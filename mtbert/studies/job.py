@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtbert.rundir import atomic_write_text
+from mtbert.errors import ConfigError
+from mtbert.formatting import first_line
+from mtbert.rundir import atomic_write_text, read_json_object
 
 EXIT_PRUNED = 3
 # The trial's storage stayed away past the outage limit: queued again, to resume from
@@ -113,6 +115,8 @@ class TrialJob:
     @classmethod
     def from_json(cls, text: str) -> TrialJob:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{JOB_FILE} holds no JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -125,7 +129,13 @@ class TrialJob:
 
     @classmethod
     def read(cls, run_dir: Path) -> TrialJob:
-        return cls.from_json((Path(run_dir) / JOB_FILE).read_text())
+        """The job of `run_dir`; a damaged job.json is one line naming it."""
+        path = Path(run_dir) / JOB_FILE
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as err:
+            raise ConfigError(f"{path} is damaged ({first_line(err)}); it is written by "
+                              "the sweep worker before its trial starts") from None
 
 
 @dataclass
@@ -153,12 +163,14 @@ class TrialResult:
 
     @classmethod
     def read(cls, run_dir: Path) -> TrialResult:
-        """The result a trial process wrote; an empty one if it wrote none (it was killed)."""
-        path = Path(run_dir) / RESULT_FILE
-        try:
-            return cls.from_json(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        """The result a trial process wrote; an empty one if it wrote none (it was killed),
+        or a damaged one (with a warning naming it)."""
+        data = read_json_object(Path(run_dir) / RESULT_FILE, "the trial's result (its W&B "
+                                                               "run, why it ended)")
+        if data is None:
             return cls()
+        return cls(**{f.name: data[f.name] if isinstance(data.get(f.name), str) else None
+                      for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -200,7 +212,7 @@ class TrialProgress:
         """The progress a trial process wrote; None before it wrote any (or if it is no
         progress file of this version)."""
         try:
-            return cls.from_json((Path(run_dir) / PROGRESS_FILE).read_text())
+            return cls.from_json((Path(run_dir) / PROGRESS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             return None
 

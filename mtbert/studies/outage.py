@@ -10,16 +10,20 @@ from the trial's run directory.
 
 Connections are bounded too (`connect_args`): a connect timeout (a server that
 accepts TCP and never answers), a statement timeout and TCP keepalives on
-PostgreSQL, a lock wait on SQLite.
+PostgreSQL, a lock wait on SQLite. A URL's driver (`with_driver`) and its SQLite
+file (`sqlite_file`) are read here too. A SQLite file deleted under a running
+worker is no outage: no wait brings it back (`studies.damage` says so).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mtbert.errors import MtbertError
@@ -86,7 +90,7 @@ class Outage:
             try:
                 result = fn(*args, **kwargs)
             except Exception as err:
-                if not is_outage(err):
+                if not is_outage(err) or self._file_gone():
                     raise
                 deadline = deadline or self._went_away(err)
                 now = time.monotonic()
@@ -103,6 +107,10 @@ class Outage:
                 if deadline is not None:
                     self._came_back()
                 return result
+
+    def _file_gone(self) -> bool:
+        path = sqlite_file(self.url)
+        return path is not None and not path.exists()
 
     def _went_away(self, err: BaseException) -> float:
         """The deadline of this call; said once per outage, whichever thread sees it."""
@@ -140,3 +148,32 @@ def connect_args(url: str) -> dict[str, Any]:
     if url.startswith("mysql"):
         return {"connect_timeout": max(1, round(timeout))}
     return {}
+
+
+def with_driver(url: str) -> str:
+    """`postgresql://` through psycopg2 (a core dependency) when psycopg 3 is absent.
+
+    SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; users write the
+    bare form, and it must work with the driver mtbert installs.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres") and \
+            importlib.util.find_spec("psycopg") is None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a `sqlite:///PATH` URL (any driver); None for another database or
+    SQLite in memory."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0] != "sqlite":
+        return None
+    path = rest[1:].split("?")[0] if rest.startswith("/") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def in_memory(url: str) -> bool:
+    """Whether `url` is SQLite in memory (`sqlite://`, `sqlite:///:memory:`)."""
+    scheme = url.partition("://")[0]
+    return scheme.split("+")[0] == "sqlite" and sqlite_file(url) is None

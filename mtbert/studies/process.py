@@ -211,6 +211,10 @@ class TrialRunner:
     def _values(self, trial, job: TrialJob, run_dir: Path, result: TrialResult):
         """A complete trial's objective values (its race's next seed queued)."""
         best = best_metrics(run_dir)
+        if best is None or any(key not in best for key in job.objectives):
+            reason = f"its summary.json in {run_dir} is missing or damaged"
+            trial.set_user_attr(FAIL_REASON, reason)
+            raise TrialFailed(reason)
         values = [best[key] for key in job.objectives]
         if result.race:
             self._next_seed(trial, job, result)
@@ -349,7 +353,7 @@ class TrialRunner:
     def _run_process(self, trial, run_dir: Path, slot: Slot) -> int:
         """Train in `python -m mtbert.studies.trial RUN_DIR`; its exit code. A stop (signal
         or another thread's `stop()`) ends the process and fails the trial as interrupted."""
-        with open(run_dir / TRIAL_LOG, "w") as log_file:
+        with open(run_dir / TRIAL_LOG, "w", encoding="utf-8") as log_file:
             with self._lock:
                 if self.stopping:
                     raise KeyboardInterrupt

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mtbert.errors import MtbertError
+from mtbert.rundir import atomic_write_text, naming
 from mtbert.formatting import first_line, format_mean_std
 from mtbert.studies.budget import (BUDGET_HOURS, STOP_REQUESTED, WALL_S, format_hours,
                                    trial_hours)
@@ -149,7 +150,8 @@ def destination(dest: Path, *, overwrite: bool, given: bool):
     try:
         if given:
             check_destination(dest, overwrite=overwrite)
-        yield dest
+        with naming(dest):  # a full disk names the report directory
+            yield dest
     finally:
         lock.release()
 
@@ -226,7 +228,7 @@ def build_report(study, *, dest: Path, storage: str, top: int = 5) -> Report:
             if report.groups:
                 report.figures["seeds"] = plot_seed_groups(report.groups, objectives[0],
                                                            dest / "seeds.png")
-    report.index.write_text(render_html(study, report, storage))
+    atomic_write_text(report.index, render_html(study, report, storage))  # UTF-8, whole
     return report
 
 

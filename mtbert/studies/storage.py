@@ -12,7 +12,6 @@ says which study names may become directory names.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 import time
@@ -23,8 +22,9 @@ from typing import Any
 
 from mtbert.errors import ConfigError, MtbertError
 from mtbert.formatting import first_line, mask_url
+from mtbert.studies.damage import explain
 from mtbert.studies.outage import (CONNECT_TIMEOUT_ENV, connect_args, connect_timeout,
-                                   is_outage)
+                                   in_memory, is_outage, sqlite_file, with_driver)
 
 STORAGE_FILE = "mtbert.db"
 # Study names become directory names (<out>/<study>/trial-NNNN): letters, digits, '.', '_'
@@ -61,19 +61,6 @@ def check_study_name(name: str) -> str:
     return name
 
 
-def with_driver(url: str) -> str:
-    """`postgresql://` through psycopg2 (a core dependency) when psycopg 3 is absent.
-
-    SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; users write the
-    bare form, and it must work with the driver mtbert installs.
-    """
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme in ("postgresql", "postgres") and \
-            importlib.util.find_spec("psycopg") is None:
-        return f"postgresql+psycopg2://{rest}"
-    return url
-
-
 def default_storage(out: Path) -> str:
     return f"sqlite:///{(Path(out) / STORAGE_FILE).resolve()}"
 
@@ -99,11 +86,15 @@ def _check_url(url: str) -> None:
 
 
 def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = None,
-                 max_retries: int = 2, must_exist: bool = False, checked: bool = False):
+                 max_retries: int = 2, must_exist: bool = False, checked: bool = False,
+                 read_only: bool = False):
     """Optuna's RDB storage for `url`; with `heartbeat`, a trial whose worker died is
     queued again (at most `max_retries` times; the worker that takes it resumes it).
     `checked`: the tables exist and their schema was checked (by the worker that started
     this trial process): neither is done again, which saves a trial process about 0.4 s.
+    `read_only` (a command that only reads an existing storage: `best`, `studies`,
+    `report`): no setup lock and no write lock are taken, so that a study on a read-only
+    file system can be read.
 
     Workers that open a new storage together take turns creating its tables
     (`setup_lock`); one that still loses that race retries with a growing pause for up to
@@ -116,7 +107,11 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     # Heartbeats are "experimental" in Optuna since v2.9; mtbert relies on them on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     _check_url(url)
-    if must_exist and url.startswith("sqlite:///"):
+    if in_memory(url):
+        raise ConfigError(f"--storage {mask_url(url)} is SQLite in memory: a study there is "
+                          "gone when the command ends and its trial processes cannot reach "
+                          "it; use a file, e.g. sqlite:///runs/mtbert.db")
+    if (must_exist or read_only) and url.startswith("sqlite:///"):
         path = Path(url[10:])
         if not path.exists():
             raise ConfigError(f"no study storage at {path}; run `mtbert sweep` first or pass "
@@ -135,28 +130,37 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
     engine: dict[str, Any] = {"connect_args": connect_args(url)}
     if not url.startswith("sqlite"):
         engine["pool_pre_ping"] = True
-    if checked:
-        return _serialize(optuna.storages.RDBStorage(
-            with_driver(url), engine_kwargs=engine, skip_compatibility_check=True,
-            skip_table_creation=True, **kwargs))
     deadline = time.monotonic() + SCHEMA_RETRY_TOTAL_S
     delay = SCHEMA_RETRY_FIRST_S
     while True:
         try:
+            if checked:
+                _still_there(url)
+                return _serialize(optuna.storages.RDBStorage(
+                    with_driver(url), engine_kwargs=engine, skip_compatibility_check=True,
+                    skip_table_creation=True, **kwargs))
+            if read_only:  # its tables exist: nothing is created, nothing to take turns for
+                return optuna.storages.RDBStorage(with_driver(url), engine_kwargs=engine)
             with setup_lock(url, "creating its tables"):
                 return _serialize(optuna.storages.RDBStorage(with_driver(url),
                                                              engine_kwargs=engine, **kwargs))
         except sqlalchemy.exc.ArgumentError:
             raise ConfigError(f"bad storage URL {mask_url(url)}; e.g. sqlite:///runs/mtbert.db "
                               "or postgresql://user:password@host:5432/db") from None
-        except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as err:
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
+                ImportError, OSError, RuntimeError, AssertionError) as err:
+            said = explain(err, url)
+            if said is not None:
+                raise StorageError(said) from None
+            if isinstance(err, (RuntimeError, AssertionError)):
+                raise
             # Jitter: workers that lost together should not collide again together.
             pause = delay * random.uniform(0.5, 1.0)
             if not is_schema_race(err) or time.monotonic() + pause > deadline:
                 bound = (f" (connect timeout {connect_timeout():g} s: --storage-timeout or "
                          f"${CONNECT_TIMEOUT_ENV})" if is_outage(err) else "")
                 raise StorageError(f"cannot reach the study storage {mask_url(url)}: "
-                                   f"{mask_url(first_line(err))}{bound}") from None
+                                   f"{mask_url(_driver_said(err))}{bound}") from None
         time.sleep(pause)
         delay *= 2
 
@@ -192,6 +196,11 @@ def _serialize(storage):
     engine = storage.engine
     if engine.dialect.name != "sqlite":
         return storage
+    url = str(engine.url)
+
+    @sqlalchemy.event.listens_for(engine, "do_connect")
+    def _never_create_the_file_again(dialect, record, cargs, cparams):
+        _still_there(url)  # SQLite would make a new, empty file where it was deleted
 
     @sqlalchemy.event.listens_for(engine, "connect")
     def _driver_leaves_transactions_alone(dbapi_connection, record):
@@ -203,6 +212,13 @@ def _serialize(storage):
 
     engine.dispose()  # the connections Optuna opened so far predate the listeners
     return storage
+
+
+def _still_there(url: str) -> None:
+    """A storage's SQLite file deleted after its tables were made: one line (exit 1)."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise StorageError(explain(FileNotFoundError(), url))
 
 
 @contextmanager
@@ -286,15 +302,26 @@ def enqueue_once(study, url: str, params: dict[str, Any]) -> bool:
 
 @contextmanager
 def storage_errors(url: str):
-    """A storage that fails while a study runs: one line, the URL masked."""
+    """A storage that fails while a command uses it: one line, the URL masked, saying what
+    to do where a damaged or deleted SQLite file is the cause (`studies.damage`)."""
     import sqlalchemy.exc
     from optuna.exceptions import StorageInternalError
 
     try:
         yield
-    except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as err:
-        raise StorageError(f"the study storage {mask_url(url)} failed: "
-                           f"{mask_url(first_line(err))}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError, AssertionError) as err:
+        said = explain(err, url)
+        if said is None and isinstance(err, AssertionError):
+            raise  # a bug, not the storage
+        raise StorageError(said or f"the study storage {mask_url(url)} failed: "
+                                   f"{mask_url(_driver_said(err))}") from None
+
+
+def _driver_said(err: BaseException) -> str:
+    """The database's own words where Optuna wrapped them in its generic commit error."""
+    cause = err.__cause__ or err.__context__
+    orig = getattr(cause, "orig", None)
+    return first_line(orig if orig is not None else err)
 
 
 def select_study(storage, study: str | None) -> str:
@@ -315,14 +342,15 @@ def select_study(storage, study: str | None) -> str:
                       f"{', '.join(names)}")
 
 
-def open_study(storage: str | None, out: Path, study: str | None, **load: Any):
+def open_study(storage: str | None, out: Path, study: str | None, *, read_only: bool = False,
+               **load: Any):
     """The existing study a command names (`load` goes to `optuna.load_study`, e.g. a
-    sampler); returns the study and its storage URL."""
+    sampler; `read_only`: `open_storage`'s); returns the study and its storage URL."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(storage, out)
-    rdb = open_storage(url, must_exist=True)
+    rdb = open_storage(url, must_exist=True, read_only=read_only)
     with storage_errors(url):
         name = select_study(rdb, study)
         return optuna.load_study(study_name=name, storage=rdb, **load), url

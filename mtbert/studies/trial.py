@@ -295,13 +295,23 @@ def run(run_dir: Path, training=TrackedTraining) -> int:
 
 
 def main(training=TrackedTraining) -> None:
+    from mtbert.formatting import safe_streams
+
+    safe_streams()  # its trial.log is UTF-8; a terminal's locale may not be
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if len(sys.argv) != 2 or STORAGE_ENV not in os.environ:
         print("usage: MTBERT_STORAGE_URL=... python -m mtbert.studies.trial RUN_DIR (started "
               "by `mtbert sweep`)", file=sys.stderr)
         sys.exit(2)
     die_with_parent()
-    sys.exit(run(Path(sys.argv[1]), training))
+    from mtbert.errors import MtbertError
+
+    try:
+        code = run(Path(sys.argv[1]), training)
+    except MtbertError as err:  # before its training started, e.g. the storage is gone
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":
