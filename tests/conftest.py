@@ -6,10 +6,12 @@ make a full multitask run take about a second on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -241,6 +243,37 @@ def tiny_sweep_args(spec, tiny_encoder, task_dir, out, trials, *extra) -> list[s
 
 POSTGRES_URL = os.environ.get("MTBERT_TEST_POSTGRES",
                               "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def new_database(prefix: str, url: str = POSTGRES_URL):
+    """The URL of a new, empty PostgreSQL database on the server of `url`, dropped (its
+    connections closed) afterwards."""
+    import sqlalchemy
+
+    from mtbert.studies.storage import with_driver
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(with_driver(url), isolation_level="AUTOCOMMIT",
+                                     poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sqlalchemy.make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def one_line_error(result, code: int) -> str:
+    """The one `mtbert: error:` line of a CliRunner result that exited `code`, with no
+    traceback anywhere."""
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mtbert: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return lines[0]
 
 
 def postgres_unreachable(url: str = POSTGRES_URL) -> str | None:

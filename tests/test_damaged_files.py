@@ -19,15 +19,9 @@ from typer.testing import CliRunner
 from mtbert.cli import app
 from mtbert.rundir import read_metrics, read_summary
 
+from conftest import one_line_error
+
 runner = CliRunner()
-
-
-def _one_line_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mtbert: error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +191,7 @@ def test_a_full_disk_in_best_export_is_exit_1_one_line_and_the_rerun_works(study
     with monkeypatch.context() as patch:
         patch.setattr(export_module.shutil, "copytree", full)
         result = runner.invoke(app, args)
-    line = _one_line_error(result, 1)
+    line = one_line_error(result, 1)
     assert line == f"mtbert: error: No space left on device: {dest}"
     assert list((tmp_path / "exports").iterdir()) == []
     assert shutil.copytree is real
@@ -265,7 +259,7 @@ def test_report_and_export_on_a_real_full_disk_are_exit_1_and_leave_nothing(smal
     args = ["best", "--out", str(out), "--export", str(dest)] if command == "export" else \
         ["report", "--out", str(out), "--to", str(dest)]
     filler = _fill(small_disk, 20)
-    line = _one_line_error(runner.invoke(app, args), 1)
+    line = one_line_error(runner.invoke(app, args), 1)
     assert line.startswith(f"mtbert: error: No space left on device: {dest}")
     assert _no_temporaries(small_disk) == []
     assert not (dest / "index.html").exists() or (dest / "index.html").stat().st_size > 0
@@ -299,7 +293,7 @@ def test_a_study_on_a_read_only_file_system_is_read_and_exported(study_out, tmp_
         assert export.exit_code == 0, export.output
         assert (tmp_path / "e" / "model.safetensors").exists()
         stop = runner.invoke(app, ["studies", "--out", str(ro), "--stop", "lw"])
-        assert "read-only file system" in _one_line_error(stop, 1).lower()
+        assert "read-only file system" in one_line_error(stop, 1).lower()
         assert sorted(p.name for p in ro.iterdir()) == before  # no mtbert.db.lock
     finally:
         subprocess.run(["umount", str(ro)], check=False)

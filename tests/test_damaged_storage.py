@@ -15,20 +15,12 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from conftest import use_stub_trials, wait_for
+from conftest import one_line_error, use_stub_trials, wait_for
 from mtbert.cli import app
 
 runner = CliRunner()
 COMMANDS = [["best"], ["studies"], ["report"], ["best", "--top", "2"], ["studies", "--json"],
             ["sweep", "default", "--trials", "1", "--study", "lw"]]
-
-
-def _one_line_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("mtbert: error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return lines[0]
 
 
 @pytest.fixture
@@ -55,7 +47,7 @@ def _set_versions(db: Path, revision: str, library: str | None = None) -> None:
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_tables_of_an_older_optuna_say_how_to_upgrade(study_out, command):
     _set_versions(study_out / "mtbert.db", "v3.0.0.a", "3.0.0")
-    line = _one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
+    line = one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
     url = f"sqlite:///{(study_out / 'mtbert.db').resolve()}"
     assert "an older Optuna (schema v3.0.0.a, made by Optuna 3.0.0)" in line
     assert f"`optuna storage upgrade --storage {url}`" in line
@@ -64,7 +56,7 @@ def test_tables_of_an_older_optuna_say_how_to_upgrade(study_out, command):
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_tables_of_a_newer_optuna_name_the_version_needed(study_out, command):
     _set_versions(study_out / "mtbert.db", "v99.1.0.a", "99.1.2")
-    line = _one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
+    line = one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
     assert "written by a newer Optuna (schema v99.1.0.a, Optuna 99.1.2)" in line
     assert "install Optuna 99.1.0 or newer (`pip install 'optuna>=99.1.0'`)" in line
 
@@ -73,7 +65,7 @@ def test_tables_of_a_newer_optuna_name_the_version_needed(study_out, command):
 def test_tables_of_an_unknown_schema_are_named_damaged(study_out, revision):
     _set_versions(study_out / "mtbert.db", revision)
     for command in (["best"], ["studies"], ["report"]):
-        line = _one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
+        line = one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
         assert f"unknown schema version {revision!r}" in line
         assert "damaged or not an Optuna storage" in line
 
@@ -91,7 +83,7 @@ def test_a_damaged_sqlite_file_is_named_as_such(study_out, command, where):
     db = study_out / "mtbert.db"
     before = db.stat().st_size
     _garbage(db, 4096) if where == "after the header page" else _garbage(db, 0, 100)
-    line = _one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
+    line = one_line_error(runner.invoke(app, [*command, "--out", str(study_out)]), 1)
     assert f"the study storage {db.resolve()} is a damaged SQLite file (" in line
     assert "restore it from a copy" in line
     assert db.stat().st_size == before  # nothing written over what is left
@@ -102,7 +94,7 @@ def test_a_damaged_sqlite_file_is_named_as_such(study_out, command, where):
                                      ["studies"], ["report"]], ids=" ".join)
 def test_sqlite_in_memory_is_refused(url, command, tmp_path):
     result = runner.invoke(app, [*command, "--storage", url, "--out", str(tmp_path / "o")])
-    line = _one_line_error(result, 2)
+    line = one_line_error(result, 2)
     assert "is SQLite in memory" in line and "use a file, e.g. sqlite:///" in line
 
 
@@ -170,5 +162,5 @@ def test_damage_anywhere_in_the_file_is_no_traceback(study_out):
             if result.exit_code == 0:
                 continue
             damaged += 1
-            assert "is a damaged SQLite file" in _one_line_error(result, 1), page
+            assert "is a damaged SQLite file" in one_line_error(result, 1), page
     assert damaged > 0

@@ -24,14 +24,13 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
 
-from conftest import POSTGRES_URL, postgres_unreachable, wait_for, write_task_files
+from conftest import (new_database, postgres_unreachable, wait_for,
+                      write_task_files)
 from mtbert.studies.storage import with_driver
 from slurm_cluster import SlurmCluster, unavailable
 
@@ -71,18 +70,8 @@ def cluster():
 @pytest.fixture
 def database():
     """The URL of a new, empty PostgreSQL database, dropped afterwards."""
-    name = f"mtbert_slurm_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(with_driver(POSTGRES_URL), isolation_level="AUTOCOMMIT",
-                                     poolclass=sqlalchemy.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sqlalchemy.make_url(POSTGRES_URL).set(database=name).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with new_database("mtbert_slurm") as url:
+        yield url
 
 
 def _trial_of_task(task: str) -> Path | None:

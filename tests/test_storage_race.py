@@ -14,14 +14,13 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy
 
 import mtbert.studies.storage as storage
-from conftest import POSTGRES_URL, postgres_unreachable
+from conftest import POSTGRES_URL, new_database, postgres_unreachable
 from mtbert.errors import ConfigError
 from mtbert.studies.storage import StorageError, open_storage, with_driver
 
@@ -44,18 +43,8 @@ def _env() -> dict[str, str]:
 @pytest.fixture
 def fresh_database():
     """The URL of a new, empty PostgreSQL database, dropped afterwards."""
-    name = f"mtbert_race_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(with_driver(PG), isolation_level="AUTOCOMMIT",
-                                     poolclass=sqlalchemy.pool.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sqlalchemy.make_url(PG).set(database=name).render_as_string(
-            hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with new_database("mtbert_race", PG) as url:
+        yield url
 
 
 def _start_together(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
