@@ -93,6 +93,17 @@ class Table:
         return cls({k: sorted(v, key=str) for k, v in space.items()}, complete,
                    {c: params[c] for c in complete}, header)
 
+    def points(self) -> int:
+        return math.prod(len(v) for v in self.space.values())
+
+    def as_one_choice(self) -> "Table":
+        """The table with one categorical parameter, `config`, over its configurations:
+        for a table that does not (yet) hold every point of its grid, where a sampler
+        could draw a point no run exists for. The samplers then see no structure."""
+        runs = {json.dumps({"config": c}): r for c, r in self.runs.items()}
+        return Table({"config": sorted(self.runs)}, runs,
+                     {k: {"config": c} for k, c in zip(runs, self.runs)}, self.header)
+
     @property
     def seeds(self) -> list[int]:
         return sorted(next(iter(self.runs.values())))
@@ -323,8 +334,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--policy", action="append", help="only these (repeatable)")
     parser.add_argument("--figure", type=Path, help="regret against cost (PNG)")
     parser.add_argument("--json", action="store_true", help="the summaries as JSON")
+    parser.add_argument("--partial", action="store_true",
+                        help="a table without every point of its grid: replay over its "
+                        "configurations as one categorical parameter")
     args = parser.parse_args(argv)
     table = Table.read(args.table)
+    if len(table.runs) < table.points():
+        if not args.partial:
+            raise SystemExit(f"{args.table} holds {len(table.runs)} of the {table.points()} "
+                             "configurations of its grid with every seed: a sampler could draw "
+                             "one it has no run of; finish it (bench/make_table.py), or pass "
+                             "--partial")
+        table = table.as_one_choice()
     chosen = [p for p in policies(len(table.seeds))
               if not args.policy or p.name in args.policy]
     fixed = table.fixed_cost()

@@ -109,3 +109,17 @@ def test_the_command_prints_every_policy_and_draws_the_figure(tmp_path, capsys):
     assert summaries["fixed protocol"]["found"] == 1.0
     assert (tmp_path / "r.png").stat().st_size > 10_000
     assert "8 configurations x 3 seeds" in capsys.readouterr().out
+
+
+def test_a_table_without_every_point_is_refused_or_replayed_as_one_choice(tmp_path, capsys):
+    path = write_table(tmp_path / "t.jsonl")
+    lines = path.read_text().splitlines()
+    dropped = json.dumps({"loss.weights.qqp": 1.0, "model.head_hidden": 64,
+                          "optim.layer_decay": 0.8}, sort_keys=True)
+    path.write_text("\n".join(x for x in lines if json.loads(x).get("config") != dropped) + "\n")
+    with pytest.raises(SystemExit, match="holds 7 of the 8 configurations of its grid"):
+        replay.main([str(path), "--replays", "1"])
+    summaries = replay.main([str(path), "--replays", "2", "--partial",
+                             "--policy", "tpe+median+race0.1"])
+    assert summaries["tpe+median+race0.1"]["replays"] == 2
+    assert "7 configurations x 3 seeds" in capsys.readouterr().out
