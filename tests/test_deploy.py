@@ -1,7 +1,7 @@
 """deploy/: the cluster launchers, checked without a cluster (no Slurm, no Kubernetes here).
 
 Every manifest parses and has the fields a sweep worker needs; every `mtbert` command in
-deploy/ and the README's Clusters section parses with the real CLI; the Slurm script runs
+deploy/ and the clusters guide (docs/guides/clusters.md) parses with the real CLI; the Slurm script runs
 in bash with a stand-in `mtbert` and `scontrol`, so that its signal forwarding and requeue
 are exercised; no file holds a secret."""
 
@@ -447,12 +447,13 @@ def test_an_outside_requeue_or_cancel_is_told_as_such_and_not_requeued_again(
     assert "requeueing" not in stderr and "could not" not in stderr
 
 
-# ---------------------------------------------------------------- README and secrets
+# ---------------------------------------------------------------- the guide and secrets
 
 
 def _clusters_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    return readme.split("\n## Clusters\n", 1)[1].split("\n## ", 1)[0]
+    """The clusters guide's section on schedulers (the README points to the guide)."""
+    guide = (ROOT / "docs" / "guides" / "clusters.md").read_text()
+    return guide.split("\n## Clusters\n", 1)[1].split("\n## ", 1)[0]
 
 
 def _mtbert_commands(lines: list[str]) -> list[list[str]]:
@@ -467,7 +468,7 @@ def _mtbert_commands(lines: list[str]) -> list[list[str]]:
 
 def test_every_mtbert_command_in_deploy_and_the_readme_parses(job):
     # The examples in deploy/'s comments (the scripts' own commands run in their tests) and
-    # in the README's code blocks.
+    # in the clusters guide's code blocks.
     comments = [ln for path in sorted(DEPLOY.rglob("*")) if path.is_file()
                 for ln in path.read_text().splitlines() if ln.lstrip().startswith("#")]
     blocks = re.findall(r"```bash\n(.*?)```", _clusters_section(), re.S)
@@ -475,11 +476,11 @@ def test_every_mtbert_command_in_deploy_and_the_readme_parses(job):
     assert len(commands) >= 5
     for argv in commands:
         assert _parse(argv).command.name, argv
-    # The README shows the Kubernetes worker's command.
+    # The guide shows the Kubernetes worker's command.
     assert shlex.join(_worker(job)["command"]) in _clusters_section()
 
 
-def test_the_readme_shows_how_to_submit_and_what_a_restart_costs():
+def test_the_clusters_guide_shows_how_to_submit_and_what_a_restart_costs():
     section = _clusters_section()
     for path in re.findall(r"(?:sbatch|kubectl apply)[^\n]*?\b(deploy/\S+)", section):
         assert (ROOT / path).is_file(), path

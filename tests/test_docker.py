@@ -1,5 +1,5 @@
 """docker/: checked statically (no Docker engine here): the compose file parses, its workers
-run a command the CLI accepts, one GPU each, and the README shows the same recipe."""
+run a command the CLI accepts, one GPU each, and the clusters guide shows the same recipe."""
 
 import re
 import shlex
@@ -106,8 +106,8 @@ def test_every_worker_runs_the_same_sweep_against_the_database(compose):
     assert storage.envvar == "MTBERT_STORAGE"
 
 
-def test_readme_shows_the_compose_command_and_the_recipes(compose):
-    readme = (ROOT / "README.md").read_text()
+def test_the_clusters_guide_shows_the_compose_command_and_the_recipes(compose):
+    readme = (ROOT / "docs" / "guides" / "clusters.md").read_text()
     (command,) = {tuple(w["command"]) for w in _workers(compose).values()}
     assert f"mtbert {shlex.join(command)}" in readme
     assert "docker compose -f docker/compose.yaml up --build" in readme
