@@ -296,7 +296,8 @@ def test_a_study_on_a_read_only_file_system_is_read_and_exported(study_out, tmp_
         assert "read-only file system" in one_line_error(stop, 1).lower()
         assert sorted(p.name for p in ro.iterdir()) == before  # no mtbert.db.lock
     finally:
-        subprocess.run(["umount", str(ro)], check=False)
+        # -l: the in-process commands may still hold the study's SQLite file open
+        subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 # ------------------------------------------------------------------ locale
