@@ -301,7 +301,7 @@ def figure(table: Table, results: dict[str, list[Replay]], path: Path) -> None:
     fixed, best = table.fixed_cost(), max(table.mean(c) for c in table.runs)
     grid = [fixed * 10 ** (k / 20) for k in range(-50, 1)]
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, replays in results.items():
+    for number, (name, replays) in enumerate(results.items()):
         curves = []
         for r in replays:
             curves.append([best - table.mean(p) if (p := r.pick_at(b)) else math.nan
@@ -313,8 +313,10 @@ def figure(table: Table, results: dict[str, list[Replay]], path: Path) -> None:
             low.append(_quantile(values, 0.1) if values else math.nan)
             high.append(_quantile(values, 0.9) if values else math.nan)
         x = [b / fixed for b in grid]
-        line, = ax.plot(x, middle, label=name, lw=1.5)
-        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
+        color = plt.cm.tab20(number % 20)
+        style = "--" if "race" in name else "-"
+        ax.plot(x, middle, label=name, lw=1.6, color=color, ls=style)
+        ax.fill_between(x, low, high, color=color, alpha=0.05)
     ax.set_xscale("log")
     ax.set_xlabel("cost (share of the fixed protocol's wall seconds)")
     ax.set_ylabel(f"regret ({OBJECTIVE}: the best mean minus the pick's)")

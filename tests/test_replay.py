@@ -123,3 +123,25 @@ def test_a_table_without_every_point_is_refused_or_replayed_as_one_choice(tmp_pa
                              "--policy", "tpe+median+race0.1"])
     assert summaries["tpe+median+race0.1"]["replays"] == 2
     assert "7 configurations x 3 seeds" in capsys.readouterr().out
+
+
+COMMITTED = Path(__file__).resolve().parent.parent / "bench" / "tables" / "mission.jsonl"
+
+
+def test_the_committed_table_replays_its_fixed_protocol_and_repeats_its_replays():
+    """The table of real runs in bench/tables/ (it grows over sittings: replayed over its
+    configurations as one choice while its grid has points left)."""
+    table = replay.Table.read(COMMITTED)
+    lines = [json.loads(x) for x in COMMITTED.read_text().splitlines()[1:]]
+    total = sum(r["train_s"] + r["eval_s"] for r in lines
+                if r["kind"] == "multitask" and r["config"] in table.runs)
+    if len(table.runs) < table.points():
+        table = table.as_one_choice()
+    assert table.fixed_cost() == pytest.approx(total)
+    fixed = replay.replay(table, replay.policies(3)[0], 0, total)
+    assert [cost for cost, _ in fixed.path] == [pytest.approx(total)]
+    longest = max(sum(r.costs) for runs in table.runs.values() for r in runs.values())
+    for policy in replay.policies(3)[1:5]:
+        first = replay.replay(table, policy, 3, total)
+        assert first.path == replay.replay(table, policy, 3, total).path
+        assert 0 < first.path[-1][0] < total + longest  # no run starts past the cap
