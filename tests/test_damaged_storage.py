@@ -164,3 +164,21 @@ def test_damage_anywhere_in_the_file_is_no_traceback(study_out):
             damaged += 1
             assert "is a damaged SQLite file" in one_line_error(result, 1), page
     assert damaged > 0
+
+
+def test_a_file_deleted_while_its_tables_were_made_is_named_deleted(tmp_path):
+    """Deleted between two of Optuna's setup connections, the file comes back empty from
+    the next one (no listener refuses it yet): that empty file goes, the line says
+    deleted; a file that holds anything is never removed."""
+    from mtbert.studies.storage import _deleted_while_made
+
+    empty = tmp_path / "mtbert.db"
+    empty.write_bytes(b"")
+    missing = Exception("(sqlite3.OperationalError) no such table: version_info")
+    assert _deleted_while_made(missing, f"sqlite:///{empty}") and not empty.exists()
+    kept = tmp_path / "kept.db"
+    kept.write_bytes(b"SQLite format 3\0" + b"\0" * 100)
+    assert not _deleted_while_made(missing, f"sqlite:///{kept}") and kept.exists()
+    empty.write_bytes(b"")
+    assert not _deleted_while_made(Exception("database is locked"), f"sqlite:///{empty}")
+    assert empty.exists()

@@ -149,8 +149,8 @@ def open_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
                               "or postgresql://user:password@host:5432/db") from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
                 ImportError, OSError, RuntimeError, AssertionError) as err:
-            said = explain(err, url)
-            if said is not None:
+            said = explain(err, url) or (_deleted_while_made(err, url) and explain(err, url))
+            if said:
                 raise StorageError(said) from None
             if isinstance(err, (RuntimeError, AssertionError)):
                 raise
@@ -219,6 +219,23 @@ def _still_there(url: str) -> None:
     path = sqlite_file(url)
     if path is not None and not path.exists():
         raise StorageError(explain(FileNotFoundError(), url))
+
+
+def _deleted_while_made(err: BaseException, url: str) -> bool:
+    """Whether the SQLite file was deleted while its tables were being made: the next
+    connection re-created it empty (0 bytes, before the listener of `_serialize` that
+    refuses to exists), and Optuna finds no tables there. The empty file is removed,
+    so that nothing looks like a study storage that is none."""
+    path = sqlite_file(url)
+    if path is None or "no such table" not in str(err):
+        return False
+    try:
+        if not path.is_file() or path.stat().st_size != 0:
+            return False
+        path.unlink()
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
