@@ -152,6 +152,7 @@ def export(args, storage: str) -> int:
         specs[study_name] = study.user_attrs.get(STUDY_SPEC)
         kind = "multitask" if study_name == name else "single"
         lines += [{"kind": kind, **line} for line in runs(storage, study_name)]
+    lines = _with_committed(args.tables / f"{name}.jsonl", lines, specs)
     lines.sort(key=lambda r: (r["kind"], r["study"], r["config"], r["seed"], r["epoch"]))
     header = {"kind": "header", "table": name, "commit": _git("rev-parse", "HEAD"),
               "uncommitted_changes": bool(_git("status", "--porcelain", "--", "mtbert")),
@@ -163,6 +164,7 @@ def export(args, storage: str) -> int:
                       "and examples count the work without its noise",
               "specs": specs}
     path = args.tables / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in [header, *lines]))
     tmp.replace(path)
@@ -203,6 +205,21 @@ def verify(args, k: int) -> int:
               f"difference so far {worst:.3g}", flush=True)
     print(f"largest difference of a metric over {len(chosen)} runs: {worst:.3g}")
     return 0 if worst <= 1e-6 else 1
+
+
+def _with_committed(path: Path, lines: list[dict], specs: dict) -> list[dict]:
+    """`lines` and every line of the table at `path` that they do not hold (a run of an
+    earlier checkout, whose study folder is not here): the table never shrinks. A study
+    not found here keeps the spec the table recorded for it."""
+    if not path.exists():
+        return lines
+    old = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if old and old[0].get("kind") == "header":
+        for study, spec in (old[0].get("specs") or {}).items():
+            specs.setdefault(study, spec)
+    held = {(r["study"], r["config"], r["seed"], r["epoch"]) for r in lines}
+    return lines + [r for r in old[1:] if (r["study"], r["config"], r["seed"], r["epoch"])
+                    not in held]
 
 
 def _git(*args: str) -> str:
