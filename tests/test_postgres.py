@@ -98,9 +98,11 @@ def test_a_killed_worker_leaves_no_running_trial(tiny_encoder, task_dir, tmp_pat
             return []
 
     killed = wait_for(running, timeout=120, what="the doomed worker to start a trial")[0]
-    # Optuna never counts a trial without a heartbeat as stale: kill after the first one.
-    wait_for(lambda: _heartbeat_age(study_name, killed.number) is not None, timeout=60,
-             what=f"trial {killed.number}'s first heartbeat")
+    # Optuna never counts a trial without a heartbeat as stale: kill after the first one,
+    # and once the trial holds its parameters (its retry must take them over).
+    wait_for(lambda: _heartbeat_age(study_name, killed.number) is not None
+             and _study(study_name).trials[killed.number].params, timeout=60,
+             what=f"trial {killed.number}'s first heartbeat and its parameters")
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(timeout=30)
     assert _study(study_name).trials[killed.number].state.name == "RUNNING"
