@@ -266,6 +266,23 @@ def new_database(prefix: str, url: str = POSTGRES_URL):
         admin.dispose()
 
 
+def parse_cli(args: list[str]):
+    """Parse `mtbert ARGS` as the console command would, without running it: an unknown
+    option or a bad choice raises (subcommand groups such as `data` resolved too)."""
+    import typer
+
+    from mtbert.cli import app
+
+    command = typer.main.get_command(app)
+    ctx = command.make_context("mtbert", list(args), resilient_parsing=False)
+    while hasattr(command, "resolve_command"):
+        # The subcommand's name and arguments: Click 8.2 renamed protected_args.
+        protected = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])
+        name, command, rest = command.resolve_command(ctx, [*protected, *ctx.args])
+        ctx = command.make_context(name, rest, parent=ctx)
+    return ctx
+
+
 def one_line_error(result, code: int) -> str:
     """The one `mtbert: error:` line of a CliRunner result that exited `code`, with no
     traceback anywhere."""

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 
-from mtbert.cli import app
+from conftest import parse_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -34,19 +33,6 @@ URL_PASSWORD = re.compile(r"\b[a-z][\w+.-]*://[^:/@\s'\"]+:([^@\s'\"]*)@")
 # key: value or KEY=value; not a shell default (${POSTGRES_PASSWORD:-...}).
 KEY_VALUE = re.compile(r"(?i)\b[\w-]*(password|passwd|api[-_]?key|secret|token)[ \t]*[:=][ \t]*"
                        r"([^\s-]\S*)")
-
-
-def _parse(args: list[str]):
-    """Parse `mtbert ARGS` as the console command would, without running it: an unknown
-    option or a bad choice raises (subcommand groups such as `data` resolved too)."""
-    command = typer.main.get_command(app)
-    ctx = command.make_context("mtbert", list(args), resilient_parsing=False)
-    while hasattr(command, "resolve_command"):
-        # The subcommand's name and arguments: Click 8.2 renamed protected_args.
-        protected = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])
-        name, command, rest = command.resolve_command(ctx, [*protected, *ctx.args])
-        ctx = command.make_context(name, rest, parent=ctx)
-    return ctx
 
 
 def _manifests():
@@ -163,7 +149,7 @@ def test_a_stopped_or_preempted_worker_is_rerun_and_bad_input_fails_the_job(job)
 def test_the_kubernetes_worker_runs_a_sweep_the_cli_accepts(job):
     worker = _worker(job)
     assert worker["command"][0] == "mtbert"
-    ctx = _parse(worker["command"][1:])
+    ctx = parse_cli(worker["command"][1:])
     assert ctx.command.name == "sweep" and ctx.params["device"].value == "cuda"
     assert ctx.params["storage"] is None and "--storage" not in worker["command"]
     mounts = _mounts(worker, _pod_spec(job))
@@ -301,7 +287,7 @@ def test_the_batch_script_runs_a_sweep_the_cli_accepts(tmp_path):
                           timeout=30)
     assert done.returncode == 0, done.stderr
     assert "task 4242_3" in done.stderr and "CHANGE-ME" not in done.stderr
-    ctx = _parse(_argv(log))
+    ctx = parse_cli(_argv(log))
     assert ctx.command.name == "sweep" and ctx.params["spec"] == "loss-weights"
     assert ctx.params["trials"] == 10 and ctx.params["max_retries"] == 2
     assert ctx.params["out"] == tmp_path / "home" / "mtbert-runs"
@@ -317,7 +303,7 @@ def test_the_batch_script_runs_a_sweep_the_cli_accepts(tmp_path):
                SWEEP_ARGS="--study lw1 --set 'model.encoder=/shared/my models/tiny' "
                           "--set \"train.epochs=2\"  --wandb-mode offline --set data.cache_dir=$HOME/c")
     subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, check=True, timeout=30)
-    ctx = _parse(_argv(log))
+    ctx = parse_cli(_argv(log))
     assert (ctx.params["spec"], ctx.params["trials"], ctx.params["max_retries"]) == \
         ("strategies", 3, 5)
     assert ctx.params["out"] == Path("/shared/my runs") and ctx.params["device"].value == "cpu"
@@ -475,7 +461,7 @@ def test_every_mtbert_command_in_deploy_and_the_readme_parses(job):
     commands = _mtbert_commands(comments) + _mtbert_commands("".join(blocks).splitlines())
     assert len(commands) >= 5
     for argv in commands:
-        assert _parse(argv).command.name, argv
+        assert parse_cli(argv).command.name, argv
     # The guide shows the Kubernetes worker's command.
     assert shlex.join(_worker(job)["command"]) in _clusters_section()
 
@@ -531,8 +517,8 @@ def test_the_static_check_rejects_what_the_cli_would():
 
     errors = _click_exceptions()
     with pytest.raises(errors.NoSuchOption):
-        _parse(["sweep", "loss-weights", "--max-retry", "2"])
+        parse_cli(["sweep", "loss-weights", "--max-retry", "2"])
     with pytest.raises(errors.NoSuchOption):
-        _parse(["data", "download", "--data", "/data"])
+        parse_cli(["data", "download", "--data", "/data"])
     with pytest.raises(errors.BadParameter):
-        _parse(["sweep", "loss-weights", "--device", "gpu"])
+        parse_cli(["sweep", "loss-weights", "--device", "gpu"])

@@ -8,10 +8,11 @@ import shlex
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from mtbert.cli import app
+
+from conftest import parse_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDES = ROOT / "docs" / "guides"
@@ -79,19 +80,8 @@ def test_every_guide_is_linked_from_the_readme_and_the_site_and_starts_from_a_co
     assert len(readme.splitlines()) <= 250
 
 
-def _parse(args: list[str]):
-    """Parse `mtbert ARGS` as the console command would, without running it."""
-    command = typer.main.get_command(app)
-    ctx = command.make_context("mtbert", list(args), resilient_parsing=False)
-    while hasattr(command, "resolve_command"):
-        protected = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])
-        name, command, rest = command.resolve_command(ctx, [*protected, *ctx.args])
-        ctx = command.make_context(name, rest, parent=ctx)
-    return ctx
-
-
 def test_every_first_command_and_the_tour_parse_with_the_real_cli(tmp_path):
-    parsed = [_parse(_argv(line, tmp_path)).command.name
+    parsed = [parse_cli(_argv(line, tmp_path)).command.name
               for lines in COMMANDS.values() for line in lines if line.startswith("mtbert ")]
     assert len(parsed) >= 15
     assert {"sweep", "best", "report", "predict", "train", "compare"} <= set(parsed)
