@@ -33,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -54,7 +55,11 @@ def main() -> None:
                         "cs224n-qqp16k")
     parser.add_argument("--runs", type=Path, default=TABLES / ".runs",
                         help="where the sweeps keep their study and runs (not committed)")
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads of a run")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads of a run")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="runs at once (workers of one study; the baselines' studies side "
+                        "by side): on 2 cores, 2 runs of 1 thread do 1.5x the work of 1 run "
+                        "of 2 threads")
     parser.add_argument("--export", action="store_true", help="only rewrite the table")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         metavar="KEY=VALUE", help="a config key of every run (tests: a tiny "
@@ -70,30 +75,55 @@ def main() -> None:
         sys.exit(verify(args, args.verify))
     if not args.export:
         args.runs.mkdir(parents=True, exist_ok=True)
-        code = sweep(args, args.tables / f"{args.name}.yaml", args.name)
+        grid = [args.tables / f"{args.name}.yaml", args.name]
+        code = sweeps(args, [grid] * args.workers)
         export(args, storage)
         if code != 0:
             sys.exit(code)
-        for task, steps in baseline_steps(args.name, storage).items():
-            code = sweep(args, args.tables / f"{args.name}-single.yaml",
-                         f"{args.name}-single-{task}",
-                         "--set", f"data.tasks={task}", "--set", f"train.steps_per_epoch={steps}")
-            if code != 0:
+        single = args.tables / f"{args.name}-single.yaml"
+        baselines = [[single, f"{args.name}-single-{task}", "--set", f"data.tasks={task}",
+                      "--set", f"train.steps_per_epoch={steps}"]
+                     for task, steps in baseline_steps(args.name, storage).items()]
+        for first in range(0, len(baselines), args.workers):
+            if sweeps(args, baselines[first:first + args.workers]) != 0:
                 break
     lines = export(args, storage)
     print(f"{args.tables / (args.name + '.jsonl')}: {lines} lines")
 
 
-def sweep(args, spec: Path, study: str, *extra: str) -> int:
-    """One ordinary sweep of the table (resumed where a study exists)."""
-    command = [sys.executable, "-m", "mtbert", "sweep", str(spec), "--study", study,
-               "--out", str(args.runs), "--data-dir", str(args.data_dir), "--device", "cpu",
-               "--wandb-mode", "disabled", "--keep-top", "0",
-               *[a for o in args.overrides for a in ("--set", o)], *extra]
-    print("$", " ".join(command), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads)}
-    return subprocess.run(command, env=env).returncode
+def sweeps(args, sweeps: list[list]) -> int:
+    """Ordinary sweeps of the table side by side, each [spec, study, *options] (resumed
+    where a study exists; workers of one study share its grid); the worst exit code.
+    Each after the first starts once the first has made its study."""
+    processes = []
+    for spec, study, *extra in sweeps:
+        command = [sys.executable, "-m", "mtbert", "sweep", str(spec), "--study", study,
+                   "--out", str(args.runs), "--data-dir", str(args.data_dir), "--device",
+                   "cpu", "--wandb-mode", "disabled", "--keep-top", "0",
+                   *[a for o in args.overrides for a in ("--set", o)], *extra]
+        print("$", " ".join(command), flush=True)
+        processes.append(subprocess.Popen(command, env=_threads(args)))
+        if len(processes) == 1 and len(sweeps) > 1:
+            _wait_for_study(args, study, processes[0])
+    return max(process.wait() for process in processes)
+
+
+def _wait_for_study(args, study: str, process: subprocess.Popen) -> None:
+    """Until `study` exists in the table's storage (or its sweep has ended)."""
+    storage = f"sqlite:///{args.runs.resolve() / 'mtbert.db'}"
+    while process.poll() is None:
+        if (args.runs / "mtbert.db").exists():
+            try:
+                optuna.load_study(study_name=study, storage=storage)
+                return
+            except KeyError:
+                pass
+        time.sleep(2)
+
+
+def _threads(args) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+            "MKL_NUM_THREADS": str(args.threads)}
 
 
 def baseline_steps(name: str, storage: str) -> dict[str, int]:
@@ -159,7 +189,8 @@ def export(args, storage: str) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "processor": _cpu_model(),
                           "cpus": os.cpu_count()},
-              "threads": args.threads, "load_at_export": [round(x, 2) for x in os.getloadavg()],
+              "threads": args.threads, "workers": args.workers,
+              "load_at_export": [round(x, 2) for x in os.getloadavg()],
               "cost": "train_s + eval_s: wall seconds of the epoch on this machine; steps "
                       "and examples count the work without its noise",
               "specs": specs}
@@ -191,9 +222,7 @@ def verify(args, k: int) -> int:
             command = [sys.executable, "-m", "mtbert", "-q", "train",
                        str(trial_dir(folder, number) / "config.yaml"), "--out", f"{tmp}/run",
                        "--device", "cpu"]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-                   "MKL_NUM_THREADS": str(args.threads)}
-            subprocess.run(command, env=env, check=True)
+            subprocess.run(command, env=_threads(args), check=True)
             again = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text()
                      .splitlines()]
         for line, record in zip(sorted(runs_of[(study_name, number)], key=lambda r: r["epoch"]),
@@ -210,16 +239,30 @@ def verify(args, k: int) -> int:
 def _with_committed(path: Path, lines: list[dict], specs: dict) -> list[dict]:
     """`lines` and every line of the table at `path` that they do not hold (a run of an
     earlier checkout, whose study folder is not here): the table never shrinks. A study
-    not found here keeps the spec the table recorded for it."""
+    not found here keeps the spec the table recorded for it; one whose spec here differs
+    from the recorded one (the table was remade with other runs) keeps none of its old
+    lines."""
     if not path.exists():
         return lines
     old = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    if old and old[0].get("kind") == "header":
-        for study, spec in (old[0].get("specs") or {}).items():
-            specs.setdefault(study, spec)
+    recorded = old[0].get("specs") or {} if old and old[0].get("kind") == "header" else {}
+    remade = {study for study, spec in recorded.items()
+              if study in specs and _other_runs(spec, specs[study])}
+    for study, spec in recorded.items():
+        specs.setdefault(study, spec)
     held = {(r["study"], r["config"], r["seed"], r["epoch"]) for r in lines}
-    return lines + [r for r in old[1:] if (r["study"], r["config"], r["seed"], r["epoch"])
-                    not in held]
+    return lines + [r for r in old[1:] if r["study"] not in remade and
+                    (r["study"], r["config"], r["seed"], r["epoch"]) not in held]
+
+
+def _other_runs(recorded: dict | None, here: dict | None) -> bool:
+    """Whether two resolved specs differ in what their runs train (the data folder's
+    path aside: another checkout has it elsewhere)."""
+    def runs_of(spec):
+        spec = json.loads(json.dumps(spec or {}))
+        spec.get("base", {}).get("data", {}).pop("dir", None)
+        return spec
+    return runs_of(recorded) != runs_of(here)
 
 
 def _git(*args: str) -> str:

@@ -3,12 +3,15 @@ installed Optuna: a release that moves one fails here, by name."""
 
 from __future__ import annotations
 
+import random
 import threading
 
 import optuna
 from optuna.distributions import FloatDistribution
 
-from mtbert.studies.optuna_api import SamplerView, refresh_trials, shared_storage, trial_id
+from mtbert.studies.optuna_api import (SamplerView, refresh_trials, settle_grid_point,
+                                       shared_storage, trial_id)
+from mtbert.studies.samplers import grid_sampler
 from mtbert.studies.storage import open_storage
 
 
@@ -79,3 +82,27 @@ def test_samplers_read_the_study_through_the_view(tmp_path):
     # TPE reads the finished trials through `_get_trials` of the study it is given.
     sampler.sample_independent(view, running, "x", FloatDistribution(0, 1))
     assert calls, "the sampler did not read the study's trials through _get_trials"
+
+
+def test_two_workers_that_choose_the_same_grid_point_at_once_end_on_two(tmp_path):
+    """Two samplers with the same seed choose in step (each reads the storage before
+    either writes): the settling moves one of them off the shared point."""
+    study, storage = _study(tmp_path)
+    space = {"a": [1, 2, 3], "b": ["x", "y"]}
+    sampler = grid_sampler(space, seed=0)
+    first = storage.create_new_trial(study._study_id)
+    second = storage.create_new_trial(study._study_id)
+    for created in (first, second):  # what two workers that chose at once have written
+        storage.set_trial_system_attr(created, "search_space", sampler._search_space)
+        storage.set_trial_system_attr(created, "grid_id", 2)
+    for created in (first, second):
+        settle_grid_point(study, storage.get_trial(created), sampler, random.Random(0))
+    points = [storage.get_trial(t).system_attrs["grid_id"] for t in (first, second)]
+    assert len(set(points)) == 2 and all(0 <= p < 6 for p in points)
+    # A queued trial keeps its parameters; one alone on its point stays there.
+    queued = storage.create_new_trial(study._study_id)
+    storage.set_trial_system_attr(queued, "fixed_params", {"a": 1, "b": "x"})
+    storage.set_trial_system_attr(queued, "grid_id", points[0])
+    settle_grid_point(study, storage.get_trial(queued), sampler, random.Random(0))
+    assert storage.get_trial(queued).system_attrs["grid_id"] == points[0]
+

@@ -127,3 +127,29 @@ def grid_left(study, sampler) -> int:
     taken = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)
              if "grid_id" in t.system_attrs and t.system_attrs.get("search_space") == grid}
     return points - len(taken)
+
+
+def settle_grid_point(study, trial, sampler, rng) -> None:
+    """Move `trial` off a grid point that another trial of `study` holds, to one no trial
+    holds (a grid sampler's `before_trial`, after Optuna's `GridSampler` chose).
+
+    Why internal: `GridSampler` keeps a trial's point in the system attribute `grid_id`
+    (with `search_space`), written through the private `study._storage`; its own choice
+    among the points not taken reads the storage before it writes, so two workers that
+    choose at once can take the same point (with the same seed they do, in step). Each
+    trial writes its point before it looks for another holder, so of two that chose at
+    once at least one sees the other and moves; `rng` (each process its own) keeps two
+    that both moved from moving to the same point again."""
+    storage, points, search_space = study._storage, len(sampler._all_grids), sampler._search_space
+    for _ in range(points):
+        mine = storage.get_trial(trial._trial_id).system_attrs
+        if "grid_id" not in mine or "fixed_params" in mine:
+            return
+        held = {t.system_attrs["grid_id"] for t in storage.get_all_trials(
+                    study._study_id, deepcopy=False)
+                if t.number != trial.number and "grid_id" in t.system_attrs
+                and t.system_attrs.get("search_space") == search_space}
+        free = sorted(set(range(points)) - held)
+        if mine["grid_id"] not in held or not free:
+            return
+        storage.set_trial_system_attr(trial._trial_id, "grid_id", rng.choice(free))

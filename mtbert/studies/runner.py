@@ -41,7 +41,7 @@ from mtbert.studies.configurations import SeedGroup, reseed_seeds, seed_groups
 from mtbert.studies.results import (complete_trials, describe_trial, feasible_trials,
                                     new_finished, ranked)
 from mtbert.studies.retention import prune_checkpoints
-from mtbert.studies.samplers import make_pruner, make_sampler
+from mtbert.studies.samplers import make_pruner, make_sampler, worker_seed
 from mtbert.studies.sizes import NO_STUDY, NoStudy, SizeChoice, check_sizes, choose_size
 from mtbert.studies.spec import SweepSpec, load_spec, read_spec, stored_spec, trial_config
 from mtbert.studies.storage import (check_study_name, enqueue_once, mask_url, select_study,
@@ -54,10 +54,10 @@ log = logging.getLogger("mtbert")
 def study_sampler(spec: SweepSpec, constraints: list | None = None, worker: int = 0):
     """The spec's sampler (told the study's constraints); in a raced study it learns from
     configurations' means. The study's `worker`-th worker (from 0) draws with the spec's
-    sampler seed + `worker`."""
+    sampler seed + `worker` (`worker_seed`)."""
     options = spec.sampler
-    if worker and options.get("seed") is not None:
-        options = {**options, "seed": options["seed"] + worker}
+    if worker_seed(options, worker) is not None:
+        options = {**options, "seed": worker_seed(options, worker)}
     sampler = make_sampler(options, constraints_func(constraints) if constraints else None,
                            grid=grid_values(spec.space))
     return mean_sampler(sampler) if spec.seeds > 1 else sampler
@@ -128,11 +128,11 @@ def create_study(spec: SweepSpec, options: SweepOptions):
     for params in spec.enqueue:  # known configurations run first, and once per study
         enqueue_once(study, options.url, params)
     worker = join_study(study, options.url, options.out)
-    if worker and spec.sampler.get("seed") is not None:
+    if worker_seed(spec.sampler, worker) is not None:
         study.sampler = study_sampler(spec, constraints, worker)
         log.info("worker %d of study %s: sampler seed %d (the spec's + %d, so that workers "
                  "draw different configurations)", worker, name,
-                 spec.sampler["seed"] + worker, worker)
+                 worker_seed(spec.sampler, worker), worker)
     return study, before
 
 

@@ -58,18 +58,40 @@ def sampler_classes() -> dict[str, Any]:
             "qmc": optuna.samplers.QMCSampler, "grid": grid_sampler}
 
 
+def worker_seed(sampler: dict, worker: int) -> int | None:
+    """The sampler seed of the study's `worker`-th worker where it is not the spec's: the
+    spec's + `worker`. None for the first worker, a spec without a seed, and the grid
+    sampler, whose seed orders the grid's points: every worker must number them alike."""
+    if not worker or sampler.get("seed") is None or sampler.get("name") == "grid":
+        return None
+    return sampler["seed"] + worker
+
+
 def grid_sampler(search_space: dict[str, list], seed: int | None = None):
     """Optuna's `GridSampler` over the space's values (`grid:`, a categorical's choices).
 
     Optuna's ends its study by `Study.stop` when the last point is told; that call is for
     `Study.optimize`, and the sweep's worker asks and tells trials itself: it starts no
-    trial once the grid is done (`optuna_api.grid_left`)."""
+    trial once the grid is done (`optuna_api.grid_left`). Workers that share the study
+    take each point once: a trial that chose a point another holds moves to a free one
+    (`optuna_api.settle_grid_point`)."""
+    import os
+    import random
+
     import optuna
+
+    from mtbert.studies import optuna_api
 
     class GridSampler(optuna.samplers.GridSampler):
         def __init__(self, search_space, seed=None):
             super().__init__(search_space, seed=seed)
             self.search_space = {k: list(v) for k, v in sorted(search_space.items())}
+            # Only a point another worker took is chosen again: by this process's own draw.
+            self._settle = random.Random(f"{seed}:{os.getpid()}")
+
+        def before_trial(self, study, trial) -> None:
+            super().before_trial(study, trial)
+            optuna_api.settle_grid_point(study, trial, self, self._settle)
 
         def after_trial(self, study, trial, state, values) -> None:
             pass
