@@ -12,6 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every configuration x every seed x every epoch (the fixed protocol), as the table's.
+PROTOCOL = """objective: overall/geometric
+direction: maximize
+sampler: {name: grid, seed: 0}
+pruner: {name: none}
+seeds: 2
+race_alpha: 0
+"""
+
 GRID = """name: t
 base:
   model.max_length: 32
@@ -24,13 +33,7 @@ space:
   loss.weights.qqp: {type: float, low: 0.1, high: 10.0, grid: [1.0, 2.0]}
   train.schedule: {type: categorical, choices: [proportional, annealed]}
   model.head_hidden: {type: categorical, choices: [0, 16]}
-objective: overall/geometric
-direction: maximize
-sampler: {name: grid, seed: 0}
-pruner: {name: none}
-seeds: 2
-race_alpha: 0
-"""
+""" + PROTOCOL
 
 SINGLE = """name: t-single
 base:
@@ -39,13 +42,7 @@ base:
   train.batch_size: 8
 space:
   model.head_hidden: {type: categorical, choices: [0]}
-objective: overall/geometric
-direction: maximize
-sampler: {name: grid, seed: 0}
-pruner: {name: none}
-seeds: 2
-race_alpha: 0
-"""
+""" + PROTOCOL
 
 
 @pytest.mark.slow
