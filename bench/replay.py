@@ -44,6 +44,7 @@ from mtbert.studies.job import CONFIG_ID, RACED_OUT, SEED
 from mtbert.studies.samplers import make_pruner, make_sampler
 
 OBJECTIVE = "overall/geometric"
+RACED_BY = "raced_by"  # a raced-out trial's incumbent, as its table key
 RESEED_TOP, RESEED_AFTER = 3, 10  # what users do today: 10 trials, then reseed the top 3
 
 
@@ -227,6 +228,8 @@ def _run(table: Table, policy: Policy, study, trial, order: list[int]) -> float:
                                  alpha=policy.alpha, seed=seed)
         if decision.state == racing.RACED:
             trial.set_user_attr(RACED_OUT, True)
+            leader = study.get_trials(deepcopy=False)[decision.leader]
+            trial.set_user_attr(RACED_BY, table.key({k: leader.params[k] for k in table.space}))
         elif decision.state == racing.CONTINUE:
             racing.queue_seed(study, config=config, params=params, seed=seed + 1)
     study.tell(trial, best)

@@ -145,3 +145,24 @@ def test_the_committed_table_replays_its_fixed_protocol_and_repeats_its_replays(
         first = replay.replay(table, policy, 3, total)
         assert first.path == replay.replay(table, policy, 3, total).path
         assert 0 < first.path[-1][0] < total + longest  # no run starts past the cap
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2])
+def test_on_the_committed_table_no_race_drops_a_configuration_ahead_on_every_seed(alpha):
+    """The race's threshold, on real numbers: a configuration ahead of its incumbent on
+    every seed of the table is never raced out by it (on any seeds they share, its gap is
+    negative, so t < 0 and p > 0.5 > alpha). So the fixed protocol's best is raced out only
+    by an incumbent that beats it on some seed."""
+    table = replay.Table.read(COMMITTED)
+    median = {"name": "median", "n_startup_trials": 2}
+    policy = replay.Policy(f"tpe+median+race{alpha:g}", "tpe", median, 3, alpha)
+    raced = 0
+    for number in range(4):
+        result = replay.replay(table, policy, number, table.fixed_cost())
+        for t in result.study.trials:
+            if t.user_attrs.get(RACED_OUT):
+                raced += 1
+                mine = table.runs[table.key(t.params)]
+                leader = table.runs[t.user_attrs[replay.RACED_BY]]
+                assert not all(mine[s].value > leader[s].value for s in table.seeds), t.number
+    assert raced  # the race did drop configurations on the real table

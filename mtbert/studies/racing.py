@@ -176,6 +176,7 @@ class Decision:
     state: str
     seeds_done: int
     note: str = ""
+    leader: int | None = None  # the incumbent it was compared with (its first trial)
 
 
 def decide(study, *, config: int, value: float, seeds: int, alpha: float,
@@ -205,8 +206,8 @@ def decide(study, *, config: int, value: float, seeds: int, alpha: float,
                   f"{leader.config}'s {leader.mean:.4f} over {len(leader.values)}, "
                   f"p = {p:.3g}")
     if p < alpha:
-        return Decision(RACED, n, f"raced out: {versus} < {alpha:g}")
-    return Decision(CONTINUE, n, f"{n} of {seeds} seeds: {versus}")
+        return Decision(RACED, n, f"raced out: {versus} < {alpha:g}", leader.config)
+    return Decision(CONTINUE, n, f"{n} of {seeds} seeds: {versus}", leader.config)
 
 
 def check_racing(seeds: Any, alpha: Any, fail,
