@@ -332,6 +332,24 @@ def figure(table: Table, results: dict[str, list[Replay]], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(table: Table, summaries: dict[str, dict]) -> str:
+    """The summaries as a Markdown table, costs as shares of the fixed protocol's."""
+    lines = [f"{len(table.runs)} configurations x {len(table.seeds)} seeds; the fixed protocol "
+             f"costs {table.fixed_cost():.0f} s; {len(table.answers())} answer(s).", "",
+             "| policy | median cost to the answer | 90th percentile | replays that reach it "
+             "| on the answer at 1/4 | at 1/10 | final regret |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries.values():
+        lines.append(f"| {s['policy']} | {_share(s['median_cost'])} | {_share(s['p90_cost'])} "
+                     f"| {s['found']:.0%} | {s['at_quarter']:.0%} | {s['at_tenth']:.0%} "
+                     f"| {s['final_regret']:.4f} |")
+    return "\n".join(lines)
+
+
+def _share(cost: float) -> str:
+    return f"{cost:.3f}" if math.isfinite(cost) else "never"
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", type=Path)
@@ -339,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--policy", action="append", help="only these (repeatable)")
     parser.add_argument("--figure", type=Path, help="regret against cost (PNG)")
     parser.add_argument("--json", action="store_true", help="the summaries as JSON")
+    parser.add_argument("--markdown", action="store_true", help="the summaries as a Markdown "
+                        "table (for the docs)")
     parser.add_argument("--partial", action="store_true",
                         help="a table without every point of its grid: replay over its "
                         "configurations as one categorical parameter")
@@ -362,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                                   "seconds": round(time.perf_counter() - tic, 1)}
     if args.json:
         print(json.dumps(summaries, indent=1))
+    elif args.markdown:
+        print(markdown(table, summaries))
     else:
         print(f"{len(table.runs)} configurations x {len(table.seeds)} seeds; the fixed "
               f"protocol costs {fixed:.0f} s; {len(table.answers())} answer(s)")

@@ -109,6 +109,9 @@ def test_the_command_prints_every_policy_and_draws_the_figure(tmp_path, capsys):
     assert summaries["fixed protocol"]["found"] == 1.0
     assert (tmp_path / "r.png").stat().st_size > 10_000
     assert "8 configurations x 3 seeds" in capsys.readouterr().out
+    replay.main([str(path), "--replays", "2", "--markdown", "--policy", "fixed protocol"])
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| fixed")]
+    assert rows == ["| fixed protocol | 1.000 | 1.000 | 100% | 0% | 0% | 0.0000 |"]
 
 
 def test_a_table_without_every_point_is_refused_or_replayed_as_one_choice(tmp_path, capsys):
