@@ -138,7 +138,45 @@ def report(path: Path) -> str:
                      f"{', '.join(f'{k}={v}' for k, v in json.loads(best).items())}; its "
                      f"{len(configs[best])} seed runs cost {costs[best]:.0f} wall seconds "
                      f"({costs[best] / sum(costs.values()):.1%} of the table's multitask runs).")
+    lines += ["", *caveats(header)]
     return "\n".join(lines) + "\n"
+
+
+def caveats(header: dict) -> list[str]:
+    """What the comparison can and cannot say, from the table's own settings."""
+    spec = (header.get("specs") or {}).get(header.get("table", ""), {})
+    base = spec.get("base", {})
+    model, data, train = base.get("model", {}), base.get("data", {}), base.get("train", {})
+    epochs, steps = train.get("epochs", "?"), train.get("steps_per_epoch", "?")
+    batches, batch = train.get("batches_per_step", 1), train.get("batch_size", "?")
+    try:
+        examples = f"{epochs * steps * batches * batch:,}"
+    except TypeError:
+        examples = "?"
+    machine = header.get("machine", {})
+    return [
+        "## Caveats", "",
+        f"- **A small encoder.** Every run fine-tunes `{model.get('encoder', '?')}`, not "
+        "BERT-base: what transfers between the tasks in a 6-layer sentence encoder need not "
+        "be what transfers in the model the research protocol trains.",
+        f"- **A CPU budget.** A run is {epochs} epochs of {steps} optimizer steps of {batches} "
+        f"batch(es) of {batch}: {examples} training examples, a small fraction of one pass "
+        f"over the training files (on {machine.get('cpus', '?')} cores of "
+        f"{machine.get('processor', '?')}). The models are far from converged; a "
+        "configuration that loses no task here may lose one after full training, and the "
+        "other way round.",
+        f"- **Capped dev sets.** Each task is scored on {data.get('max_eval_examples', '?')} "
+        "dev examples (the same ones for every run), so one SST or QQP example moves accuracy "
+        "by 1/" + str(data.get("max_eval_examples", "?")) + ".",
+        "- **Baselines at the same examples.** Each single-task baseline trains its task on "
+        "as many examples as the multitask runs saw of it on average, one task per step; "
+        "a multitask configuration whose schedule gives a task more or fewer examples than "
+        "that average is compared at a different amount of that task's data.",
+        f"- **Three seeds.** A paired t-test on 3 pairs has 2 degrees of freedom: only large, "
+        f"consistent differences reach p < {LEVEL}. \"Loses no task\" reads the mean "
+        "differences, not the tests: a configuration marked yes may still lose a task by "
+        "less than the seed noise, and one marked no may lose nothing real.",
+    ]
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -30,7 +30,11 @@ def _line(kind, study, config, seed, epoch, metrics):
 
 
 def write_table(path: Path) -> Path:
-    lines = [{"kind": "header", "table": "synthetic", "commit": "0" * 40, "date": "today"}]
+    spec = {"base": {"model": {"encoder": "minilm-l6"}, "data": {"max_eval_examples": 300},
+                     "train": {"epochs": 3, "steps_per_epoch": 12, "batches_per_step": 3,
+                               "batch_size": 16}}}
+    lines = [{"kind": "header", "table": "synthetic", "commit": "0" * 40, "date": "today",
+              "machine": {"cpus": 2, "processor": "AMD EPYC"}, "specs": {"synthetic": spec}}]
     for name, shift in SHIFT.items():
         config = json.dumps({"arm": name})
         for seed, effect in SEEDS.items():
@@ -60,6 +64,10 @@ def test_each_configuration_is_paired_with_each_baseline_over_seeds(tmp_path):
     assert f"{mean:+.4f} ± {sd:.4f} (p {p:.2g}) **↓**" in rows["arm=loss"]
     assert p < 0.01 and mean < -0.05
     assert "The best of them by overall/geometric" in text and "arm=gain" in text
+    # The caveats read the table's own settings.
+    assert "fine-tunes `minilm-l6`" in text
+    assert "3 epochs of 12 optimizer steps of 3 batch(es) of 16: 1,728 training examples" in text
+    assert "scored on 300 dev examples" in text
 
 
 def test_no_baseline_yet_is_one_line(tmp_path):
