@@ -33,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from mtbert.tasks import METRIC_KEYS, TASKS
 TASK_NAMES = tuple(TASKS)
 
 TABLES = Path(__file__).resolve().parent / "tables"
+LOAD_LOG = "load.jsonl"  # in the runs folder: the load averages of every minute of making
 ROOT = TABLES.parent.parent
 
 
@@ -75,6 +77,7 @@ def main() -> None:
         sys.exit(verify(args, args.verify))
     if not args.export:
         args.runs.mkdir(parents=True, exist_ok=True)
+        threading.Thread(target=_log_load, args=(args.runs / LOAD_LOG,), daemon=True).start()
         grid = [args.tables / f"{args.name}.yaml", args.name]
         code = sweeps(args, [grid] * args.workers)
         export(args, storage)
@@ -119,6 +122,29 @@ def _wait_for_study(args, study: str, process: subprocess.Popen) -> None:
             except KeyError:
                 pass
         time.sleep(2)
+
+
+def _log_load(path: Path) -> None:
+    """Append the load averages to `path` every minute while the table is being made."""
+    while True:
+        with path.open("a") as log:
+            log.write(json.dumps({"time": round(time.time()),
+                                  "load": [round(x, 2) for x in os.getloadavg()]}) + "\n")
+        time.sleep(60)
+
+
+def _load_seen(path: Path) -> dict | None:
+    """The 1-minute load average while the runs were made: its minimum, median and
+    maximum over the minutes sampled (None where no sitting here sampled it)."""
+    try:
+        loads = sorted(json.loads(line)["load"][0] for line in path.read_text().splitlines()
+                       if line.strip())
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    if not loads:
+        return None
+    return {"minutes": len(loads), "min": loads[0], "median": statistics.median(loads),
+            "max": loads[-1]}
 
 
 def _threads(args) -> dict[str, str]:
@@ -190,6 +216,7 @@ def export(args, storage: str) -> int:
               "machine": {"platform": platform.platform(), "processor": _cpu_model(),
                           "cpus": os.cpu_count()},
               "threads": args.threads, "workers": args.workers,
+              "load_seen": _load_seen(args.runs / LOAD_LOG),
               "load_at_export": [round(x, 2) for x in os.getloadavg()],
               "cost": "train_s + eval_s: wall seconds of the epoch on this machine; steps "
                       "and examples count the work without its noise",

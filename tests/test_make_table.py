@@ -58,6 +58,8 @@ def test_two_workers_make_the_whole_table_each_run_once(tiny_encoder, task_dir, 
     assert done.returncode == 0, done.stderr[-3000:]
     header, *lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert header["workers"] == 2 and header["threads"] == 1
+    seen = header["load_seen"]  # sampled from the start, every minute
+    assert seen["minutes"] >= 1 and 0 <= seen["min"] <= seen["median"] <= seen["max"]
     grid = [r for r in lines if r["kind"] == "multitask"]
     runs = {(r["config"], r["seed"]) for r in grid}
     assert len(runs) == 8 * 2 and len(grid) == 8 * 2 * 2  # every point x seed x epoch, once
