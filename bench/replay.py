@@ -140,13 +140,17 @@ class Policy:
 def policies(seeds: int) -> list[Policy]:
     median = {"name": "median", "n_startup_trials": 2}
     halving = {"name": "successive_halving", "min_resource": 1, "reduction_factor": 3}
+    hyperband = {"name": "hyperband", "min_resource": 1, "reduction_factor": 3}
     found = [Policy("fixed protocol", None),
              Policy("random, 1 seed, reseed top 3", "random", reseed=True),
              Policy("tpe, 1 seed, reseed top 3", "tpe", reseed=True),
-             Policy("tpe+median, 1 seed", "tpe", median)]
+             Policy("tpe+median, 1 seed", "tpe", median),
+             Policy("tpe+halving, 1 seed", "tpe", halving),
+             Policy("tpe+hyperband, 1 seed", "tpe", hyperband)]
     for alpha in (0.05, 0.1, 0.2):
         found.append(Policy(f"tpe+median+race{alpha:g}", "tpe", median, seeds, alpha))
         found.append(Policy(f"tpe+halving+race{alpha:g}", "tpe", halving, seeds, alpha))
+    found.append(Policy("tpe+hyperband+race0.1", "tpe", hyperband, seeds, 0.1))
     for sampler in ("random", "gp", "qmc"):
         found.append(Policy(f"{sampler}+median+race0.1", sampler, median, seeds, 0.1))
     return found
