@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -44,6 +45,7 @@ from mtbert.studies.job import CONFIG_ID, RACED_OUT, SEED
 from mtbert.studies.samplers import make_pruner, make_sampler
 
 OBJECTIVE = "overall/geometric"
+CHUNK = 25  # replays of one policy per job of a --jobs pool
 RACED_BY = "raced_by"  # a raced-out trial's incumbent, as its table key
 RESEED_TOP, RESEED_AFTER = 3, 10  # what users do today: 10 trials, then reseed the top 3
 
@@ -336,6 +338,36 @@ def figure(table: Table, results: dict[str, list[Replay]], path: Path) -> None:
     plt.close(fig)
 
 
+def replay_all(table: Table, chosen: list[Policy], replays: int, jobs: int
+               ) -> tuple[dict[str, list[Replay]], dict[str, float]]:
+    """`replays` replays of each policy, in `jobs` processes (chunks of replays of one
+    policy each); every replay's path (not its study), and each policy's summed seconds."""
+    chunks = [(policy, list(range(first, min(first + CHUNK, replays))))
+              for policy in chosen for first in range(0, replays, CHUNK)]
+    results = {p.name: [] for p in chosen}
+    seconds = dict.fromkeys(results, 0.0)
+    if jobs > 1 and len(chunks) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no torch or Optuna state forked
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            done = list(pool.map(_replay_chunk, [(table, p, n) for p, n in chunks]))
+    else:
+        done = [_replay_chunk((table, p, n)) for p, n in chunks]
+    for (policy, _), (paths, spent) in zip(chunks, done):
+        results[policy.name] += paths
+        seconds[policy.name] = round(seconds[policy.name] + spent, 1)
+    return results, seconds
+
+
+def _replay_chunk(job: tuple) -> tuple[list[Replay], float]:
+    table, policy, numbers = job
+    tic = time.perf_counter()
+    paths = [Replay(replay(table, policy, n, table.fixed_cost()).path) for n in numbers]
+    return paths, time.perf_counter() - tic
+
+
 def markdown(table: Table, summaries: dict[str, dict]) -> str:
     """The summaries as a Markdown table, costs as shares of the fixed protocol's."""
     lines = [f"{len(table.runs)} configurations x {len(table.seeds)} seeds; the fixed protocol "
@@ -360,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--replays", type=int, default=100)
     parser.add_argument("--policy", action="append", help="only these (repeatable)")
     parser.add_argument("--figure", type=Path, help="regret against cost (PNG)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes replaying at once (default: one per core)")
     parser.add_argument("--json", action="store_true", help="the summaries as JSON")
     parser.add_argument("--markdown", action="store_true", help="the summaries as a Markdown "
                         "table (for the docs)")
@@ -377,20 +411,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         table = table.as_one_choice()
     chosen = [p for p in policies(len(table.seeds))
               if not args.policy or p.name in args.policy]
-    fixed = table.fixed_cost()
-    results, summaries = {}, {}
-    for policy in chosen:
-        tic = time.perf_counter()
-        results[policy.name] = [replay(table, policy, n, fixed) for n in range(args.replays)]
-        summaries[policy.name] = {**summarize(table, policy.name, results[policy.name]),
-                                  "seconds": round(time.perf_counter() - tic, 1)}
+    results, seconds = replay_all(table, chosen, args.replays, args.jobs)
+    summaries = {name: {**summarize(table, name, replays), "seconds": seconds[name]}
+                 for name, replays in results.items()}
     if args.json:
         print(json.dumps(summaries, indent=1))
     elif args.markdown:
         print(markdown(table, summaries))
     else:
         print(f"{len(table.runs)} configurations x {len(table.seeds)} seeds; the fixed "
-              f"protocol costs {fixed:.0f} s; {len(table.answers())} answer(s)")
+              f"protocol costs {table.fixed_cost():.0f} s; {len(table.answers())} answer(s)")
         print(f"{'policy':<30} {'median':>7} {'p90':>7} {'found':>6} {'@1/4':>6} {'@1/10':>6}"
               f" {'regret':>7} {'s':>6}")
         for s in summaries.values():
