@@ -183,6 +183,7 @@ def runs(storage: str, study_name: str):
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         path = trial_dir(folder, trial.number) / "metrics.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        made_by = _run_commit(path.parent)
         params = {k: trial.params[k] for k in sorted(trial.params)}
         seen = dict.fromkeys(TASK_NAMES, 0)
         for record in records:
@@ -194,7 +195,7 @@ def runs(storage: str, study_name: str):
                    "epoch": int(record["epoch"]), "steps": int(record["step"]),
                    "metrics": {k: record.get(k) for k in METRIC_KEYS},
                    "train_s": record.get("time/train_s"), "eval_s": record.get("time/eval_s"),
-                   "epoch_examples": epoch_examples, "examples": seen}
+                   "epoch_examples": epoch_examples, "examples": seen, "commit": made_by}
 
 
 def export(args, storage: str) -> int:
@@ -210,7 +211,9 @@ def export(args, storage: str) -> int:
         lines += [{"kind": kind, **line} for line in runs(storage, study_name)]
     lines = _with_committed(args.tables / f"{name}.jsonl", lines, specs)
     lines.sort(key=lambda r: (r["kind"], r["study"], r["config"], r["seed"], r["epoch"]))
-    header = {"kind": "header", "table": name, "commit": _git("rev-parse", "HEAD"),
+    made_by = sorted({r["commit"] for r in lines if r.get("commit")})
+    header = {"kind": "header", "table": name, "commit": ", ".join(made_by) or None,
+              "exported_at": _git("rev-parse", "HEAD"),
               "uncommitted_changes": bool(_git("status", "--porcelain", "--", "mtbert")),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "processor": _cpu_model(),
@@ -290,6 +293,14 @@ def _other_runs(recorded: dict | None, here: dict | None) -> bool:
         spec.get("base", {}).get("data", {}).pop("dir", None)
         return spec
     return runs_of(recorded) != runs_of(here)
+
+
+def _run_commit(run_dir: Path) -> str | None:
+    """The mtbert commit that trained a run (its summary.json's env.git)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["env"]["git"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _git(*args: str) -> str:

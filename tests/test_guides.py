@@ -38,7 +38,10 @@ def _tour_and_firsts() -> dict[str, list[str]]:
     for name, text in pages.items():
         block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
         lines = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
-        commands[name] = [line for line in lines if line and not line.startswith("#")]
+        # mtbert's and python's commands (not `wait`, nor a file written by a
+        # here-document), each without the file its output is sent to.
+        commands[name] = [re.sub(r"\s+>\s*\S+$", "", line) for line in lines
+                          if line.startswith(("mtbert ", "python "))]
     return commands
 
 

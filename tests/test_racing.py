@@ -154,7 +154,7 @@ def test_a_resumed_study_keeps_its_seeds(tmp_path, controlled):
 
 @pytest.mark.parametrize("args, message", [
     (["--seeds", "0"], "--seeds"),
-    (["--race-alpha", "0.05"], "--race-alpha goes with --seeds"),
+    (["--seeds", "1", "--race-alpha", "0.05"], "--race-alpha goes with --seeds"),
     (["--seeds", "3", "--race-alpha", "1.5"], "--race-alpha must be a number from 0"),
 ])
 def test_bad_racing_options_are_one_line(tmp_path, args, message):

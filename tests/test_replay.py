@@ -111,7 +111,7 @@ def test_the_command_prints_every_policy_and_draws_the_figure(tmp_path, capsys):
     assert "8 configurations x 3 seeds" in capsys.readouterr().out
     replay.main([str(path), "--replays", "2", "--markdown", "--policy", "fixed protocol"])
     rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| fixed")]
-    assert rows == ["| fixed protocol | 1.000 | 1.000 | 100% | 0% | 0% | 0.0000 |"]
+    assert rows == ["| fixed protocol | 2 | 1.000 | 1.000 | 100% | 0% | 0% | 0.0000 |"]
 
 
 def test_a_table_without_every_point_is_refused_or_replayed_as_one_choice(tmp_path, capsys):
