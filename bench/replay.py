@@ -203,8 +203,9 @@ def replay(table: Table, policy: Policy, number: int, cap: float) -> Replay:
     sampler = make_sampler(options, grid=table.space)
     if policy.seeds > 1:
         sampler = racing.mean_sampler(sampler)
-    study = optuna.create_study(direction="maximize", sampler=sampler,
-                                pruner=make_pruner(policy.pruner))
+    # A fixed name: Hyperband assigns a trial's bracket by a hash of the study's name.
+    study = optuna.create_study(study_name=f"replay-{number}", direction="maximize",
+                                sampler=sampler, pruner=make_pruner(policy.pruner))
     result, spent, started = Replay(study=study), 0.0, 0
     limit = 4 * len(table.runs) * max(policy.seeds, 1)  # samplers repeat configurations
     while spent < cap and started < limit:

@@ -59,7 +59,8 @@ def test_the_fixed_protocol_costs_the_whole_table_and_names_the_best_mean(table)
 
 
 @pytest.mark.parametrize("name", ["tpe+median+race0.1", "tpe, 1 seed, reseed top 3",
-                                  "qmc+median+race0.1"])
+                                  "qmc+median+race0.1", "tpe+hyperband+race0.1",
+                                  "grid+hyperband+race0.1"])
 def test_a_replay_is_reproducible_from_its_seed(table, name):
     policy = next(p for p in replay.policies(3) if p.name == name)
     first = replay.replay(table, policy, 7, table.fixed_cost())
