@@ -132,6 +132,13 @@ def report(path: Path) -> str:
             v.cell() for v in versus[c]) + f" | {'yes' if c in keep else 'no'} |")
     lines += ["", f"**{len(keep)} of {len(configs)} configurations lose no task** (no task's "
               "mean difference below 0)."]
+    if not keep:
+        least = max(order, key=lambda c: min(v.mean for v in versus[c]))
+        worst = min(versus[least], key=lambda v: v.mean)
+        lines.append(f"Every configuration is below a baseline on at least one task. The one "
+                     f"whose worst task loses least: "
+                     f"{', '.join(f'{k}={v}' for k, v in json.loads(least).items())} "
+                     f"({worst.task} {worst.mean:+.4f}).")
     if keep:
         best = keep[0]
         lines.append(f"The best of them by {OBJECTIVE} ({overall[best]:.4f}): "

@@ -155,6 +155,8 @@ def policies(seeds: int) -> list[Policy]:
         found.append(Policy(f"tpe+median+race{alpha:g}", "tpe", median, seeds, alpha))
         found.append(Policy(f"tpe+halving+race{alpha:g}", "tpe", halving, seeds, alpha))
     found.append(Policy("tpe+hyperband+race0.1", "tpe", hyperband, seeds, 0.1))
+    found.append(Policy("tpe+race0.1 (no pruner)", "tpe", {"name": "none"}, seeds, 0.1))
+    found.append(Policy("random+race0.1 (no pruner)", "random", {"name": "none"}, seeds, 0.1))
     found.append(Policy("random+median+race0.1", "random", median, seeds, 0.1))
     found.append(Policy("random+hyperband+race0.1", "random", hyperband, seeds, 0.1))
     found.append(Policy("grid+hyperband+race0.1", "grid", hyperband, seeds, 0.1))

@@ -38,10 +38,10 @@ def _tour_and_firsts() -> dict[str, list[str]]:
     for name, text in pages.items():
         block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
         lines = [line.split("  #", 1)[0].strip() for line in block.splitlines()]
-        # mtbert's and python's commands (not `wait`, nor a file written by a
-        # here-document), each without the file its output is sent to.
+        # The commands (not `wait`, nor a file written by a here-document), each without
+        # the file its output is sent to.
         commands[name] = [re.sub(r"\s+>\s*\S+$", "", line) for line in lines
-                          if line.startswith(("mtbert ", "python "))]
+                          if line.startswith(("mtbert ", "python ", "wandb "))]
     return commands
 
 

@@ -18,7 +18,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_main_job_is_a_shipped_sweep_and_the_quickstart_exists():
     main_job = _commands((ROOT / "README.md").read_text())[0]
-    assert "mtbert sweep loss-weights --trials 3" in main_job
+    assert "mtbert sweep loss-weights --trials 3 --seeds 1" in main_job
     assert (ROOT / "sweeps" / "loss-weights.yaml").exists()
     assert "mtbert train examples/quickstart.yaml" in (ROOT / "README.md").read_text()
     assert (ROOT / "examples" / "quickstart.yaml").exists()

@@ -21,7 +21,9 @@ runner = CliRunner()
 
 
 def _sweep_args(spec, tiny_encoder, task_dir, out, *extra):
-    return ["-q", "sweep", spec, "--trials", "2", "--out", str(out), "--data-dir", str(task_dir),
+    # One seed a configuration: a plain sweep (the shipped specs race 3 seeds).
+    return ["-q", "sweep", spec, "--trials", "2", "--seeds", "1", "--out", str(out),
+            "--data-dir", str(task_dir),
             "--wandb-mode", "disabled", "--device", "cpu",
             "--set", f"model.encoder={tiny_encoder}", "--set", f"data.cache_dir={out}/cache",
             "--set", "data.max_train_examples=0", "--set", "data.max_eval_examples=0",
