@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import optuna
+import yaml
 import pytest
 
 from conftest import silent_server, use_stub_trials, wait_for
@@ -83,9 +84,24 @@ def server():
     shutil.rmtree(root, ignore_errors=True)
 
 
+def _spec(out: Path) -> Path:
+    """The shipped lr-decay spec with one seed a configuration and the median pruner, so
+    that each epoch's report reaches the storage (the shipped spec races 3 seeds with no
+    pruner: its trials meet the storage only as they start and end)."""
+    printed = subprocess.run([sys.executable, "-m", "mtbert", "sweep", "lr-decay", "--print"],
+                             capture_output=True, text=True, check=True).stdout
+    spec = yaml.safe_load(printed)
+    spec.update(seeds=1, race_alpha=None, pruner={"name": "median", "n_startup_trials": 2})
+    spec = {k: v for k, v in spec.items() if v is not None}
+    path = out.parent / "lr-decay-median.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def _sweep(server, out, *extra):
-    cmd = [sys.executable, "-m", "mtbert", "sweep", "lr-decay", "--storage", server.url,
-           "--study", "s", "--out", str(out), "--wandb-mode", "disabled", "--device", "cpu",
+    cmd = [sys.executable, "-m", "mtbert", "sweep", str(_spec(out)), "--storage",
+           server.url, "--study", "s", "--out", str(out), "--wandb-mode", "disabled",
+           "--device", "cpu",
            "--heartbeat", "1", "--grace", "4", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
