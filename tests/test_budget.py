@@ -30,6 +30,17 @@ def _study(out, name="cost"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out}/mtbert.db")
 
 
+def _has_complete(out) -> bool:
+    """Whether the worker's study holds a COMPLETE trial; False while the worker is still
+    creating the file's tables (opening it then can collide with that: try again)."""
+    import sqlalchemy.exc
+
+    try:
+        return any(t.state.name == "COMPLETE" for t in _study(out).trials)
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        return False
+
+
 def _trial(number, state, seconds, **attrs):
     """A finished trial that ran `seconds` by its timestamps."""
     return FrozenTrial(number=number, state=state, value=0.5 if state.name == "COMPLETE" else None,
@@ -179,8 +190,7 @@ def test_studies_stop_ends_another_worker_after_its_running_trial(tiny_encoder, 
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         # The worker creates the storage: never open it before it exists.
-        _wait_for(lambda: (out / "mtbert.db").exists() and
-                  any(t.state.name == "COMPLETE" for t in _study(out).trials),
+        _wait_for(lambda: (out / "mtbert.db").exists() and _has_complete(out),
                   "the worker's first complete trial")
         stopped = runner.invoke(app, ["studies", "--out", str(out), "--stop", "cost"])
         assert stopped.exit_code == 0, stopped.output
