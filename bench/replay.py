@@ -355,9 +355,9 @@ def replay_all(table: Table, chosen: list[Policy], replays: int, jobs: int
                ) -> tuple[dict[str, list[Replay]], dict[str, float]]:
     """`replays` replays of each policy, in `jobs` processes (chunks of replays of one
     policy each); every replay's path (not its study), and each policy's summed seconds."""
-    chunks = [(policy, list(range(first, min(first + CHUNK, policy.most or replays, replays))))
-              for policy in chosen for first in range(0, min(policy.most or replays, replays),
-                                                       CHUNK)]
+    counts = {p.name: min(p.most or replays, replays) for p in chosen}
+    chunks = [(p, list(range(first, min(first + CHUNK, counts[p.name]))))
+              for p in chosen for first in range(0, counts[p.name], CHUNK)]
     results = {p.name: [] for p in chosen}
     seconds = dict.fromkeys(results, 0.0)
     if jobs > 1 and len(chunks) > 1:

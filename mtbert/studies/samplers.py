@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 from mtbert.errors import ConfigError
+from mtbert.studies.grid import GRID
 from mtbert.safeyaml import shown
 
 SAMPLERS = ("tpe", "random", "nsga2", "gp", "qmc", "grid")
@@ -62,7 +63,7 @@ def worker_seed(sampler: dict, worker: int) -> int | None:
     """The sampler seed of the study's `worker`-th worker where it is not the spec's: the
     spec's + `worker`. None for the first worker, a spec without a seed, and the grid
     sampler, whose seed orders the grid's points: every worker must number them alike."""
-    if not worker or sampler.get("seed") is None or sampler.get("name") == "grid":
+    if not worker or sampler.get("seed") is None or sampler.get("name") == GRID:
         return None
     return sampler["seed"] + worker
 
